@@ -1,0 +1,3 @@
+from clip_pacl.checkpoint.io import load, save
+
+__all__ = ["load", "save"]

@@ -1,0 +1,97 @@
+"""CLIP: an image tower and a text tower projected into one space, with a learned temperature."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clip_pacl.config import CLIPConfig
+from clip_pacl.models.layers import activation
+from clip_pacl.models.resnet import ModifiedResNet
+from clip_pacl.models.text import TextTransformer
+from clip_pacl.models.vit import VisionTransformer
+
+
+class CLIPOutput(NamedTuple):
+    image_features: torch.Tensor | None  # (B, D), L2-normalised
+    text_features: torch.Tensor | None  # (B, D), L2-normalised
+    logit_scale: torch.Tensor  # exp of the learned log-scale, a scalar
+    logit_bias: torch.Tensor | None  # SigLIP only
+
+
+class CLIP(nn.Module):
+    def __init__(self, config: CLIPConfig):
+        super().__init__()
+        self.config = config
+        act = activation(config.quick_gelu)
+        if config.vision.is_resnet:
+            self.visual: nn.Module = ModifiedResNet(config.vision, config.embed_dim)
+        else:
+            self.visual = VisionTransformer(config.vision, config.embed_dim, act)
+        self.text = TextTransformer(config.text, config.embed_dim, act)
+        self.logit_scale = nn.Parameter(torch.tensor(float(config.init_logit_scale)))
+        if config.init_logit_bias is not None:
+            self.logit_bias: nn.Parameter | None = nn.Parameter(torch.tensor(float(config.init_logit_bias)))
+        else:
+            self.logit_bias = None
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def image_size(self) -> int:
+        return self.config.vision.image_size
+
+    @property
+    def context_length(self) -> int:
+        return self.config.text.context_length
+
+    @property
+    def embed_dim(self) -> int:
+        return self.config.embed_dim
+
+    # ------------------------------------------------------------------ encoders
+    def encode_image(self, image: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """(B, 3, H, W) normalised pixels -> (B, D)."""
+        x = self.visual(image)
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def encode_text(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """(B, L) token ids -> (B, D)."""
+        x = self.text(text)
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def encode_image_tokens(self, image: torch.Tensor, dense: str = "tokens") -> torch.Tensor:
+        """Token-level image features in the joint space (B, 1 + N, D); `dense="maskclip"` uses the value path."""
+        if dense == "maskclip":
+            return self.visual.forward_maskclip(image)
+        if dense != "tokens":
+            raise ValueError(f"unknown dense mode '{dense}' (tokens, maskclip)")
+        return self.visual.forward_tokens(image)
+
+    def forward(self, image: torch.Tensor | None = None, text: torch.Tensor | None = None) -> CLIPOutput:
+        image_features = self.encode_image(image, normalize=True) if image is not None else None
+        text_features = self.encode_text(text, normalize=True) if text is not None else None
+        return CLIPOutput(image_features, text_features, self.logit_scale.exp(), self.logit_bias)
+
+    def logits(self, image: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits_per_image (Bi, Bt), logits_per_text (Bt, Bi)), as CLIP computes them."""
+        out = self(image, text)
+        logits = out.logit_scale * out.image_features @ out.text_features.T
+        if out.logit_bias is not None:
+            logits = logits + out.logit_bias
+        return logits, logits.T
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for tower in (self.visual, self.text):
+            target = getattr(tower, "transformer", tower)
+            target.grad_checkpointing = enable
+
+    def loss_features(self, images: torch.Tensor, texts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the contrastive losses consume: normalised (B, D) image and text features.
+
+        Every trainable model (CLIP, PACL, backbone models) has this method plus `logit_scale`
+        and `logit_bias`, so the training loop, accumulation and distributed gathering are shared.
+        """
+        return self.encode_image(images, normalize=True), self.encode_text(texts, normalize=True)
