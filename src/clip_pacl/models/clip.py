@@ -83,6 +83,13 @@ class CLIP(nn.Module):
             logits = logits + out.logit_bias
         return logits, logits.T
 
+    def similarity(self, images: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+        """Cosine similarity (B, C) of images to normalised text features (C, D), e.g. a zero-shot classifier.
+
+        PACL overrides this with its patch-aligned compatibility, so zero-shot code serves both.
+        """
+        return self.encode_image(images, normalize=True) @ text_features.T
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         for tower in (self.visual, self.text):
             target = getattr(tower, "transformer", tower)
