@@ -1,3 +1,4 @@
-from clip_pacl.checkpoint.io import load, save
+from clip_pacl.checkpoint.export import export, export_hf, export_open_clip
+from clip_pacl.checkpoint.io import Source, load, load_with_source, read_weights, save
 
-__all__ = ["load", "save"]
+__all__ = ["Source", "export", "export_hf", "export_open_clip", "load", "load_with_source", "read_weights", "save"]

@@ -1,27 +1,62 @@
-"""Our checkpoint format: a directory with `model.safetensors` + `config.json`, and `load()` for every source."""
+"""Our checkpoint format (a directory with `model.safetensors` + `config.json`) and `load()` for every source.
+
+`load` reads whatever a user is likely to have: our directories (CLIP, PACL, backbone models), HF CLIP
+directories, OpenAI `.pt` files, open_clip state dicts and configs, presets and hub names. Each source
+is detected from its contents, converted by an explicit name map, and loaded strictly, so a checkpoint
+that does not match its architecture fails loudly instead of leaving weights random.
+"""
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
+import re
 import tempfile
+import zipfile
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch import nn
 
+from clip_pacl.checkpoint import convert_hf, convert_open_clip, convert_openai
 from clip_pacl.config import CLIPConfig, available_presets
 from clip_pacl.errors import CheckpointError, ConfigError
 from clip_pacl.models.clip import CLIP
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
+OPEN_CLIP_CONFIG_NAME = "open_clip_config.json"
+OPEN_CLIP_WEIGHT_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin", "open_clip_pytorch_model.pth")
+WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+# Loaders for our other model types, imported only when such a checkpoint is met.
+MODEL_TYPE_LOADERS = {"pacl": "clip_pacl.models.pacl", "backbone": "clip_pacl.models.backbone"}
 
 
-def save(model: CLIP, out_dir: str | Path, extra_config: dict[str, Any] | None = None) -> Path:
-    """Write `model` as a clip-pacl checkpoint directory (atomically: files are renamed into place)."""
+@dataclass(frozen=True)
+class Source:
+    """Where a model's weights came from, as `clip-pacl info` reports it."""
+
+    format: str  # clip_pacl, pacl, backbone, hf, open_clip, openai, openai_torchscript, open_clip_config, preset
+    location: str  # a path, or the preset name
+    hub_id: str | None = None
+
+
+# ---------------------------------------------------------------------------------------------- saving
+def save(model: nn.Module, out_dir: str | Path, extra_config: dict[str, Any] | None = None) -> Path:
+    """Write `model` as a clip-pacl checkpoint directory (atomically: files are renamed into place).
+
+    Models that carry more than a CLIP (PACL heads, third-party backbones) write themselves through
+    their own `save_checkpoint(dir)`, and `load` dispatches back to them by `config.json`'s `model_type`.
+    """
     out = Path(out_dir)
+    if hasattr(model, "save_checkpoint"):
+        model.save_checkpoint(out)
+        return out
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
@@ -41,17 +76,205 @@ def _atomic_write(path: Path, write) -> None:
             os.unlink(tmp)
 
 
-def load_clip_pacl_dir(path: Path, device: str | torch.device | None = None) -> CLIP:
-    cfg_data = json.loads((path / CONFIG_NAME).read_text())
-    config = CLIPConfig.from_dict({k: v for k, v in cfg_data.items() if k != "model_type"})
-    model = CLIP(config)
-    state = load_file(str(path / WEIGHTS_NAME), device=str(device or "cpu"))
-    _load_state(model, state, str(path))
+# ---------------------------------------------------------------------------------------------- loading
+def load(
+    src: str | Path,
+    *,
+    pretrained: str | None = None,
+    config: str | Path | CLIPConfig | None = None,
+    quick_gelu: bool | None = None,
+    device: str | torch.device | None = None,
+) -> nn.Module:
+    """Load a model from any source clip-pacl reads (see ARCHITECTURE.md, "Contracts").
+
+    `pretrained` names weights for a preset as open_clip does (`load("ViT-B-32", pretrained="openai")`)
+    or is a weights file for it. `config` (a preset name, an open_clip JSON or a CLIPConfig) overrides the
+    architecture inferred from a bare state dict. `quick_gelu`, when given, overrides the activation;
+    bare state dicts otherwise imply QuickGELU, OpenAI's convention.
+    """
+    return load_with_source(src, pretrained=pretrained, config=config, quick_gelu=quick_gelu, device=device)[0]
+
+
+def load_with_source(
+    src: str | Path,
+    *,
+    pretrained: str | None = None,
+    config: str | Path | CLIPConfig | None = None,
+    quick_gelu: bool | None = None,
+    device: str | torch.device | None = None,
+) -> tuple[nn.Module, Source]:
+    """`load`, also saying where the weights came from (format, path, hub id)."""
+    from clip_pacl.checkpoint import hub
+
+    text = str(src)
+    if text.startswith("backbone:"):  # pretrained timm + transformers towers with new heads (models/backbone.py)
+        from clip_pacl.models.backbone import build_backbone
+
+        model = build_backbone(text)
+        return (model.to(device) if device is not None else model), Source("backbone", text)
+    if pretrained is not None:
+        if Path(pretrained).is_file():
+            model, source = _load_file(Path(pretrained), config or text, quick_gelu)
+        else:
+            repo = hub.pretrained_repo(text, pretrained)
+            model, source = _load_dir(hub.download(repo), quick_gelu, device)
+            source = replace(source, hub_id=repo)
+    elif text.startswith(hub.HF_HUB_PREFIX) or (not Path(src).exists() and _looks_like_repo_id(text)):
+        repo = text.removeprefix(hub.HF_HUB_PREFIX)
+        model, source = _load_dir(hub.download(repo), quick_gelu, device)
+        source = replace(source, hub_id=repo)
+    else:
+        model, source = _load_local(Path(src), config, quick_gelu, device)
+    if device is not None:
+        model = model.to(device)
+    return model, source
+
+
+def _looks_like_repo_id(text: str) -> bool:
+    """`org/name` as on the Hub, but not a path someone mistyped (`runs/model.pt`, `./x/y`)."""
+    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", text)) and not text.startswith(".") and \
+        not text.lower().endswith((*WEIGHT_SUFFIXES, ".json"))
+
+
+def _load_local(path: Path, config: str | Path | CLIPConfig | None, quick_gelu: bool | None,
+                device: str | torch.device | None) -> tuple[nn.Module, Source]:
+    if path.is_dir():
+        return _load_dir(path, quick_gelu, device)
+    if path.is_file():
+        in_checkpoint_dir = path.name == CONFIG_NAME or path.name in (WEIGHTS_NAME, "pytorch_model.bin")
+        if in_checkpoint_dir and (path.parent / CONFIG_NAME).is_file():
+            return _load_dir(path.parent, quick_gelu, device)
+        if path.suffix == ".json":
+            model = CLIP(_with_quick_gelu(_read_open_clip_config(path), quick_gelu))
+            return model, Source("open_clip_config", str(path))
+        return _load_file(path, config, quick_gelu)
+    name = str(path)
+    if name in available_presets() or name.removesuffix("-quickgelu") in available_presets():
+        return CLIP(_with_quick_gelu(CLIPConfig.from_name(name), quick_gelu)), Source("preset", name)
+    if path.suffix or os.sep in name:
+        raise CheckpointError(f"{path} does not exist")
+    raise ConfigError(f"'{name}' is neither a file, a directory, a preset nor a Hugging Face repo id "
+                      f"(presets: {', '.join(available_presets())})")
+
+
+def _load_dir(path: Path, quick_gelu: bool | None, device: str | torch.device | None) -> tuple[nn.Module, Source]:
+    config_file = path / CONFIG_NAME
+    data = _read_json(config_file) if config_file.is_file() else None
+    if data is not None and convert_hf.is_hf_config(data):
+        config, state = convert_hf.read_hf_dir(path)
+        return _build(_with_quick_gelu(config, quick_gelu), state, str(path)), Source("hf", str(path))
+    if data is not None and "model_type" in data:
+        model_type = data["model_type"]
+        if model_type in MODEL_TYPE_LOADERS:
+            module = importlib.import_module(MODEL_TYPE_LOADERS[model_type])
+            return module.load_checkpoint(path, device), Source(model_type, str(path))
+        if model_type != "clip":
+            raise CheckpointError(f"{config_file} has model_type '{model_type}' (known: clip, "
+                                  f"{', '.join(MODEL_TYPE_LOADERS)})")
+        if not (path / WEIGHTS_NAME).is_file():
+            raise CheckpointError(f"{path} has a clip-pacl {CONFIG_NAME} but no {WEIGHTS_NAME}")
+        config = CLIPConfig.from_dict({k: v for k, v in data.items() if k != "model_type"})
+        state = read_weights(path / WEIGHTS_NAME)
+        return _build(_with_quick_gelu(config, quick_gelu), state, str(path)), Source("clip_pacl", str(path))
+    if (path / OPEN_CLIP_CONFIG_NAME).is_file():
+        weights = next((path / n for n in OPEN_CLIP_WEIGHT_NAMES if (path / n).is_file()), None)
+        if weights is None:
+            raise CheckpointError(f"{path} has {OPEN_CLIP_CONFIG_NAME} but no weights "
+                                  f"({', '.join(OPEN_CLIP_WEIGHT_NAMES)})")
+        return _load_file(weights, path / OPEN_CLIP_CONFIG_NAME, quick_gelu)
+    raise CheckpointError(f"{path} is not a checkpoint directory (no clip-pacl or Hugging Face {CONFIG_NAME}, "
+                          f"no {OPEN_CLIP_CONFIG_NAME})")
+
+
+def _load_file(path: Path, config: str | Path | CLIPConfig | None, quick_gelu: bool | None) -> tuple[CLIP, Source]:
+    """A bare state dict (open_clip, OpenAI, or ours): the architecture comes from `config`, an
+    `open_clip_config.json` beside the file, or the tensor shapes."""
+    torchscript = convert_openai.is_torchscript(path)
+    state = convert_openai.load_torchscript_state(path) if torchscript else read_weights(path)
+    if convert_open_clip.is_our_state(state):
+        fmt, ours = "clip_pacl", state
+    elif convert_open_clip.is_open_clip_state(state):
+        openai = convert_openai.is_openai_state(state)
+        fmt = "openai_torchscript" if torchscript else "openai" if openai else "open_clip"
+        ours = convert_open_clip.from_open_clip(state)
+    elif any(k.startswith(("text_model.", "vision_model.")) for k in state):
+        raise CheckpointError(f"{path} holds Hugging Face CLIP weights; load the directory with its {CONFIG_NAME}")
+    else:
+        raise CheckpointError(f"{path} is not a checkpoint clip-pacl can read: no CLIP image and text towers in it "
+                              f"(e.g. key '{next(iter(state))}')")
+    sidecar = path.parent / OPEN_CLIP_CONFIG_NAME
+    if config is None and sidecar.is_file():
+        config = sidecar
+    if config is None:
+        oc_state = state if fmt != "clip_pacl" else convert_open_clip.to_open_clip(state)
+        cfg = convert_open_clip.infer_config(oc_state, quick_gelu=quick_gelu, name=path.stem)
+    else:
+        cfg = _with_quick_gelu(_resolve_config(config), quick_gelu)
+    return _build(cfg, ours, str(path)), Source(fmt, str(path))
+
+
+def _resolve_config(config: str | Path | CLIPConfig) -> CLIPConfig:
+    if isinstance(config, CLIPConfig):
+        return config
+    path = Path(config)
+    return _read_open_clip_config(path) if path.is_file() else CLIPConfig.from_name(str(config))
+
+
+def _read_open_clip_config(path: Path) -> CLIPConfig:
+    """open_clip's model-config JSON, bare or wrapped as in hub repos' `open_clip_config.json` (`model_cfg`)."""
+    data = _read_json(path)
+    if isinstance(data, dict) and isinstance(data.get("model_cfg"), dict):
+        data = data["model_cfg"]
+    name = path.parent.name if path.name == OPEN_CLIP_CONFIG_NAME else path.stem
+    return CLIPConfig.from_open_clip_dict(data, name=name)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path} is not a text JSON file") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e.msg}, line {e.lineno})") from None
+
+
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a weights file (safetensors, or a torch pickle read with `weights_only=True`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path))
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (SafetensorError, Exception) as e:  # foreign files fail with UnpicklingError, RuntimeError, EOFError, ...
+        is_torch_file = path.suffix == ".safetensors" or zipfile.is_zipfile(path)
+        reason = _first_line(e) if is_torch_file else "not a safetensors, PyTorch or TorchScript file"
+        raise CheckpointError(f"{path} is not a checkpoint clip-pacl can read: {reason}") from None
+    return convert_open_clip.unwrap_state_dict(obj, str(path))
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def _build(config: CLIPConfig, state: dict[str, torch.Tensor], source: str) -> CLIP:
+    """A CLIP holding exactly `state` (as fp32). The model is built on the meta device and the checkpoint's
+    tensors are assigned to it, so loading skips the random initialisation it would overwrite anyway."""
+    with torch.device("meta"):
+        model = CLIP(config)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    _load_state(model, state, source, assign=True)
     return model
 
 
-def _load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    result = model.load_state_dict(state, strict=False)
+def _load_state(model: nn.Module, state: dict[str, torch.Tensor], source: str, assign: bool = False) -> None:
+    try:
+        result = model.load_state_dict(state, strict=False, assign=assign)
+    except RuntimeError as e:  # shape mismatches
+        detail = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), _first_line(e))
+        raise CheckpointError(f"{source} does not match the model: {detail}") from None
     if result.missing_keys or result.unexpected_keys:
         parts = []
         if result.missing_keys:
@@ -61,40 +284,5 @@ def _load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: 
         raise CheckpointError(f"{source} does not match the model: {'; '.join(parts)}")
 
 
-def load(src: str | Path, *, quick_gelu: bool | None = None, device: str | torch.device | None = None) -> CLIP:
-    """Load a model from a checkpoint directory, a preset name, or an open_clip model-config JSON.
-
-    Presets and configs give a randomly initialised model. `quick_gelu` overrides the activation
-    when the source does not say which one it was trained with.
-    """
-    path = Path(src)
-    if path.is_dir():
-        if (path / CONFIG_NAME).is_file() and (path / WEIGHTS_NAME).is_file():
-            model = load_clip_pacl_dir(path, device)
-        else:
-            raise CheckpointError(f"{path} is not a checkpoint directory (no {CONFIG_NAME} + {WEIGHTS_NAME})")
-    elif path.suffix == ".json" and path.is_file():
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{path} is not valid JSON ({e.msg}, line {e.lineno})") from None
-        config = CLIPConfig.from_open_clip_dict(data, name=path.stem)
-        if quick_gelu is not None:
-            config = _with_quick_gelu(config, quick_gelu)
-        model = CLIP(config)
-    elif str(src) in available_presets() or str(src).removesuffix("-quickgelu") in available_presets():
-        config = CLIPConfig.from_name(str(src))
-        if quick_gelu is not None:
-            config = _with_quick_gelu(config, quick_gelu)
-        model = CLIP(config)
-    elif path.exists():
-        raise CheckpointError(f"{path} is not a checkpoint clip-pacl can read")
-    else:
-        raise ConfigError(f"'{src}' is neither a file, a directory nor a preset (presets: {', '.join(available_presets())})")
-    return model.to(device) if device is not None else model
-
-
-def _with_quick_gelu(config: CLIPConfig, quick_gelu: bool) -> CLIPConfig:
-    from dataclasses import replace
-
-    return replace(config, quick_gelu=quick_gelu)
+def _with_quick_gelu(config: CLIPConfig, quick_gelu: bool | None) -> CLIPConfig:
+    return config if quick_gelu is None else replace(config, quick_gelu=quick_gelu)

@@ -1,0 +1,69 @@
+"""Write a CLIP in other libraries' formats: Hugging Face `transformers` and open_clip.
+
+Both are lossless renames of our state dict (see `convert_hf` and `convert_open_clip`), so a round trip
+gives back bit-identical tensors.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from clip_pacl.checkpoint import convert_hf, convert_open_clip
+from clip_pacl.checkpoint.io import OPEN_CLIP_CONFIG_NAME, WEIGHT_SUFFIXES, save
+from clip_pacl.errors import CheckpointError
+from clip_pacl.models.clip import CLIP
+
+FORMATS = ("hf", "open_clip", "clip_pacl")
+
+
+def _plain_state(model: CLIP) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+
+
+def export_hf(model: CLIP, out_dir: str | Path) -> Path:
+    """A directory (`config.json` + `model.safetensors`) that `transformers.CLIPModel.from_pretrained` loads."""
+    _require_clip(model, "hf")
+    return convert_hf.write_hf_dir(model.config, _plain_state(model), Path(out_dir))
+
+
+def export_open_clip(model: CLIP, out_path: str | Path) -> Path:
+    """An open_clip state dict plus `open_clip_config.json` beside it; returns the weights file.
+
+    A path ending in .pt/.pth/.bin/.safetensors is the weights file itself (for
+    `open_clip.create_model(name, pretrained=path)`); any other path is a directory laid out like an
+    open_clip hub repo (`open_clip_model.safetensors`), which `open_clip.create_model("local-dir:DIR")` reads.
+    """
+    _require_clip(model, "open_clip")
+    out = Path(out_path)
+    weights = out if out.suffix in WEIGHT_SUFFIXES else out / "open_clip_model.safetensors"
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    state = convert_open_clip.to_open_clip(_plain_state(model))
+    if weights.suffix == ".safetensors":
+        save_file(state, str(weights), metadata={"format": "pt"})
+    else:
+        torch.save(state, weights)
+    config = {"model_cfg": model.config.to_open_clip_dict()}
+    (weights.parent / OPEN_CLIP_CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+    return weights
+
+
+def export(model: nn.Module, to: str, out: str | Path) -> Path:
+    """Write `model` in format `to` (hf, open_clip, clip_pacl); what `clip-pacl convert` calls."""
+    if to == "hf":
+        return export_hf(model, out)
+    if to == "open_clip":
+        return export_open_clip(model, out)
+    if to == "clip_pacl":
+        return save(model, out)
+    raise ValueError(f"unknown format '{to}' (known: {', '.join(FORMATS)})")
+
+
+def _require_clip(model: nn.Module, to: str) -> None:
+    if not isinstance(model, CLIP):
+        raise CheckpointError(f"only CLIP models can be exported to {to}; this is a {type(model).__name__} "
+                              "(save it with --to clip_pacl)")

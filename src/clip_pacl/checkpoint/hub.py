@@ -1,0 +1,94 @@
+"""Hub names -> local directories, through `huggingface_hub` and its cache.
+
+Two kinds of names: open_clip's `(architecture, tag)` pairs such as `("ViT-B-32", "openai")`, whose
+weights live in open_clip-format hub repos (`open_clip_config.json` + `open_clip_model.safetensors`),
+and plain repo ids such as `openai/clip-vit-base-patch32` in either open_clip or HF CLIP format.
+Downloads go through the Hugging Face cache, so an offline machine works with whatever is cached there,
+and fails with one sentence that says how to use a local copy instead.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from clip_pacl.errors import CheckpointError, MissingDependencyError
+
+HF_HUB_PREFIX = "hf-hub:"
+# open_clip's hub repos for OpenAI's released weights (open_clip's `pretrained.py`, tag "openai").
+OPENAI_REPOS = {
+    "RN50": "timm/resnet50_clip.openai",
+    "RN101": "timm/resnet101_clip.openai",
+    "RN50x4": "timm/resnet50x4_clip.openai",
+    "ViT-B-32": "timm/vit_base_patch32_clip_224.openai",
+    "ViT-B-16": "timm/vit_base_patch16_clip_224.openai",
+    "ViT-L-14": "timm/vit_large_patch14_clip_224.openai",
+    "ViT-L-14-336": "timm/vit_large_patch14_clip_336.openai",
+}
+# (config file, weight files in order of preference) for the two repo layouts we read.
+REPO_LAYOUTS = (
+    ("open_clip_config.json", ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")),
+    ("config.json", ("model.safetensors", "pytorch_model.bin")),
+)
+
+
+def pretrained_repo(model: str, tag: str) -> str:
+    """The hub repo holding `model`'s weights named `tag` (open_clip's naming; other tags need open_clip)."""
+    arch = model.removesuffix("-quickgelu")
+    if tag == "openai" and arch in OPENAI_REPOS:
+        return OPENAI_REPOS[arch]
+    try:
+        from open_clip.pretrained import get_pretrained_cfg
+    except ImportError:
+        known = ", ".join(f"{m}+openai" for m in OPENAI_REPOS)
+        raise CheckpointError(f"unknown pretrained weights '{model}' + '{tag}' (built in: {known}; "
+                              f"install open_clip_torch for its other tags, or pass a hub repo id)") from None
+    repo = get_pretrained_cfg(model, tag).get("hf_hub", "")
+    if not repo:
+        raise CheckpointError(f"open_clip knows no hub weights '{tag}' for '{model}'; "
+                              "pass a hub repo id or a local path")
+    return repo.rstrip("/")
+
+
+def download(repo_id: str, revision: str | None = None) -> Path:
+    """The local snapshot directory of `repo_id` with its config and one weights file (downloaded if needed)."""
+    try:
+        from huggingface_hub import constants, hf_hub_download
+        from huggingface_hub.errors import (
+            EntryNotFoundError,
+            HfHubHTTPError,
+            LocalEntryNotFoundError,
+            RepositoryNotFoundError,
+            RevisionNotFoundError,
+        )
+    except ImportError:
+        raise MissingDependencyError("huggingface_hub", "hf", f"downloading '{repo_id}'") from None
+
+    offline_only = True  # every miss so far was "not in the cache and the Hub is unreachable"
+    for config_name, weight_names in REPO_LAYOUTS:
+        try:
+            config_path = Path(hf_hub_download(repo_id, config_name, revision=revision))
+        except LocalEntryNotFoundError:
+            continue
+        except EntryNotFoundError:
+            offline_only = False
+            continue
+        except (RepositoryNotFoundError, RevisionNotFoundError):
+            raise CheckpointError(f"no Hugging Face repo '{repo_id}'{f' at {revision}' if revision else ''} "
+                                  f"(or it is private/gated); check the name or pass a local path") from None
+        except HfHubHTTPError as e:
+            raise CheckpointError(f"could not download '{repo_id}': {str(e).splitlines()[0]}") from None
+        for weights in weight_names:
+            try:
+                hf_hub_download(repo_id, weights, revision=revision)
+                return config_path.parent
+            except EntryNotFoundError:
+                continue
+        raise CheckpointError(f"hub repo '{repo_id}' has {config_name} but none of {', '.join(weight_names)} "
+                              f"(in the cache at {constants.HF_HUB_CACHE} or online)")
+    if offline_only:
+        mode = "offline" if constants.HF_HUB_OFFLINE else "the Hub is unreachable"
+        raise CheckpointError(
+            f"could not download '{repo_id}' ({mode} and not in the Hugging Face cache at {constants.HF_HUB_CACHE}); "
+            f"download it elsewhere and pass the local directory instead: --model /path/to/dir")
+    raise CheckpointError(f"hub repo '{repo_id}' is neither an open_clip nor a Hugging Face CLIP repo "
+                          f"(no {' or '.join(c for c, _ in REPO_LAYOUTS)})")

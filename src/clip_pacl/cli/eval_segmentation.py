@@ -1,0 +1,62 @@
+"""`clip-pacl eval segmentation`: open-vocabulary mIoU on a segmentation dataset."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import clip_pacl
+from clip_pacl.cli.common import add_device_flag, add_json_flag, log, print_json, resolve_device
+from clip_pacl.cli.segment import add_segmentation_flags, resolve_segmentation_templates
+from clip_pacl.eval.segmentation import evaluate_segmentation
+
+COMMAND = "eval segmentation"
+GROUP_HELP = "measure a model: zero-shot accuracy, retrieval recall, segmentation mIoU"
+HELP = "segmentation mIoU, per-class IoU and pixel accuracy, with class names as the only supervision"
+DESCRIPTION = (
+    "Segment every image of DIR by its class names and report mIoU (intersection and union summed over the "
+    "whole dataset; 255 pixels ignored; classes absent from both ground truth and predictions excluded), "
+    "per-class IoU and pixel accuracy. DIR is our format (images/, masks/, classes.txt) or a Pascal VOC, "
+    "Pascal Context 59, COCO-Stuff 164k or ADE20K tree as mmseg prepares it."
+)
+ORDER = 42
+PER_CLASS_TABLE_MAX = 40
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="PACL or CLIP checkpoint dir, model file or preset")
+    parser.add_argument("--data", required=True, type=Path, help="segmentation dataset directory")
+    add_segmentation_flags(parser)
+    parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
+    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
+    add_device_flag(parser)
+    add_json_flag(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be at least 1, got {args.limit}")
+    templates = resolve_segmentation_templates(args)
+    model = clip_pacl.load(args.model, device=resolve_device(args.device)).eval()
+    result = evaluate_segmentation(model, args.data, method=args.method,
+                                   background_threshold=args.background_threshold, templates=templates,
+                                   batch_size=args.batch_size, sliding_window=args.sliding_window, limit=args.limit,
+                                   progress=True)
+    result = {"model": args.model, **result}
+    if result["skipped_images"]:
+        log(f"warning: {result['skipped_images']} unreadable images were skipped")
+    if args.json:
+        print_json(result)
+        return 0
+    print(f"segmentation  {args.data}  ({result['dataset']}, {result['num_images']} images, method {result['method']})")
+    print(f"  mIoU            {100 * result['miou']:6.2f} %")
+    print(f"  pixel accuracy  {100 * result['pixel_accuracy']:6.2f} %")
+    per_class = result["per_class_iou"]
+    if len(per_class) <= PER_CLASS_TABLE_MAX:
+        width = max(len(n) for n in per_class)
+        print("  per-class IoU:")
+        for name, iou in per_class.items():
+            print(f"    {name:<{width}}  " + ("   n/a (absent)" if iou is None else f"{100 * iou:6.2f} %"))
+    else:
+        print(f"  (per-class IoU of {len(per_class)} classes: use --json)")
+    return 0

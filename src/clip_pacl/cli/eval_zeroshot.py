@@ -1,0 +1,79 @@
+"""`clip-pacl eval zeroshot`: zero-shot classification accuracy on a labelled image file."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import clip_pacl
+from clip_pacl.cli.common import add_device_flag, add_json_flag, print_json, resolve_device
+from clip_pacl.data import read_label_rows
+from clip_pacl.eval.zeroshot import evaluate_zeroshot
+from clip_pacl.zeroshot.templates import resolve_class_names, resolve_templates
+
+COMMAND = "eval zeroshot"
+GROUP_HELP = "measure a model: zero-shot accuracy, retrieval recall, segmentation mIoU"
+HELP = "zero-shot classification accuracy (top-1, top-5, mean per-class recall)"
+DESCRIPTION = (
+    "Classify each image of a CSV/TSV/JSONL file (columns image,label) among the class names by prompts "
+    "alone and report top-1, top-5 and mean per-class recall. The classes are the distinct labels, or "
+    "--classes. Unreadable images are skipped and counted."
+)
+ORDER = 40
+PER_CLASS_TABLE_MAX = 30
+
+
+def add_template_flags(parser: argparse.ArgumentParser) -> None:
+    """The prompt flags shared by `eval zeroshot` and `zeroshot`."""
+    parser.add_argument("--template", action="append", default=[], metavar="T",
+                        help="a prompt template with {} for the class name (repeatable); adds to --templates")
+    parser.add_argument("--templates", default=None, metavar="openai|simple|FILE",
+                        help="a template set: openai (80), simple (7) or a file with one template per line; "
+                             "with neither this nor --template, openai")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="checkpoint dir, model file or preset")
+    parser.add_argument("--data", required=True, type=Path, help="CSV/TSV/JSONL file with image and label columns")
+    add_template_flags(parser)
+    parser.add_argument("--image-key", default="image", help="column holding the image path")
+    parser.add_argument("--label-key", default="label", help="column holding the class label")
+    parser.add_argument("--classes", default=None, metavar="a,b,c|FILE|imagenet",
+                        help="class names, in order; rows with other labels are left out; integer labels "
+                             "index into this list (default: the distinct labels, sorted)")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    parser.add_argument("--workers", type=int, default=0, help="image-loading worker processes")
+    add_device_flag(parser)
+    add_json_flag(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    templates = resolve_templates(args.templates, args.template)
+    class_names = resolve_class_names(args.classes) if args.classes is not None else None
+    rows = read_label_rows(args.data, image_key=args.image_key, label_key=args.label_key)
+    model = clip_pacl.load(args.model, device=resolve_device(args.device))
+    result = evaluate_zeroshot(model, rows, templates, batch_size=args.batch_size, workers=args.workers,
+                               class_names=class_names)
+    result = {"model": args.model, "data": str(args.data), **result}
+    if args.json:
+        print_json(result)
+        return 0
+    print(f"zero-shot  {args.data}  ({result['num_images']} images, {result['num_classes']} classes, "
+          f"{result['num_templates']} templates)")
+    print(f"  top-1                  {100 * result['top1']:6.2f} %")
+    print(f"  top-{result['top5_k']}                  {100 * result['top5']:6.2f} %")
+    print(f"  mean per-class recall  {100 * result['mean_per_class_recall']:6.2f} %")
+    per_class = result["per_class_recall"]
+    if len(per_class) <= PER_CLASS_TABLE_MAX:
+        width = max(len(name) for name in per_class)
+        print("  per-class recall:")
+        for name, recall in per_class.items():
+            print(f"    {name:<{width}}  {100 * recall:6.2f} %")
+    else:
+        print(f"  (per-class recall of {len(per_class)} classes: use --json)")
+    if result["skipped_rows"]:
+        print(f"  {result['skipped_rows']} rows had labels outside --classes and were left out")
+    if result["num_unreadable"]:
+        first = result["unreadable"][0]
+        print(f"  {result['num_unreadable']} unreadable images skipped (e.g. {first['path']}: {first['reason']})")
+    return 0

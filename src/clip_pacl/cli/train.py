@@ -1,0 +1,124 @@
+"""`clip-pacl train`: parse flags (and --config JSON), build a TrainConfig, call clip_pacl.train.train."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import MISSING, fields
+from typing import Any
+
+from clip_pacl.cli.common import add_json_flag, log, print_json
+from clip_pacl.errors import ConfigError
+
+COMMAND = "train"
+HELP = "train a CLIP (or SigLIP / PACL) model on image-caption data"
+DESCRIPTION = (
+    "Train on CSV/TSV/JSONL image-caption data. Writes OUT/checkpoints/step_N (resumable), OUT/final (the model, "
+    "for clip_pacl.load and the eval commands), OUT/metrics.jsonl, OUT/loss.png and TensorBoard logs. Run several "
+    "processes with `torchrun --nproc-per-node N -m clip_pacl.train ARGS`. Flag values can also come from "
+    "--config FILE (a JSON object of flag names to values); flags on the command line win."
+)
+ORDER = 10
+
+
+def _default(name: str) -> Any:
+    from clip_pacl.train import TrainConfig
+
+    f = next(f for f in fields(TrainConfig) if f.name == name)
+    return None if f.default is MISSING else f.default
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    # Every flag defaults to "absent" so that --config values apply unless the flag is given; the real
+    # defaults are TrainConfig's and are shown in the help.
+    group: Any = p
+
+    def arg(*names: str, help: str, **kw: Any) -> None:
+        dest = kw.pop("dest", names[0].lstrip("-").replace("-", "_"))
+        default = _default(dest)
+        shown = f" (default: {default})" if default not in (None, False) else ""
+        group.add_argument(*names, dest=dest, default=argparse.SUPPRESS, help=help + shown, **kw)
+
+    group = p.add_argument_group("data")
+    arg("--data", help="training data: CSV/TSV/JSONL of image,caption rows, or a directory holding one",
+        metavar="FILE|DIR")
+    arg("--data-format", help="csv, tsv or jsonl when the file extension does not say", metavar="F")
+    arg("--image-key", help="column holding image paths", metavar="K")
+    arg("--caption-key", help="column holding captions", metavar="K")
+    arg("--val-data", help="held-out image,caption file for validation recall@1", metavar="FILE")
+    arg("--val-fraction", type=float, help="hold out this fraction of the training images for validation",
+        metavar="F")
+    arg("--workers", type=int, help="data loading processes", metavar="N")
+    arg("--max-bad-fraction", type=float, help="stop when more than this fraction of images cannot be read",
+        metavar="F")
+    group = p.add_argument_group("model and objective")
+    arg("--model", help="preset name (tiny, ViT-B-32, ...), open_clip model-config JSON, or checkpoint dir",
+        metavar="PRESET|JSON|CKPT")
+    arg("--objective", choices=_objectives(), help="loss: CLIP InfoNCE, SigLIP sigmoid, or PACL")
+    arg("--image-size", type=int, help="training resolution (default: the model's)", metavar="N")
+    arg("--lock-image", action="store_true", help="freeze the image tower (LiT)")
+    arg("--lock-image-unlocked-groups", type=int, metavar="N",
+        help="with --lock-image, keep the last N layer groups trainable (ViT: blocks, the last with ln_post/proj)")
+    arg("--lock-text", action="store_true", help="freeze the text tower")
+    group = p.add_argument_group("optimisation")
+    arg("--steps", type=int, help="optimiser steps (or --epochs; neither: one epoch)", metavar="N")
+    arg("--epochs", type=int, help="passes over the training data", metavar="N")
+    arg("--batch-size", type=int, help="pairs per process per micro-batch", metavar="N")
+    arg("--accum", type=int, help="micro-batches per step; the contrastive batch grows N-fold", metavar="N")
+    arg("--lr", type=float, help="peak learning rate (AdamW)", metavar="F")
+    arg("--wd", type=float, help="weight decay (not on biases, norms, embeddings, temperature)", metavar="F")
+    arg("--warmup", type=int, help="linear warmup steps before the cosine decay", metavar="N")
+    arg("--grad-clip", type=float, help="clip the gradient norm at F", metavar="F")
+    arg("--precision", choices=["fp32", "bf16", "fp16"], help="autocast precision (fp16 uses a GradScaler)")
+    arg("--local-loss", action="store_true",
+        help="with several processes, score only local rows against the gathered batch (less memory)")
+    arg("--grad-checkpointing", action="store_true", help="recompute activations in backward to save memory")
+    arg("--compile", action="store_true", help="torch.compile the model")
+    arg("--seed", type=int, help="seed for initialisation, data order and augmentation", metavar="N")
+    arg("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    group = p.add_argument_group("output")
+    arg("--out", help="run directory", metavar="DIR")
+    arg("--resume", help="'auto' (newest checkpoint in --out, if any) or a checkpoint / run directory",
+        metavar="auto|DIR")
+    arg("--save-every", type=int, help="checkpoint every N steps (always at the end)", metavar="N")
+    arg("--keep", type=int, help="keep the newest K checkpoints", metavar="K")
+    arg("--val-every", type=int, help="validation recall@1 every N steps (always at the end)", metavar="N")
+    arg("--log-every", type=int, help="metrics.jsonl line every N steps", metavar="N")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=argparse.SUPPRESS,
+                   help="no progress bar")
+    p.add_argument("--config", default=None, metavar="FILE", help="JSON object of flag values (flags win)")
+    add_json_flag(p)
+
+
+def _objectives() -> list[str]:
+    from clip_pacl.losses import OBJECTIVES
+
+    return sorted({*OBJECTIVES, "pacl"})
+
+
+def build_config(args: argparse.Namespace):
+    """TrainConfig from --config (if any) overridden by the flags given on the command line."""
+    from clip_pacl.train import TrainConfig
+    from clip_pacl.train.config import read_config_file
+
+    values: dict[str, Any] = read_config_file(args.config) if args.config else {}
+    skip = {"config", "json", "debug", "_run", "command", "subcommand", "_group_parser"}
+    values.update({k: v for k, v in vars(args).items() if k not in skip})
+    missing = [f"--{k}" for k in ("data", "model", "out") if values.get(k) is None]
+    if missing:
+        raise ConfigError(f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} required")
+    return TrainConfig.from_dict(values)
+
+
+def run(args: argparse.Namespace) -> int:
+    from clip_pacl.train import train
+
+    config = build_config(args)
+    result = train(config)
+    if args.json:
+        print_json(result.to_dict())
+    else:
+        val = ", ".join(f"{k} {v:.3f}" for k, v in (result.val or {}).items() if "R@1" in k)
+        loss = f"{result.final_loss:.4f}" if result.final_loss is not None else "n/a"
+        log(f"trained {result.steps} steps in {result.seconds:.1f}s, final loss {loss}" + (f", {val}" if val else ""))
+        log(f"model: {result.final_model}")
+    return 0

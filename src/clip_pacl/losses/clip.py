@@ -1,0 +1,39 @@
+"""CLIP's symmetric InfoNCE: softmax cross-entropy over image->text and text->image logits, hard targets."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def clip_logits(
+    image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
+    logit_bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Scaled cosine similarities (Bi, Bt) of L2-normalised (Bi, D) and (Bt, D) features.
+
+    `logit_scale` is the model's log-space parameter (the temperature is learned in log space, as in CLIP).
+    """
+    logits = logit_scale.exp() * image_features @ text_features.T  # (Bi, Bt)
+    return logits if logit_bias is None else logits + logit_bias
+
+
+def softmax_contrastive_loss(
+    logits_per_image: torch.Tensor, logits_per_text: torch.Tensor, offset: int = 0
+) -> torch.Tensor:
+    """Mean of the two cross-entropies; row i's positive is column `offset + i`.
+
+    Both are (b, G): b local rows against G candidates. `offset` is where this rank's rows sit
+    in the gathered batch (0 on one process), so the same code serves local-loss mode.
+    """
+    labels = torch.arange(logits_per_image.shape[0], device=logits_per_image.device) + offset
+    return (F.cross_entropy(logits_per_image.float(), labels) + F.cross_entropy(logits_per_text.float(), labels)) / 2
+
+
+def clip_loss(
+    image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
+    logit_bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """CLIP's loss on one batch of B matching pairs: (B, D) image and text features, pair i is (i, i)."""
+    logits = clip_logits(image_features, text_features, logit_scale, logit_bias)
+    return softmax_contrastive_loss(logits, logits.T)

@@ -1,0 +1,55 @@
+"""Search an image index by text or by example image, with the model that built it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+import clip_pacl
+from clip_pacl.data import load_image
+from clip_pacl.errors import DataError
+from clip_pacl.eval.common import encode_texts, model_device
+from clip_pacl.retrieval.index import ImageIndex, SearchHit
+from clip_pacl.transforms import image_transform
+
+
+def load_index_model(
+    index: ImageIndex, model: str | Path | None = None, device: str | torch.device | None = None
+) -> torch.nn.Module:
+    """The model recorded in the index's meta.json, or `model` when given; checked against the index's dim.
+
+    An index built from a preset (random weights) cannot be searched by reloading the preset, which would
+    draw new random weights: that case asks for `--model`.
+    """
+    source = model if model is not None else index.meta.get("model")
+    if source is None:
+        raise DataError("the index does not record its model; pass --model")
+    if model is None and not index.meta.get("model_has_weights", True):
+        raise DataError(f"the index was built with '{source}', a randomly initialised model that cannot be "
+                        f"loaded again; pass --model with a checkpoint")
+    loaded = clip_pacl.load(source, device=device).eval()
+    if loaded.embed_dim != index.embed_dim:
+        raise DataError(f"model '{source}' embeds into {loaded.embed_dim} dimensions but the index holds "
+                        f"{index.embed_dim}-d embeddings")
+    return loaded
+
+
+def search_text(index: ImageIndex, model: torch.nn.Module, queries: str | list[str], k: int = 10,
+                backend: str = "auto") -> list[list[SearchHit]]:
+    """The k best images for each text query, best first."""
+    queries = [queries] if isinstance(queries, str) else list(queries)
+    if not all(q.strip() for q in queries):
+        raise DataError("a text query is empty")
+    return index.search(encode_texts(model, queries), k, backend)
+
+
+def search_image(index: ImageIndex, model: torch.nn.Module, image: str | Path | Image.Image, k: int = 10,
+                 backend: str = "auto") -> list[SearchHit]:
+    """The k images most similar to an example image (a path or a PIL image), best first."""
+    pil = image if isinstance(image, Image.Image) else load_image(Path(image))
+    pixels = image_transform(model.image_size)(pil.convert("RGB"))[None]  # (1, 3, H, W)
+    with torch.inference_mode():
+        features = model.encode_image(pixels.to(model_device(model)), normalize=True)  # (1, D)
+    return index.search(features, k, backend)[0]

@@ -1,0 +1,135 @@
+"""Run checkpoints: `OUT/checkpoints/step_00000100/` = model dir (clip_pacl.save) + train_state.pt + DONE.
+
+A checkpoint is written into a hidden temporary directory, `DONE` (a small JSON manifest) is written
+last, and only then is the directory renamed into place: a process killed at any moment leaves
+either a complete checkpoint or an ignored temporary directory, never a half-written one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from clip_pacl.checkpoint import save as save_model
+from clip_pacl.errors import CheckpointError
+
+CHECKPOINTS = "checkpoints"
+PREFIX = "step_"
+DONE = "DONE"
+TRAIN_STATE = "train_state.pt"
+
+
+def checkpoint_root(run_dir: str | Path) -> Path:
+    return Path(run_dir) / CHECKPOINTS
+
+
+def is_complete(path: Path) -> bool:
+    return path.is_dir() and (path / DONE).is_file() and (path / TRAIN_STATE).is_file()
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    root = checkpoint_root(run_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()]
+    return sorted((p for p in found if is_complete(p)), key=lambda p: int(p.name[len(PREFIX):]))
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    ckpts = list_checkpoints(run_dir)
+    return ckpts[-1] if ckpts else None
+
+
+def resolve_resume(resume: str, run_dir: str | Path) -> Path | None:
+    """`auto`: the newest complete checkpoint in `run_dir` (None: start fresh); else a checkpoint or run dir."""
+    if resume == "auto":
+        return latest_checkpoint(run_dir)
+    path = Path(resume)
+    if is_complete(path):
+        return path
+    if path.is_dir():
+        found = latest_checkpoint(path)
+        if found is not None:
+            return found
+    raise CheckpointError(f"--resume {resume}: no complete checkpoint there (a step_N dir with {DONE}, or a run dir)")
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG the run touches, in types `torch.load(weights_only=True)` accepts."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, train_state: dict[str, Any],
+                    keep: int) -> Path:
+    """Write checkpoint `step` atomically, then delete all but the newest `keep` complete ones."""
+    root = checkpoint_root(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{PREFIX}{step:08d}"
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    save_model(model, tmp)
+    torch.save(train_state, tmp / TRAIN_STATE)
+    manifest = {"step": step, "time": time.time(), "files": sorted(p.name for p in tmp.iterdir())}
+    done_tmp = tmp / f".{DONE}.tmp"
+    done_tmp.write_text(json.dumps(manifest) + "\n")
+    _fsync_dir_files(tmp)
+    os.replace(done_tmp, tmp / DONE)
+    if final.exists():  # the same step saved again (an interrupted run re-saving): replace it whole
+        old = root / f".old-{final.name}-{os.getpid()}"
+        os.replace(final, old)
+        shutil.rmtree(old)
+    os.replace(tmp, final)
+    for stale in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def _fsync_dir_files(path: Path) -> None:
+    for p in path.iterdir():
+        with open(p, "rb") as f:
+            os.fsync(f.fileno())
+
+
+def remove_stale_temporaries(run_dir: str | Path) -> None:
+    """Delete what a killed save left behind (hidden temporary directories)."""
+    root = checkpoint_root(run_dir)
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.name.startswith((".tmp-", ".old-")):
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def load_train_state(path: Path) -> dict[str, Any]:
+    """The optimiser/scheduler/scaler/RNG/data-position state of a checkpoint (tensors and plain values only)."""
+    try:
+        return torch.load(path / TRAIN_STATE, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file: say which one
+        raise CheckpointError(f"cannot read {path / TRAIN_STATE}: {' '.join(str(e).split())[:200]}") from None

@@ -1,0 +1,106 @@
+"""TrainConfig: every option of a training run as one frozen value (the CLI only builds this)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from clip_pacl.errors import ConfigError
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A training run. `batch_size` is per process and per micro-batch: each optimiser step contrasts
+    `batch_size * accum * world_size` pairs. Exactly one of `steps` / `epochs` sets the length
+    (neither: 1 epoch)."""
+
+    data: str
+    model: str
+    out: str
+    steps: int | None = None
+    epochs: int | None = None
+    batch_size: int = 64
+    lr: float = 5e-4
+    wd: float = 0.1
+    warmup: int = 50
+    grad_clip: float | None = 1.0
+    image_size: int | None = None  # None: the model's own
+    objective: str = "clip"
+    precision: str = "fp32"
+    accum: int = 1
+    grad_checkpointing: bool = False
+    compile: bool = False
+    lock_image: bool = False
+    lock_image_unlocked_groups: int = 0
+    lock_text: bool = False
+    local_loss: bool = False
+    resume: str | None = None  # "auto" or a checkpoint / run directory
+    device: str | None = None
+    seed: int = 0
+    workers: int = 0
+    data_format: str | None = None
+    image_key: str = "image"
+    caption_key: str = "caption"
+    val_data: str | None = None
+    val_fraction: float = 0.0
+    val_every: int | None = None  # None: validate at the end only (when there is validation data)
+    save_every: int | None = None  # None: only the final checkpoint
+    keep: int = 2
+    max_bad_fraction: float = 0.01
+    log_every: int = 10
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        """Reject inconsistent options before any work starts."""
+        if self.steps is not None and self.epochs is not None:
+            raise ConfigError("give --steps or --epochs, not both")
+        for name in ("batch_size", "accum", "log_every", "keep", "steps", "epochs", "val_every", "save_every",
+                     "image_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, not {value}")
+        if self.lr <= 0 or self.wd < 0 or self.warmup < 0:
+            raise ConfigError("--lr must be > 0, --wd >= 0 and --warmup >= 0")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ConfigError(f"--grad-clip must be > 0, not {self.grad_clip}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, not '{self.precision}'")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"--val-fraction must be in [0, 1), not {self.val_fraction}")
+        if self.val_data is not None and self.val_fraction > 0:
+            raise ConfigError("give --val-data or --val-fraction, not both")
+        if not 0.0 <= self.max_bad_fraction <= 1.0:
+            raise ConfigError(f"--max-bad-fraction must be in [0, 1], not {self.max_bad_fraction}")
+        if self.lock_image_unlocked_groups and not self.lock_image:
+            raise ConfigError("--lock-image-unlocked-groups needs --lock-image")
+        if self.workers < 0:
+            raise ConfigError(f"--workers must be >= 0, not {self.workers}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown training option(s): {', '.join(unknown)}")
+        return cls(**d)
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Flag values from a JSON file (`{"lr": 1e-3, "batch-size": 32}`; dashes or underscores)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist")
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{p} is not valid JSON ({e.msg}, line {e.lineno})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p} must hold a JSON object of flag values")
+    return {k.replace("-", "_"): v for k, v in data.items()}

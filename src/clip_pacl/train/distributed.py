@@ -1,0 +1,84 @@
+"""Process-group setup for torchrun or SLURM, and the one small all-reduce per step that keeps ranks in step.
+
+The data order is `clip_pacl.data.build_loader`'s: one seeded permutation per epoch, dealt to the
+ranks, so one process with batch 2B sees exactly the pairs two processes with batch B see.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+
+from clip_pacl.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def env_dist_info() -> DistInfo:
+    """Rank and world size from torchrun's variables, else SLURM's (srun without torchrun), else one process."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return DistInfo(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)))
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        return DistInfo(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)))
+    return DistInfo()
+
+
+def init_distributed(device_type: str) -> DistInfo:
+    """Join the process group (env:// rendezvous) when launched as several processes; NCCL on GPUs, gloo on CPU."""
+    info = env_dist_info()
+    if not info.enabled or dist.is_initialized():
+        return info
+    env = os.environ
+    if "MASTER_ADDR" not in env or "MASTER_PORT" not in env:
+        raise ConfigError("distributed launch without MASTER_ADDR/MASTER_PORT "
+                          "(use torchrun, or export them in SLURM)")
+    # SLURM without torchrun: env:// reads RANK/WORLD_SIZE, so provide them.
+    env.setdefault("RANK", str(info.rank))
+    env.setdefault("WORLD_SIZE", str(info.world_size))
+    env.setdefault("LOCAL_RANK", str(info.local_rank))
+    if device_type == "cuda":
+        torch.cuda.set_device(info.local_rank)
+    dist.init_process_group("nccl" if device_type == "cuda" else "gloo", init_method="env://")
+    return info
+
+
+def cleanup_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class StepStats(NamedTuple):
+    loss: float  # mean over ranks: the global batch's loss
+    n_bad: int  # unreadable images this step, all ranks
+    n_seen: int
+    stop: bool  # some rank was asked to stop (SIGINT/SIGTERM): all stop at this step
+
+
+def reduce_step_stats(info: DistInfo, loss: torch.Tensor, n_bad: int, n_seen: int, stop: bool) -> StepStats:
+    """One small all-reduce per step keeps every rank's counters and its decision to stop identical."""
+    values = torch.tensor([float(loss), n_bad, n_seen, float(stop)], dtype=torch.float64)
+    if info.enabled:
+        if dist.get_backend() == "nccl":
+            values = values.cuda()
+        dist.all_reduce(values)
+        values = values.cpu()
+        values[0] /= info.world_size
+    return StepStats(float(values[0]), int(values[1]), int(values[2]), bool(values[3] > 0))

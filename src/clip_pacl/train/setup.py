@@ -1,0 +1,82 @@
+"""Building what a run needs from its TrainConfig: the model (with its objective's temperature/bias) and data.
+
+Everything here runs before the first step, so configuration mistakes (unknown preset, missing
+column, a dataset smaller than one batch) fail before any work starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from clip_pacl.checkpoint import load as load_model
+from clip_pacl.errors import ConfigError, DataError
+from clip_pacl.losses import Objective
+from clip_pacl.train.config import TrainConfig
+
+
+def build_model(config: TrainConfig, objective: Objective) -> nn.Module:
+    """The model to train: a preset / open_clip JSON (random init) or a checkpoint (fine-tuning).
+
+    A freshly initialised model takes the objective's initial temperature (SigLIP: ln 10); an
+    objective with a learned bias gets one (SigLIP: -10) when the model has none. `--objective pacl`
+    wraps the CLIP in a PACL model (frozen CLIP + trainable embedders).
+    """
+    fresh = not Path(config.model).is_dir()
+    model = load_model(config.model)
+    if objective.name == "pacl":
+        from clip_pacl.models.pacl import PACL
+
+        return model if isinstance(model, PACL) else PACL.from_clip(model)
+    if not hasattr(model, "loss_features"):
+        raise ConfigError(f"{config.model} is not a trainable model (no loss_features)")
+    if fresh and objective.init_logit_scale is not None:
+        with torch.no_grad():
+            model.logit_scale.fill_(objective.init_logit_scale)
+    if objective.init_logit_bias is not None and getattr(model, "logit_bias", None) is None:
+        model.logit_bias = nn.Parameter(torch.tensor(float(objective.init_logit_bias)))
+        model.config = replace(model.config, init_logit_bias=float(objective.init_logit_bias))
+    return model
+
+
+class FeatureModel(nn.Module):
+    """`forward(images, texts)` -> (image side, text side, logit_scale, logit_bias).
+
+    DDP and torch.compile wrap `forward`; routing the loss features and the temperature through it
+    makes every trainable parameter take part in the wrapped call, whatever the model type.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor, texts: torch.Tensor):
+        image_side, text_side = self.model.loss_features(images, texts)
+        return image_side, text_side, self.model.logit_scale, getattr(self.model, "logit_bias", None)
+
+
+def build_datasets(config: TrainConfig, image_size: int, context_length: int) -> tuple[Dataset, list | None]:
+    """(training dataset, validation rows or None). Validation rows feed `evaluate_retrieval`."""
+    from clip_pacl.data import build_caption_dataset, read_caption_rows
+    from clip_pacl.tokenizer import get_tokenizer
+    from clip_pacl.transforms import image_transform
+
+    if not Path(config.data).exists():
+        raise DataError(f"--data {config.data} does not exist")
+    keys = {"data_format": config.data_format, "image_key": config.image_key, "caption_key": config.caption_key}
+    train_ds, val_ds = build_caption_dataset(
+        config.data, transform=image_transform(image_size, train=True), tokenizer=get_tokenizer(context_length),
+        val_fraction=config.val_fraction, seed=config.seed, val_transform=image_transform(image_size), **keys,
+    )
+    val_rows = list(val_ds.rows) if val_ds is not None else None
+    if config.val_data is not None:
+        if not Path(config.val_data).exists():
+            raise DataError(f"--val-data {config.val_data} does not exist")
+        val_rows = read_caption_rows(config.val_data, **keys)
+    if len(train_ds) == 0:
+        raise DataError(f"{config.data} has no training pairs")
+    return train_ds, val_rows

@@ -1,0 +1,77 @@
+"""Losses across 2 gloo processes equal the single-process loss (and gradients) of the same global batch."""
+
+import math
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from clip_pacl.losses import get_objective
+
+B_LOCAL, DIM, WORLD = 4, 8, 2
+
+
+def _global_batch():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(WORLD * B_LOCAL, DIM, generator=g), torch.randn(WORLD * B_LOCAL, DIM, generator=g)
+
+
+def _loss_and_grads(name, raw_img, raw_txt, **kw):
+    """Loss and gradients w.r.t. the raw features, the temperature and the bias."""
+    objective = get_objective(name)
+    raw_img, raw_txt = raw_img.clone().requires_grad_(True), raw_txt.clone().requires_grad_(True)
+    scale = torch.tensor(objective.init_logit_scale or math.log(1 / 0.07), requires_grad=True)
+    bias = None if objective.init_logit_bias is None else torch.tensor(objective.init_logit_bias, requires_grad=True)
+    loss = objective.loss(F.normalize(raw_img, dim=-1), F.normalize(raw_txt, dim=-1), scale, bias, **kw)
+    loss.backward()
+    grads = [raw_img.grad, raw_txt.grad, scale.grad] + ([bias.grad] if bias is not None else [])
+    return loss.detach(), grads
+
+
+def _worker(rank, port, name, local_loss, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        img, txt = _global_batch()
+        rows = slice(rank * B_LOCAL, (rank + 1) * B_LOCAL)
+        loss, grads = _loss_and_grads(name, img[rows], txt[rows], local_loss=local_loss)
+        # What DDP does to parameter gradients: average them over ranks. Feature gradients stay per rank.
+        shared = [g.clone() for g in grads[2:]]
+        for g in shared:
+            dist.all_reduce(g)
+            g /= WORLD
+        losses = [torch.zeros(()) for _ in range(WORLD)]
+        dist.all_gather(losses, loss)
+        out[rank] = {"loss": torch.stack(losses).mean(), "features": grads[:2], "shared": shared}
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("name", ["clip", "siglip"])
+@pytest.mark.parametrize("local_loss", [False, True])
+def test_two_process_loss_matches_single_process(name, local_loss):
+    out = mp.Manager().dict()
+    mp.spawn(_worker, args=(_free_port(), name, local_loss, out), nprocs=WORLD, join=True)
+    img, txt = _global_batch()
+    loss, grads = _loss_and_grads(name, img, txt)
+    for rank in range(WORLD):
+        rows = slice(rank * B_LOCAL, (rank + 1) * B_LOCAL)
+        assert torch.allclose(out[rank]["loss"], loss, atol=1e-5)
+        # DDP averages parameter gradients over ranks; a feature's gradient must therefore be WORLD x the
+        # single-process one so that, through the parameters, the average equals the global gradient.
+        assert torch.allclose(out[rank]["features"][0] / WORLD, grads[0][rows], atol=1e-6)
+        assert torch.allclose(out[rank]["features"][1] / WORLD, grads[1][rows], atol=1e-6)
+        for got, want in zip(out[rank]["shared"], grads[2:]):
+            assert torch.allclose(got, want, atol=1e-5)

@@ -1,0 +1,49 @@
+"""--cache-features: the cached CLIP features give exactly the loss features of the un-augmented images."""
+
+import pytest
+import torch
+
+import clip_pacl
+from clip_pacl.data import build_caption_dataset
+from clip_pacl.data.dataset import build_loader
+from clip_pacl.data.synthetic import generate_synthetic
+from clip_pacl.errors import ConfigError
+from clip_pacl.models.pacl import PACL, PACLConfig
+from clip_pacl.tokenizer import get_tokenizer
+from clip_pacl.train.feature_cache import build_feature_cache
+from clip_pacl.transforms import image_transform
+
+
+@pytest.fixture(scope="module")
+def captions(tmp_path_factory):
+    out = tmp_path_factory.mktemp("syn")
+    generate_synthetic(out, 6, seed=0, captions_per_image=2)
+    (out / "images" / "000005.png").write_bytes(b"broken")  # one unreadable image: its rows are skipped
+    return out / "captions.csv"
+
+
+def test_cached_features_match_encoding_the_images(captions):
+    model = PACL.from_clip(clip_pacl.load("tiny")).eval()
+    dataset, _ = build_caption_dataset(captions, transform=image_transform(64), tokenizer=get_tokenizer(77))
+    cache = build_feature_cache(model, dataset, batch_size=4, dtype=torch.float32)
+    assert len(cache) == len(dataset) == 12 and cache.patch_tokens.shape == (6, 64, 128)
+    assert cache[10] is None and cache[11] is None  # rows of the broken image
+    loader = build_loader(cache, batch_size=4, shuffle=False, workers=0, seed=0, drop_last=False)
+    batches = list(loader)
+    assert sum(b["n_bad"] for b in batches) == 2 and batches[0]["texts"].dtype == torch.float32
+    for i in (0, 3, 7):
+        pixels, tokens = dataset[i]
+        with torch.no_grad():
+            direct = model.loss_features(pixels[None], tokens[None])
+            cached = model.loss_features(*(x[None] for x in cache[(i, 123)]))
+        for a, b in zip(direct, cached):
+            assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_cache_refuses_a_trainable_image_tower_or_a_plain_clip(captions):
+    dataset, _ = build_caption_dataset(captions, transform=image_transform(64), tokenizer=get_tokenizer(77))
+    unfrozen = PACL.from_clip(clip_pacl.load("tiny"), PACLConfig(unfreeze_last_n_blocks=1))
+    with pytest.raises(ConfigError, match="image tower frozen"):
+        build_feature_cache(unfrozen, dataset)
+    with pytest.raises(ConfigError, match="objective pacl"):
+        build_feature_cache(clip_pacl.load("tiny"), dataset)

@@ -1,0 +1,147 @@
+"""`clip-pacl train` end to end on the built-in synthetic data: it learns, writes what it promises, fails early."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import clip_pacl
+from clip_pacl.cli.main import main
+from clip_pacl.data import read_caption_rows
+from clip_pacl.data.synthetic import generate_synthetic
+from clip_pacl.eval.retrieval import evaluate_retrieval
+
+FAST = ["--model", "tiny", "--no-progress", "--log-every", "1"]
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("synthetic")
+    generate_synthetic(out, 48, seed=0, image_size=64)
+    return out / "captions.csv"
+
+
+def _records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.timeout(180)
+def test_train_learns_on_synthetic_data(synthetic, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["train", "--data", str(synthetic), "--out", str(out), *FAST, "--steps", "30", "--batch-size", "24",
+                 "--lr", "2e-3", "--warmup", "3", "--wd", "0.0", "--json"])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["steps"] == 30 and summary["final_model"] == str(out / "final")
+    losses = [r["loss"] for r in _records(out) if "loss" in r]
+    assert len(losses) == 30
+    assert sum(losses[-5:]) / 5 < 0.75 * sum(losses[:5]) / 5  # the loss drops clearly (chance: ln 24 = 3.2)
+    model = clip_pacl.load(out / "final")
+    rows = read_caption_rows(synthetic)
+    recall = evaluate_retrieval(model, rows, progress=False)
+    assert recall["text_to_image_R@1"] > 5 / len(rows)  # chance is 1 / 48
+
+
+def test_run_dir_has_metrics_checkpoints_plot_and_a_loadable_model(synthetic, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["train", "--data", str(synthetic), "--out", str(out), *FAST, "--steps", "4", "--batch-size", "8",
+                 "--save-every", "1", "--keep", "2", "--val-fraction", "0.25", "--val-every", "2", "--json"])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out)
+    records = _records(out)
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    for key in ("epoch", "loss", "lr", "logit_scale", "samples_per_s", "n_bad"):
+        assert key in records[0]
+    assert "val_text_to_image_R@1" in records[1] and "val_image_to_text_R@1" in records[3]
+    assert "val_text_to_image_R@1" not in records[0]
+    assert summary["val"]["text_to_image_R@1"] == records[3]["val_text_to_image_R@1"]
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert ckpts == ["step_00000003", "step_00000004"]  # --keep 2
+    assert (out / "checkpoints" / "step_00000004" / "DONE").is_file()
+    assert (out / "loss.png").stat().st_size > 1000
+    assert any((out / "tensorboard").iterdir())
+    final = clip_pacl.load(out / "final")
+    last = clip_pacl.load(out / "checkpoints" / "step_00000004")
+    for (name, a), (_, b) in zip(final.state_dict().items(), last.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_siglip_objective_learns_a_bias_and_saves_it(synthetic, tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(synthetic), "--out", str(out), *FAST, "--steps", "2", "--batch-size", "8",
+                 "--objective", "siglip"]) == 0
+    model = clip_pacl.load(out / "final")
+    assert model.logit_bias is not None and float(model.logit_bias) != -10.0  # trained from -10
+    first = _records(out)[0]
+    assert first["logit_scale"] == pytest.approx(10.0, rel=0.05)  # SigLIP starts at ln 10
+
+
+def test_lock_image_leaves_the_image_tower_untouched(synthetic, tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(synthetic), "--out", str(out), *FAST, "--steps", "2", "--batch-size", "8",
+                 "--lock-image", "--seed", "3"]) == 0
+    torch.manual_seed(3)
+    start = clip_pacl.load("tiny")
+    trained = clip_pacl.load(out / "final")
+    assert torch.equal(start.visual.conv1.weight, trained.visual.conv1.weight)
+    assert torch.equal(start.visual.proj, trained.visual.proj)
+    assert not torch.equal(start.text.text_projection, trained.text.text_projection)
+
+
+def test_config_file_supplies_flags_and_the_command_line_wins(synthetic, tmp_path):
+    out = tmp_path / "run"
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"data": str(synthetic), "model": "tiny", "steps": 3, "batch-size": 8, "lr": 0.5}))
+    assert main(["train", "--config", str(cfg), "--out", str(out), "--lr", "1e-4", "--no-progress"]) == 0
+    saved = json.loads((out / "train_config.json").read_text())
+    assert saved["steps"] == 3 and saved["batch_size"] == 8 and saved["lr"] == 1e-4
+
+
+def test_unreadable_images_are_skipped_counted_and_limited(synthetic, tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = synthetic.read_text().splitlines()
+    (data / "images").mkdir()
+    for i, row in enumerate(rows[1:]):
+        name = row.split(",")[0]
+        target = data / name
+        if i < 4:
+            target.write_bytes(b"not an image")
+        else:
+            Image.open(synthetic.parent / name).save(target)
+    (data / "captions.csv").write_text("\n".join(rows) + "\n")
+    ok = tmp_path / "ok"
+    args = ["train", "--data", str(data / "captions.csv"), *FAST, "--epochs", "1", "--batch-size", "8", "--json"]
+    assert main([*args, "--out", str(ok), "--max-bad-fraction", "0.2"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["n_bad"] == 4 and summary["n_seen"] == 48
+    assert main([*args, "--out", str(tmp_path / "strict"), "--max-bad-fraction", "0.01"]) == 2
+    assert "4 of 48 images could not be read" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--steps", "2", "--epochs", "1"], "not both"),
+        (["--model", "no-such-preset"], "no-such-preset"),
+        (["--caption-key", "text"], "text"),
+        (["--objective", "siglip", "--batch-size", "0"], "--batch-size must be at least 1"),
+        (["--batch-size", "4096"], "fewer than one step"),
+        (["--lock-image-unlocked-groups", "2"], "needs --lock-image"),
+    ],
+)
+def test_configuration_errors_fail_before_any_work(synthetic, tmp_path, capsys, extra, message):
+    out = tmp_path / "run"
+    code = main(["train", "--data", str(synthetic), "--out", str(out), "--model", "tiny", "--no-progress", *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and message in err and "Traceback" not in err
+    assert not (out / "checkpoints").exists()
+
+
+def test_missing_data_and_required_flags(tmp_path, capsys):
+    assert main(["train", "--data", str(tmp_path / "nope.csv"), "--model", "tiny", "--out", str(tmp_path)]) == 2
+    assert "nope.csv" in capsys.readouterr().err
+    assert main(["train", "--model", "tiny"]) == 2
+    assert "--data, --out are required" in capsys.readouterr().err

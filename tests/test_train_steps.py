@@ -1,0 +1,123 @@
+"""Pieces of a training step: accumulation, parameter groups, the schedule, tower locking, the temperature clamp."""
+
+import math
+
+import pytest
+import torch
+
+from clip_pacl import CLIPConfig
+from clip_pacl.losses import get_objective
+from clip_pacl.models import CLIP
+from clip_pacl.train import accumulate_gradients, optim
+from clip_pacl.train.schedule import lr_at
+from clip_pacl.train.setup import FeatureModel
+
+
+def _tiny(name: str = "tiny") -> CLIP:
+    torch.manual_seed(0)
+    return CLIP(CLIPConfig.from_name(name))
+
+
+def _batch(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(n, 3, 64, 64, generator=g)
+    texts = torch.zeros(n, 77, dtype=torch.long)
+    texts[:, 0] = 49406
+    texts[:, 1:6] = torch.randint(1, 49000, (n, 5), generator=g)
+    texts[:, 6] = 49407  # end of text: the highest id, where the text tower pools
+    return images, texts
+
+
+def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("objective", ["clip", "siglip"])
+def test_accumulation_equals_one_big_batch(objective):
+    """accum 2 x B gives the loss and gradients of one batch of 2B: negatives come from every micro-batch."""
+    images, texts = _batch(8)
+    big, small = _tiny(), _tiny()
+    if objective == "siglip":
+        for model in (big, small):
+            model.logit_bias = torch.nn.Parameter(torch.tensor(-10.0))
+    small.load_state_dict(big.state_dict())
+    obj = get_objective(objective)
+    loss_big = accumulate_gradients(FeatureModel(big), obj, [(images, texts)])
+    loss_acc = accumulate_gradients(FeatureModel(small), obj, [(images[:4], texts[:4]), (images[4:], texts[4:])])
+    assert torch.allclose(loss_big, loss_acc, atol=1e-5)
+    g_big, g_acc = _grads(big), _grads(small)
+    assert g_big.keys() == g_acc.keys() and len(g_big) > 10
+    for name in g_big:
+        assert torch.allclose(g_big[name], g_acc[name], atol=1e-5, rtol=1e-4), name
+
+
+def test_accumulation_is_not_two_small_batches():
+    """The accumulated gradient differs from the sum of two independent small-batch losses (fewer negatives)."""
+    images, texts = _batch(8)
+    obj = get_objective("clip")
+    acc, separate = _tiny(), _tiny()
+    accumulate_gradients(FeatureModel(acc), obj, [(images[:4], texts[:4]), (images[4:], texts[4:])])
+    for part in (slice(0, 4), slice(4, 8)):
+        accumulate_gradients(FeatureModel(separate), obj, [(images[part], texts[part])])
+    assert not torch.allclose(acc.logit_scale.grad, separate.logit_scale.grad, atol=1e-4)
+
+
+def test_no_weight_decay_on_biases_norms_embeddings_and_temperature():
+    model = _tiny()
+    opt = optim.build_optimizer(model, lr=1e-3, weight_decay=0.2)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    plain = {names[id(p)] for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert "logit_scale" in plain and "text.token_embedding.weight" in plain
+    assert "visual.positional_embedding" in plain and "visual.ln_pre.weight" in plain
+    assert "visual.transformer.resblocks.0.attn.in_proj_bias" in plain
+    assert "visual.transformer.resblocks.0.attn.in_proj_weight" in decayed and "visual.proj" in decayed
+    assert len(decayed) + len(plain) == len(list(model.parameters()))
+
+
+def test_warmup_then_cosine():
+    lrs = [lr_at(s, 1.0, warmup=10, total=110) for s in range(110)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert lrs[10] == pytest.approx(1.0) and lrs[60] == pytest.approx(0.5)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[-1] < 1e-3
+
+
+def test_logit_scale_is_clamped_at_100():
+    model = _tiny()
+    with torch.no_grad():
+        model.logit_scale.fill_(10.0)
+    optim.clamp_logit_scale(model)
+    assert float(model.logit_scale.detach()) == pytest.approx(optim.MAX_LOGIT_SCALE)
+    assert float(model.logit_scale.detach().exp()) == pytest.approx(100.0, rel=1e-5)
+
+
+def test_lock_image_keeps_only_the_last_groups_trainable():
+    model = _tiny()
+    optim.lock_image_tower(model, unlocked_groups=1)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "visual.proj" in trainable and "visual.ln_post.weight" in trainable
+    assert any(n.startswith("visual.transformer.resblocks.3.") for n in trainable)
+    assert not any(n.startswith("visual.transformer.resblocks.2.") for n in trainable)
+    assert "visual.conv1.weight" not in trainable and "text.token_embedding.weight" in trainable
+    optim.lock_text_tower(model)
+    assert not any(n.startswith("text.") for n, p in model.named_parameters() if p.requires_grad)
+    assert model.logit_scale.requires_grad
+
+
+def test_locked_resnet_batchnorm_stays_in_eval_mode():
+    model = _tiny("tiny-rn")
+    optim.lock_image_tower(model, unlocked_groups=1)  # only attnpool trainable
+    optim.set_train_mode(model)
+    assert not model.visual.bn1.training and not model.visual.layer4[0].bn1.training
+    assert model.visual.attnpool.training and model.text.training
+    running = model.visual.bn1.running_mean.clone()
+    model.encode_image(torch.randn(2, 3, 64, 64))
+    assert torch.equal(running, model.visual.bn1.running_mean)
+
+
+def test_frozen_towers_get_no_gradient_through_a_step():
+    model = _tiny()
+    optim.lock_image_tower(model)
+    accumulate_gradients(FeatureModel(model), get_objective("clip"), [_batch(4)])
+    assert all(p.grad is None for p in model.visual.parameters())
+    assert model.text.text_projection.grad is not None and math.isfinite(float(model.logit_scale.grad))
