@@ -44,7 +44,7 @@ def coco_like_captions(n: int, seed: int = 0) -> list[str]:
     captions = []
     for _ in range(n):
         words = f"{rng.choice(SUBJECTS)} {rng.choice(VERBS)} {rng.choice(OBJECTS)}"
-        for extra in rng.sample(EXTRAS, rng.randint(0, 2)):
+        for extra in rng.sample(EXTRAS, rng.randint(1, 2)):
             words += f" {extra}"
         captions.append(words[0].upper() + words[1:] + ".")
     return captions
@@ -67,18 +67,23 @@ def build_pair(name: str) -> tuple[torch.nn.Module, CLIP]:
     return theirs, ours.eval()
 
 
-def median_seconds(fn_ours, fn_theirs, repeats: int, warmup: int) -> tuple[float, float]:
+def median_seconds(fn_ours, fn_theirs, repeats: int, warmup: int) -> dict[str, float]:
+    """Median wall-clock and process CPU seconds per call. CPU time is reported too because the machine may be
+    shared: other processes stretch wall time but barely change the CPU time our own threads need."""
     for _ in range(warmup):
         fn_ours()
         fn_theirs()
-    times = {"ours": [], "theirs": []}
+    wall = {"ours": [], "theirs": []}
+    cpu = {"ours": [], "theirs": []}
     for r in range(repeats):
         order = [("ours", fn_ours), ("theirs", fn_theirs)]
         for key, fn in order if r % 2 == 0 else order[::-1]:
-            start = time.perf_counter()
+            start_wall, start_cpu = time.perf_counter(), time.process_time()
             fn()
-            times[key].append(time.perf_counter() - start)
-    return statistics.median(times["ours"]), statistics.median(times["theirs"])
+            wall[key].append(time.perf_counter() - start_wall)
+            cpu[key].append(time.process_time() - start_cpu)
+    return {f"{kind}_{key}": statistics.median(values[key]) for kind, values in (("wall", wall), ("cpu", cpu))
+            for key in ("ours", "theirs")}
 
 
 def measure(name: str, tower: str, batch: int, repeats: int, warmup: int, threads: int) -> dict:
@@ -92,15 +97,16 @@ def measure(name: str, tower: str, batch: int, repeats: int, warmup: int, thread
         run_ours, run_theirs = (lambda: ours.encode_text(inputs)), (lambda: theirs.encode_text(inputs))
     with torch.inference_mode():
         max_abs_diff = float((run_ours() - run_theirs()).abs().max())
-        seconds_ours, seconds_theirs = median_seconds(run_ours, run_theirs, repeats, warmup)
+        seconds = median_seconds(run_ours, run_theirs, repeats, warmup)
     record = {
         "model": name,
         "tower": tower,
         "batch": batch,
         "threads": threads,
-        "ours_per_s": round(batch / seconds_ours, 2),
-        "open_clip_per_s": round(batch / seconds_theirs, 2),
-        "ratio": round(seconds_theirs / seconds_ours, 3),
+        "ours_per_s": round(batch / seconds["wall_ours"], 2),
+        "open_clip_per_s": round(batch / seconds["wall_theirs"], 2),
+        "ratio": round(seconds["wall_theirs"] / seconds["wall_ours"], 3),
+        "cpu_ratio": round(seconds["cpu_theirs"] / seconds["cpu_ours"], 3),
         "max_abs_diff": max_abs_diff,
         "repeats": repeats,
         "torch": torch.__version__,

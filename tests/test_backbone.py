@@ -19,6 +19,16 @@ from clip_pacl.errors import CheckpointError, ConfigError  # noqa: E402
 from clip_pacl.losses.clip import clip_loss  # noqa: E402
 from clip_pacl.models.backbone import BackboneCLIP, BackboneConfig, load_checkpoint  # noqa: E402
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run fastest on one thread; two threads spin against each other on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 WORDS = "a an red green blue circle square star triangle photo of the small large".split()
 
 
@@ -160,3 +170,18 @@ def test_checkpoint_round_trip_through_clip_pacl_load(model, tmp_path):
 def test_clip_pacl_load_builds_from_a_spec(text_dir):
     built = clip_pacl.load(_spec(text_dir, "embed_dim=8"))
     assert isinstance(built, BackboneCLIP) and built.embed_dim == 8 and built.config.image == "timm/test_resnet=random"
+
+
+def test_wise_ft_merges_backbone_models(text_dir, tmp_path):
+    from clip_pacl.checkpoint.merge import merge_models
+
+    torch.manual_seed(0)
+    base = BackboneCLIP.from_spec(_spec(text_dir, "embed_dim=8", "image_size=32"))
+    torch.manual_seed(1)
+    finetuned = BackboneCLIP.from_spec(_spec(text_dir, "embed_dim=8", "image_size=32"))
+    merged = merge_models(base, finetuned, 0.5)
+    clip_pacl.save(merged, tmp_path / "wise")
+    reloaded = clip_pacl.load(tmp_path / "wise")
+    for key in ("image_head.weight", "text_head.weight", "visual.conv1.0.weight"):
+        expected = (base.state_dict()[key] + finetuned.state_dict()[key]) / 2
+        assert torch.allclose(reloaded.state_dict()[key], expected, atol=1e-6), key

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -235,3 +236,9 @@ def test_windows_csv_with_byte_order_mark_and_multiline_caption(tmp_path):
     _png(tmp_path / "a.png")
     (tmp_path / "data.csv").write_bytes('\ufeffimage,caption\r\na.png,"two\r\nlines"\r\na.png,plain\r\n'.encode())
     assert _pairs(read_caption_rows(tmp_path / "data.csv")) == [("a.png", "two\nlines"), ("a.png", "plain")]
+
+
+def test_sixteen_bit_greyscale_is_scaled_not_clipped(tmp_path):
+    deep = np.full((4, 4), 32768, dtype=np.uint16)  # mid-grey in 16 bits
+    Image.fromarray(deep).save(tmp_path / "deep.png")
+    assert load_image(tmp_path / "deep.png").getpixel((0, 0)) == (128, 128, 128)

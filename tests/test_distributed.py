@@ -1,5 +1,6 @@
 """Losses across 2 gloo processes equal the single-process loss (and gradients) of the same global batch."""
 
+import json
 import math
 import os
 import socket
@@ -75,3 +76,35 @@ def test_two_process_loss_matches_single_process(name, local_loss):
         assert torch.allclose(out[rank]["features"][1] / WORLD, grads[1][rows], atol=1e-6)
         for got, want in zip(out[rank]["shared"], grads[2:]):
             assert torch.allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.timeout(300)
+def test_torchrun_two_processes_train_like_one_with_the_same_global_batch(tmp_path):
+    """`torchrun --nproc-per-node 2 -m clip_pacl.train` (gloo, CPU) ends with the weights of 1 process, batch 2B."""
+    import subprocess
+    import sys
+
+    import clip_pacl
+    from clip_pacl.cli.main import main
+    from clip_pacl.data.synthetic import generate_synthetic
+
+    generate_synthetic(tmp_path / "data", 32, seed=0, image_size=64)
+    common = ["--data", str(tmp_path / "data" / "captions.csv"), "--model", "tiny", "--steps", "3", "--lr", "1e-3",
+              "--warmup", "1", "--device", "cpu", "--no-progress", "--log-every", "1"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "clip_pacl.train", *common, "--batch-size", "8", "--out", str(tmp_path / "ddp")],
+        capture_output=True, text=True, timeout=280, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert main(["train", *common, "--batch-size", "16", "--out", str(tmp_path / "single")]) == 0
+    ddp, single = clip_pacl.load(tmp_path / "ddp" / "final"), clip_pacl.load(tmp_path / "single" / "final")
+    start = clip_pacl.load("tiny")
+    moved = 0.0
+    for (name, a), b in zip(ddp.state_dict().items(), single.state_dict().values()):
+        assert torch.allclose(a, b, atol=2e-5), name
+        moved = max(moved, float((b - start.state_dict()[name]).abs().max()))
+    assert moved > 1e-3  # the comparison is not between two untrained models
+    ddp_log = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    single_log = [json.loads(line) for line in (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in ddp_log] == pytest.approx([r["loss"] for r in single_log], abs=1e-4)

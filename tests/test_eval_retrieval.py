@@ -139,7 +139,7 @@ def test_no_readable_image_is_an_error(tmp_path):
 
 def test_cli_json_and_table(synthetic, capsys):
     args = ["eval", "retrieval", "--model", "tiny", "--data", str(synthetic / "captions.csv"), "--batch-size", "4"]
-    assert main([*args, "--json"]) == 0
+    assert main([*args, "--workers", "2", "--json"]) == 0  # loader worker processes give the same result
     result = json.loads(capsys.readouterr().out)
     assert result["num_images"] == 10 and result["num_captions"] == len(read_caption_rows(synthetic / "captions.csv"))
     for key in ("image_to_text_R@1", "image_to_text_R@10", "text_to_image_R@5", "mean_recall"):
@@ -147,6 +147,7 @@ def test_cli_json_and_table(synthetic, capsys):
     assert result["text_to_image_R@10"] == 1.0  # 10 images: the top 10 hold them all
     assert main(args) == 0
     out = capsys.readouterr().out
+    assert f"{100 * result['mean_recall']:6.2f}" in out
     assert "image->text" in out and "text->image" in out and "mean recall" in out
 
 

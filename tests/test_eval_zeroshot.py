@@ -15,7 +15,7 @@ from clip_pacl.cli.main import main
 from clip_pacl.data import load_image, read_label_rows
 from clip_pacl.data.synthetic import generate_synthetic
 from clip_pacl.errors import DataError
-from clip_pacl.eval.zeroshot import classification_metrics, evaluate_zeroshot, label_indices
+from clip_pacl.eval.zeroshot import classification_metrics, evaluate_zeroshot, label_indices, read_class_folders
 from clip_pacl.models.pacl import PACL
 from clip_pacl.tokenizer import tokenize
 from clip_pacl.transforms import image_transform
@@ -196,6 +196,27 @@ def test_planted_features_give_known_metrics(tmp_path):
                                class_names=["red", "green"], progress=False)
     assert result["skipped_rows"] == 2 and result["num_images"] == 7
     assert result["top1"] == pytest.approx(6 / 7)
+
+
+def test_class_folders(tmp_path):
+    colors = {"red": (230, 20, 20), "green": (20, 230, 20), "blue": (20, 20, 230)}
+    for name, rgb in colors.items():
+        (tmp_path / name / "deeper").mkdir(parents=True)
+        Image.new("RGB", (20, 20), rgb).save(tmp_path / name / "a.png")
+        Image.new("RGB", (20, 20), rgb).save(tmp_path / name / "deeper" / "b.jpg")
+    (tmp_path / "red" / "readme.txt").write_text("not an image")
+    rows = read_class_folders(tmp_path)
+    assert len(rows) == 6 and [r.label for r in rows] == ["blue"] * 2 + ["green"] * 2 + ["red"] * 2
+    result = evaluate_zeroshot(ColorModel(), rows, SIMPLE_IMAGENET_TEMPLATES, progress=False)
+    assert result["top1"] == 1.0 and result["num_images"] == 6
+
+    # folders that are not class names but as many as the classes: ids in sorted order (ImageNet's synset folders)
+    rows = read_class_folders(tmp_path, ["blue", "green", "red"])
+    assert [r.label for r in rows][::2] == ["blue", "green", "red"]
+    rows = read_class_folders(tmp_path, ["sky", "grass", "blood"])
+    assert [r.label for r in rows][::2] == ["0", "1", "2"]
+    with pytest.raises(DataError, match="no class folders"):
+        read_class_folders(tmp_path / "red" / "deeper")
 
 
 def test_tiny_model_agrees_with_brute_force(tiny_model, synthetic):

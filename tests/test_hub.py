@@ -83,6 +83,18 @@ def test_open_clip_repo_with_hf_hub_prefix(offline_cache, tmp_path):
     assert same_state(model, ours) and model.config.vision == ours.config.vision
 
 
+def test_pretrained_tag_downloads_the_tags_repo(offline_cache, tmp_path, monkeypatch):
+    from clip_pacl.checkpoint import hub
+
+    ours = clip_pacl.load("tiny-quickgelu")
+    export_open_clip(ours, tmp_path / "repo")
+    cache_repo(offline_cache, "acme/tiny_clip.openai", directory_files(tmp_path / "repo"))
+    monkeypatch.setitem(hub.OPENAI_REPOS, "tiny", "acme/tiny_clip.openai")  # as ViT-B-32 -> timm/vit_base_...
+    model, source = load_with_source("tiny", pretrained="openai")
+    assert source.hub_id == "acme/tiny_clip.openai" and model.config.quick_gelu
+    assert same_state(model, ours)
+
+
 def test_uncached_names_fail_with_the_local_alternative(offline_cache):
     with pytest.raises(CheckpointError) as info:
         clip_pacl.load("openai/clip-vit-base-patch32")
@@ -124,4 +136,5 @@ def test_cli_in_a_real_process_uses_the_environment(tmp_path, hf_repo_files):
     missing = subprocess.run([*cmd, "info", "acme/not-cached"], env=env, capture_output=True, text=True, timeout=300)
     assert missing.returncode == 2 and missing.stdout == ""
     lines = missing.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: could not download 'acme/not-cached' (offline")
+    assert len(lines) == 1 and lines[0].startswith("error: 'acme/not-cached' is not a local file or directory, and "
+                                                   "could not download 'acme/not-cached' (offline")

@@ -11,6 +11,15 @@ from clip_pacl.cli.main import main
 from clip_pacl.errors import CheckpointError
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run fastest on one thread; two threads spin against each other on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_merge_weights_interpolates_floats_and_keeps_dtypes():
     a = {"w": torch.zeros(3), "h": torch.full((2,), 2.0, dtype=torch.float16), "step": torch.tensor(1)}
     b = {"w": torch.ones(3), "h": torch.full((2,), 4.0, dtype=torch.float16), "step": torch.tensor(7)}

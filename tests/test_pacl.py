@@ -62,7 +62,8 @@ def test_compatibility_is_rectangular_and_bias_is_added():
     texts = F.normalize(torch.randn(4, 16), dim=-1)
     phi = compatibility(patches, texts, chunk_size=3)  # 3 images x 4 texts, texts in two chunks
     assert phi.shape == (3, 4)
-    assert (phi.double() - naive_logits(patches.double(), texts.double(), torch.tensor(0.0)).double()).abs().max() < 1e-6
+    reference = naive_logits(patches.double(), texts.double(), torch.tensor(0.0, dtype=torch.float64))
+    assert (phi.double() - reference).abs().max() < 1e-6
     bias = torch.tensor(-1.5)
     assert torch.allclose(pacl_logits(patches, texts, scale, bias), pacl_logits(patches, texts, scale) + bias)
 

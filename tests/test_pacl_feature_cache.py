@@ -47,3 +47,29 @@ def test_cache_refuses_a_trainable_image_tower_or_a_plain_clip(captions):
         build_feature_cache(unfrozen, dataset)
     with pytest.raises(ConfigError, match="objective pacl"):
         build_feature_cache(clip_pacl.load("tiny"), dataset)
+
+
+@pytest.mark.parametrize("cache_features", [False, True])
+def test_clip_pacl_train_objective_pacl_trains_only_the_embedders(captions, tmp_path, cache_features):
+    from clip_pacl.cli.main import main
+
+    base = tmp_path / "clip"
+    clip_pacl.save(clip_pacl.load("tiny"), base)
+    argv = ["train", "--objective", "pacl", "--model", str(base), "--data", str(captions), "--out",
+            str(tmp_path / "run"), "--steps", "3", "--batch-size", "4", "--lr", "1e-2", "--warmup", "0",
+            "--no-progress", "--max-bad-fraction", "0.5"]
+    assert main(argv + (["--cache-features"] if cache_features else [])) == 0
+    trained = clip_pacl.load(tmp_path / "run" / "final")
+    untrained = PACL.from_clip(clip_pacl.load(base))
+    assert isinstance(trained, PACL)
+    for name, tensor in untrained.clip.state_dict().items():  # the CLIP is frozen
+        assert torch.equal(tensor, trained.clip.state_dict()[name]), name
+    for embedder in (trained.vision_embedder, trained.text_embedder):  # the linear branch starts as the identity
+        assert (embedder.linear.weight - torch.eye(128)).abs().max() > 1e-3
+
+
+def test_cache_features_needs_the_pacl_objective(captions, tmp_path, capsys):
+    from clip_pacl.cli.main import main
+
+    rc = main(["train", "--model", "tiny", "--data", str(captions), "--out", str(tmp_path), "--cache-features"])
+    assert rc == 2 and "--cache-features is for --objective pacl" in capsys.readouterr().err

@@ -180,7 +180,9 @@ def _openai_torchscript(model, path, image_size: int, texts):
 def test_openai_torchscript_archive(texts, tmp_path, tmp_path_factory):
     reference = _open_clip_model("tiny", tmp_path_factory, force_quick_gelu=True)
     _openai_torchscript(reference, tmp_path / "tiny-openai.pt", 64, texts)
-    state = torch.jit.load(str(tmp_path / "tiny-openai.pt")).state_dict()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated; OpenAI's files are TorchScript
+        state = torch.jit.load(str(tmp_path / "tiny-openai.pt")).state_dict()
     assert {"input_resolution", "context_length", "vocab_size", "attn_mask"} <= set(state)
     model, source = load_with_source(tmp_path / "tiny-openai.pt")
     assert source.format == "openai_torchscript"

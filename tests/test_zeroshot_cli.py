@@ -1,5 +1,6 @@
 """`clip-pacl zeroshot`: per-image class probabilities from the command line."""
 
+import dataclasses
 import json
 
 import pytest
@@ -12,6 +13,7 @@ from clip_pacl.data import load_image
 from clip_pacl.data.synthetic import generate_synthetic
 from clip_pacl.tokenizer import tokenize
 from clip_pacl.transforms import image_transform
+from clip_pacl.zeroshot.classifier import build_classifier, class_probabilities
 
 
 @pytest.fixture(scope="module")
@@ -86,3 +88,16 @@ def test_errors_are_one_line(setup, tmp_path, capsys, change, message):
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and "\n" not in err
+
+
+def test_siglip_models_give_sigmoid_probabilities(setup):
+    _, images, model = setup
+    siglip = clip_pacl.CLIP(dataclasses.replace(model.config, init_logit_bias=-3.0)).eval()
+    siglip.load_state_dict(model.state_dict(), strict=False)  # same towers, plus a logit bias
+    classifier = build_classifier(siglip, ["circle", "square"], ["a {}"])
+    pixels = image_transform(siglip.image_size)(load_image(images[0]))[None]
+    with torch.no_grad():
+        similarity = siglip.encode_image(pixels, normalize=True) @ classifier.T  # (1, 2)
+    expected = (siglip.logit_scale.exp() * similarity - 3.0).sigmoid()
+    torch.testing.assert_close(class_probabilities(siglip, pixels, classifier), expected)
+    torch.testing.assert_close(class_probabilities(model, pixels, classifier).sum(), torch.tensor(1.0))

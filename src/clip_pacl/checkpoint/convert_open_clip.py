@@ -82,11 +82,16 @@ def infer_config(state: dict[str, torch.Tensor], quick_gelu: bool | None = None,
     except KeyError as e:
         raise CheckpointError(f"the state dict lacks {e} and is not an open_clip/OpenAI CLIP") from None
     text = TextConfig(context_length=pos.shape[0], vocab_size=tok.shape[0], width=text_width,
-                      heads=max(text_width // 64, 1), layers=text_layers, mlp_ratio=text_hidden / text_width)
+                      heads=_heads(text_width), layers=text_layers, mlp_ratio=text_hidden / text_width)
     config = CLIPConfig(embed_dim=embed_dim, vision=vision, text=text, quick_gelu=quick_gelu is not False, name=name)
     if "logit_bias" in state:
         config = replace(config, init_logit_bias=float(state["logit_bias"]))
     return _with_preset_heads(config)
+
+
+def _heads(width: int) -> int:
+    """OpenAI's convention, 64-wide heads; one head for narrower (test-sized) widths."""
+    return max(width // 64, 1)
 
 
 def _infer_vision(state: dict[str, torch.Tensor]) -> VisionConfig:
@@ -95,7 +100,7 @@ def _infer_vision(state: dict[str, torch.Tensor]) -> VisionConfig:
         grid = round((state["visual.positional_embedding"].shape[0] - 1) ** 0.5)
         hidden = state["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
         return VisionConfig(image_size=grid * patch, layers=_count_blocks(state, "visual.transformer.resblocks."),
-                            width=width, head_width=64, mlp_ratio=hidden / width, patch_size=patch)
+                            width=width, head_width=width // _heads(width), mlp_ratio=hidden / width, patch_size=patch)
     if "visual.attnpool.positional_embedding" in state:  # ModifiedResNet
         width = state["visual.conv1.weight"].shape[0] * 2  # the stem's first conv has width / 2 channels
         layers = tuple(_count_blocks(state, f"visual.layer{i}.") for i in range(1, 5))

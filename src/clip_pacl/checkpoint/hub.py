@@ -53,7 +53,7 @@ def download(repo_id: str, revision: str | None = None) -> Path:
     """The local snapshot directory of `repo_id` with its config and one weights file (downloaded if needed)."""
     try:
         from huggingface_hub import constants, hf_hub_download
-        from huggingface_hub.errors import (
+        from huggingface_hub.utils import (  # utils re-exports these in old and new huggingface_hub versions
             EntryNotFoundError,
             HfHubHTTPError,
             LocalEntryNotFoundError,

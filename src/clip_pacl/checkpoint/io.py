@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -119,10 +118,17 @@ def load_with_source(
             repo = hub.pretrained_repo(text, pretrained)
             model, source = _load_dir(hub.download(repo), quick_gelu, device)
             source = replace(source, hub_id=repo)
-    elif text.startswith(hub.HF_HUB_PREFIX) or (not Path(src).exists() and _looks_like_repo_id(text)):
+    elif text.startswith(hub.HF_HUB_PREFIX):
         repo = text.removeprefix(hub.HF_HUB_PREFIX)
         model, source = _load_dir(hub.download(repo), quick_gelu, device)
         source = replace(source, hub_id=repo)
+    elif not Path(src).exists() and _looks_like_repo_id(text):
+        try:
+            snapshot = hub.download(text)
+        except CheckpointError as e:  # it may just as well have been a mistyped local path
+            raise CheckpointError(f"'{text}' is not a local file or directory, and {e}") from None
+        model, source = _load_dir(snapshot, quick_gelu, device)
+        source = replace(source, hub_id=text)
     else:
         model, source = _load_local(Path(src), config, quick_gelu, device)
     if device is not None:
@@ -247,7 +253,7 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
         if path.suffix == ".safetensors":
             return load_file(str(path))
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (SafetensorError, Exception) as e:  # foreign files fail with UnpicklingError, RuntimeError, EOFError, ...
+    except Exception as e:  # foreign files fail with SafetensorError, UnpicklingError, RuntimeError, EOFError, ...
         is_torch_file = path.suffix == ".safetensors" or zipfile.is_zipfile(path)
         reason = _first_line(e) if is_torch_file else "not a safetensors, PyTorch or TorchScript file"
         raise CheckpointError(f"{path} is not a checkpoint clip-pacl can read: {reason}") from None
@@ -266,6 +272,9 @@ def _build(config: CLIPConfig, state: dict[str, torch.Tensor], source: str) -> C
         model = CLIP(config)
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     _load_state(model, state, source, assign=True)
+    unset = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if unset:  # a non-persistent buffer: no checkpoint holds it, so it must be computed in __init__ instead
+        raise CheckpointError(f"{source}: the model has tensors no checkpoint sets (e.g. {unset[0]})")
     return model
 
 

@@ -24,7 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pretrained", default=None,
                         help="open_clip pretrained tag for a preset name (e.g. openai), fetched from the hub")
     parser.add_argument("--no-quick-gelu", dest="quick_gelu", action="store_const", const=False, default=None,
-                        help="a bare state dict was trained with GELU, not OpenAI's QuickGELU")
+                        help="use GELU, not QuickGELU: bare state dicts otherwise mean QuickGELU (OpenAI's "
+                             "convention); this also overrides what a checkpoint's config records")
     add_json_flag(parser)
 
 
@@ -32,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     from clip_pacl.checkpoint import export, load_with_source
 
     model, source = load_with_source(args.src, pretrained=args.pretrained, quick_gelu=args.quick_gelu)
-    log(f"read {source.format} checkpoint {source.hub_id or source.location}")
+    log(f"read {source.format} {source.hub_id or source.location}")
     out = export(model, args.to, args.out)
     result = {"src": args.src, "src_format": source.format, "to": args.to, "out": str(out)}
     if args.json:

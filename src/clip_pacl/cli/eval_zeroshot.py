@@ -8,16 +8,16 @@ from pathlib import Path
 import clip_pacl
 from clip_pacl.cli.common import add_device_flag, add_json_flag, print_json, resolve_device
 from clip_pacl.data import read_label_rows
-from clip_pacl.eval.zeroshot import evaluate_zeroshot
+from clip_pacl.eval.zeroshot import evaluate_zeroshot, read_class_folders
 from clip_pacl.zeroshot.templates import resolve_class_names, resolve_templates
 
 COMMAND = "eval zeroshot"
 GROUP_HELP = "measure a model: zero-shot accuracy, retrieval recall, segmentation mIoU"
 HELP = "zero-shot classification accuracy (top-1, top-5, mean per-class recall)"
 DESCRIPTION = (
-    "Classify each image of a CSV/TSV/JSONL file (columns image,label) among the class names by prompts "
-    "alone and report top-1, top-5 and mean per-class recall. The classes are the distinct labels, or "
-    "--classes. Unreadable images are skipped and counted."
+    "Classify each image of a CSV/TSV/JSONL file (columns image,label) or of a folder of class folders "
+    "among the class names by prompts alone and report top-1, top-5 and mean per-class recall. The "
+    "classes are the distinct labels, or --classes. Unreadable images are skipped and counted."
 )
 ORDER = 40
 PER_CLASS_TABLE_MAX = 30
@@ -34,7 +34,9 @@ def add_template_flags(parser: argparse.ArgumentParser) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="checkpoint dir, model file or preset")
-    parser.add_argument("--data", required=True, type=Path, help="CSV/TSV/JSONL file with image and label columns")
+    parser.add_argument("--data", required=True, type=Path,
+                        help="CSV/TSV/JSONL file with image and label columns, or a folder of class folders "
+                             "(DIR/<class>/<image>, as torchvision's ImageFolder)")
     add_template_flags(parser)
     parser.add_argument("--image-key", default="image", help="column holding the image path")
     parser.add_argument("--label-key", default="label", help="column holding the class label")
@@ -50,7 +52,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     templates = resolve_templates(args.templates, args.template)
     class_names = resolve_class_names(args.classes) if args.classes is not None else None
-    rows = read_label_rows(args.data, image_key=args.image_key, label_key=args.label_key)
+    if args.data.is_dir():
+        rows = read_class_folders(args.data, class_names)
+    else:
+        rows = read_label_rows(args.data, image_key=args.image_key, label_key=args.label_key)
     model = clip_pacl.load(args.model, device=resolve_device(args.device))
     result = evaluate_zeroshot(model, rows, templates, batch_size=args.batch_size, workers=args.workers,
                                class_names=class_names)

@@ -21,7 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pretrained", default=None,
                         help="open_clip pretrained tag for a preset name (e.g. openai), fetched from the hub")
     parser.add_argument("--no-quick-gelu", dest="quick_gelu", action="store_const", const=False, default=None,
-                        help="a bare state dict was trained with GELU, not OpenAI's QuickGELU")
+                        help="use GELU, not QuickGELU: bare state dicts otherwise mean QuickGELU (OpenAI's "
+                             "convention); this also overrides what a checkpoint's config records")
     add_json_flag(parser)
 
 

@@ -59,6 +59,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     arg("--lock-image-unlocked-groups", type=int, metavar="N",
         help="with --lock-image, keep the last N layer groups trainable (ViT: blocks, the last with ln_post/proj)")
     arg("--lock-text", action="store_true", help="freeze the text tower")
+    arg("--cache-features", action="store_true",
+        help="PACL: encode every image and caption with the frozen CLIP once, then train only the embedders "
+             "(no image augmentation)")
     group = p.add_argument_group("optimisation")
     arg("--steps", type=int, help="optimiser steps (or --epochs; neither: one epoch)", metavar="N")
     arg("--epochs", type=int, help="passes over the training data", metavar="N")

@@ -20,7 +20,8 @@ COMMAND = "zeroshot"
 HELP = "classify images among class names, by prompts alone"
 DESCRIPTION = (
     "Print each image's most probable classes: the softmax over classes of logit_scale times the "
-    "similarity of the image to each class's prompt-ensembled text embedding."
+    "similarity of the image to each class's prompt-ensembled text embedding (for SigLIP models, the "
+    "sigmoid of each class's logit plus the learned bias)."
 )
 ORDER = 30
 

@@ -92,7 +92,8 @@ def collate_skip_bad(batch: list[tuple[torch.Tensor, torch.Tensor] | None]) -> d
         return {"images": torch.empty(0, 3, 0, 0), "texts": torch.empty(0, 0, dtype=torch.long),
                 "n_bad": n_bad, "n_total": len(batch)}
     images = torch.stack([item[0] for item in good])  # (B, 3, H, W)
-    texts = torch.stack([item[1] for item in good]).long()  # (B, L)
+    texts = torch.stack([item[1] for item in good])  # (B, L) token ids, or (B, D) cached text features (PACL)
+    texts = texts if texts.is_floating_point() else texts.long()
     return {"images": images, "texts": texts, "n_bad": n_bad, "n_total": len(batch)}
 
 

@@ -6,6 +6,7 @@ import io
 from pathlib import Path
 from typing import IO
 
+import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from clip_pacl.errors import DataError
@@ -32,7 +33,7 @@ def _decode(src: Path | IO[bytes], name: str) -> Image.Image:
     try:
         with Image.open(src) as img:
             img.load()
-            return _to_rgb(ImageOps.exif_transpose(img))  # phone photos: stored sideways, tagged upright
+            return _to_rgb(_upright(img))
     except UnidentifiedImageError:
         raise DataError(f"{name} is not an image file Pillow can read") from None
     except Image.DecompressionBombError:
@@ -42,8 +43,25 @@ def _decode(src: Path | IO[bytes], name: str) -> Image.Image:
         raise DataError(f"image {name} is corrupt or truncated ({' '.join(str(e).split())})") from None
 
 
+def _upright(img: Image.Image) -> Image.Image:
+    """Phone photos are often stored sideways with an EXIF tag saying how to turn them."""
+    try:
+        return ImageOps.exif_transpose(img)
+    except Exception:  # malformed EXIF metadata must not cost us an otherwise readable image
+        return img
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
-    """RGB, compositing transparency over white (a bare convert() turns transparent pixels black)."""
+    """RGB, compositing transparency over white (a bare convert() turns transparent pixels black).
+
+    16/32-bit and float greyscale (scientific and medical PNG/TIFF) are scaled to 8 bits first:
+    values above 255 are read as 16-bit (0-65535); PIL's own convert would clip them all to white.
+    """
+    if img.mode.startswith("I") or img.mode == "F":
+        values = np.asarray(img, dtype=np.float64)
+        if values.size and values.max() > 255:
+            values = values * (255 / 65535)
+        return Image.fromarray(np.clip(np.round(values), 0, 255).astype(np.uint8), "L").convert("RGB")
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

@@ -124,7 +124,7 @@ class SegmentationDataset:
 
 
 def load_mask(path: Path, reduce_zero_label: bool = False) -> np.ndarray:
-    """A label PNG as (H, W) int64. Palette PNGs (VOC) keep their indices; `reduce_zero_label` maps 0 -> 255, k -> k-1."""
+    """A label PNG as (H, W) int64; palette PNGs (VOC) keep their indices. `reduce_zero_label`: 0 -> 255, k -> k-1."""
     try:
         with Image.open(path) as img:
             if img.mode not in ("L", "P", "I", "I;16"):

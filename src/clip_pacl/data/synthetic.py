@@ -134,6 +134,7 @@ class SyntheticInfo:
     captions: Path
     shapes: Path
     colors: Path
+    objects: Path
     segmentation: Path
     classes: tuple[str, ...] = field(default_factory=tuple)
     color_names: tuple[str, ...] = field(default_factory=tuple)
@@ -199,19 +200,20 @@ def caption_templates(objects: Sequence[ShapeObject], background: str, image_siz
 
 def _muted_color(rng: np.random.Generator) -> np.ndarray:
     level = rng.uniform(85, 170)
-    return level + rng.uniform(-18, 18, size=3)  # (3,) low saturation, mid brightness
+    return (level + rng.uniform(-18, 18, size=3)).astype(np.float32)  # (3,) low saturation, mid brightness
 
 
 def _background(rng: np.random.Generator, size: int, kind: str) -> np.ndarray:
-    """A muted texture, (H, W, 3) float in 0..255."""
+    """A muted texture, (H, W, 3) float32 in 0..255."""
     c1, c2 = _muted_color(rng), _muted_color(rng)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size  # (H, W) each, in [0, 1)
     if kind == "noise":
-        img = c1 + rng.normal(0, 9, size=(size, size, 1)) + rng.normal(0, 3, size=(size, size, 3))
+        grain = 9 * rng.standard_normal((size, size, 1), dtype=np.float32)  # luminance noise
+        img = c1 + grain + 3 * rng.standard_normal((size, size, 3), dtype=np.float32)
     elif kind == "stripes":
         angle = rng.uniform(0, math.pi)
         period = rng.uniform(0.08, 0.25)
-        phase = np.sin(2 * math.pi * (xx * math.cos(angle) + yy * math.sin(angle)) / period)
+        phase = np.sin(np.float32(2 * math.pi / period) * (xx * math.cos(angle) + yy * math.sin(angle)))
         img = c1 + (c2 - c1) * ((phase[..., None] + 1) / 2)
     elif kind == "gradient":
         angle = rng.uniform(0, 2 * math.pi)
@@ -222,7 +224,7 @@ def _background(rng: np.random.Generator, size: int, kind: str) -> np.ndarray:
         cells = int(rng.integers(3, 9))
         board = ((np.floor(xx * cells) + np.floor(yy * cells)) % 2)[..., None]
         img = c1 + (c2 - c1) * board
-    return np.clip(img, 0, 255)
+    return np.clip(img, 0, 255, out=img)
 
 
 def _coverage(obj: ShapeObject, size: int) -> tuple[slice, slice, np.ndarray]:
@@ -292,7 +294,7 @@ def make_sample(
         obj = ShapeObject(shape, color, size_name, (round(cx, 3), round(cy, 3)), round(r, 3), rgb)
         ys, xs, cov = _coverage(obj, image_size)
         region = canvas[ys, xs]
-        canvas[ys, xs] = region * (1 - cov[..., None]) + np.array(rgb, dtype=np.float64) * cov[..., None]
+        canvas[ys, xs] = region * (1 - cov[..., None]) + np.array(rgb, dtype=np.float32) * cov[..., None]
         class_id = list(shapes).index(shape) + 1
         mask[ys, xs] = np.where(cov >= 1.0, class_id, np.where(cov > 0, IGNORE_INDEX, mask[ys, xs]))
         objects.append(obj)
@@ -361,7 +363,7 @@ def generate_synthetic(
     _write_csv(out / "colors.csv", ("image", "label"), color_rows)
     return SyntheticInfo(out_dir=out, n_images=n, n_single_object=len(shape_rows), image_size=image_size, seed=seed,
                          captions=out / "captions.csv", shapes=out / "shapes.csv", colors=out / "colors.csv",
-                         segmentation=seg, classes=classes, color_names=colors)
+                         objects=out / "objects.jsonl", segmentation=seg, classes=classes, color_names=colors)
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

@@ -4,7 +4,9 @@ Each sample is the tar members sharing a key: an image (`jpg`, `jpeg`, `png` or 
 caption (`txt`, or `json` with a `caption` or `text` field). Shards are shuffled per epoch with
 a seed, split across DDP ranks then loader workers, and samples are shuffled in a buffer; a
 resumed run skips the raw (undecoded) samples of the batches it already trained on, so it sees
-exactly the batches the uninterrupted run would have.
+exactly the batches the uninterrupted run would have (given the same worker count and world size).
+Shards hold different numbers of samples, so ranks may run out at different steps: train DDP runs
+on shards for a number of steps (`--steps`) rather than to the end of an epoch.
 """
 
 from __future__ import annotations

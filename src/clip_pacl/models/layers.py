@@ -53,6 +53,20 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal and attn_mask is None)
         return self.out_proj(out.transpose(1, 2).reshape(b, n, d))
 
+    def forward_rows(self, x: torch.Tensor, rows: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention output at one query position per sequence: x (B, N, D), rows (B,) -> (B, 1, D).
+
+        Keys and values still come from every position; only the query side (q, out_proj) shrinks to one row.
+        attn_mask, if given, is (B, 1, 1, N) over the keys of each sequence."""
+        b, n, d = x.shape
+        head_dim = d // self.heads
+        query = x[torch.arange(b, device=x.device), rows].unsqueeze(1)  # (B, 1, D)
+        q = F.linear(query, self.in_proj_weight[:d], self.in_proj_bias[:d]).view(b, 1, self.heads, head_dim)
+        kv = F.linear(x, self.in_proj_weight[d:], self.in_proj_bias[d:]).view(b, n, 2, self.heads, head_dim)
+        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=attn_mask)  # (B, H, 1, D/H)
+        return self.out_proj(out.transpose(1, 2).reshape(b, 1, d))
+
     def value_path(self, x: torch.Tensor) -> torch.Tensor:
         """Output when every token attends only to itself (MaskCLIP): out_proj(v_proj(x))."""
         d = x.shape[-1]
@@ -80,6 +94,13 @@ class ResidualAttentionBlock(nn.Module):
         x = x + self.attn(self.ln_1(x), causal=causal, attn_mask=attn_mask)
         return x + self.mlp(self.ln_2(x))
 
+    def forward_rows(self, x: torch.Tensor, rows: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The block's output at position rows[b] of each sequence, (B, D): the same numbers as forward()[b, rows[b]]
+        for a fraction of the work (every position still serves as key and value; the MLP runs on B rows only)."""
+        attended = self.attn.forward_rows(self.ln_1(x), rows, attn_mask)[:, 0]  # (B, D)
+        y = x[torch.arange(x.shape[0], device=x.device), rows] + attended
+        return y + self.mlp(self.ln_2(y))
+
 
 class Transformer(nn.Module):
     def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float = 4.0, act: type[nn.Module] = nn.GELU):
@@ -97,6 +118,16 @@ class Transformer(nn.Module):
             else:
                 x = block(x, causal=causal)
         return x
+
+    def forward_rows(self, x: torch.Tensor, rows: torch.Tensor, causal: bool = False) -> torch.Tensor:
+        """Output at one position per sequence after all blocks, (B, D): the pooled token (ViT's class token, the
+        text's EOT) is all a pooled embedding needs, so the last block computes only that row (~7% fewer FLOPs for
+        12 layers)."""
+        x = self(x, causal=causal, upto=self.layers - 1)
+        mask = None
+        if causal:  # the query at rows[b] sees keys 0..rows[b]
+            mask = (torch.arange(x.shape[1], device=x.device) <= rows[:, None])[:, None, None, :]  # (B, 1, 1, N)
+        return self.resblocks[-1].forward_rows(x, rows, mask)
 
     def init_weights(self) -> None:
         """open_clip's initialisation (from OpenAI's CLIP), scaled by depth."""

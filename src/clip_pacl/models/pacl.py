@@ -154,7 +154,7 @@ class PACL(nn.Module):
             return self.clip.encode_image_tokens(images)[:, 1:]
 
     def patch_embeddings(self, images: torch.Tensor) -> torch.Tensor:
-        """Normalised e_v per patch (B, N, D). `images` may be pixels (B, 3, H, W) or CLIP patch tokens (B, N, D_clip)."""
+        """Normalised e_v per patch (B, N, D); `images` are pixels (B, 3, H, W) or CLIP patch tokens (B, N, D_clip)."""
         tokens = images if images.dim() == 3 else self.clip_patch_tokens(images)
         return F.normalize(self.vision_embedder(tokens), dim=-1)  # (B, N, D)
 
@@ -204,7 +204,8 @@ class PACL(nn.Module):
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         clip_state = {k: v.detach().contiguous().cpu() for k, v in self.clip.state_dict().items()}
-        head_state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items() if not k.startswith("clip.")}
+        head_state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()
+                      if not k.startswith("clip.")}
         _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(clip_state, str(p), metadata={"format": "pt"}))
         _atomic_write(out / PACL_WEIGHTS_NAME, lambda p: save_file(head_state, str(p), metadata={"format": "pt"}))
         cfg = {"model_type": "pacl", "clip": self.clip.config.to_dict(), "pacl": self.config.to_dict()}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -27,28 +29,65 @@ class TextTransformer(nn.Module):
     def output_dim(self) -> int:
         return self.text_projection.shape[1]
 
-    def _run(self, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Hidden states (B, L, width) and EOT positions (B,).
-
-        The mask is causal, so a token's output depends only on the tokens before it: running the
-        batch only up to its longest EOT position gives exactly the same pooled outputs, and most
-        captions are far shorter than the context.
-        """
+    def _check(self, text: torch.Tensor) -> None:
         if text.shape[1] > self.cfg.context_length:
             raise ValueError(f"text has {text.shape[1]} tokens, the model's context is {self.cfg.context_length}")
-        eot = text.argmax(dim=-1)
-        length = int(eot.max()) + 1 if text.numel() else 1
+
+    def _embed(self, text: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:
+        """Token + position embeddings up to the longest EOT position: (B, L', width).
+
+        The mask is causal, so a token's output depends only on the tokens before it: stopping at the batch's
+        longest EOT gives exactly the same pooled outputs, and most captions are far shorter than the context."""
+        length = int(eot.max()) + 1 if eot.numel() else 1
         text = text[:, :length]
-        x = self.token_embedding(text) + self.positional_embedding[:length].to(self.token_embedding.weight.dtype)
-        return self.transformer(x, causal=True), eot
+        return self.token_embedding(text) + self.positional_embedding[:length].to(self.token_embedding.weight.dtype)
+
+    def _pooled(self, text: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:
+        x = self.transformer.forward_rows(self._embed(text, eot), eot, causal=True)  # (B, width), at each EOT
+        return self.ln_final(x) @ self.text_projection
 
     def forward(self, text: torch.Tensor) -> torch.Tensor:
-        """(B, L) int token ids -> pooled embedding (B, output_dim)."""
-        x, eot = self._run(text)
-        x = x[torch.arange(x.shape[0], device=x.device), eot]
-        return self.ln_final(x) @ self.text_projection
+        """(B, L) int token ids -> pooled embedding (B, output_dim).
+
+        Rows are independent, so captions of very different lengths are encoded in groups of similar length
+        (see `length_groups`), each group only up to its own longest EOT; the result is put back in input order."""
+        self._check(text)
+        eot = text.argmax(dim=-1)  # (B,) the EOT token has the highest id
+        groups = length_groups(eot + 1)
+        if len(groups) == 1:
+            return self._pooled(text, eot)
+        pooled = torch.cat([self._pooled(text[group], eot[group]) for group in groups])
+        return pooled[torch.argsort(torch.cat(groups))]
 
     def forward_tokens(self, text: torch.Tensor) -> torch.Tensor:
         """Every position up to the batch's longest EOT, in the joint space: (B, L', output_dim)."""
-        x, _ = self._run(text)
+        self._check(text)
+        x = self.transformer(self._embed(text, text.argmax(dim=-1)), causal=True)
         return self.ln_final(x) @ self.text_projection
+
+
+def length_groups(lengths: torch.Tensor, overhead_tokens: int = 64) -> list[torch.Tensor]:
+    """Indices of the batch split into groups of similar sequence length.
+
+    Minimises the padded token count, sum over groups of (rows x longest length), plus `overhead_tokens` per group
+    (a group's fixed cost: more calls, smaller matrix products); an exact dynamic programme over the distinct
+    lengths (at most the context length, 77). A batch of equal lengths stays one group."""
+    values, counts = torch.unique(lengths, return_counts=True)  # sorted ascending
+    if len(values) <= 1:
+        return [torch.arange(len(lengths), device=lengths.device)]
+    values, counts = values.tolist(), counts.tolist()
+    rows_before = [0]
+    for count in counts:
+        rows_before.append(rows_before[-1] + count)
+    best = [0.0] + [math.inf] * len(values)  # best[j]: cost of the j shortest distinct lengths
+    start = [0] * (len(values) + 1)
+    for j in range(1, len(values) + 1):
+        for i in range(j):
+            cost = best[i] + (rows_before[j] - rows_before[i]) * values[j - 1] + overhead_tokens
+            if cost < best[j]:
+                best[j], start[j] = cost, i
+    bounds, j = [], len(values)
+    while j > 0:
+        bounds.append((values[start[j]], values[j - 1]))
+        j = start[j]
+    return [torch.nonzero((lengths >= low) & (lengths <= high)).flatten() for low, high in reversed(bounds)]

@@ -50,8 +50,9 @@ class VisionTransformer(nn.Module):
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         """Pooled embedding (B, output_dim): the class token through ln_post and the projection."""
-        x = self.transformer(self.embed(image))
-        return self.ln_post(x[:, 0]) @ self.proj
+        x = self.embed(image)
+        cls = self.transformer.forward_rows(x, torch.zeros(x.shape[0], dtype=torch.long, device=x.device))  # (B, w)
+        return self.ln_post(cls) @ self.proj
 
     def forward_tokens(self, image: torch.Tensor) -> torch.Tensor:
         """Every token in the joint space (B, 1 + N, output_dim); index 0 is the pooled embedding."""

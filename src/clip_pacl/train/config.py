@@ -37,6 +37,7 @@ class TrainConfig:
     lock_image: bool = False
     lock_image_unlocked_groups: int = 0
     lock_text: bool = False
+    cache_features: bool = False  # PACL: encode the data with the frozen CLIP once (train/feature_cache.py)
     local_loss: bool = False
     resume: str | None = None  # "auto" or a checkpoint / run directory
     device: str | None = None
@@ -79,6 +80,8 @@ class TrainConfig:
             raise ConfigError("--lock-image-unlocked-groups needs --lock-image")
         if self.workers < 0:
             raise ConfigError(f"--workers must be >= 0, not {self.workers}")
+        if self.cache_features and self.objective != "pacl":
+            raise ConfigError("--cache-features is for --objective pacl (features of a frozen CLIP)")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

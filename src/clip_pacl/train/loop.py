@@ -82,6 +82,11 @@ def _train(config: TrainConfig, objective: Objective, info: DistInfo, device: to
     model = build_model(config, objective)
     image_size = config.image_size or model.image_size
     train_ds, val_rows = build_datasets(config, image_size, model.context_length)
+    if config.cache_features:
+        from clip_pacl.train.feature_cache import build_feature_cache
+
+        train_ds = build_feature_cache(model.to(device), train_ds, image_size, config.batch_size, config.workers,
+                                       progress=config.progress and info.is_main)
     global_batch = config.batch_size * config.accum * info.world_size
     loader = build_loader(train_ds, batch_size=config.batch_size, shuffle=True, workers=config.workers,
                           seed=config.seed, drop_last=True, rank=info.rank, world_size=info.world_size)

@@ -20,7 +20,10 @@ def _no_weight_decay(name: str, param: nn.Parameter) -> bool:
 def build_optimizer(
     model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.98), eps: float = 1e-6
 ) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters: decayed weights in one group, the rest in another."""
+    """AdamW over the trainable parameters: decayed weights in one group, the rest in another.
+
+    Build it after moving the model to its device (the fused kernel is chosen for the parameters' device).
+    """
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
@@ -28,7 +31,11 @@ def build_optimizer(
     if not decay and not no_decay:
         raise ConfigError("nothing to train: every parameter is frozen (check --lock-image / --lock-text)")
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps)
+    groups = [g for g in groups if g["params"]]
+    try:  # the fused kernel is ~10x faster than the default on CPU (tiny models spend much of a step here)
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True)
+    except (RuntimeError, TypeError):  # older torch, or a device without the fused kernel
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
 
 
 @torch.no_grad()

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from clip_pacl.errors import DataError
-from clip_pacl.eval.common import encode_texts
+from clip_pacl.eval.common import encode_texts, evaluating
 from clip_pacl.zeroshot.templates import OPENAI_IMAGENET_TEMPLATES, check_template, format_prompt
 
 
@@ -41,14 +41,14 @@ def build_classifier(
     return F.normalize(features, dim=-1)
 
 
-def logit_scale_of(model: torch.nn.Module) -> float:
-    """exp(logit_scale): the learned temperature that turns similarities into logits."""
-    scale = getattr(model, "logit_scale", None)
-    return float(scale.exp()) if scale is not None else 100.0
-
-
 def class_probabilities(model: torch.nn.Module, images: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:
-    """(B, C) softmax over classes of logit_scale * similarity, as CLIP turns zero-shot scores into probabilities."""
-    with torch.inference_mode():
-        similarity = model.similarity(images, classifier).float()  # (B, C)
-        return (logit_scale_of(model) * similarity).softmax(dim=-1)
+    """(B, C) softmax over classes of logit_scale * similarity, as CLIP turns zero-shot scores into probabilities.
+
+    The learned temperature matters here (not for accuracy): it decides how peaked the probabilities are.
+    A SigLIP model (one with a logit bias) was trained with an independent sigmoid per image-text pair,
+    so its probabilities are sigmoid(logit_scale * similarity + logit_bias) and need not sum to 1.
+    """
+    with evaluating(model), torch.inference_mode():
+        logits = model.logit_scale.exp().float() * model.similarity(images, classifier).float()  # (B, C)
+        bias = getattr(model, "logit_bias", None)
+        return (logits + bias.float()).sigmoid() if bias is not None else logits.softmax(dim=-1)
