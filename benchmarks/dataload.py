@@ -59,7 +59,8 @@ def main() -> None:
                 "source_size": args.source_size, "image_size": args.image_size,
                 "first_epoch_images_per_s": round(n_first / t_first, 1),
                 "images_per_s": round(n_second / t_second, 1),
-                "cpu_count": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2), "torch": torch.__version__, "python": platform.python_version(),
+                "cpu_count": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2),
+                "torch": torch.__version__, "python": platform.python_version(),
                 "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             }
             print(json.dumps(record), file=sys.stdout, flush=True)

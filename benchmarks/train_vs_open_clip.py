@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -69,7 +70,9 @@ def initial_weights(seed: int) -> dict[str, torch.Tensor]:
 
 
 def run_clip_pacl(args, train_dir: Path, workdir: Path) -> tuple[float, torch.nn.Module]:
-    config = TrainConfig(data=str(train_dir / "captions.csv"), model=PRESET, out=str(workdir / "run-clip_pacl"),
+    run_dir = workdir / "run-clip_pacl"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    config = TrainConfig(data=str(train_dir / "captions.csv"), model=PRESET, out=str(run_dir),
                          epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, wd=args.wd, warmup=args.warmup,
                          grad_clip=args.grad_clip, seed=args.seed, workers=args.workers, device="cpu",
                          log_every=10, progress=False)

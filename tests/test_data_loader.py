@@ -191,3 +191,12 @@ def test_wds_validation_split_and_missing_shards(shards):
         build_caption_dataset(str(shards / "shard-{000000..000002}.tar"), transform=augment, tokenizer=tokenize)
     with pytest.raises(DataError, match="cannot be split across 3 ranks"):
         build_loader(train, batch_size=2, shuffle=False, workers=0, seed=0, drop_last=False, rank=0, world_size=3)
+
+
+def test_data_check_reads_shards(shards):
+    from clip_pacl.data.check import check_caption_data
+
+    report = check_caption_data(shards / "shard-{000000..000001}.tar")
+    assert (report.format, report.rows, report.bad_images) == ("wds", 12, 2)
+    assert report.mean_caption_words == 2.0
+    assert check_caption_data(str(shards), data_format="wds", limit=5).rows == 5

@@ -141,3 +141,8 @@ def test_train_state_loads_with_weights_only(uninterrupted):
     path = checkpointing.latest_checkpoint(uninterrupted) / checkpointing.TRAIN_STATE
     state = torch.load(path, weights_only=True)
     assert {"optimizer", "schedule", "scaler", "rng", "step", "epoch", "batch_in_epoch"} <= set(state)
+
+
+def test_a_new_run_refuses_to_overwrite_an_existing_one(synthetic, uninterrupted, capsys):
+    assert main(_args(synthetic, uninterrupted)) == 2
+    assert "already holds a run" in capsys.readouterr().err

@@ -121,3 +121,21 @@ def test_frozen_towers_get_no_gradient_through_a_step():
     accumulate_gradients(FeatureModel(model), get_objective("clip"), [_batch(4)])
     assert all(p.grad is None for p in model.visual.parameters())
     assert model.text.text_projection.grad is not None and math.isfinite(float(model.logit_scale.grad))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mixed_precision_step_gives_finite_gradients_close_to_fp32(dtype):
+    images, texts = _batch(4)
+    ref, amp = _tiny(), _tiny()
+    obj = get_objective("clip")
+    loss_ref = accumulate_gradients(FeatureModel(ref), obj, [(images, texts)])
+    scaler = torch.amp.GradScaler("cpu", enabled=dtype == torch.float16)
+    loss_amp = accumulate_gradients(FeatureModel(amp), obj, [(images, texts)],
+                                    lambda: torch.autocast("cpu", dtype=dtype), scaler.scale)
+    assert loss_amp.dtype == torch.float32  # the loss itself is computed in fp32
+    assert abs(float(loss_amp) - float(loss_ref)) < 0.05
+    opt = optim.build_optimizer(amp, lr=1e-3, weight_decay=0.1)
+    scaler.unscale_(opt)
+    grad = amp.text.text_projection.grad
+    assert torch.isfinite(grad).all() and torch.nn.functional.cosine_similarity(
+        grad.flatten(), ref.text.text_projection.grad.flatten(), dim=0) > 0.9

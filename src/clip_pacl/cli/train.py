@@ -35,7 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     def arg(*names: str, help: str, **kw: Any) -> None:
         dest = kw.pop("dest", names[0].lstrip("-").replace("-", "_"))
         default = _default(dest)
-        shown = f" (default: {default})" if default not in (None, False) else ""
+        shown = f" (default: {default})" if default is not None and default is not False else ""
         group.add_argument(*names, dest=dest, default=argparse.SUPPRESS, help=help + shown, **kw)
 
     group = p.add_argument_group("data")
@@ -70,7 +70,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     arg("--lr", type=float, help="peak learning rate (AdamW)", metavar="F")
     arg("--wd", type=float, help="weight decay (not on biases, norms, embeddings, temperature)", metavar="F")
     arg("--warmup", type=int, help="linear warmup steps before the cosine decay", metavar="N")
-    arg("--grad-clip", type=float, help="clip the gradient norm at F", metavar="F")
+    arg("--grad-clip", type=float, help="clip the gradient norm at F (0: no clipping)", metavar="F")
     arg("--precision", choices=["fp32", "bf16", "fp16"], help="autocast precision (fp16 uses a GradScaler)")
     arg("--local-loss", action="store_true",
         help="with several processes, score only local rows against the gathered batch (less memory)")

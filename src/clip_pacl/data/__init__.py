@@ -4,6 +4,7 @@ Readers return rows (image path + caption or label) and never decode images; dat
 loader workers and turn unreadable images into None, which `collate_skip_bad` drops and counts.
 """
 
+from clip_pacl.data.check import DataReport, check_caption_data
 from clip_pacl.data.dataset import (
     CaptionDataset,
     EpochSampler,
@@ -22,10 +23,12 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "CaptionDataset",
     "CaptionRow",
+    "DataReport",
     "EpochSampler",
     "LabelRow",
     "build_caption_dataset",
     "build_loader",
+    "check_caption_data",
     "collate_skip_bad",
     "load_image",
     "read_caption_rows",

@@ -27,7 +27,7 @@ class TrainConfig:
     lr: float = 5e-4
     wd: float = 0.1
     warmup: int = 50
-    grad_clip: float | None = 1.0
+    grad_clip: float | None = 1.0  # None or 0: no clipping
     image_size: int | None = None  # None: the model's own
     objective: str = "clip"
     precision: str = "fp32"
@@ -66,8 +66,8 @@ class TrainConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, not {value}")
         if self.lr <= 0 or self.wd < 0 or self.warmup < 0:
             raise ConfigError("--lr must be > 0, --wd >= 0 and --warmup >= 0")
-        if self.grad_clip is not None and self.grad_clip <= 0:
-            raise ConfigError(f"--grad-clip must be > 0, not {self.grad_clip}")
+        if self.grad_clip is not None and self.grad_clip < 0:
+            raise ConfigError(f"--grad-clip must be >= 0 (0: no clipping), not {self.grad_clip}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, not '{self.precision}'")
         if not 0.0 <= self.val_fraction < 1.0:

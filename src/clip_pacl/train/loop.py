@@ -77,6 +77,9 @@ def train(config: TrainConfig) -> TrainResult:
 
 def _train(config: TrainConfig, objective: Objective, info: DistInfo, device: torch.device) -> TrainResult:
     run_dir = Path(config.out)
+    if config.resume is None and ckpt.latest_checkpoint(run_dir) is not None:
+        raise ConfigError(f"{run_dir} already holds a run ({ckpt.latest_checkpoint(run_dir).name}); "
+                          f"continue it with --resume auto or choose another --out")
     # ---------------------------------------------------------------- model and data (config errors fail here)
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     model = build_model(config, objective)
@@ -123,8 +126,10 @@ def _train(config: TrainConfig, objective: Objective, info: DistInfo, device: to
         ckpt.set_rng_state(state["rng"])
         logger.note(f"resuming from {resume_from} (step {step}/{total_steps}, epoch {epoch})")
         logger.truncate_after(step)
-    elif config.resume == "auto":
-        logger.note(f"no checkpoint in {run_dir}: starting a new run")
+    else:
+        if config.resume == "auto":
+            logger.note(f"no checkpoint in {run_dir}: starting a new run")
+        logger.truncate_after(0)  # a new run starts a new metrics.jsonl
     if info.is_main:
         ckpt.remove_stale_temporaries(run_dir)
         (run_dir / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
@@ -178,7 +183,7 @@ def _train(config: TrainConfig, objective: Objective, info: DistInfo, device: to
                 # ------------------------------------------------ one optimiser step
                 lr = schedule.apply(step)
                 loss = accumulate_gradients(feature_model, objective, micro, autocast, scaler.scale, config.local_loss)
-                if config.grad_clip is not None:
+                if config.grad_clip:
                     scaler.unscale_(optimizer)
                     nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
                 scaler.step(optimizer)
