@@ -108,3 +108,19 @@ def test_torchrun_two_processes_train_like_one_with_the_same_global_batch(tmp_pa
     ddp_log = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
     single_log = [json.loads(line) for line in (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in ddp_log] == pytest.approx([r["loss"] for r in single_log], abs=1e-4)
+
+
+def test_rank_and_world_come_from_torchrun_else_slurm(monkeypatch):
+    from clip_pacl.train.distributed import DistInfo, env_dist_info
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"):
+        monkeypatch.delenv(name, raising=False)
+    assert env_dist_info() == DistInfo(0, 1, 0)
+    monkeypatch.setenv("SLURM_PROCID", "5")
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    assert env_dist_info() == DistInfo(5, 8, 1)
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert env_dist_info() == DistInfo(2, 4, 0)  # torchrun's variables win

@@ -137,8 +137,10 @@ def test_no_readable_image_is_an_error(tmp_path):
         evaluate_retrieval(clip_pacl.load("tiny"), rows, progress=False)
 
 
-def test_cli_json_and_table(synthetic, capsys):
-    args = ["eval", "retrieval", "--model", "tiny", "--data", str(synthetic / "captions.csv"), "--batch-size", "4"]
+def test_cli_json_and_table(synthetic, tmp_path, capsys):
+    clip_pacl.save(clip_pacl.load("tiny"), tmp_path / "model")  # a preset would draw new weights on every load
+    args = ["eval", "retrieval", "--model", str(tmp_path / "model"), "--data", str(synthetic / "captions.csv"),
+            "--batch-size", "4"]
     assert main([*args, "--workers", "2", "--json"]) == 0  # loader worker processes give the same result
     result = json.loads(capsys.readouterr().out)
     assert result["num_images"] == 10 and result["num_captions"] == len(read_caption_rows(synthetic / "captions.csv"))

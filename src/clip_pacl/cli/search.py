@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from clip_pacl.cli.common import add_device_flag, add_json_flag, print_json, resolve_device
+from clip_pacl.data import load_image
 from clip_pacl.retrieval.index import ImageIndex
 from clip_pacl.retrieval.search import load_index_model, search_image, search_text
 
@@ -23,7 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("query", nargs="?", default=None, help="text query (or use --image)")
     parser.add_argument("--image", type=Path, default=None, metavar="FILE", help="search by this example image")
     parser.add_argument("-k", "--top-k", dest="k", type=int, default=10, help="number of results")
-    parser.add_argument("--model", default=None, help="model to embed the query; none: the one recorded in the index's meta.json")
+    parser.add_argument("--model", default=None,
+                        help="model to embed the query; none: the one recorded in the index's meta.json")
     parser.add_argument("--faiss", action="store_true",
                         help="search with faiss (exact inner product; needs clip-pacl[faiss]); by default faiss "
                              "is used only for large indexes and when installed")
@@ -37,12 +39,13 @@ def run(args: argparse.Namespace) -> int:
     if args.k < 1:
         raise ValueError(f"-k must be at least 1, got {args.k}")
     index = ImageIndex.load(args.index)
+    image = load_image(args.image) if args.image is not None else None  # a bad path fails before the model loads
     model = load_index_model(index, args.model, device=resolve_device(args.device))
     backend = "faiss" if args.faiss else "auto"
-    if args.query is not None:
+    if image is None:
         hits = search_text(index, model, args.query, args.k, backend)[0]
     else:
-        hits = search_image(index, model, args.image, args.k, backend)
+        hits = search_image(index, model, image, args.k, backend)
     if args.json:
         print_json({"index": str(args.index), "query": args.query,
                     "image": str(args.image) if args.image else None,
