@@ -238,7 +238,6 @@ class Tokenizer:
         if use_ftfy and self._fix_text is fix_text_builtin:
             raise ImportError("use_ftfy=True but ftfy is not installed (pip install ftfy)")
         self._bpe = _load_bpe()
-        self._id_to_token = [self._bpe.id_to_token(i) for i in range(VOCAB_SIZE)]
 
     def encode(self, text: str) -> list[int]:
         """BPE ids of one cleaned text, without start/end tokens and without truncation."""
@@ -263,15 +262,22 @@ class Tokenizer:
         """Text of one row of ids: skips the start token, stops at the end token (so padding is ignored)."""
         if isinstance(ids, torch.Tensor):
             ids = ids.tolist()
+        id_to_token = _id_to_token()
         pieces = []
         for i in ids:
             if i == EOT_ID:
                 break
             if i != SOT_ID:
-                pieces.append(self._id_to_token[i])
+                pieces.append(id_to_token[i])
         byte_decoder = _byte_decoder()
         data = bytes(byte_decoder[c] for c in "".join(pieces).replace("</w>", " "))
         return data.decode("utf-8", errors="replace").strip()
+
+
+@lru_cache(maxsize=1)
+def _id_to_token() -> list[str]:
+    bpe = _load_bpe()
+    return [bpe.id_to_token(i) for i in range(VOCAB_SIZE)]
 
 
 @lru_cache(maxsize=1)

@@ -105,7 +105,11 @@ def random_resized_crop_box(
 
 class ImageTransform:
     """Callable PIL image -> (3, image_size, image_size) float32 tensor; a class (not a closure) so that data loader
-    workers can pickle it. With ``train=True`` and a ``generator``, reseed ``transform.generator`` per worker."""
+    workers can pickle it.
+
+    Training crops: with ``generator=None`` they are drawn from torch's global RNG, which a DataLoader seeds
+    differently in each worker from its own generator (reproducible when that is seeded). An explicit ``generator``
+    is copied into every worker as is, so reseed ``transform.generator`` per worker (``worker_init_fn``)."""
 
     def __init__(
         self,

@@ -95,7 +95,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _objectives() -> list[str]:
     from clip_pacl.losses import OBJECTIVES
 
-    return sorted({*OBJECTIVES, "pacl"})
+    return sorted(OBJECTIVES)
 
 
 def build_config(args: argparse.Namespace):

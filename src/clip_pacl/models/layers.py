@@ -26,6 +26,33 @@ class QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
+def attend_one_query(
+    q: torch.Tensor,
+    x: torch.Tensor,
+    k_weight: torch.Tensor,
+    v_weight: torch.Tensor,
+    v_bias: torch.Tensor,
+    heads: int,
+    key_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Multi-head attention of one (projected) query per sequence over keys x W_k^T + b_k and values x W_v^T + b_v,
+    without projecting every position: q (B, D), x (B, N, D) -> (B, D), heads concatenated.
+
+    Per head h, q_h . k_j = (W_k,h^T q_h) . x_j + q_h . b_k,h, and the second term is the same for every j, so the
+    softmax ignores it (no key bias needed); sum_j a_j v_j = W_v,h (sum_j a_j x_j) + b_v,h because the weights sum
+    to one. That is O(D^2 + N D) per sequence instead of O(N D^2): the same function, in a different order."""
+    b, n, d = x.shape
+    head_dim = d // heads
+    q = q.view(b, heads, head_dim).transpose(0, 1) * head_dim**-0.5  # (H, B, hd)
+    q_in_x = torch.bmm(q, k_weight.view(heads, head_dim, d)).transpose(0, 1)  # (B, H, D): W_k,h^T q_h
+    scores = torch.bmm(q_in_x, x.transpose(1, 2))  # (B, H, N)
+    if key_mask is not None:
+        scores = scores.masked_fill(~key_mask[:, None, :], float("-inf"))
+    pooled = torch.bmm(scores.softmax(dim=-1), x)  # (B, H, D): attention-weighted inputs, per head
+    out = torch.bmm(pooled.transpose(0, 1), v_weight.view(heads, head_dim, d).transpose(1, 2))  # (H, B, hd)
+    return out.transpose(0, 1).reshape(b, d) + v_bias
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with a packed qkv projection (keys: in_proj_weight, out_proj.*)."""
 
@@ -53,19 +80,16 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal and attn_mask is None)
         return self.out_proj(out.transpose(1, 2).reshape(b, n, d))
 
-    def forward_rows(self, x: torch.Tensor, rows: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Attention output at one query position per sequence: x (B, N, D), rows (B,) -> (B, 1, D).
+    def forward_rows(self, x: torch.Tensor, rows: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention output at one query position per sequence: x (B, N, D), rows (B,) -> (B, D).
 
-        Keys and values still come from every position; only the query side (q, out_proj) shrinks to one row.
-        attn_mask, if given, is (B, 1, 1, N) over the keys of each sequence."""
-        b, n, d = x.shape
-        head_dim = d // self.heads
-        query = x[torch.arange(b, device=x.device), rows].unsqueeze(1)  # (B, 1, D)
-        q = F.linear(query, self.in_proj_weight[:d], self.in_proj_bias[:d]).view(b, 1, self.heads, head_dim)
-        kv = F.linear(x, self.in_proj_weight[d:], self.in_proj_bias[d:]).view(b, n, 2, self.heads, head_dim)
-        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=attn_mask)  # (B, H, 1, D/H)
-        return self.out_proj(out.transpose(1, 2).reshape(b, 1, d))
+        key_mask (B, N) bool, True where a key may be attended to (the causal mask of a single query row)."""
+        b, _, d = x.shape
+        query = x[torch.arange(b, device=x.device), rows]  # (B, D)
+        q = F.linear(query, self.in_proj_weight[:d], self.in_proj_bias[:d])
+        w_k, w_v = self.in_proj_weight[d : 2 * d], self.in_proj_weight[2 * d :]
+        out = attend_one_query(q, x, w_k, w_v, self.in_proj_bias[2 * d :], self.heads, key_mask)
+        return self.out_proj(out)
 
     def value_path(self, x: torch.Tensor) -> torch.Tensor:
         """Output when every token attends only to itself (MaskCLIP): out_proj(v_proj(x))."""
@@ -94,10 +118,10 @@ class ResidualAttentionBlock(nn.Module):
         x = x + self.attn(self.ln_1(x), causal=causal, attn_mask=attn_mask)
         return x + self.mlp(self.ln_2(x))
 
-    def forward_rows(self, x: torch.Tensor, rows: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward_rows(self, x: torch.Tensor, rows: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The block's output at position rows[b] of each sequence, (B, D): the same numbers as forward()[b, rows[b]]
         for a fraction of the work (every position still serves as key and value; the MLP runs on B rows only)."""
-        attended = self.attn.forward_rows(self.ln_1(x), rows, attn_mask)[:, 0]  # (B, D)
+        attended = self.attn.forward_rows(self.ln_1(x), rows, key_mask)  # (B, D)
         y = x[torch.arange(x.shape[0], device=x.device), rows] + attended
         return y + self.mlp(self.ln_2(y))
 
@@ -124,10 +148,10 @@ class Transformer(nn.Module):
         text's EOT) is all a pooled embedding needs, so the last block computes only that row (~7% fewer FLOPs for
         12 layers)."""
         x = self(x, causal=causal, upto=self.layers - 1)
-        mask = None
+        key_mask = None
         if causal:  # the query at rows[b] sees keys 0..rows[b]
-            mask = (torch.arange(x.shape[1], device=x.device) <= rows[:, None])[:, None, None, :]  # (B, 1, 1, N)
-        return self.resblocks[-1].forward_rows(x, rows, mask)
+            key_mask = torch.arange(x.shape[1], device=x.device) <= rows[:, None]  # (B, N)
+        return self.resblocks[-1].forward_rows(x, rows, key_mask)
 
     def init_weights(self) -> None:
         """open_clip's initialisation (from OpenAI's CLIP), scaled by depth."""

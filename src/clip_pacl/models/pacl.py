@@ -39,6 +39,10 @@ class PACLConfig:
     out_dim: int | None = None
     unfreeze_last_n_blocks: int = 0
     init_logit_scale: float = 2.6592600369644043  # ln(1 / 0.07)
+    # Temperature of the softmax that pools patches, a = softmax(s / pool_temperature). The paper uses
+    # softmax(s) (1.0); cosines lie in [-1, 1], so then the weights differ by at most e^2 and the pooled
+    # embedding stays close to the plain mean of the patches. A lower value makes the pooling select patches.
+    pool_temperature: float = 1.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -50,6 +54,10 @@ class PACLConfig:
         if unknown:
             raise ConfigError(f"unknown PACL config keys: {', '.join(sorted(unknown))}")
         return cls(**d)
+
+    def __post_init__(self) -> None:
+        if self.pool_temperature <= 0:
+            raise ConfigError(f"pool_temperature must be > 0, not {self.pool_temperature}")
 
 
 class ResidualEmbedder(nn.Module):
@@ -178,9 +186,18 @@ class PACL(nn.Module):
         x = self.patch_embeddings(images).mean(dim=1)
         return F.normalize(x, dim=-1) if normalize else x
 
+    def pooling_patches(self, images: torch.Tensor) -> torch.Tensor:
+        """Patch embeddings scaled by 1 / pool_temperature (B, N, D): what the compatibility consumes.
+
+        phi is a cosine, so scaling every patch leaves it unchanged except through the pooling softmax,
+        where s_i becomes s_i / pool_temperature: the temperature rides on the features and the loss
+        stays a pure function of them.
+        """
+        return self.patch_embeddings(images) / self.config.pool_temperature
+
     def similarity(self, images: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
         """phi for every (image, class) pair (B, C); text_features (C, D) from `encode_text(..., normalize=True)`."""
-        return compatibility(self.patch_embeddings(images), F.normalize(text_features, dim=-1))
+        return compatibility(self.pooling_patches(images), F.normalize(text_features, dim=-1))
 
     def patch_similarity(self, images: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
         """Per-patch similarity s_i to each class (B, C, gh, gw): what segmentation upsamples."""
@@ -190,12 +207,12 @@ class PACL(nn.Module):
         return scores.reshape(scores.shape[0], scores.shape[1], gh, gw)
 
     def loss_features(self, images: torch.Tensor, texts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(patch embeddings (B, N, D), text embeddings (B, D)), both normalised, for `pacl_loss`.
+        """(patch embeddings (B, N, D) of norm 1 / pool_temperature, normalised text embeddings (B, D)), for `pacl_loss`.
 
         Inputs may be precomputed CLIP features (see `clip_pacl.train.feature_cache`): float (B, N, D_clip)
         patch tokens instead of images, float (B, D_clip) text embeddings instead of token ids.
         """
-        return self.patch_embeddings(images), self.encode_text(texts, normalize=True)
+        return self.pooling_patches(images), self.encode_text(texts, normalize=True)
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, out_dir: str | Path) -> Path:

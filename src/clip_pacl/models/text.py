@@ -10,6 +10,10 @@ from torch import nn
 from clip_pacl.config import TextConfig
 from clip_pacl.models.layers import LayerNorm, Transformer
 
+# What one extra call of the tower costs, in padded tokens: little on CPU, where compute dominates; on GPUs a call is
+# bound by kernel launches until it holds thousands of tokens.
+GROUP_OVERHEAD_TOKENS = {"cpu": 64}
+
 
 class TextTransformer(nn.Module):
     def __init__(self, cfg: TextConfig, output_dim: int, act: type[nn.Module]):
@@ -53,7 +57,7 @@ class TextTransformer(nn.Module):
         (see `length_groups`), each group only up to its own longest EOT; the result is put back in input order."""
         self._check(text)
         eot = text.argmax(dim=-1)  # (B,) the EOT token has the highest id
-        groups = length_groups(eot + 1)
+        groups = length_groups(eot + 1, GROUP_OVERHEAD_TOKENS.get(text.device.type, 2048))
         if len(groups) == 1:
             return self._pooled(text, eot)
         pooled = torch.cat([self._pooled(text[group], eot[group]) for group in groups])

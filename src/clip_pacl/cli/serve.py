@@ -1,0 +1,102 @@
+"""`clip-pacl serve`: a local web page and JSON API for search, zero-shot classification and segmentation."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import socket
+from pathlib import Path
+
+import clip_pacl
+from clip_pacl.cli.common import add_device_flag, log, resolve_device
+from clip_pacl.errors import MissingDependencyError
+
+COMMAND = "serve"
+HELP = "serve a web page and JSON API: search an index, classify and segment uploaded images"
+DESCRIPTION = (
+    "Load the model (and optionally an image index made by `clip-pacl index build`) once, then serve a page "
+    "and a JSON API: GET /api/health, GET /api/search?q=TEXT&k=N, POST /api/search (image upload), "
+    "POST /api/classify (image + labels), POST /api/segment (image + labels). Only the indexed images are "
+    "served, by index id. Binds to 127.0.0.1 unless told otherwise."
+)
+ORDER = 60
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None,
+                        help="checkpoint dir, model file or preset (default: the model recorded in --index)")
+    parser.add_argument("--index", type=Path, default=None, metavar="IDX",
+                        help="image index directory to search; without it the search endpoints answer 404")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on; 0.0.0.0 exposes the model and the indexed images to the network")
+    parser.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
+    parser.add_argument("--max-upload-mb", type=float, default=10.0, metavar="MB",
+                        help="refuse uploaded request bodies larger than this (413)")
+    add_device_flag(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from clip_pacl.web.app import create_app
+    except ImportError:
+        raise MissingDependencyError("fastapi and uvicorn", "web", "clip-pacl serve") from None
+    from clip_pacl.retrieval.index import ImageIndex
+    from clip_pacl.retrieval.search import load_index_model
+    from clip_pacl.web.service import WebService
+
+    if args.max_upload_mb <= 0:
+        raise ValueError(f"--max-upload-mb must be positive, got {args.max_upload_mb}")
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be between 0 and 65535, got {args.port}")
+    if args.model is None and args.index is None:
+        raise ValueError("give --model (and optionally --index IDX)")
+    _check_can_listen(args.host, args.port)  # fail in one line, before minutes of model loading
+    index = ImageIndex.load(args.index) if args.index is not None else None
+    device = resolve_device(args.device)
+    if index is not None:
+        model = load_index_model(index, args.model, device=device)
+        recorded = index.meta.get("model")
+        if args.model is not None and recorded and _source(args.model) != recorded:
+            log(f"warning: the index was built with {recorded}; searching it with {args.model}")
+    else:
+        model = clip_pacl.load(args.model, device=device).eval()
+    model_name = args.model or index.meta.get("model", "")
+    service = WebService(model, index, model_name=str(model_name), index_name=str(args.index or ""))
+    app = create_app(service, max_upload_bytes=round(args.max_upload_mb * 2**20))
+    if not _is_loopback(args.host):
+        log(f"warning: listening on {args.host}: anyone who can reach this machine can use the model and see "
+            f"the indexed images")
+    log(f"serving {model_name}" + (f" with {len(index)} indexed images" if index is not None else "")
+        + f" on http://{_url_host(args.host)}:{args.port}/")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0
+
+
+def _source(model: str) -> str:
+    from clip_pacl.retrieval.index import model_source_string
+
+    return model_source_string(model)
+
+
+def _check_can_listen(host: str, port: int) -> None:
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.create_server((host, port), family=family):
+            pass
+    except OSError as e:
+        raise ValueError(f"cannot listen on {host}:{port} ({e.strerror or e})") from None
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host

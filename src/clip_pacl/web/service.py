@@ -1,0 +1,246 @@
+"""What the web app does, without HTTP: search, classify, segment and thumbnails over one loaded model.
+
+Kept apart from the FastAPI routes so that it can be used (and tested) from Python, and so that the
+rules that make the server safe live in one place:
+  - user text is only ever text: labels and templates are parsed from the request, never read from a
+    file named by the request (the CLI's `--classes FILE` convenience would be a file-disclosure hole here);
+  - images are served by index id only (`thumbnail(i)`), from the paths the operator indexed;
+  - one inference at a time: torch already uses every core for one call, and the model is shared.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import nn
+
+from clip_pacl.data.images import decode_image_bytes, load_image
+from clip_pacl.errors import ClipPaclError, DataError
+from clip_pacl.eval.common import model_device
+from clip_pacl.retrieval.index import ImageIndex, SearchHit
+from clip_pacl.retrieval.search import search_image, search_text
+from clip_pacl.segmentation.overlay import overlay_image
+from clip_pacl.segmentation.predict import DEFAULT_TEMPLATES, METHODS, NO_CLASS, _check_method, default_method, segment
+from clip_pacl.transforms import image_transform
+from clip_pacl.zeroshot.classifier import build_classifier, class_probabilities
+from clip_pacl.zeroshot.templates import OPENAI_IMAGENET_TEMPLATES, TEMPLATE_SETS, check_template
+
+MAX_LABELS = 100
+MAX_LABEL_CHARS = 100
+MAX_TEMPLATES = 100
+MAX_K = 100
+# Uploads are small files that may still decode to huge images (a 10 MB PNG of one colour can be 30k x 30k).
+MAX_UPLOAD_PIXELS = 40_000_000
+THUMBNAIL_SIDE = 256
+THUMBNAIL_CACHE = 512
+CLASSIFIER_CACHE = 32
+
+
+class NotFound(ClipPaclError):
+    """The request names something the server does not have (no index loaded, no such indexed image)."""
+
+
+def parse_labels(text: str | None) -> list[str]:
+    """Comma-separated class names, stripped; empty, repeated, too many or too long ones are refused."""
+    labels = [part.strip() for part in (text or "").split(",")]
+    labels = [label for label in labels if label]
+    if not labels:
+        raise DataError("no labels given (send them comma-separated, e.g. 'cat, dog, car')")
+    if len(labels) > MAX_LABELS:
+        raise DataError(f"at most {MAX_LABELS} labels per request (got {len(labels)})")
+    long = [label for label in labels if len(label) > MAX_LABEL_CHARS]
+    if long:
+        raise DataError(f"label '{long[0][:40]}...' is longer than {MAX_LABEL_CHARS} characters")
+    repeated = sorted({label for label in labels if labels.count(label) > 1})
+    if repeated:
+        raise DataError(f"labels are repeated: {', '.join(repeated)}")
+    return labels
+
+
+def parse_templates(text: str | None, default: Sequence[str]) -> list[str]:
+    """A named set (`openai`, `simple`) or literal templates, one per line, each with `{}` for the class name."""
+    text = (text or "").strip()
+    if not text:
+        return list(default)
+    if text in TEMPLATE_SETS:
+        return list(TEMPLATE_SETS[text])
+    templates = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(templates) > MAX_TEMPLATES:
+        raise DataError(f"at most {MAX_TEMPLATES} templates per request (got {len(templates)})")
+    return [check_template(t) for t in templates]
+
+
+def decode_upload(data: bytes, name: str) -> Image.Image:
+    """An uploaded file as an RGB image, or a one-sentence DataError (not an image, corrupt, too many pixels)."""
+    if not data:
+        raise DataError(f"the uploaded file '{name}' is empty")
+    try:
+        with Image.open(io.BytesIO(data)) as probe:  # reads the header only
+            width, height = probe.size
+    except Exception:  # anything Pillow cannot even identify is reported by decode_image_bytes below
+        width = height = 0
+    if width * height > MAX_UPLOAD_PIXELS:
+        raise DataError(f"the uploaded image is {width}x{height}; at most {MAX_UPLOAD_PIXELS // 1_000_000} "
+                        f"megapixels are accepted")
+    return decode_image_bytes(data, f"the uploaded file '{name}'")
+
+
+def png_data_url(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+class _LRU:
+    """A small least-recently-used cache (thread-safe; values are computed outside the lock)."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._items: OrderedDict[Any, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Any, compute) -> Any:
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        value = compute()
+        with self._lock:
+            self._items[key] = value
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+        return value
+
+
+class WebService:
+    """One model (and optionally one image index), and the answers the web endpoints give."""
+
+    def __init__(self, model: nn.Module, index: ImageIndex | None = None, model_name: str = "",
+                 index_name: str = ""):
+        if index is not None and index.embed_dim != model.embed_dim:
+            raise DataError(f"the model embeds into {model.embed_dim} dimensions but the index holds "
+                            f"{index.embed_dim}-d embeddings (was it built with another model?)")
+        self.model = model.eval()
+        self.index = index
+        self.model_name = model_name
+        self.index_name = index_name
+        self._ids = {path: i for i, path in enumerate(index.paths)} if index is not None else {}
+        self._transform = image_transform(model.image_size)
+        self._inference = threading.Lock()
+        self._classifiers = _LRU(CLASSIFIER_CACHE)
+        self._thumbnails = _LRU(THUMBNAIL_CACHE)
+
+    # ------------------------------------------------------------------------------------------ info
+    def segment_methods(self) -> list[str]:
+        """The segmentation methods this model supports (PACL: all three; a CLIP: the two baselines)."""
+        usable = []
+        for method in METHODS:
+            try:
+                _check_method(self.model, method)
+            except ClipPaclError:
+                continue
+            usable.append(method)
+        return usable
+
+    def health(self) -> dict[str, Any]:
+        index = None if self.index is None else {"name": self.index_name, "count": len(self.index)}
+        methods = self.segment_methods()
+        return {"status": "ok", "model": self.model_name, "model_type": type(self.model).__name__,
+                "embed_dim": int(self.model.embed_dim), "image_size": int(self.model.image_size),
+                "device": str(model_device(self.model)), "index": index, "segment_methods": methods,
+                "default_segment_method": default_method(self.model) if methods else None}
+
+    # ------------------------------------------------------------------------------------------ search
+    def require_index(self) -> ImageIndex:
+        if self.index is None:
+            raise NotFound("no image index is loaded; start the server with --index IDX "
+                           "(made by `clip-pacl index build`) to search")
+        return self.index
+
+    def _results(self, hits: list[SearchHit]) -> list[dict[str, Any]]:
+        return [{"id": self._ids[hit.path], "path": hit.path, "score": hit.score,
+                 "thumbnail": f"/thumb/{self._ids[hit.path]}"} for hit in hits]
+
+    def search_text(self, query: str, k: int) -> list[dict[str, Any]]:
+        index = self.require_index()
+        query = (query or "").strip()
+        if not query:
+            raise DataError("the search query is empty")
+        _check_k(k)
+        with self._inference:
+            hits = search_text(index, self.model, query, k, backend="torch")[0]
+        return self._results(hits)
+
+    def search_image(self, image: Image.Image, k: int) -> list[dict[str, Any]]:
+        index = self.require_index()
+        _check_k(k)
+        with self._inference:
+            hits = search_image(index, self.model, image, k, backend="torch")
+        return self._results(hits)
+
+    def thumbnail(self, image_id: int) -> bytes:
+        """A JPEG of at most THUMBNAIL_SIDE pixels a side of the `image_id`-th indexed image."""
+        index = self.require_index()
+        if not 0 <= image_id < len(index):
+            raise NotFound(f"there is no indexed image {image_id} (the index holds {len(index)})")
+        return self._thumbnails.get(image_id, lambda: _jpeg_thumbnail(Path(index.paths[image_id]), image_id))
+
+    # ------------------------------------------------------------------------------------------ classify
+    def classify(self, image: Image.Image, labels: Sequence[str],
+                 templates: Sequence[str] = OPENAI_IMAGENET_TEMPLATES) -> list[dict[str, Any]]:
+        """Every label with its probability, most probable first (the numbers `clip-pacl zeroshot` prints)."""
+        pixels = self._transform(image)[None]  # (1, 3, H, W)
+        key = (tuple(labels), tuple(templates))
+        with self._inference:
+            classifier = self._classifiers.get(key, lambda: build_classifier(self.model, labels, templates))  # (C, D)
+            probs = class_probabilities(self.model, pixels.to(model_device(self.model)), classifier)[0].cpu()  # (C,)
+        order = probs.argsort(descending=True).tolist()
+        return [{"label": labels[i], "probability": float(probs[i])} for i in order]
+
+    # ------------------------------------------------------------------------------------------ segment
+    def segment(self, image: Image.Image, labels: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES,
+                method: str | None = None, background_threshold: float | None = None) -> dict[str, Any]:
+        """Per-label pixel fractions and a PNG overlay (data URL) with a legend, as `clip-pacl segment` draws."""
+        method = method or default_method(self.model)
+        with self._inference, torch.inference_mode():
+            result = segment(self.model, image, labels, templates=templates,
+                             background_threshold=background_threshold, method=method)
+        fractions = result.fractions()
+        overlay = overlay_image(image, result.label_map, labels, fractions)
+        return {"method": method, "size": [image.width, image.height], "fractions": fractions,
+                "unassigned": float((result.label_map == NO_CLASS).mean()), "overlay": png_data_url(overlay)}
+
+
+def _check_k(k: int) -> None:
+    if not 1 <= k <= MAX_K:
+        raise DataError(f"k must be between 1 and {MAX_K} (got {k})")
+
+
+_DIGITS = re.compile(r"[0-9]{1,12}")
+
+
+def parse_image_id(text: str) -> int:
+    """A thumbnail id from the URL: plain ASCII digits only, so no path, sign or other spelling gets through."""
+    if not _DIGITS.fullmatch(text):
+        raise NotFound(f"'{text[:40]}' is not an indexed image id")
+    return int(text)
+
+
+def _jpeg_thumbnail(path: Path, image_id: int) -> bytes:
+    try:
+        image = load_image(path)
+    except DataError:
+        raise NotFound(f"indexed image {image_id} can no longer be read") from None
+    image.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE), Image.BICUBIC)
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=85)
+    return buffer.getvalue()
