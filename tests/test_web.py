@@ -379,3 +379,23 @@ def test_page_renders_search_results_in_a_browser(setup, tmp_path):
     assert "4 best matches" in dom and "8 indexed images" in dom
     expected = search_text(setup["index"], setup["model"], "a red circle", 4)[0]
     assert Path(expected[0].path).name in dom
+
+
+def test_pacl_model_segments_with_its_own_method(setup):
+    """A PACL checkpoint offers all three methods and segments with 'pacl' by default; classify goes through
+    its patch-aligned similarity (the same numbers as the library's classifier)."""
+    from clip_pacl.models.pacl import PACL
+
+    pacl = PACL.from_clip(setup["model"]).eval()
+    service = WebService(pacl, setup["index"], "pacl-test")
+    health = service.health()
+    assert health["segment_methods"] == ["pacl", "patch", "maskclip"] and health["default_segment_method"] == "pacl"
+    image = Image.open(first_image(setup)).convert("RGB")
+    result = service.segment(image, ["background", "circle"])
+    expected = segment(pacl, image, ["background", "circle"], method="pacl").fractions()
+    assert result["method"] == "pacl" and result["fractions"] == pytest.approx(expected, abs=1e-9)
+    predictions = service.classify(image, ["circle", "square"], ["a photo of a {}."])
+    probs = class_probabilities(pacl, image_transform(64)(image)[None],
+                                build_classifier(pacl, ["circle", "square"], ["a photo of a {}."]))[0]
+    assert {p["label"]: p["probability"] for p in predictions} == pytest.approx(
+        dict(zip(["circle", "square"], probs.tolist())), abs=1e-5)

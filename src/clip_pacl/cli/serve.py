@@ -24,7 +24,7 @@ ORDER = 60
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
-                        help="checkpoint dir, model file or preset (default: the model recorded in --index)")
+                        help="checkpoint dir, model file or preset; if omitted, the model recorded in --index")
     parser.add_argument("--index", type=Path, default=None, metavar="IDX",
                         help="image index directory to search; without it the search endpoints answer 404")
     parser.add_argument("--host", default="127.0.0.1",

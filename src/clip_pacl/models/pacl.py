@@ -43,6 +43,9 @@ class PACLConfig:
     # softmax(s) (1.0); cosines lie in [-1, 1], so then the weights differ by at most e^2 and the pooled
     # embedding stays close to the plain mean of the patches. A lower value makes the pooling select patches.
     pool_temperature: float = 1.0
+    # Which CLIP patch tokens feed the vision embedder: "tokens" (the last block's output, as in the paper)
+    # or "maskclip" (the last block's value path, which keeps each token local; see encode_image_tokens).
+    patch_tokens: str = "tokens"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -58,6 +61,8 @@ class PACLConfig:
     def __post_init__(self) -> None:
         if self.pool_temperature <= 0:
             raise ConfigError(f"pool_temperature must be > 0, not {self.pool_temperature}")
+        if self.patch_tokens not in ("tokens", "maskclip"):
+            raise ConfigError(f"patch_tokens must be 'tokens' or 'maskclip', not '{self.patch_tokens}'")
 
 
 class ResidualEmbedder(nn.Module):
@@ -159,7 +164,7 @@ class PACL(nn.Module):
     def clip_patch_tokens(self, images: torch.Tensor) -> torch.Tensor:
         """The frozen CLIP's patch tokens (B, N, D_clip), without the pooled token; no graph when frozen."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.vision_frozen):
-            return self.clip.encode_image_tokens(images)[:, 1:]
+            return self.clip.encode_image_tokens(images, dense=self.config.patch_tokens)[:, 1:]
 
     def patch_embeddings(self, images: torch.Tensor) -> torch.Tensor:
         """Normalised e_v per patch (B, N, D); `images` are pixels (B, 3, H, W) or CLIP patch tokens (B, N, D_clip)."""
