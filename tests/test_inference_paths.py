@@ -47,7 +47,7 @@ def test_attend_one_query_equals_projected_attention():
     for mask in (None, key_mask):
         sdpa_mask = None if mask is None else mask[:, None, None, :]
         expected = F.scaled_dot_product_attention(q.view(b, heads, 1, -1), k, v, attn_mask=sdpa_mask).reshape(b, d)
-        assert (attend_one_query(q, x, w_k, w_v, b_v, heads, mask) - expected).abs().max() < TOL
+        assert (attend_one_query(q, x, w_k, b_k, w_v, b_v, heads, mask) - expected).abs().max() < TOL
 
 
 def test_length_groups_partition_the_batch():
@@ -137,6 +137,16 @@ def test_resnet_fold_cache_follows_weight_changes(resnet):
     resnet.load_state_dict(state)
     with torch.no_grad():
         assert (resnet.encode_image(images) - unfolded(resnet, images)).abs().max() < TOL
+
+
+def test_every_parameter_gets_a_gradient():
+    """DDP (without find_unused_parameters) requires it; the one-query attention keeps the key biases in."""
+    for preset in ("tiny", "tiny-rn"):
+        model = clip_pacl.load(preset).train()
+        out = model(torch.randn(2, 3, 64, 64), tokens_with_lengths([5, 9]))
+        (out.image_features.sum() + out.text_features.sum()).backward()
+        missing = [name for name, p in model.named_parameters() if p.grad is None and name != "logit_scale"]
+        assert not missing, f"{preset}: {missing}"
 
 
 def test_resnet_training_uses_batch_statistics(resnet):

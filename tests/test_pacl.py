@@ -183,3 +183,31 @@ def test_training_the_embedders_learns_to_match_cached_features():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.25 * losses[0]
+
+
+def test_pool_temperature_sharpens_the_pooling_and_keeps_phi_a_cosine():
+    clip = clip_pacl.load("tiny").eval()
+    sharp = PACL.from_clip(clip, PACLConfig(pool_temperature=0.1)).eval()
+    images, tokens = torch.randn(2, 3, 64, 64), _tokens(3)
+    with torch.no_grad():
+        pooled, texts = sharp.loss_features(images, tokens)
+        patches = sharp.patch_embeddings(images)
+        assert torch.allclose(pooled, patches / 0.1)  # the temperature rides on the features
+        expected = []
+        for v in patches:  # phi with a = softmax(s / 0.1)
+            a = (v @ texts.T / 0.1).softmax(dim=0)  # (N, 3)
+            expected.append(F.cosine_similarity(a.T @ v, texts, dim=-1))
+        assert torch.allclose(sharp.similarity(images, texts), torch.stack(expected), atol=1e-5)
+    with pytest.raises(clip_pacl.errors.ConfigError, match="pool_temperature"):
+        PACLConfig(pool_temperature=0)
+
+
+def test_patch_tokens_can_come_from_the_maskclip_value_path():
+    clip = clip_pacl.load("tiny").eval()
+    model = PACL.from_clip(clip, PACLConfig(patch_tokens="maskclip")).eval()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = clip.encode_image_tokens(images, dense="maskclip")[:, 1:]
+        assert torch.allclose(model.clip_patch_tokens(images), expected)
+    with pytest.raises(clip_pacl.errors.ConfigError, match="patch_tokens"):
+        PACLConfig(patch_tokens="cls")

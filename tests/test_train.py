@@ -27,7 +27,7 @@ def _records(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(600)
 def test_train_learns_on_synthetic_data(synthetic, tmp_path, capsys):
     out = tmp_path / "run"
     code = main(["train", "--data", str(synthetic), "--out", str(out), *FAST, "--steps", "30", "--batch-size", "24",

@@ -39,12 +39,17 @@ def open_clip_preprocess(tmp_path_factory):
     (model_dir / "open_clip_config.json").write_text(
         json.dumps({"model_cfg": CLIPConfig.from_name("tiny").to_open_clip_dict()})
     )
-    logging.getLogger().setLevel(logging.ERROR)  # "no pretrained weights" warnings
-    return {
-        size: open_clip.create_model_and_transforms(f"local-dir:{model_dir}", load_weights=False,
-                                                    force_image_size=size)[2]
-        for size in SIZES
-    }
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # open_clip warns that there are no pretrained weights
+    try:
+        return {
+            size: open_clip.create_model_and_transforms(f"local-dir:{model_dir}", load_weights=False,
+                                                        force_image_size=size)[2]
+            for size in SIZES
+        }
+    finally:
+        root.setLevel(level)
 
 
 @pytest.mark.parametrize("size", SIZES)

@@ -30,6 +30,7 @@ def attend_one_query(
     q: torch.Tensor,
     x: torch.Tensor,
     k_weight: torch.Tensor,
+    k_bias: torch.Tensor,
     v_weight: torch.Tensor,
     v_bias: torch.Tensor,
     heads: int,
@@ -38,14 +39,16 @@ def attend_one_query(
     """Multi-head attention of one (projected) query per sequence over keys x W_k^T + b_k and values x W_v^T + b_v,
     without projecting every position: q (B, D), x (B, N, D) -> (B, D), heads concatenated.
 
-    Per head h, q_h . k_j = (W_k,h^T q_h) . x_j + q_h . b_k,h, and the second term is the same for every j, so the
-    softmax ignores it (no key bias needed); sum_j a_j v_j = W_v,h (sum_j a_j x_j) + b_v,h because the weights sum
-    to one. That is O(D^2 + N D) per sequence instead of O(N D^2): the same function, in a different order."""
+    Per head h, q_h . k_j = (W_k,h^T q_h) . x_j + q_h . b_k,h, and sum_j a_j v_j = W_v,h (sum_j a_j x_j) + b_v,h
+    because the weights sum to one. That is O(D^2 + N D) per sequence instead of O(N D^2): the same function in a
+    different order. (The key-bias term is the same for every j, so the softmax ignores it; it is kept so that the
+    key bias still takes part, with its exactly-zero gradient, as DDP expects of every parameter.)"""
     b, n, d = x.shape
     head_dim = d // heads
     q = q.view(b, heads, head_dim).transpose(0, 1) * head_dim**-0.5  # (H, B, hd)
     q_in_x = torch.bmm(q, k_weight.view(heads, head_dim, d)).transpose(0, 1)  # (B, H, D): W_k,h^T q_h
-    scores = torch.bmm(q_in_x, x.transpose(1, 2))  # (B, H, N)
+    q_dot_bias = (q * k_bias.view(heads, 1, head_dim)).sum(-1).transpose(0, 1)  # (B, H)
+    scores = torch.bmm(q_in_x, x.transpose(1, 2)) + q_dot_bias[..., None]  # (B, H, N)
     if key_mask is not None:
         scores = scores.masked_fill(~key_mask[:, None, :], float("-inf"))
     pooled = torch.bmm(scores.softmax(dim=-1), x)  # (B, H, D): attention-weighted inputs, per head
@@ -87,8 +90,9 @@ class Attention(nn.Module):
         b, _, d = x.shape
         query = x[torch.arange(b, device=x.device), rows]  # (B, D)
         q = F.linear(query, self.in_proj_weight[:d], self.in_proj_bias[:d])
-        w_k, w_v = self.in_proj_weight[d : 2 * d], self.in_proj_weight[2 * d :]
-        out = attend_one_query(q, x, w_k, w_v, self.in_proj_bias[2 * d :], self.heads, key_mask)
+        w_k, b_k = self.in_proj_weight[d : 2 * d], self.in_proj_bias[d : 2 * d]
+        w_v, b_v = self.in_proj_weight[2 * d :], self.in_proj_bias[2 * d :]
+        out = attend_one_query(q, x, w_k, b_k, w_v, b_v, self.heads, key_mask)
         return self.out_proj(out)
 
     def value_path(self, x: torch.Tensor) -> torch.Tensor:

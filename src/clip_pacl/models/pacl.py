@@ -212,7 +212,7 @@ class PACL(nn.Module):
         return scores.reshape(scores.shape[0], scores.shape[1], gh, gw)
 
     def loss_features(self, images: torch.Tensor, texts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(patch embeddings (B, N, D) of norm 1 / pool_temperature, normalised text embeddings (B, D)), for `pacl_loss`.
+        """(patch embeddings (B, N, D) of norm 1 / pool_temperature, normalised text embeddings (B, D)) for the loss.
 
         Inputs may be precomputed CLIP features (see `clip_pacl.train.feature_cache`): float (B, N, D_clip)
         patch tokens instead of images, float (B, D_clip) text embeddings instead of token ids.

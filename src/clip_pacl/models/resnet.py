@@ -116,7 +116,8 @@ class AttentionPool2d(nn.Module):
         """Pooled (B, output_dim). Only the mean token queries, which is all the output needs."""
         x = self._tokens(x)  # (B, 1 + HW, C)
         q = self.q_proj(x[:, 0])  # (B, C)
-        out = attend_one_query(q, x, self.k_proj.weight, self.v_proj.weight, self.v_proj.bias, self.num_heads)
+        k, v = self.k_proj, self.v_proj
+        out = attend_one_query(q, x, k.weight, k.bias, v.weight, v.bias, self.num_heads)  # (B, C)
         return self.c_proj(out)
 
     def value_path(self, x: torch.Tensor) -> torch.Tensor:
