@@ -10,9 +10,11 @@ from torch import nn
 from clip_pacl.config import TextConfig
 from clip_pacl.models.layers import LayerNorm, Transformer
 
-# What one extra call of the tower costs, in padded tokens: little on CPU, where compute dominates; on GPUs a call is
-# bound by kernel launches until it holds thousands of tokens.
-GROUP_OVERHEAD_TOKENS = {"cpu": 64}
+# What one extra call of the tower costs, in padded tokens. On CPU, compute dominates but every call adds thread
+# synchronisation that a busy machine makes expensive: split only where it saves a few hundred tokens (a batch of
+# COCO-length captions stays whole, a batch mixing short and long text does not). On GPUs a call is bound by kernel
+# launches until it holds thousands of tokens.
+GROUP_OVERHEAD_TOKENS = {"cpu": 256}
 
 
 class TextTransformer(nn.Module):
@@ -70,7 +72,7 @@ class TextTransformer(nn.Module):
         return self.ln_final(x) @ self.text_projection
 
 
-def length_groups(lengths: torch.Tensor, overhead_tokens: int = 64) -> list[torch.Tensor]:
+def length_groups(lengths: torch.Tensor, overhead_tokens: int = 256) -> list[torch.Tensor]:
     """Indices of the batch split into groups of similar sequence length.
 
     Minimises the padded token count, sum over groups of (rows x longest length), plus `overhead_tokens` per group
