@@ -91,7 +91,9 @@ class CLIPConfig:
             raise ConfigError(f"not an open_clip model config: missing {e}") from None
         unsupported = [k for k in ("timm_model_name", "hf_model_name") if vcfg.get(k) or tcfg.get(k)]
         if unsupported:
-            raise ConfigError(f"config uses third-party towers ({', '.join(unsupported)}); use a backbone: model instead")
+            raise ConfigError(
+                f"config uses third-party towers ({', '.join(unsupported)}); use a backbone: model instead"
+            )
         layers = vcfg.get("layers", 12)
         if isinstance(layers, (list, tuple)):
             layers = tuple(int(x) for x in layers)
