@@ -14,8 +14,8 @@ HELP = "generate synthetic data, train a tiny CLIP and PACL on it, evaluate zero
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="demo_out", help="run directory (data, checkpoints, summary.json, overlay PNG)")
     p.add_argument("--quick", action="store_true", help="a short smoke run with tiny sizes (numbers meaningless)")
-    p.add_argument("--clip-steps", type=int, default=None, help="CLIP training steps (default 1500; --quick: 20)")
-    p.add_argument("--pacl-steps", type=int, default=None, help="PACL training steps (default 600; --quick: 10)")
+    p.add_argument("--clip-steps", type=int, default=None, help="CLIP training steps (default 1200; --quick: 4)")
+    p.add_argument("--pacl-steps", type=int, default=None, help="PACL training steps (default 400; --quick: 4)")
     p.add_argument("--seed", type=int, default=0, help="seed for data generation and training")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_device_flag(p)

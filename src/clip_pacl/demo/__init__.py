@@ -21,8 +21,8 @@ class DemoConfig:
     out: str = "demo_out"
     n_train: int = 6000
     n_test: int = 600
-    clip_steps: int = 1500
-    pacl_steps: int = 600
+    clip_steps: int = 1200
+    pacl_steps: int = 400
     batch_size: int = 128
     preset: str = "tiny"
     image_size: int = 64
@@ -33,7 +33,7 @@ class DemoConfig:
     @classmethod
     def quick(cls, out: str, **kw: Any) -> DemoConfig:
         """A seconds-long version for tests and smoke runs: same steps, tiny sizes."""
-        return cls(out=out, n_train=192, n_test=48, clip_steps=20, pacl_steps=10, batch_size=32, **kw)
+        return cls(out=out, n_train=64, n_test=24, clip_steps=4, pacl_steps=4, batch_size=16, **kw)
 
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
@@ -52,7 +52,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
 
     log(f"[1/5] generating the synthetic dataset in {out / 'data'}")
     train_dir, test_dir = out / "data" / "train", out / "data" / "test"
-    generate_synthetic(train_dir, cfg.n_train, seed=cfg.seed, image_size=cfg.image_size, progress=cfg.progress)
+    generate_synthetic(train_dir, cfg.n_train, seed=cfg.seed, image_size=cfg.image_size, captions_per_image=2,
+                       progress=cfg.progress)
     generate_synthetic(test_dir, cfg.n_test, seed=cfg.seed + 1_000_003, image_size=cfg.image_size,
                        progress=cfg.progress)
 
@@ -80,7 +81,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     log(f"[4/5] training PACL embedders on the frozen CLIP for {cfg.pacl_steps} steps (captions only, no masks)")
     pacl_run = train(TrainConfig(
         data=str(train_dir / "captions.csv"), model=clip_run.final_model, out=str(out / "pacl"),
-        objective="pacl", cache_features=True, steps=cfg.pacl_steps, batch_size=cfg.batch_size, lr=1e-3,
+        objective="pacl", cache_features=True, steps=cfg.pacl_steps, batch_size=cfg.batch_size, lr=1e-3, wd=0.01,
         warmup=min(50, cfg.pacl_steps // 10), seed=cfg.seed, device=cfg.device, progress=cfg.progress,
     ))
     summary["pacl_train"] = {"steps": pacl_run.steps, "seconds": round(pacl_run.seconds, 1),

@@ -1,0 +1,20 @@
+import json
+
+from clip_pacl.cli.main import main
+
+
+def test_quick_demo_runs_end_to_end(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--out", str(out), "--no-progress", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["clip_train"]["steps"] == 4 and summary["pacl_train"]["steps"] == 4
+    assert set(summary["segmentation"]) == {"patch", "maskclip", "pacl"}
+    for task in ("shapes", "colors"):
+        assert 0.0 <= summary["zeroshot"][task]["top1"] <= 1.0
+    assert (out / "pacl_overlay.png").stat().st_size > 0
+    assert json.loads((out / "summary.json").read_text())["segmentation"] == summary["segmentation"]
+
+
+def test_demo_rejects_bad_steps(tmp_path, capsys):
+    assert main(["demo", "--quick", "--out", str(tmp_path), "--clip-steps", "0"]) == 2
+    assert capsys.readouterr().err.startswith("error: ")
