@@ -185,3 +185,32 @@ def test_wise_ft_merges_backbone_models(text_dir, tmp_path):
     for key in ("image_head.weight", "text_head.weight", "visual.conv1.0.weight"):
         expected = (base.state_dict()[key] + finetuned.state_dict()[key]) / 2
         assert torch.allclose(reloaded.state_dict()[key], expected, atol=1e-6), key
+
+
+def test_clip_pacl_train_feeds_a_backbone_its_own_tokenizer_and_transform(text_dir, tmp_path):
+    """`clip-pacl train --model backbone:...` runs end to end and validates with the backbone's preprocessing."""
+    from clip_pacl.data.synthetic import generate_synthetic
+    from clip_pacl.train import TrainConfig, train
+
+    generate_synthetic(tmp_path / "syn", 24, seed=0)
+    result = train(TrainConfig(
+        data=str(tmp_path / "syn" / "captions.csv"), model=_spec(text_dir), out=str(tmp_path / "run"), steps=2,
+        batch_size=8, lr=1e-3, warmup=1, val_fraction=0.25, progress=False,
+    ))
+    assert result.steps == 2 and result.final_loss is not None
+    assert result.val is not None and 0.0 <= result.val["text_to_image_R@1"] <= 1.0
+    reloaded = clip_pacl.load(result.final_model)
+    assert type(reloaded).__name__ == "BackboneCLIP"
+
+
+def test_lock_image_freezes_a_timm_tower_but_not_the_heads(model):
+    from clip_pacl.train.optim import lock_image_tower
+
+    lock_image_tower(model, unlocked_groups=1)
+    visual = [p.requires_grad for p in model.visual.parameters()]
+    assert any(visual) and not all(visual)  # only the last parameter-holding child is unlocked
+    assert all(p.requires_grad for p in model.image_head.parameters())
+    lock_image_tower(model)
+    assert not any(p.requires_grad for p in model.visual.parameters())
+    assert all(p.requires_grad for p in model.text.parameters())
+    model.requires_grad_(True)

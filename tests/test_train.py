@@ -153,3 +153,29 @@ def test_accum_run_equals_a_big_batch_run(synthetic, tmp_path):
     acc, big = clip_pacl.load(tmp_path / "acc" / "final"), clip_pacl.load(tmp_path / "big" / "final")
     for (name, a), b in zip(acc.state_dict().items(), big.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-5), name
+
+
+def test_coco_captions_with_images_elsewhere_train_through_the_cli(tmp_path):
+    """`--images DIR` points COCO-style annotations at an image folder that is not beside them."""
+    import json as _json
+
+    from PIL import Image
+
+    from clip_pacl.cli.main import main
+
+    images = tmp_path / "pictures"
+    images.mkdir()
+    annotations = {"images": [], "annotations": []}
+    for i in range(8):
+        Image.new("RGB", (40, 40), (30 * i, 255 - 30 * i, 100)).save(images / f"{i:03d}.jpg")
+        annotations["images"].append({"id": i, "file_name": f"{i:03d}.jpg"})
+        annotations["annotations"].append({"id": 100 + i, "image_id": i, "caption": f"colour number {i}"})
+    ann = tmp_path / "annotations" / "captions_train2017.json"
+    ann.parent.mkdir()
+    ann.write_text(_json.dumps(annotations))
+    out = tmp_path / "run"
+    args = ["train", "--data", str(ann), "--model", "tiny", "--out", str(out), "--steps", "1", "--batch-size", "4",
+            "--no-progress"]
+    assert main(args + ["--images", str(images)]) == 0
+    assert (out / "final" / "model.safetensors").is_file()
+    assert main(args[:-1] + ["--out", str(tmp_path / "run2"), "--no-progress"]) == 2  # images not found: one line

@@ -44,6 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     arg("--data-format", help="csv, tsv or jsonl when the file extension does not say", metavar="F")
     arg("--image-key", help="column holding image paths", metavar="K")
     arg("--caption-key", help="column holding captions", metavar="K")
+    arg("--images", dest="images_dir", metavar="DIR",
+        help="image folder for COCO captions JSON or Flickr captions, when it is not beside the annotations")
     arg("--val-data", help="held-out image,caption file for validation recall@1", metavar="FILE")
     arg("--val-fraction", type=float, help="hold out this fraction of the training images for validation",
         metavar="F")

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from clip_pacl.data import load_image
 from clip_pacl.errors import DataError
-from clip_pacl.tokenizer import tokenize
+from clip_pacl.preprocess import model_tokenizer, model_transform
 from clip_pacl.transforms import image_transform
 
 
@@ -53,8 +53,10 @@ def encode_texts(
     """
     if not texts:
         raise DataError("no texts to encode")
-    tokenizer = tokenizer or tokenize
     context_length = getattr(model, "context_length", 77)
+    if tokenizer is None:
+        own = model_tokenizer(model)
+        tokenizer = lambda batch, context_length: own(batch)  # noqa: E731 - the model's tokenizer knows its length
     device = model_device(model)
     chunks = []
     with evaluating(model), torch.inference_mode():
@@ -104,13 +106,14 @@ class ImageBatches:
     desc: str = "images"
     progress: bool = True
     unreadable: list[tuple[str, str]] = field(default_factory=list)
+    transform: Callable | None = None  # default: CLIP's eval transform at image_size
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self.batch_size < 1:
             raise ValueError(f"batch size must be at least 1, got {self.batch_size}")
         self.unreadable.clear()
         loader = DataLoader(
-            _ImageFiles(self.paths, image_transform(self.image_size)),
+            _ImageFiles(self.paths, self.transform or image_transform(self.image_size)),
             batch_size=self.batch_size,
             num_workers=self.workers,
             collate_fn=_collate,
@@ -131,7 +134,8 @@ def encode_images(
     progress: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[str, str]]]:
     """(features (M, D) L2-normalised, indices (M,) into `paths`, unreadable [(path, reason)]) on the CPU."""
-    batches = ImageBatches(paths, model.image_size, batch_size, workers, desc="images", progress=progress)
+    batches = ImageBatches(paths, model.image_size, batch_size, workers, desc="images", progress=progress,
+                           transform=model_transform(model))
     device = model_device(model)
     features, kept = [], []
     with evaluating(model), torch.inference_mode():
@@ -156,7 +160,8 @@ def score_images(
 
     Scores are `model.similarity(images, text_features)`: cosine for CLIP, phi for PACL.
     """
-    batches = ImageBatches(paths, model.image_size, batch_size, workers, desc=desc, progress=progress)
+    batches = ImageBatches(paths, model.image_size, batch_size, workers, desc=desc, progress=progress,
+                           transform=model_transform(model))
     device = model_device(model)
     scores, kept = [], []
     with evaluating(model), torch.inference_mode():

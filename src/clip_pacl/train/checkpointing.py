@@ -113,9 +113,11 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, trai
 
 
 def _fsync_dir_files(path: Path) -> None:
-    for p in path.iterdir():
-        with open(p, "rb") as f:
-            os.fsync(f.fileno())
+    """Flush every file under `path` (models such as backbone checkpoints keep subdirectories)."""
+    for p in path.rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
 
 
 def remove_stale_temporaries(run_dir: str | Path) -> None:

@@ -46,6 +46,7 @@ class TrainConfig:
     data_format: str | None = None
     image_key: str = "image"
     caption_key: str = "caption"
+    images_dir: str | None = None  # COCO / Flickr: the image folder, when it is not found beside the annotations
     val_data: str | None = None
     val_fraction: float = 0.0
     val_every: int | None = None  # None: validate at the end only (when there is validation data)

@@ -83,8 +83,8 @@ def _train(config: TrainConfig, objective: Objective, info: DistInfo, device: to
     # ---------------------------------------------------------------- model and data (config errors fail here)
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     model = build_model(config, objective)
-    image_size = config.image_size or model.image_size
-    train_ds, val_rows = build_datasets(config, image_size, model.context_length)
+    image_size = config.image_size or getattr(model, "image_size", None)
+    train_ds, val_rows = build_datasets(config, model, image_size)
     if config.cache_features:
         from clip_pacl.train.feature_cache import build_feature_cache
 

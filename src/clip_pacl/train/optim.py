@@ -51,6 +51,7 @@ def _tower_groups(tower: nn.Module) -> list[list[nn.Module | nn.Parameter]]:
 
     ViT: [stem (conv1, embeddings, ln_pre), block 0, ..., block n-2, block n-1 + head (ln_post, proj)].
     ResNet (as open_clip): [stem, layer1, layer2, layer3, layer4, attnpool].
+    Any other tower (a timm backbone): its top-level child modules that hold parameters, in order.
     """
     if hasattr(tower, "transformer") and hasattr(tower, "proj"):
         blocks = list(tower.transformer.resblocks)
@@ -59,7 +60,10 @@ def _tower_groups(tower: nn.Module) -> list[list[nn.Module | nn.Parameter]]:
     if hasattr(tower, "layer4") and hasattr(tower, "attnpool"):
         stem = [tower.conv1, tower.bn1, tower.conv2, tower.bn2, tower.conv3, tower.bn3]
         return [stem, [tower.layer1], [tower.layer2], [tower.layer3], [tower.layer4], [tower.attnpool]]
-    raise ConfigError(f"do not know how to lock a {type(tower).__name__} image tower")
+    groups = [[child] for child in tower.children() if any(True for _ in child.parameters())]
+    if not groups:
+        raise ConfigError(f"do not know how to lock a {type(tower).__name__} image tower")
+    return groups
 
 
 def _group_parameters(group: list[nn.Module | nn.Parameter]) -> list[nn.Parameter]:

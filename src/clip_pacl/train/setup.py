@@ -59,24 +59,29 @@ class FeatureModel(nn.Module):
         return image_side, text_side, self.model.logit_scale, getattr(self.model, "logit_bias", None)
 
 
-def build_datasets(config: TrainConfig, image_size: int, context_length: int) -> tuple[Dataset, list | None]:
-    """(training dataset, validation rows or None). Validation rows feed `evaluate_retrieval`."""
+def build_datasets(config: TrainConfig, model: nn.Module, image_size: int) -> tuple[Dataset, list | None]:
+    """(training dataset, validation rows or None). Validation rows feed `evaluate_retrieval`.
+
+    The tokenizer and transforms are the model's own (CLIP BPE for CLIP/PACL, the backbone's for a
+    backbone model).
+    """
     from clip_pacl.data import build_caption_dataset, read_caption_rows
-    from clip_pacl.tokenizer import get_tokenizer
-    from clip_pacl.transforms import image_transform
+    from clip_pacl.preprocess import model_tokenizer, model_transform
 
     if not Path(config.data).exists():
         raise DataError(f"--data {config.data} does not exist")
-    keys = {"data_format": config.data_format, "image_key": config.image_key, "caption_key": config.caption_key}
+    keys = {"data_format": config.data_format, "image_key": config.image_key, "caption_key": config.caption_key,
+            "images_dir": config.images_dir}
     train_ds, val_ds = build_caption_dataset(
-        config.data, transform=image_transform(image_size, train=True), tokenizer=get_tokenizer(context_length),
-        val_fraction=config.val_fraction, seed=config.seed, val_transform=image_transform(image_size), **keys,
+        config.data, transform=model_transform(model, train=True, image_size=image_size),
+        tokenizer=model_tokenizer(model), val_fraction=config.val_fraction, seed=config.seed,
+        val_transform=model_transform(model, image_size=image_size), **keys,
     )
     val_rows = list(val_ds.rows) if val_ds is not None else None
     if config.val_data is not None:
         if not Path(config.val_data).exists():
             raise DataError(f"--val-data {config.val_data} does not exist")
-        val_rows = read_caption_rows(config.val_data, **keys)
+        val_rows = read_caption_rows(config.val_data, **{**keys, "images_dir": None})
     if len(train_ds) == 0:
         raise DataError(f"{config.data} has no training pairs")
     return train_ds, val_rows
