@@ -73,3 +73,25 @@ def test_cache_features_needs_the_pacl_objective(captions, tmp_path, capsys):
 
     rc = main(["train", "--model", "tiny", "--data", str(captions), "--out", str(tmp_path), "--cache-features"])
     assert rc == 2 and "--cache-features is for --objective pacl" in capsys.readouterr().err
+
+
+def test_pacl_flags_set_the_new_models_config_and_unfreeze_the_last_block(captions, tmp_path, capsys):
+    from clip_pacl.cli.main import main
+
+    base = tmp_path / "clip"
+    clip_pacl.save(clip_pacl.load("tiny"), base)
+    argv = ["train", "--objective", "pacl", "--model", str(base), "--data", str(captions), "--steps", "2",
+            "--batch-size", "4", "--lr", "1e-2", "--warmup", "0", "--no-progress", "--max-bad-fraction", "0.5"]
+    flags = ["--pacl-unfreeze-blocks", "1", "--pacl-pool-temperature", "0.1", "--pacl-patch-tokens", "maskclip"]
+    assert main(argv + ["--out", str(tmp_path / "run")] + flags) == 0
+    trained = clip_pacl.load(tmp_path / "run" / "final")
+    assert (trained.config.unfreeze_last_n_blocks, trained.config.pool_temperature, trained.config.patch_tokens) == (
+        1, 0.1, "maskclip")
+    before, after = clip_pacl.load(base).state_dict(), trained.clip.state_dict()
+    changed = {k.split(".")[3] for k in after
+               if k.startswith("visual.transformer") and not torch.equal(after[k], before[k])}
+    assert changed == {"3"}  # only the last of the 4 blocks trained
+    assert torch.equal(after["visual.conv1.weight"], before["visual.conv1.weight"])
+    capsys.readouterr()
+    assert main(argv + ["--out", str(tmp_path / "run2"), "--cache-features", "--pacl-unfreeze-blocks", "1"]) == 2
+    assert "--cache-features needs a frozen image tower" in capsys.readouterr().err

@@ -64,6 +64,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     arg("--cache-features", action="store_true",
         help="PACL: encode every image and caption with the frozen CLIP once, then train only the embedders "
              "(no image augmentation)")
+    arg("--pacl-unfreeze-blocks", type=int, metavar="N",
+        help="PACL: also train the last N image-tower blocks (ViT blocks / ResNet stages); 0 keeps the CLIP frozen")
+    arg("--pacl-pool-temperature", type=float, metavar="F",
+        help="PACL: pooling softmax temperature, a = softmax(s / F); the paper's 1.0, lower selects patches")
+    arg("--pacl-patch-tokens", choices=["tokens", "maskclip"],
+        help="PACL: CLIP patch tokens fed to the vision embedder: last block outputs or its value path")
     group = p.add_argument_group("optimisation")
     arg("--steps", type=int, help="optimiser steps (or --epochs; neither: one epoch)", metavar="N")
     arg("--epochs", type=int, help="passes over the training data", metavar="N")

@@ -38,6 +38,9 @@ class TrainConfig:
     lock_image_unlocked_groups: int = 0
     lock_text: bool = False
     cache_features: bool = False  # PACL: encode the data with the frozen CLIP once (train/feature_cache.py)
+    pacl_unfreeze_blocks: int = 0  # PACL: the new model's PACLConfig (ignored when --model is a PACL checkpoint)
+    pacl_pool_temperature: float = 1.0
+    pacl_patch_tokens: str = "tokens"
     local_loss: bool = False
     resume: str | None = None  # "auto" or a checkpoint / run directory
     device: str | None = None
@@ -81,6 +84,10 @@ class TrainConfig:
             raise ConfigError("--lock-image-unlocked-groups needs --lock-image")
         if self.workers < 0:
             raise ConfigError(f"--workers must be >= 0, not {self.workers}")
+        if self.pacl_unfreeze_blocks < 0 or self.pacl_pool_temperature <= 0:
+            raise ConfigError("--pacl-unfreeze-blocks must be >= 0 and --pacl-pool-temperature > 0")
+        if self.cache_features and self.pacl_unfreeze_blocks:
+            raise ConfigError("--cache-features needs a frozen image tower; drop it or --pacl-unfreeze-blocks")
         if self.cache_features and self.objective != "pacl":
             raise ConfigError("--cache-features is for --objective pacl (features of a frozen CLIP)")
 

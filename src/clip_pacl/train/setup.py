@@ -29,9 +29,13 @@ def build_model(config: TrainConfig, objective: Objective) -> nn.Module:
     fresh = not Path(config.model).is_dir()
     model = load_model(config.model)
     if objective.name == "pacl":
-        from clip_pacl.models.pacl import PACL
+        from clip_pacl.models.pacl import PACL, PACLConfig
 
-        return model if isinstance(model, PACL) else PACL.from_clip(model)
+        if isinstance(model, PACL):
+            return model
+        return PACL.from_clip(model, PACLConfig(unfreeze_last_n_blocks=config.pacl_unfreeze_blocks,
+                                                pool_temperature=config.pacl_pool_temperature,
+                                                patch_tokens=config.pacl_patch_tokens))
     if not hasattr(model, "loss_features"):
         raise ConfigError(f"{config.model} is not a trainable model (no loss_features)")
     if fresh and objective.init_logit_scale is not None:
