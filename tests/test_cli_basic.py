@@ -146,3 +146,14 @@ def test_error_in_a_real_process(tmp_path):
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.strip() == (f"error: {tmp_path / 'notes.pt'} is not a checkpoint clip-pacl can read: "
                                    "not a safetensors, PyTorch or TorchScript file")
+
+
+def test_a_bad_device_is_one_line(tmp_path, capsys):
+    from PIL import Image
+
+    from clip_pacl.cli.main import main
+
+    Image.new("RGB", (32, 32)).save(tmp_path / "x.png")
+    assert main(["zeroshot", "--model", "tiny", "--device", "blah", str(tmp_path / "x.png"), "--classes", "a,b"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: --device 'blah' is not a device (cpu, cuda or cuda:N)"

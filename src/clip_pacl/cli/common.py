@@ -7,7 +7,9 @@ import json
 import sys
 from typing import Any
 
-import torch
+from clip_pacl.device import resolve_device
+
+__all__ = ["add_device_flag", "add_json_flag", "log", "print_json", "resolve_device"]
 
 
 def add_json_flag(parser: argparse.ArgumentParser) -> None:
@@ -16,15 +18,6 @@ def add_json_flag(parser: argparse.ArgumentParser) -> None:
 
 def add_device_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
-
-
-def resolve_device(name: str | None) -> torch.device:
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name} was asked for but CUDA is not available")
-    return dev
 
 
 def print_json(obj: Any) -> None:

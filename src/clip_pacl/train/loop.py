@@ -26,6 +26,7 @@ from tqdm import tqdm
 from clip_pacl.checkpoint import load as load_model
 from clip_pacl.checkpoint import save as save_model
 from clip_pacl.data import build_loader, set_loader_epoch
+from clip_pacl.device import resolve_device
 from clip_pacl.errors import ConfigError, DataError
 from clip_pacl.losses import Objective, get_objective
 from clip_pacl.train import checkpointing as ckpt
@@ -64,7 +65,7 @@ class TrainResult:
 
 def train(config: TrainConfig) -> TrainResult:
     """Train as `config` says; under torchrun (or SLURM) each process runs this and they form one DDP job."""
-    device = _resolve_device(config.device)
+    device = resolve_device(config.device)
     objective = get_objective(config.objective)
     info = init_distributed(device.type)
     try:
@@ -313,15 +314,6 @@ def _check_compatible(saved: dict[str, Any], config: TrainConfig, global_batch: 
     if saved_batch is not None and saved_batch != global_batch:
         raise ConfigError(f"cannot resume: the checkpoint's global batch is {saved_batch}, "
                           f"this run's is {global_batch}")
-
-
-def _resolve_device(name: str | None) -> torch.device:
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name} was asked for but CUDA is not available")
-    return device
 
 
 class _StopRequest:
