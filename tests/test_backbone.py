@@ -19,14 +19,7 @@ from clip_pacl.errors import CheckpointError, ConfigError  # noqa: E402
 from clip_pacl.losses.clip import clip_loss  # noqa: E402
 from clip_pacl.models.backbone import BackboneCLIP, BackboneConfig, load_checkpoint  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread; two threads spin against each other on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 WORDS = "a an red green blue circle square star triangle photo of the small large".split()

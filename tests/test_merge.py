@@ -10,14 +10,7 @@ from clip_pacl.checkpoint.merge import merge_models, merge_weights
 from clip_pacl.cli.main import main
 from clip_pacl.errors import CheckpointError
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread; two threads spin against each other on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_merge_weights_interpolates_floats_and_keeps_dtypes():

@@ -9,7 +9,7 @@ from typing import Any
 
 from clip_pacl.device import resolve_device
 
-__all__ = ["add_device_flag", "add_json_flag", "log", "print_json", "resolve_device"]
+__all__ = ["add_device_flag", "add_json_flag", "log", "print_json", "print_per_class", "resolve_device"]
 
 
 def add_json_flag(parser: argparse.ArgumentParser) -> None:
@@ -28,3 +28,14 @@ def print_json(obj: Any) -> None:
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+def print_per_class(title: str, values: dict[str, float | None], limit: int) -> None:
+    """An indented per-class percentage table, or a pointer to --json when there are more than `limit` classes."""
+    if len(values) > limit:
+        print(f"  ({title} of {len(values)} classes: use --json)")
+        return
+    width = max(len(name) for name in values)
+    print(f"  {title}:")
+    for name, value in values.items():
+        print(f"    {name:<{width}}  " + ("   n/a (absent)" if value is None else f"{100 * value:6.2f} %"))

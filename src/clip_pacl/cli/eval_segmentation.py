@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 import clip_pacl
-from clip_pacl.cli.common import add_device_flag, add_json_flag, log, print_json, resolve_device
+from clip_pacl.cli.common import add_device_flag, add_json_flag, log, print_json, print_per_class, resolve_device
 from clip_pacl.cli.segment import add_segmentation_flags, resolve_segmentation_templates
 from clip_pacl.eval.segmentation import evaluate_segmentation
 
@@ -51,12 +51,5 @@ def run(args: argparse.Namespace) -> int:
     print(f"segmentation  {args.data}  ({result['dataset']}, {result['num_images']} images, method {result['method']})")
     print(f"  mIoU            {100 * result['miou']:6.2f} %")
     print(f"  pixel accuracy  {100 * result['pixel_accuracy']:6.2f} %")
-    per_class = result["per_class_iou"]
-    if len(per_class) <= PER_CLASS_TABLE_MAX:
-        width = max(len(n) for n in per_class)
-        print("  per-class IoU:")
-        for name, iou in per_class.items():
-            print(f"    {name:<{width}}  " + ("   n/a (absent)" if iou is None else f"{100 * iou:6.2f} %"))
-    else:
-        print(f"  (per-class IoU of {len(per_class)} classes: use --json)")
+    print_per_class("per-class IoU", result["per_class_iou"], PER_CLASS_TABLE_MAX)
     return 0

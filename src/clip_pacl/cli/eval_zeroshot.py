@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 import clip_pacl
-from clip_pacl.cli.common import add_device_flag, add_json_flag, print_json, resolve_device
+from clip_pacl.cli.common import add_device_flag, add_json_flag, print_json, print_per_class, resolve_device
 from clip_pacl.data import read_label_rows
 from clip_pacl.eval.zeroshot import evaluate_zeroshot, read_class_folders
 from clip_pacl.zeroshot.templates import resolve_class_names, resolve_templates
@@ -68,14 +68,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"  top-1                  {100 * result['top1']:6.2f} %")
     print(f"  top-{result['top5_k']}                  {100 * result['top5']:6.2f} %")
     print(f"  mean per-class recall  {100 * result['mean_per_class_recall']:6.2f} %")
-    per_class = result["per_class_recall"]
-    if len(per_class) <= PER_CLASS_TABLE_MAX:
-        width = max(len(name) for name in per_class)
-        print("  per-class recall:")
-        for name, recall in per_class.items():
-            print(f"    {name:<{width}}  {100 * recall:6.2f} %")
-    else:
-        print(f"  (per-class recall of {len(per_class)} classes: use --json)")
+    print_per_class("per-class recall", result["per_class_recall"], PER_CLASS_TABLE_MAX)
     if result["skipped_rows"]:
         print(f"  {result['skipped_rows']} rows had labels outside --classes and were left out")
     if result["num_unreadable"]:
