@@ -1,9 +1,12 @@
 """Side-by-side figure for the README: image | ground truth | raw patches | MaskCLIP | PACL, one row per image.
 
     python docs/make_pacl_figure.py --clip CLIP_DIR --pacl PACL_DIR --data SEG_DIR --out docs/pacl_compare.png \
-        [--images 0 1 2 3] [--template T ...]
+        [--images 0 1 2 3] [--template T ...] [--thresholds patch=0.5 maskclip=none pacl=0.2]
 
-Both models segment with the dataset's class names only (the same call as `clip-pacl eval segmentation`).
+Both models segment with the dataset's class names only (the same call as `clip-pacl eval segmentation`),
+with the dataset's templates.txt as prompts when it has one, each method at its own background threshold
+(none: background by its prompt). When every class but background is a colour word of the synthetic set,
+classes are drawn in their own colour (background mid-grey, ignored edge pixels cyan).
 """
 
 from __future__ import annotations
@@ -16,15 +19,17 @@ from PIL import Image, ImageDraw, ImageFont
 
 import clip_pacl
 from clip_pacl.data.segmentation import open_segmentation_dataset
+from clip_pacl.data.synthetic import COLORS
+from clip_pacl.eval.segmentation import dataset_templates
 from clip_pacl.segmentation.overlay import class_colors
-from clip_pacl.segmentation.predict import DEFAULT_TEMPLATES, NO_CLASS, segment
+from clip_pacl.segmentation.predict import NO_CLASS, segment
 
 SCALE = 3
 HEADER = 18
 
 
-def colourise(labels: np.ndarray, colors: list[tuple[int, int, int]]) -> Image.Image:
-    palette = np.array([*colors, (255, 255, 255)], dtype=np.uint8)  # last entry: ignore / unassigned
+def colourise(labels: np.ndarray, colors: list[tuple[int, int, int]], ignore: tuple[int, int, int]) -> Image.Image:
+    palette = np.array([*colors, ignore], dtype=np.uint8)  # last entry: ignore / unassigned
     index = np.where((labels == NO_CLASS) | (labels >= len(colors)), len(colors), labels)
     return Image.fromarray(palette[index])
 
@@ -37,22 +42,35 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--images", type=int, nargs="+", default=[0, 1, 2, 3])
     parser.add_argument("--template", action="append", default=None)
-    parser.add_argument("--background-threshold", type=float, default=None, help="for PACL only")
+    parser.add_argument("--thresholds", nargs="*", default=[], metavar="METHOD=F",
+                        help="background threshold per method (patch, maskclip, pacl); 'none' or absent: none")
     args = parser.parse_args()
     clip, pacl = clip_pacl.load(args.clip).eval(), clip_pacl.load(args.pacl).eval()
     dataset = open_segmentation_dataset(args.data)
     names = list(dataset.class_names)
-    colors = class_colors(names)
-    templates = args.template or list(DEFAULT_TEMPLATES)
-    columns = ["image", "ground truth", "CLIP patches", "MaskCLIP", "PACL"]
+    thresholds = {"patch": None, "maskclip": None, "pacl": None}
+    for spec in args.thresholds:
+        method, _, value = spec.partition("=")
+        if method not in thresholds or not value:
+            parser.error(f"bad --thresholds entry {spec!r} (want patch=F, maskclip=F or pacl=F)")
+        thresholds[method] = None if value.lower() == "none" else float(value)
+    ignore = (255, 255, 255)
+    if names[0] == "background" and all(n in COLORS for n in names[1:]):
+        colors, ignore = [(128, 128, 128), *(COLORS[n] for n in names[1:])], (0, 255, 255)
+    else:
+        colors = class_colors(names)
+    templates = args.template or dataset_templates(args.data)
+    columns = ["image", "ground truth", *(f"{title} ({'prompt' if thresholds[m] is None else thresholds[m]})"
+                                          for title, m in (("CLIP patches", "patch"), ("MaskCLIP", "maskclip"),
+                                                           ("PACL", "pacl")))]
     rows = []
     for i in args.images:
         image, mask = dataset[i]
-        panels = [image.convert("RGB"), colourise(mask, colors)]
-        for model, method, threshold in ((clip, "patch", None), (clip, "maskclip", None),
-                                         (pacl, "pacl", args.background_threshold)):
-            result = segment(model, image, names, templates=templates, method=method, background_threshold=threshold)
-            panels.append(colourise(result.label_map, colors))
+        panels = [image.convert("RGB"), colourise(mask, colors, ignore)]
+        for model, method in ((clip, "patch"), (clip, "maskclip"), (pacl, "pacl")):
+            result = segment(model, image, names, templates=templates, method=method,
+                             background_threshold=thresholds[method])
+            panels.append(colourise(result.label_map, colors, ignore))
         rows.append([p.resize((p.width * SCALE, p.height * SCALE), Image.NEAREST) for p in panels])
     w, h = rows[0][0].size
     legend_h = 16 * ((len(names) + 4) // 5) + 8

@@ -120,3 +120,12 @@ def test_pacl_patch_scores_are_its_patch_embeddings_against_its_text_embeddings(
     result = segment(pacl, image, ["cat", "dog"], templates=["a photo of a {}."])
     assert torch.allclose(result.scores, expected, atol=1e-5)
     assert (result.label_map == expected.argmax(dim=0).numpy()).all()
+
+
+def test_class_colours_name_colours_and_keep_others_distinct():
+    from clip_pacl.segmentation.overlay import BACKGROUND_COLOR, NAMED_COLORS, PALETTE, class_colors
+
+    colors = class_colors(["background", "Red", "cat", "green ", "dog"])
+    assert colors == [BACKGROUND_COLOR, NAMED_COLORS["red"], PALETTE[0], NAMED_COLORS["green"], PALETTE[1]]
+    many = class_colors([f"class {i}" for i in range(len(PALETTE) + 2)])
+    assert many[:len(PALETTE)] == list(PALETTE) and many[len(PALETTE)] == PALETTE[0]

@@ -116,3 +116,36 @@ def test_eval_with_a_perfect_threshold_scores_one(seg_data):
     # normalised redness: about 1.42 on red patches, 0.08 on grey ones; 0.75 is the midpoint of the blend
     result = evaluate_segmentation(Redness(), seg_data, background_threshold=0.75, batch_size=2)
     assert result["miou"] == 1.0 and result["pixel_accuracy"] == 1.0
+
+
+def test_dataset_templates_file_is_the_default_and_flags_override_it(pacl_dir, seg_data, tmp_path, capsys):
+    import shutil
+
+    data = tmp_path / "with_templates"
+    shutil.copytree(seg_data, data)
+    (data / "templates.txt").write_text("a {} shape\n\na red {}\n")
+    assert main(["eval", "segmentation", "--model", str(pacl_dir), "--data", str(data), "--json", "--limit", "1"]) == 0
+    assert json.loads(capsys.readouterr().out)["templates"] == ["a {} shape", "a red {}"]
+    assert main(["eval", "segmentation", "--model", str(pacl_dir), "--data", str(data), "--json", "--limit", "1",
+                 "--template", "an image of a {}"]) == 0
+    assert json.loads(capsys.readouterr().out)["templates"] == ["an image of a {}"]
+    assert main(["eval", "segmentation", "--model", str(pacl_dir), "--data", str(seg_data), "--json",
+                 "--limit", "1"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["templates"]) == 4  # no file: the default four
+    (data / "templates.txt").write_text("no placeholder\n")
+    assert main(["eval", "segmentation", "--model", str(pacl_dir), "--data", str(data), "--limit", "1"]) == 2
+    assert "no placeholder" in capsys.readouterr().err
+
+
+def test_threshold_sweep_equals_one_evaluation_per_threshold(pacl_dir, seg_data):
+    from clip_pacl.eval.segmentation import evaluate_segmentation_thresholds
+
+    model = clip_pacl.load(str(pacl_dir)).eval()
+    thresholds = [None, 0.0, 0.2, 0.9]
+    sweep = evaluate_segmentation_thresholds(model, seg_data, thresholds, batch_size=2, method="maskclip")
+    assert [r["background_threshold"] for r in sweep] == thresholds
+    for threshold, swept in zip(thresholds, sweep):
+        single = evaluate_segmentation(model, seg_data, method="maskclip", background_threshold=threshold)
+        for key in ("miou", "pixel_accuracy", "per_class_iou", "num_images"):
+            assert swept[key] == single[key]
+    assert len({r["pixel_accuracy"] for r in sweep}) > 1  # the thresholds really label differently

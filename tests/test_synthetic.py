@@ -104,6 +104,29 @@ def test_masks_agree_with_drawn_pixels(synthetic):
                                                                 for o in meta["objects"]}
 
 
+def test_colour_masks_label_the_same_pixels_by_colour(synthetic):
+    out, info = synthetic
+    colors = list(COLORS)
+    assert (out / "segmentation_colors" / "classes.txt").read_text().splitlines() == ["background", *colors]
+    assert info.segmentation_colors == out / "segmentation_colors"
+    # prompt templates: shape classes are described with every colour, colour classes with every shape
+    shape_templates = (out / "segmentation" / "templates.txt").read_text().splitlines()
+    color_templates = (out / "segmentation_colors" / "templates.txt").read_text().splitlines()
+    assert "an orange {}" in shape_templates and len(shape_templates) == len(colors)
+    assert "a {} star" in color_templates and len(color_templates) == len(SHAPES)
+    for meta in _objects(out)[:20]:
+        name = meta["image"].split("/")[-1]
+        by_shape = np.asarray(Image.open(out / "segmentation" / "masks" / name))
+        by_colour = np.asarray(Image.open(out / "segmentation_colors" / "masks" / name))
+        assert ((by_shape == 0) == (by_colour == 0)).all() and ((by_shape == 255) == (by_colour == 255)).all()
+        assert (out / "segmentation_colors" / "images" / name).read_bytes() == (out / meta["image"]).read_bytes()
+        for obj in meta["objects"]:  # every pixel labelled with this object's shape carries its colour id
+            same_shape = [o for o in meta["objects"] if o["shape"] == obj["shape"]]
+            if len(same_shape) == 1:
+                pixels = by_colour[by_shape == list(SHAPES).index(obj["shape"]) + 1]
+                assert pixels.size > 0 and (pixels == colors.index(obj["color"]) + 1).all()
+
+
 def test_object_colours_stand_out_from_backgrounds(synthetic):
     out, _ = synthetic
     for meta in _objects(out)[:20]:

@@ -11,7 +11,8 @@ GROUP_HELP = "dataset tools"
 HELP = "write the built-in synthetic shapes dataset (captions, shape/colour labels, segmentation masks)"
 DESCRIPTION = (
     "Write coloured shapes on textured backgrounds as images/ + captions.csv + shapes.csv + colors.csv + "
-    "segmentation/{images,masks,classes.txt}: the same formats `train`, `eval` and `index` read. "
+    "segmentation/{images,masks,classes.txt,templates.txt} (shape classes) + segmentation_colors/ (the same "
+    "images labelled by colour): the same formats `train`, `eval` and `index` read. "
     "The same --seed always gives byte-identical files."
 )
 ORDER = 90
@@ -43,5 +44,5 @@ def run(args: argparse.Namespace) -> int:
         print(f"captions:     {info.captions}")
         print(f"shapes:       {info.shapes}")
         print(f"colors:       {info.colors}")
-        print(f"segmentation: {info.segmentation}")
+        print(f"segmentation: {info.segmentation} (by shape), {info.segmentation_colors} (by colour)")
     return 0

@@ -17,7 +17,9 @@ DESCRIPTION = (
     "Segment every image of DIR by its class names and report mIoU (intersection and union summed over the "
     "whole dataset; 255 pixels ignored; classes absent from both ground truth and predictions excluded), "
     "per-class IoU and pixel accuracy. DIR is our format (images/, masks/, classes.txt) or a Pascal VOC, "
-    "Pascal Context 59, COCO-Stuff 164k or ADE20K tree as mmseg prepares it."
+    "Pascal Context 59, COCO-Stuff 164k or ADE20K tree as mmseg prepares it. Without --template/--templates, "
+    "the prompt templates come from DIR/templates.txt when it exists (the synthetic sets ship one), else "
+    "the default four."
 )
 ORDER = 42
 PER_CLASS_TABLE_MAX = 40
@@ -36,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be at least 1, got {args.limit}")
-    templates = resolve_segmentation_templates(args)
+    templates = None if args.templates is None and not args.template else resolve_segmentation_templates(args)
     model = clip_pacl.load(args.model, device=resolve_device(args.device)).eval()
     result = evaluate_segmentation(model, args.data, method=args.method,
                                    background_threshold=args.background_threshold, templates=templates,

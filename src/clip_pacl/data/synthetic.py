@@ -14,7 +14,14 @@ DIR/objects.jsonl                one JSON object per image: background, objects 
 DIR/segmentation/images/         the same pixels as images/ (hard links when possible, else copies)
 DIR/segmentation/masks/          PNG, mode L: pixel = class id, 0 = background, 255 = ignore
 DIR/segmentation/classes.txt     line 0 = "background", then one line per shape class (in `shapes` order)
+DIR/segmentation/templates.txt   prompt templates for those classes, "a red {}" ...: one per colour, so the
+                                 class prompt averages over colours like the captions describe objects
+DIR/segmentation_colors/         the same images, masks labelled by colour instead of shape (classes.txt:
+                                 "background", then the colours; templates.txt: "a {} circle" ... per shape)
 ```
+
+Two label sets because they ask different things of a model: an object's colour is visible in every one
+of its patches, its shape only across several. A small CLIP trained here localises colour long before shape.
 
 Images are drawn at 4x resolution and box-filtered down, so edges are anti-aliased like real photos.
 A mask pixel gets an object's class only when the object covers it completely, background only when
@@ -116,7 +123,8 @@ class ShapeObject:
 @dataclass(frozen=True)
 class SyntheticSample:
     image: np.ndarray  # (H, W, 3) uint8
-    mask: np.ndarray  # (H, W) uint8: class id, 0 background, 255 ignore
+    mask: np.ndarray  # (H, W) uint8: shape class id, 0 background, 255 ignore
+    color_mask: np.ndarray  # (H, W) uint8: colour class id (index in `colors` + 1), same 0 and 255 pixels
     objects: tuple[ShapeObject, ...]
     background: str
     captions: tuple[str, ...]
@@ -136,6 +144,7 @@ class SyntheticInfo:
     colors: Path
     objects: Path
     segmentation: Path
+    segmentation_colors: Path
     classes: tuple[str, ...] = field(default_factory=tuple)
     color_names: tuple[str, ...] = field(default_factory=tuple)
 
@@ -286,6 +295,7 @@ def make_sample(
     kind = list(BACKGROUNDS)[int(rng.integers(0, len(BACKGROUNDS)))]
     canvas = _background(rng, image_size, kind)  # (H, W, 3) float
     mask = np.zeros((image_size, image_size), dtype=np.uint8)
+    color_mask = np.zeros((image_size, image_size), dtype=np.uint8)
     objects = []
     for cx, cy, r, size_name in placed:
         shape = shapes[int(rng.integers(0, len(shapes)))]
@@ -295,13 +305,13 @@ def make_sample(
         ys, xs, cov = _coverage(obj, image_size)
         region = canvas[ys, xs]
         canvas[ys, xs] = region * (1 - cov[..., None]) + np.array(rgb, dtype=np.float32) * cov[..., None]
-        class_id = list(shapes).index(shape) + 1
-        mask[ys, xs] = np.where(cov >= 1.0, class_id, np.where(cov > 0, IGNORE_INDEX, mask[ys, xs]))
+        for target, class_id in ((mask, list(shapes).index(shape) + 1), (color_mask, list(colors).index(color) + 1)):
+            target[ys, xs] = np.where(cov >= 1.0, class_id, np.where(cov > 0, IGNORE_INDEX, target[ys, xs]))
         objects.append(obj)
     image = np.round(canvas).astype(np.uint8)
     templates = caption_templates(objects, kind, image_size)
     picks = rng.choice(len(templates), size=min(captions_per_image, len(templates)), replace=False)
-    return SyntheticSample(image, mask, tuple(objects), kind, tuple(templates[int(i)] for i in picks))
+    return SyntheticSample(image, mask, color_mask, tuple(objects), kind, tuple(templates[int(i)] for i in picks))
 
 
 def generate_synthetic(
@@ -333,11 +343,14 @@ def generate_synthetic(
             raise DataError(f"unknown {kind} {unknown[0]!r} (known: {', '.join(known)})")
 
     out = Path(out_dir)
-    seg = out / "segmentation"
-    for d in (out / "images", seg / "images", seg / "masks"):
+    seg, seg_colors = out / "segmentation", out / "segmentation_colors"
+    for d in (out / "images", seg / "images", seg / "masks", seg_colors / "images", seg_colors / "masks"):
         d.mkdir(parents=True, exist_ok=True)
     classes = ("background", *shapes)
     (seg / "classes.txt").write_text("\n".join(classes) + "\n")
+    (seg / "templates.txt").write_text("".join(f"{_article(c)} {c} {{}}\n" for c in colors))
+    (seg_colors / "classes.txt").write_text("\n".join(("background", *colors)) + "\n")
+    (seg_colors / "templates.txt").write_text("".join(f"a {{}} {s}\n" for s in shapes))
 
     caption_rows, shape_rows, color_rows = [], [], []
     with open(out / "objects.jsonl", "w") as meta:
@@ -347,8 +360,9 @@ def generate_synthetic(
             name = f"{i:06d}.png"
             image_path = out / "images" / name
             Image.fromarray(sample.image).save(image_path, compress_level=1)
-            _link_or_copy(image_path, seg / "images" / name)
-            Image.fromarray(sample.mask, mode="L").save(seg / "masks" / name, compress_level=1)
+            for seg_dir, seg_mask in ((seg, sample.mask), (seg_colors, sample.color_mask)):
+                _link_or_copy(image_path, seg_dir / "images" / name)
+                Image.fromarray(seg_mask, mode="L").save(seg_dir / "masks" / name, compress_level=1)
             rel = f"images/{name}"
             caption_rows.extend((rel, c) for c in sample.captions)
             if len(sample.objects) == 1:
@@ -363,7 +377,8 @@ def generate_synthetic(
     _write_csv(out / "colors.csv", ("image", "label"), color_rows)
     return SyntheticInfo(out_dir=out, n_images=n, n_single_object=len(shape_rows), image_size=image_size, seed=seed,
                          captions=out / "captions.csv", shapes=out / "shapes.csv", colors=out / "colors.csv",
-                         objects=out / "objects.jsonl", segmentation=seg, classes=classes, color_names=colors)
+                         objects=out / "objects.jsonl", segmentation=seg,
+                         segmentation_colors=seg_colors, classes=classes, color_names=colors)
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

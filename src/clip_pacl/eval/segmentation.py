@@ -23,6 +23,17 @@ from clip_pacl.segmentation.predict import (
     labels_from_scores,
     score_maps,
 )
+from clip_pacl.zeroshot.templates import check_template, read_lines
+
+TEMPLATES_FILE = "templates.txt"
+
+
+def dataset_templates(data: str | Path) -> list[str]:
+    """The prompt templates a dataset directory ships in `templates.txt`, or `DEFAULT_TEMPLATES` without one."""
+    path = Path(data) / TEMPLATES_FILE
+    if not path.is_file():
+        return list(DEFAULT_TEMPLATES)
+    return [check_template(t) for t in read_lines(path, what="templates")]
 
 
 def evaluate_segmentation(
@@ -30,7 +41,7 @@ def evaluate_segmentation(
     data: str | Path,
     method: str | None = None,
     background_threshold: float | None = None,
-    templates: Sequence[str] = DEFAULT_TEMPLATES,
+    templates: Sequence[str] | None = None,
     batch_size: int = 16,
     sliding_window: bool = False,
     limit: int | None = None,
@@ -39,18 +50,45 @@ def evaluate_segmentation(
     """mIoU, pixel accuracy and per-class IoU of `model` on the segmentation dataset at `data`.
 
     `background_threshold` turns low-scoring pixels into the dataset's background class (it needs one).
-    Unreadable images are skipped and counted, not fatal.
+    `templates=None` uses the dataset's own `templates.txt` (one prompt template per line) when it has one,
+    else `DEFAULT_TEMPLATES`. Unreadable images are skipped and counted, not fatal.
+    """
+    (result,) = evaluate_segmentation_thresholds(
+        model, data, [background_threshold], method=method, templates=templates, batch_size=batch_size,
+        sliding_window=sliding_window, limit=limit, progress=progress)
+    return result
+
+
+def evaluate_segmentation_thresholds(
+    model: torch.nn.Module,
+    data: str | Path,
+    background_thresholds: Sequence[float | None],
+    method: str | None = None,
+    templates: Sequence[str] | None = None,
+    batch_size: int = 16,
+    sliding_window: bool = False,
+    limit: int | None = None,
+    progress: bool = False,
+) -> list[dict]:
+    """`evaluate_segmentation` at several background thresholds (None = by the background prompt) at once.
+
+    Every image is encoded and scored once; only the labelling differs. One result dict per threshold,
+    in the order given, each what `evaluate_segmentation` returns for that threshold.
     """
     if batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1 (got {batch_size})")
+    if not background_thresholds:
+        raise ValueError("no background thresholds given")
     dataset = open_segmentation_dataset(data)
-    if background_threshold is not None and dataset.background_index is None:
+    if any(t is not None for t in background_thresholds) and dataset.background_index is None:
         raise DataError(f"--background-threshold needs a 'background' class, and the {dataset.name} dataset "
                         "has none")
+    if templates is None:
+        templates = dataset_templates(data)
     method = method or default_method(model)
     model.eval()
     text_features = class_embeddings(model, dataset.class_names, templates, method)  # (C, D)
-    confusion = ConfusionMatrix(len(dataset.class_names), IGNORE_INDEX)
+    confusions = [ConfusionMatrix(len(dataset.class_names), IGNORE_INDEX) for _ in background_thresholds]
     n = len(dataset) if limit is None else min(limit, len(dataset))
     skipped: list[str] = []
     start = time.perf_counter()
@@ -67,21 +105,22 @@ def evaluate_segmentation(
             masks.append(mask)
         if images:
             for scores, mask in zip(score_maps(model, images, text_features, method, sliding_window), masks):
-                confusion.update(labels_from_scores(scores, dataset.class_names, background_threshold), mask)
+                for confusion, threshold in zip(confusions, background_thresholds):
+                    confusion.update(labels_from_scores(scores, dataset.class_names, threshold), mask)
         bar.update(min(batch_size, n - first))
     bar.close()
     if len(skipped) == n:
         raise DataError(f"none of the {n} images could be read (first error: {skipped[0]})")
-    metrics = confusion.compute(dataset.class_names)
-    return {
+    seconds = round(time.perf_counter() - start, 3)
+    return [{
         "dataset": dataset.name,
         "data": str(data),
         "method": method,
         "num_images": n - len(skipped),
         "skipped_images": len(skipped),
-        "background_threshold": background_threshold,
+        "background_threshold": threshold,
         "sliding_window": sliding_window,
         "templates": list(templates),
-        **metrics.to_dict(),
-        "seconds": round(time.perf_counter() - start, 3),
-    }
+        **confusion.compute(dataset.class_names).to_dict(),
+        "seconds": seconds,
+    } for confusion, threshold in zip(confusions, background_thresholds)]

@@ -19,10 +19,28 @@ BACKGROUND_COLOR = (40, 40, 40)
 MIN_OVERLAY_SIDE = 256  # small images are enlarged (nearest) so the overlay and its legend are readable
 
 
+# A class named after a basic colour is drawn in that colour, so "red" is never shown blue in the legend.
+NAMED_COLORS = {
+    "red": (220, 30, 30), "green": (30, 170, 50), "blue": (30, 60, 220), "yellow": (240, 220, 30),
+    "purple": (140, 40, 180), "orange": (245, 130, 20), "white": (245, 245, 245), "black": (15, 15, 15),
+    "pink": (250, 150, 190), "brown": (130, 80, 30), "gray": (128, 128, 128), "grey": (128, 128, 128),
+}
+
+
 def class_colors(class_names: Sequence[str]) -> list[tuple[int, int, int]]:
-    """One colour per class; a class named "background" is dark grey so objects stand out."""
-    return [BACKGROUND_COLOR if name.strip().lower() == "background" else PALETTE[i % len(PALETTE)]
-            for i, name in enumerate(class_names)]
+    """One colour per class: "background" is dark grey so objects stand out, a colour word is its colour,
+    anything else takes the next palette colour."""
+    colors, k = [], 0
+    for name in class_names:
+        key = name.strip().lower()
+        if key == "background":
+            colors.append(BACKGROUND_COLOR)
+        elif key in NAMED_COLORS:
+            colors.append(NAMED_COLORS[key])
+        else:
+            colors.append(PALETTE[k % len(PALETTE)])
+            k += 1
+    return colors
 
 
 def mask_image(label_map: np.ndarray) -> Image.Image:
