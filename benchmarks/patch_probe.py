@@ -26,7 +26,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 import clip_pacl
 from clip_pacl.data.segmentation import IGNORE_INDEX, open_segmentation_dataset

@@ -157,3 +157,15 @@ def test_a_bad_device_is_one_line(tmp_path, capsys):
     assert main(["zeroshot", "--model", "tiny", "--device", "blah", str(tmp_path / "x.png"), "--classes", "a,b"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "error: --device 'blah' is not a device (cpu, cuda or cuda:N)"
+
+
+@pytest.mark.parametrize("command", [["eval", "segmentation"], ["train"], ["segment"], ["serve"]])
+def test_help_states_real_defaults_only_once(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, "--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines; compare as one line
+    assert "(default: None)" not in text and "(default: False)" not in text
+    assert "else cpu) (default:" not in text  # help that names its own default gets no second one
+    if command == ["eval", "segmentation"]:
+        assert "images per forward pass (default: 16)" in text

@@ -47,12 +47,22 @@ def build_parser() -> argparse.ArgumentParser:
                 group_parser.set_defaults(_group_parser=group_parser)
             target = groups[words[0]]
         p = target.add_parser(words[-1], help=mod.HELP, description=getattr(mod, "DESCRIPTION", mod.HELP),
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                              formatter_class=HelpFormatter)
         p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
         mod.add_arguments(p)
         p.set_defaults(_run=mod.run)
     return parser
 
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" only where it informs: not for None/False defaults or help that names its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or action.default == [] or "default" in text:
+            return text
+        return super()._get_help_string(action)
 
 
 def main(argv: list[str] | None = None) -> int:
