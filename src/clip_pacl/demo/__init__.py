@@ -129,7 +129,7 @@ def _overlay(model, seg_data: Path, path: Path, background_threshold: float | No
     image = Image.open(image_path).convert("RGB")
     result = segment(model, image, classes, templates=dataset_templates(seg_data), method="pacl",
                      background_threshold=background_threshold)
-    overlay_image(image, result.label_map, classes).save(path)
+    overlay_image(image, result.label_map, classes, fractions=result.fractions()).save(path)
     return path
 
 
