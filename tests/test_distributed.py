@@ -124,3 +124,48 @@ def test_rank_and_world_come_from_torchrun_else_slurm(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("LOCAL_RANK", "0")
     assert env_dist_info() == DistInfo(2, 4, 0)  # torchrun's variables win
+
+
+@pytest.mark.timeout(300)
+def test_torchrun_on_uneven_webdataset_shards_ends_epochs_together(tmp_path):
+    """One rank streams a 24-sample shard, the other an 8-sample one: when the small one runs out, both end the epoch.
+
+    Without that agreement the ranks drift into different epochs (the small shard is re-read while the big one is
+    still in its first pass), and the checkpoint, written by rank 0 with rank 0's epoch and position, would
+    resume the other rank at the wrong place.
+    """
+    import io
+    import subprocess
+    import sys
+    import tarfile
+
+    from PIL import Image
+
+    def add(tar, name, data):
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+
+    for shard, n in enumerate((24, 8)):
+        with tarfile.open(tmp_path / f"shard-{shard:06d}.tar", "w") as tar:
+            for i in range(n):
+                buf = io.BytesIO()
+                Image.new("RGB", (64, 64), (i * 9 % 256, 40 * shard, 200)).save(buf, format="PNG")
+                add(tar, f"s{shard}_{i:04d}.png", buf.getvalue())
+                add(tar, f"s{shard}_{i:04d}.txt", f"a picture number {i} of shard {shard}".encode())
+    out = tmp_path / "ddp"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "clip_pacl.train", "--data", str(tmp_path / "shard-{000000..000001}.tar"), "--model", "tiny",
+         "--epochs", "2", "--batch-size", "4", "--lr", "1e-3", "--warmup", "1", "--device", "cpu", "--no-progress",
+         "--log-every", "1", "--out", str(out)],
+        capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in log if "loss" in r]
+    # 32 samples / 2 ranks / batch 4 = 4 steps an epoch by length, 8 for --epochs 2; whichever rank holds the
+    # 8-sample shard ends every epoch after 2 steps, for both ranks
+    assert steps == list(range(1, 9))
+    assert [r["epoch"] for r in log if "loss" in r] == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert (out / "final").is_dir()

@@ -179,3 +179,36 @@ def test_coco_captions_with_images_elsewhere_train_through_the_cli(tmp_path):
     assert main(args + ["--images", str(images)]) == 0
     assert (out / "final" / "model.safetensors").is_file()
     assert main(args[:-1] + ["--out", str(tmp_path / "run2"), "--no-progress"]) == 2  # images not found: one line
+
+
+def test_webdataset_shards_train_and_all_bad_shards_fail_instead_of_looping(tmp_path, capsys):
+    """A brace pattern is accepted as --data; shards whose every image is corrupt end in one error line.
+
+    Without the check an all-bad stream gave no step in any epoch and the loop never ended.
+    """
+    import io
+    import tarfile
+
+    def write_shard(path, good):
+        with tarfile.open(path, "w") as tar:
+            for i in range(8):
+                buf = io.BytesIO()
+                Image.new("RGB", (64, 64), (30 * i, 100, 200)).save(buf, format="PNG")
+                for name, data in ((f"k{i:03d}.png", buf.getvalue() if good else b"not a png"),
+                                   (f"k{i:03d}.txt", f"caption {i}".encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+
+    for shard in range(2):
+        write_shard(tmp_path / f"good-{shard}.tar", good=True)
+        write_shard(tmp_path / f"bad-{shard}.tar", good=False)
+    common = ["--model", "tiny", "--steps", "2", "--batch-size", "4", "--no-progress", "--device", "cpu"]
+    assert main(["train", "--data", str(tmp_path / "good-{0..1}.tar"), "--out", str(tmp_path / "ok"), *common]) == 0
+    assert (tmp_path / "ok" / "final").is_dir()
+    capsys.readouterr()
+    assert main(["train", "--data", str(tmp_path / "bad-{0..1}.tar"), "--out", str(tmp_path / "bad"), *common,
+                 "--max-bad-fraction", "1.0"]) == 2
+    assert "an epoch ended without a single step" in capsys.readouterr().err
+    assert main(["train", "--data", str(tmp_path / "missing-{0..1}.tar"), "--out", str(tmp_path / "m"), *common]) == 2
+    assert "shards do not exist" in capsys.readouterr().err

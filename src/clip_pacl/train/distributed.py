@@ -82,3 +82,16 @@ def reduce_step_stats(info: DistInfo, loss: torch.Tensor, n_bad: int, n_seen: in
         values = values.cpu()
         values[0] /= info.world_size
     return StepStats(float(values[0]), int(values[1]), int(values[2]), bool(values[3] > 0))
+
+
+def all_ranks_ready(info: DistInfo, ready: bool) -> bool:
+    """True when every rank has a full step's batches. A streaming dataset (webdataset shards) can give ranks
+    different numbers of batches; each step attempt asks this once, so when one rank's shards run out every
+    rank ends the epoch together instead of the others waiting forever in the gradient all-reduce."""
+    if not info.enabled:
+        return ready
+    flag = torch.tensor([1 if ready else 0], dtype=torch.int32)
+    if dist.get_backend() == "nccl":
+        flag = flag.cuda()
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())

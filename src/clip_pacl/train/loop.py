@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import IterableDataset
 from tqdm import tqdm
 
 from clip_pacl.checkpoint import load as load_model
@@ -33,6 +34,7 @@ from clip_pacl.train import checkpointing as ckpt
 from clip_pacl.train.config import TrainConfig
 from clip_pacl.train.distributed import (
     DistInfo,
+    all_ranks_ready,
     cleanup_distributed,
     init_distributed,
     reduce_step_stats,
@@ -159,6 +161,8 @@ def _train(config: TrainConfig, objective: Objective, info: DistInfo, device: to
 
     # ---------------------------------------------------------------- the loop
     stop = _StopRequest()
+    # streaming data may give ranks unequal batch counts: agree before each step that every rank has one
+    sync_epoch_ends = info.enabled and isinstance(loader.dataset, IterableDataset)
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
                disable=not (config.progress and info.is_main))
     start_time, loss_value, val_metrics, val_step = time.perf_counter(), None, None, -1
@@ -172,6 +176,7 @@ def _train(config: TrainConfig, objective: Objective, info: DistInfo, device: to
             set_loader_epoch(loader, epoch, batch_in_epoch)
             micro: list[tuple[torch.Tensor, torch.Tensor]] = []
             step_bad = step_seen = 0
+            steps_before, fresh_epoch = step, batch_in_epoch == 0
             for batch in loader:
                 batch_in_epoch += 1
                 step_bad, step_seen = step_bad + batch["n_bad"], step_seen + batch["n_total"]
@@ -181,6 +186,9 @@ def _train(config: TrainConfig, objective: Objective, info: DistInfo, device: to
                               batch["texts"].to(device, non_blocking=True)))
                 if len(micro) < config.accum:
                     continue
+                if sync_epoch_ends and not all_ranks_ready(info, True):  # another rank's shards ran out
+                    batch_in_epoch = steps_per_epoch * config.accum
+                    break
                 # ------------------------------------------------ one optimiser step
                 lr = schedule.apply(step)
                 loss = accumulate_gradients(feature_model, objective, micro, autocast, scaler.scale, config.local_loss)
@@ -229,7 +237,12 @@ def _train(config: TrainConfig, objective: Objective, info: DistInfo, device: to
                 if step >= total_steps or batch_in_epoch >= steps_per_epoch * config.accum:
                     break
             else:  # the loader ran out early (a streaming dataset's length is approximate): the epoch is over
+                if sync_epoch_ends:
+                    all_ranks_ready(info, False)
                 batch_in_epoch = steps_per_epoch * config.accum
+            if step == steps_before and fresh_epoch:  # (a resumed epoch may legitimately have no step left)
+                raise DataError(f"an epoch ended without a single step (rank {info.rank} of {info.world_size} "
+                                f"got fewer than {config.accum} batch(es) of {config.batch_size}); check the data")
     bar.close()
     if batch_in_epoch >= steps_per_epoch * config.accum:
         _report_epoch(logger, epoch, n_bad, n_seen, config.max_bad_fraction)

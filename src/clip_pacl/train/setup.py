@@ -70,9 +70,10 @@ def build_datasets(config: TrainConfig, model: nn.Module, image_size: int) -> tu
     backbone model).
     """
     from clip_pacl.data import build_caption_dataset, read_caption_rows
+    from clip_pacl.data.formats import is_wds_pattern
     from clip_pacl.preprocess import model_tokenizer, model_transform
 
-    if not Path(config.data).exists():
+    if not Path(config.data).exists() and not is_wds_pattern(config.data):  # shard patterns are checked per shard
         raise DataError(f"--data {config.data} does not exist")
     keys = {"data_format": config.data_format, "image_key": config.image_key, "caption_key": config.caption_key,
             "images_dir": config.images_dir}
