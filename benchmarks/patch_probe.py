@@ -73,6 +73,8 @@ def probe(train_x, train_y, test_x, test_y, n_classes: int, steps: int = 300) ->
     train_x, test_x = train_x.reshape(-1, train_x.shape[-1]), test_x.reshape(-1, test_x.shape[-1])
     train_y, test_y = train_y.reshape(-1), test_y.reshape(-1)
     keep = train_y >= 0
+    if not keep.any():
+        raise SystemExit("error: no labelled patch in the training images (is the mask grid the model's?)")
     mean, std = train_x[keep].mean(0), train_x[keep].std(0) + 1e-6
     xs, ys = (train_x[keep] - mean) / std, train_y[keep]
     weight = torch.zeros(xs.shape[1], n_classes, requires_grad=True)
@@ -86,6 +88,8 @@ def probe(train_x, train_y, test_x, test_y, n_classes: int, steps: int = 300) ->
     with torch.no_grad():
         pred = (((test_x - mean) / std) @ weight + bias).argmax(-1)
     labelled, foreground = test_y >= 0, test_y > 0
+    if not foreground.any():
+        raise SystemExit("error: no labelled foreground patch in the test images; use more --n-test images")
     return ((pred[labelled] == test_y[labelled]).float().mean().item(),
             (pred[foreground] == test_y[foreground]).float().mean().item())
 

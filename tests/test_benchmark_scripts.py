@@ -1,0 +1,56 @@
+"""The segmentation benchmark scripts the README quotes run end to end and write the JSONL they promise."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import clip_pacl
+from clip_pacl.data.synthetic import generate_synthetic
+from clip_pacl.models.pacl import PACL, PACLConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bench")
+    generate_synthetic(tmp / "data", 12, seed=0)
+    PACL.from_clip(clip_pacl.load("tiny"), PACLConfig(hidden_dim=32, patch_tokens="maskclip")).save_checkpoint(
+        tmp / "pacl")
+    return tmp
+
+
+def _run(script, *args):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *map(str, args)],
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
+
+
+def test_pacl_segmentation_benchmark(setup):
+    out = setup / "seg.jsonl"
+    data = setup / "data"
+    stdout = _run("pacl_segmentation.py", "--pacl", setup / "pacl", "--data", data / "segmentation_colors",
+                  data / "segmentation", "--thresholds", "none", "0.3", "--limit", "4", "--out", out)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 2 * 3 * 2  # datasets x methods x thresholds
+    assert {r["method"] for r in rows} == {"patch", "maskclip", "pacl"}
+    assert {r["background_threshold"] for r in rows} == {None, 0.3}
+    assert all(r["num_images"] == 4 and 0.0 <= r["miou"] <= 1.0 for r in rows)
+    assert rows[0]["templates"][0] == "a {} circle"  # the dataset's templates.txt
+    assert stdout.count("PACL / better baseline") == 2
+
+
+def test_patch_probe_benchmark(setup):
+    out = setup / "probe.jsonl"
+    data = setup / "data"
+    stdout = _run("patch_probe.py", "--model", "tiny", "--train", data / "segmentation_colors",
+                  "--test", data / "segmentation_colors", "--n-train", "8", "--n-test", "4", "--out", out)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    sources = [r["source"] for r in rows]
+    assert sources == ["embed", "block0", "block1", "block2", "block3", "tokens", "maskclip"]
+    assert all(0.0 <= r["accuracy"] <= 1.0 and 0.0 <= r["foreground_accuracy"] <= 1.0 for r in rows)
+    assert "foreground accuracy" in stdout
