@@ -5,8 +5,8 @@
 
 Both models segment with the dataset's class names only (the same call as `clip-pacl eval segmentation`),
 with the dataset's templates.txt as prompts when it has one, each method at its own background threshold
-(none: background by its prompt). When every class but background is a colour word of the synthetic set,
-classes are drawn in their own colour (background mid-grey, ignored edge pixels cyan).
+(none: background by its prompt). Classes named after a colour are drawn in it (as
+in every overlay); when all of them are, background is mid-grey and ignored edge pixels cyan.
 """
 
 from __future__ import annotations
@@ -19,9 +19,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 import clip_pacl
 from clip_pacl.data.segmentation import open_segmentation_dataset
-from clip_pacl.data.synthetic import COLORS
 from clip_pacl.eval.segmentation import dataset_templates
-from clip_pacl.segmentation.overlay import class_colors
+from clip_pacl.segmentation.overlay import NAMED_COLORS, class_colors
 from clip_pacl.segmentation.predict import NO_CLASS, segment
 
 SCALE = 3
@@ -54,11 +53,9 @@ def main() -> None:
         if method not in thresholds or not value:
             parser.error(f"bad --thresholds entry {spec!r} (want patch=F, maskclip=F or pacl=F)")
         thresholds[method] = None if value.lower() == "none" else float(value)
-    ignore = (255, 255, 255)
-    if names[0] == "background" and all(n in COLORS for n in names[1:]):
-        colors, ignore = [(128, 128, 128), *(COLORS[n] for n in names[1:])], (0, 255, 255)
-    else:
-        colors = class_colors(names)
+    colors, ignore = class_colors(names), (255, 255, 255)
+    if names[0] == "background" and all(n in NAMED_COLORS for n in names[1:]):  # black objects need a lighter
+        colors[0], ignore = (128, 128, 128), (0, 255, 255)  # background; white ones a non-white ignore colour
     templates = args.template or dataset_templates(args.data)
     columns = ["image", "ground truth", *(f"{title} ({'prompt' if thresholds[m] is None else thresholds[m]})"
                                           for title, m in (("CLIP patches", "patch"), ("MaskCLIP", "maskclip"),

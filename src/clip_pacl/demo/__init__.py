@@ -118,15 +118,14 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
 
 def _overlay(model, seg_data: Path, path: Path, background_threshold: float | None) -> Path:
     """Overlay of the first held-out segmentation image, segmented by every class name."""
-    from PIL import Image
-
+    from clip_pacl.data.segmentation import open_segmentation_dataset
     from clip_pacl.eval.segmentation import dataset_templates
     from clip_pacl.segmentation.overlay import overlay_image
     from clip_pacl.segmentation.predict import segment
 
-    classes = (seg_data / "classes.txt").read_text().split()
-    image_path = sorted((seg_data / "images").iterdir())[0]
-    image = Image.open(image_path).convert("RGB")
+    dataset = open_segmentation_dataset(seg_data)
+    classes = list(dataset.class_names)
+    image = dataset[0][0].convert("RGB")
     result = segment(model, image, classes, templates=dataset_templates(seg_data), method="pacl",
                      background_threshold=background_threshold)
     overlay_image(image, result.label_map, classes, fractions=result.fractions()).save(path)
@@ -142,17 +141,14 @@ def format_summary(s: dict[str, Any]) -> str:
         f"  text->image R@1 {ret['text_to_image_R@1']:.3f}   image->text R@1 {ret['image_to_text_R@1']:.3f}",
         f"PACL ({s['pacl_train']['steps']} steps, {s['pacl_train']['seconds']} s) segmentation mIoU, each method at "
         "its best background threshold:",
-        f"overlay: {s['overlay']}",
-        f"total: {s['seconds']} s",
     ]
     for labels, title in (("segmentation_colors", "by colour"), ("segmentation", "by shape")):
-        rows = seg[labels]
-        baseline = max(rows["patch"]["best"]["miou"], rows["maskclip"]["best"]["miou"])
-        ratio = f"{rows['pacl']['best']['miou'] / baseline:.2f}x the better baseline" if baseline > 0 else ""
-        at = {m: rows[m]["best"]["background_threshold"] for m in rows}
-        lines[-2:-2] = [
-            f"  {title}: raw patches {rows['patch']['best']['miou']:.3f} (threshold {at['patch']}), "
-            f"MaskCLIP {rows['maskclip']['best']['miou']:.3f} (threshold {at['maskclip']}), "
-            f"PACL {rows['pacl']['best']['miou']:.3f} (threshold {at['pacl']})  {ratio}",
-        ]
+        best = {method: result["best"] for method, result in seg[labels].items()}
+        baseline = max(best["patch"]["miou"], best["maskclip"]["miou"])
+        ratio = f"{best['pacl']['miou'] / baseline:.2f}x the better baseline" if baseline > 0 else ""
+        lines.append(
+            f"  {title}: raw patches {best['patch']['miou']:.3f} (threshold {best['patch']['background_threshold']}), "
+            f"MaskCLIP {best['maskclip']['miou']:.3f} (threshold {best['maskclip']['background_threshold']}), "
+            f"PACL {best['pacl']['miou']:.3f} (threshold {best['pacl']['background_threshold']})  {ratio}")
+    lines += [f"overlay: {s['overlay']}", f"total: {s['seconds']} s"]
     return "\n".join(lines)

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from clip_pacl.data.synthetic import COLORS
 from clip_pacl.segmentation.predict import NO_CLASS
 
 # Distinct, saturated colours (Glasbey-like); classes beyond this list cycle through it.
@@ -19,11 +20,10 @@ BACKGROUND_COLOR = (40, 40, 40)
 MIN_OVERLAY_SIDE = 256  # small images are enlarged (nearest) so the overlay and its legend are readable
 
 
-# A class named after a basic colour is drawn in that colour, so "red" is never shown blue in the legend.
+# A class named after a basic colour is drawn in that colour, so "red" is never shown blue in the legend
+# (the built-in synthetic set's colours, as drawn, plus a few more).
 NAMED_COLORS = {
-    "red": (220, 30, 30), "green": (30, 170, 50), "blue": (30, 60, 220), "yellow": (240, 220, 30),
-    "purple": (140, 40, 180), "orange": (245, 130, 20), "white": (245, 245, 245), "black": (15, 15, 15),
-    "pink": (250, 150, 190), "brown": (130, 80, 30), "gray": (128, 128, 128), "grey": (128, 128, 128),
+    **COLORS, "pink": (250, 150, 190), "brown": (130, 80, 30), "gray": (128, 128, 128), "grey": (128, 128, 128),
 }
 
 

@@ -76,8 +76,7 @@ def reduce_step_stats(info: DistInfo, loss: torch.Tensor, n_bad: int, n_seen: in
     """One small all-reduce per step keeps every rank's counters and its decision to stop identical."""
     values = torch.tensor([float(loss), n_bad, n_seen, float(stop)], dtype=torch.float64)
     if info.enabled:
-        if dist.get_backend() == "nccl":
-            values = values.cuda()
+        values = _for_backend(values)
         dist.all_reduce(values)
         values = values.cpu()
         values[0] /= info.world_size
@@ -87,11 +86,15 @@ def reduce_step_stats(info: DistInfo, loss: torch.Tensor, n_bad: int, n_seen: in
 def all_ranks_ready(info: DistInfo, ready: bool) -> bool:
     """True when every rank has a full step's batches. A streaming dataset (webdataset shards) can give ranks
     different numbers of batches; each step attempt asks this once, so when one rank's shards run out every
-    rank ends the epoch together instead of the others waiting forever in the gradient all-reduce."""
+    rank ends the epoch together. Otherwise the ranks drift into different epochs, and the checkpoint (written
+    by rank 0, with rank 0's epoch and position) would resume the others at the wrong place."""
     if not info.enabled:
         return ready
-    flag = torch.tensor([1 if ready else 0], dtype=torch.int32)
-    if dist.get_backend() == "nccl":
-        flag = flag.cuda()
+    flag = _for_backend(torch.tensor([1 if ready else 0], dtype=torch.int32))
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
+
+
+def _for_backend(tensor: torch.Tensor) -> torch.Tensor:
+    """A small CPU tensor moved to where the process group's collectives run (NCCL needs CUDA tensors)."""
+    return tensor.cuda() if dist.get_backend() == "nccl" else tensor
