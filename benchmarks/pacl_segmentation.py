@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 import clip_pacl
+from clip_pacl.errors import ClipPaclError
 from clip_pacl.eval.segmentation import evaluate_segmentation_thresholds
 
 RESULTS = Path(__file__).parent / "results" / "pacl_segmentation.jsonl"
@@ -83,4 +84,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ClipPaclError as e:  # a missing or unreadable model or dataset: one line, not a traceback
+        raise SystemExit(f"error: {e}") from None

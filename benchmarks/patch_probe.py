@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 import clip_pacl
 from clip_pacl.data.segmentation import IGNORE_INDEX, open_segmentation_dataset
+from clip_pacl.errors import ClipPaclError
 from clip_pacl.segmentation.predict import _to_tensor
 
 RESULTS = Path(__file__).parent / "results" / "patch_probe.jsonl"
@@ -127,4 +128,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ClipPaclError as e:  # a missing or unreadable model or dataset: one line, not a traceback
+        raise SystemExit(f"error: {e}") from None

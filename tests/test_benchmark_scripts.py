@@ -54,3 +54,12 @@ def test_patch_probe_benchmark(setup):
     assert sources == ["embed", "block0", "block1", "block2", "block3", "tokens", "maskclip"]
     assert all(0.0 <= r["accuracy"] <= 1.0 and 0.0 <= r["foreground_accuracy"] <= 1.0 for r in rows)
     assert "foreground accuracy" in stdout
+
+
+def test_benchmark_scripts_report_a_missing_path_in_one_line(setup, tmp_path):
+    for args in (["pacl_segmentation.py", "--pacl", setup / "pacl", "--data", tmp_path / "missing"],
+                 ["patch_probe.py", "--model", "tiny", "--train", tmp_path / "missing", "--test", tmp_path / "missing"]):
+        proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / args[0]), *map(str, args[1:])],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
+            f"error: segmentation data {tmp_path / 'missing'} does not exist"]
