@@ -57,9 +57,10 @@ def test_patch_probe_benchmark(setup):
 
 
 def test_benchmark_scripts_report_a_missing_path_in_one_line(setup, tmp_path):
-    for args in (["pacl_segmentation.py", "--pacl", setup / "pacl", "--data", tmp_path / "missing"],
-                 ["patch_probe.py", "--model", "tiny", "--train", tmp_path / "missing", "--test", tmp_path / "missing"]):
+    missing = tmp_path / "missing"
+    for args in (["pacl_segmentation.py", "--pacl", setup / "pacl", "--data", missing],
+                 ["patch_probe.py", "--model", "tiny", "--train", missing, "--test", missing]):
         proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / args[0]), *map(str, args[1:])],
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
-            f"error: segmentation data {tmp_path / 'missing'} does not exist"]
+            f"error: segmentation data {missing} does not exist"]
