@@ -15,9 +15,10 @@ import timm  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 import clip_pacl  # noqa: E402
+from clip_pacl.checkpoint.backbone import load_backbone  # noqa: E402
 from clip_pacl.errors import CheckpointError, ConfigError  # noqa: E402
 from clip_pacl.losses.clip import clip_loss  # noqa: E402
-from clip_pacl.models.backbone import BackboneCLIP, BackboneConfig, load_checkpoint  # noqa: E402
+from clip_pacl.models.backbone import BackboneCLIP, BackboneConfig  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -157,7 +158,7 @@ def test_checkpoint_round_trip_through_clip_pacl_load(model, tmp_path):
     assert torch.allclose(a.text_features, b.text_features, atol=1e-6)
     (tmp_path / "ckpt" / "config.json").write_text(json.dumps({"model_type": "backbone"}))
     with pytest.raises(CheckpointError, match="is not a backbone checkpoint"):
-        load_checkpoint(tmp_path / "ckpt")
+        load_backbone(tmp_path / "ckpt")
 
 
 def test_clip_pacl_load_builds_from_a_spec(text_dir):

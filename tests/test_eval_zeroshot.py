@@ -244,7 +244,7 @@ def test_tiny_model_agrees_with_brute_force(tiny_model, synthetic):
 
 def test_pacl_model_is_scored_by_its_compatibility(tiny_model, synthetic):
     torch.manual_seed(1)
-    pacl = PACL.from_clip(tiny_model).eval()
+    pacl = PACL(tiny_model).eval()
     rows = read_label_rows(synthetic / "colors.csv")
     result = evaluate_zeroshot(pacl, rows, ["a {} shape"], batch_size=6, progress=False)
     names = sorted({r.label for r in rows})

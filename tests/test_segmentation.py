@@ -99,7 +99,7 @@ def test_baselines_and_pacl_run_on_real_models(preset):
     for method in ("patch", "maskclip"):
         result = segment(clip, image, ["cat", "dog", "background"], templates=["a photo of a {}."], method=method)
         assert result.label_map.shape == (40, 90) and result.label_map.max() < 3
-    pacl = PACL.from_clip(clip).eval()
+    pacl = PACL(clip).eval()
     result = segment(pacl, image, ["cat", "dog"], templates=["a {}.", "a photo of a {}."], sliding_window=True)
     assert result.scores.shape == (2, 40, 90)
     with pytest.raises(ConfigError, match="needs a PACL"):
@@ -109,7 +109,7 @@ def test_baselines_and_pacl_run_on_real_models(preset):
 
 
 def test_pacl_patch_scores_are_its_patch_embeddings_against_its_text_embeddings():
-    pacl = PACL.from_clip(clip_pacl.load("tiny")).eval()
+    pacl = PACL(clip_pacl.load("tiny")).eval()
     image = Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8))
     from clip_pacl.segmentation.predict import _to_tensor, class_embeddings
 

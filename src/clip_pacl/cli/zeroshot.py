@@ -11,7 +11,7 @@ import clip_pacl
 from clip_pacl.cli.common import add_device_flag, add_json_flag, print_json, resolve_device
 from clip_pacl.cli.eval_zeroshot import add_template_flags
 from clip_pacl.data import load_image
-from clip_pacl.eval.common import model_device
+from clip_pacl.encode import model_device
 from clip_pacl.transforms import image_transform
 from clip_pacl.zeroshot.classifier import build_classifier, class_probabilities
 from clip_pacl.zeroshot.templates import resolve_class_names, resolve_templates

@@ -24,9 +24,8 @@ e.g. `backbone:timm/resnet50+hf/distilbert-base-uncased`,
 The model keeps the training contract (`loss_features`, `logit_scale`, `logit_bias`) and the zero-shot one
 (`encode_image`, `encode_text`, `similarity`), and brings its own preprocessing: `tokenize(texts)` with the
 text model's tokenizer (padded to `context_length`; the attention mask is recovered from the pad id) and
-`image_transform(train)` with the image model's mean/std and size. Checkpoints are self-contained and load
-offline: `config.json` (`"model_type": "backbone"`), `model.safetensors` (towers + heads) and `text/`
-(the text model's config and tokenizer files).
+`image_transform(train)` with the image model's mean/std and size. Checkpoints (`checkpoint/backbone.py`) are
+self-contained and load offline.
 """
 
 from __future__ import annotations
@@ -45,13 +44,10 @@ from clip_pacl.errors import CheckpointError, ConfigError, MissingDependencyErro
 from clip_pacl.models.clip import CLIPOutput
 
 SPEC_PREFIX = "backbone:"
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-TEXT_DIR = "text"
 SPEC_SYNTAX = "backbone:timm/NAME[=FILE|=random]|timm=DIR + hf/REPO_ID|hf=DIR [+key=value ...]"
 
 
-def _timm():
+def import_timm():
     try:
         import timm
     except ImportError:
@@ -59,7 +55,7 @@ def _timm():
     return timm
 
 
-def _transformers():
+def import_transformers():
     try:
         import transformers
     except ImportError:
@@ -164,7 +160,7 @@ class HFTokenize:
 
 def _load_image_tower(spec: str, pretrained: bool) -> tuple[nn.Module, dict[str, Any]]:
     """(timm model without classifier -> (B, F) pooled features, how to rebuild it without weights)."""
-    timm = _timm()
+    timm = import_timm()
     if spec.startswith("timm="):
         folder = Path(spec.removeprefix("timm="))
         cfg_file = folder / "config.json"
@@ -194,7 +190,7 @@ def _load_image_tower(spec: str, pretrained: bool) -> tuple[nn.Module, dict[str,
 
 
 def _load_text_tower(spec: str) -> tuple[nn.Module, Any]:
-    transformers = _transformers()
+    transformers = import_transformers()
     source = spec.removeprefix("hf/") if spec.startswith("hf/") else spec.removeprefix("hf=")
     if spec.startswith("hf=") and not Path(source).is_dir():
         raise CheckpointError(f"text model folder {source} does not exist")
@@ -210,6 +206,8 @@ def _load_text_tower(spec: str) -> tuple[nn.Module, Any]:
 class BackboneCLIP(nn.Module):
     """visual (timm) -> image_head, text (transformers) -> text_head, both into `embed_dim`; learned temperature."""
 
+    model_type = "backbone"
+
     def __init__(self, config: BackboneConfig, visual: nn.Module, text: nn.Module, tokenizer: Any,
                  image_info: dict[str, Any]):
         super().__init__()
@@ -222,7 +220,7 @@ class BackboneCLIP(nn.Module):
         self.text_head = _head(config.head, text.config.hidden_size, config.embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(float(config.init_logit_scale)))
         self.logit_bias = None
-        data_config = _timm().data.resolve_data_config({}, model=visual)
+        data_config = import_timm().data.resolve_data_config({}, model=visual)
         if config.image_size is not None:
             data_config["input_size"] = (3, config.image_size, config.image_size)
         self.data_config = data_config
@@ -316,50 +314,7 @@ class BackboneCLIP(nn.Module):
         elif not enable and getattr(self.text, "is_gradient_checkpointing", False):
             self.text.gradient_checkpointing_disable()
 
-    # ------------------------------------------------------------------ checkpoints
-    def save_checkpoint(self, out_dir: str | Path) -> Path:
-        """A self-contained directory that `clip_pacl.load` reads back offline."""
-        from safetensors.torch import save_model
-
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        self.text.config.save_pretrained(out / TEXT_DIR)
-        self.tokenizer.save_pretrained(out / TEXT_DIR)
-        save_model(self, str(out / WEIGHTS_NAME), metadata={"format": "pt"})  # drops tied duplicates safely
-        data_config = {k: list(v) if isinstance(v, tuple) else v for k, v in self.data_config.items()}
-        cfg = {"model_type": "backbone", "backbone": self.config.to_dict(), "image": self.image_info,
-               "image_data_config": data_config, "spec": self.config.to_spec()}
-        (out / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")
-        return out
-
 
 def build_backbone(spec: str) -> BackboneCLIP:
     """`backbone:IMAGE+TEXT[+key=value ...]` -> a model with pretrained towers and new heads."""
     return BackboneCLIP.from_spec(spec)
-
-
-def load_checkpoint(path: str | Path, device: str | torch.device | None = None) -> BackboneCLIP:
-    """Read a directory written by `save_checkpoint` (what `clip_pacl.load` calls for model_type "backbone")."""
-    from safetensors.torch import load_model
-
-    path = Path(path)
-    try:
-        cfg = json.loads((path / CONFIG_NAME).read_text())
-        config = BackboneConfig.from_dict(cfg["backbone"])
-        image_info = cfg["image"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{path} is not a backbone checkpoint ({e})") from None
-    timm, transformers = _timm(), _transformers()
-    visual = timm.create_model(image_info["arch"], pretrained=False, num_classes=0, **image_info.get("model_args", {}))
-    text_config = transformers.AutoConfig.from_pretrained(path / TEXT_DIR)
-    text = transformers.AutoModel.from_config(text_config)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path / TEXT_DIR)
-    model = BackboneCLIP(config, visual, text, tokenizer, image_info)
-    missing, unexpected = load_model(model, str(path / WEIGHTS_NAME), strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"{path} does not match its config: missing {sorted(missing)[:3]}, "
-                              f"unexpected {sorted(unexpected)[:3]}")
-    saved = cfg.get("image_data_config")
-    if saved:
-        model.data_config = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}
-    return model.to(device) if device is not None else model

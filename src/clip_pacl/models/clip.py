@@ -23,6 +23,14 @@ class CLIPOutput(NamedTuple):
 
 
 class CLIP(nn.Module):
+    """An image tower (ViT or ModifiedResNet) and a causal text tower projected into one `embed_dim` space.
+
+    `encode_image` (B, 3, H, W) -> (B, D) and `encode_text` (B, L) ids -> (B, D); `forward` returns both normalised
+    with the temperature, as the contrastive losses consume them.
+    """
+
+    model_type = "clip"
+
     def __init__(self, config: CLIPConfig):
         super().__init__()
         self.config = config

@@ -3,32 +3,32 @@
 Mukhoti et al., "Open Vocabulary Semantic Segmentation with Patch Aligned Contrastive Learning" (CVPR 2023).
 Every patch token of the frozen image tower goes through a vision embedder e_v and the pooled text
 embedding through a text embedder e_t; the image-text compatibility pools the patches with weights
-softmax_i <e_v(v_i), e_t(t)> (see `clip_pacl.losses.pacl`). Because training only sees captions, the
-patch-level similarity that results is what segments images.
+softmax_i <e_v(v_i), e_t(t)> (`compatibility`; the loss is `clip_pacl.losses.pacl`). Because training only
+sees captions, the patch-level similarity that results is what segments images.
 
-Checkpoint layout (`save_checkpoint`): `config.json` (`"model_type": "pacl"`, the CLIP config under `clip`,
-the PACL config under `pacl`), `model.safetensors` (the base CLIP's weights, copied in so the directory is
-self-contained and stays right when the last blocks were fine-tuned) and `pacl.safetensors` (embedders,
-logit scale).
+For an image with normalised patch embeddings V (N, D) and a normalised text embedding t (D,):
+    s = V t                  patch-text similarities (N,)
+    a = softmax(s)           patch weights
+    p = a^T V                text-conditioned pooled image embedding
+    phi = <p, t> / |p|       the compatibility (cosine, since |t| = 1)
+The loss needs phi for all B x B pairs. Forming p for every pair would be a (B, B, D) tensor
+(or (B, B, N, D) before the sum); instead
+    <p, t> = sum_i a_i s_i   and   |p|^2 = a^T G a  with  G = V V^T  (B, N, N), shared by every text,
+so the largest tensor is (B, B_chunk, N). Chunks over texts are recomputed in the backward pass
+(activation checkpointing) when gradients are needed, so peak memory stays O(B * chunk * N).
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from clip_pacl.config import CLIPConfig
-from clip_pacl.errors import CheckpointError, ConfigError
-from clip_pacl.losses.pacl import compatibility
+from clip_pacl.errors import ConfigError
 from clip_pacl.models.clip import CLIP
-
-PACL_WEIGHTS_NAME = "pacl.safetensors"
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,34 @@ class PACLConfig:
             raise ConfigError(f"patch_tokens must be 'tokens' or 'maskclip', not '{self.patch_tokens}'")
 
 
+def _compatibility_block(patch_emb: torch.Tensor, gram: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
+    """phi for every (image, text) pair of one text chunk: (B_img, N, D), (B_img, N, N), (C, D) -> (B_img, C)."""
+    s = torch.einsum("bnd,cd->bcn", patch_emb, text_emb)  # (B_img, C, N)
+    a = s.softmax(dim=-1)  # (B_img, C, N)
+    dot = (a * s).sum(dim=-1)  # <p, t>: (B_img, C)
+    sq_norm = (a * torch.einsum("bnm,bcm->bcn", gram, a)).sum(dim=-1)  # |p|^2 = a^T G a: (B_img, C)
+    return dot / sq_norm.clamp_min(1e-12).sqrt()
+
+
+def compatibility(patch_emb: torch.Tensor, text_emb: torch.Tensor, chunk_size: int = 256) -> torch.Tensor:
+    """phi(x_b, y_c) for all pairs: patch_emb (B, N, D) and text_emb (C, D), both L2-normalised -> (B, C).
+
+    Computed in float32 whatever the input dtype: the softmax-weighted norms lose too much in half precision.
+    """
+    patch_emb = patch_emb.float()
+    text_emb = text_emb.float()
+    gram = patch_emb @ patch_emb.transpose(1, 2)  # (B, N, N)
+    needs_grad = torch.is_grad_enabled() and (patch_emb.requires_grad or text_emb.requires_grad)
+    blocks = []
+    for start in range(0, text_emb.shape[0], chunk_size):
+        chunk = text_emb[start : start + chunk_size]
+        if needs_grad and text_emb.shape[0] > chunk_size:
+            blocks.append(checkpoint(_compatibility_block, patch_emb, gram, chunk, use_reentrant=False))
+        else:
+            blocks.append(_compatibility_block(patch_emb, gram, chunk))
+    return torch.cat(blocks, dim=1)
+
+
 class ResidualEmbedder(nn.Module):
     """A linear branch plus a two-layer MLP branch, summed (the paper's embedder).
 
@@ -87,6 +115,11 @@ class ResidualEmbedder(nn.Module):
 
 
 class PACL(nn.Module):
+    """A frozen CLIP plus trainable vision/text embedders; images are scored against texts by the patch-aligned
+    compatibility phi (`similarity` (B, C)) and segmented by per-patch similarity (`patch_similarity`)."""
+
+    model_type = "pacl"
+
     def __init__(self, clip: CLIP, config: PACLConfig | None = None):
         super().__init__()
         self.config = config or PACLConfig()
@@ -100,10 +133,6 @@ class PACL(nn.Module):
         self.logit_bias = None
         self._unfrozen = tuple(self._unfreeze(self.config.unfreeze_last_n_blocks))  # a tuple: not re-registered
         self.train(self.training)
-
-    @classmethod
-    def from_clip(cls, clip: CLIP, config: PACLConfig | None = None) -> PACL:
-        return cls(clip, config)
 
     # ------------------------------------------------------------------ freezing
     def _unfreeze(self, n: int) -> list[nn.Module]:
@@ -219,21 +248,6 @@ class PACL(nn.Module):
         """
         return self.pooling_patches(images), self.encode_text(texts, normalize=True)
 
-    # ------------------------------------------------------------------ checkpoints
-    def save_checkpoint(self, out_dir: str | Path) -> Path:
-        from clip_pacl.checkpoint.io import CONFIG_NAME, WEIGHTS_NAME, _atomic_write
-
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        clip_state = {k: v.detach().contiguous().cpu() for k, v in self.clip.state_dict().items()}
-        head_state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()
-                      if not k.startswith("clip.")}
-        _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(clip_state, str(p), metadata={"format": "pt"}))
-        _atomic_write(out / PACL_WEIGHTS_NAME, lambda p: save_file(head_state, str(p), metadata={"format": "pt"}))
-        cfg = {"model_type": "pacl", "clip": self.clip.config.to_dict(), "pacl": self.config.to_dict()}
-        _atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(cfg, indent=2) + "\n"))
-        return out
-
 
 def _grid(clip: CLIP, images: torch.Tensor, n: int) -> tuple[int, int]:
     """The (gh, gw) patch grid an image of this size produces (N = gh * gw)."""
@@ -246,27 +260,3 @@ def _grid(clip: CLIP, images: torch.Tensor, n: int) -> tuple[int, int]:
     if side * side != n:
         raise ValueError(f"cannot infer a patch grid for {n} patches")
     return side, side
-
-
-def load_checkpoint(path: str | Path, device: str | torch.device | None = None) -> PACL:
-    """Read a directory written by `PACL.save_checkpoint` (what `clip_pacl.load` calls for model_type "pacl")."""
-    from clip_pacl.checkpoint.io import CONFIG_NAME, WEIGHTS_NAME, _load_state
-
-    path = Path(path)
-    for name in (CONFIG_NAME, WEIGHTS_NAME, PACL_WEIGHTS_NAME):
-        if not (path / name).is_file():
-            raise CheckpointError(f"{path} is not a PACL checkpoint (no {name})")
-    cfg = json.loads((path / CONFIG_NAME).read_text())
-    if cfg.get("model_type") != "pacl" or "clip" not in cfg:
-        raise CheckpointError(f"{path}/{CONFIG_NAME} does not describe a PACL model")
-    clip = CLIP(CLIPConfig.from_dict(cfg["clip"]))
-    map_location = str(device or "cpu")
-    _load_state(clip, load_file(str(path / WEIGHTS_NAME), device=map_location), str(path / WEIGHTS_NAME))
-    model = PACL(clip, PACLConfig.from_dict(cfg.get("pacl", {})))
-    heads = load_file(str(path / PACL_WEIGHTS_NAME), device=map_location)
-    result = model.load_state_dict(heads, strict=False)
-    missing = [k for k in result.missing_keys if not k.startswith("clip.")]
-    if missing or result.unexpected_keys:
-        raise CheckpointError(f"{path / PACL_WEIGHTS_NAME} does not match the PACL model "
-                              f"(missing: {missing[:3]}, unexpected: {result.unexpected_keys[:3]})")
-    return model.to(device) if device is not None else model

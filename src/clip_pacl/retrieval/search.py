@@ -9,8 +9,8 @@ from PIL import Image
 
 import clip_pacl
 from clip_pacl.data import load_image
+from clip_pacl.encode import encode_texts, model_device
 from clip_pacl.errors import DataError
-from clip_pacl.eval.common import encode_texts, model_device
 from clip_pacl.retrieval.index import ImageIndex, SearchHit
 from clip_pacl.transforms import image_transform
 

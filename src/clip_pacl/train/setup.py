@@ -33,7 +33,7 @@ def build_model(config: TrainConfig, objective: Objective) -> nn.Module:
 
         if isinstance(model, PACL):
             return model
-        return PACL.from_clip(model, PACLConfig(unfreeze_last_n_blocks=config.pacl_unfreeze_blocks,
+        return PACL(model, PACLConfig(unfreeze_last_n_blocks=config.pacl_unfreeze_blocks,
                                                 pool_temperature=config.pacl_pool_temperature,
                                                 patch_tokens=config.pacl_patch_tokens))
     if not hasattr(model, "loss_features"):

@@ -24,8 +24,8 @@ from PIL import Image
 from torch import nn
 
 from clip_pacl.data.images import decode_image_bytes, load_image
+from clip_pacl.encode import model_device
 from clip_pacl.errors import ClipPaclError, DataError
-from clip_pacl.eval.common import model_device
 from clip_pacl.retrieval.index import ImageIndex, SearchHit
 from clip_pacl.retrieval.search import search_image, search_text
 from clip_pacl.segmentation.overlay import overlay_image

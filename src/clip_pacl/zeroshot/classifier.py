@@ -12,8 +12,8 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from clip_pacl.encode import encode_texts, evaluating
 from clip_pacl.errors import DataError
-from clip_pacl.eval.common import encode_texts, evaluating
 from clip_pacl.zeroshot.templates import OPENAI_IMAGENET_TEMPLATES, check_template, format_prompt
 
 

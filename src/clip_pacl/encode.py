@@ -1,4 +1,4 @@
-"""Batched encoding shared by the evaluations, zero-shot classification and the image index.
+"""Batched encoding shared by the evaluations, zero-shot classification, the image index and the server.
 
 Evaluations must not die on image 40,001 of 50,000 because one file is corrupt: images that cannot be
 read are skipped, counted and reported, and the metrics say how many images they cover.
