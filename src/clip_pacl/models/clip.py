@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clip_pacl.config import CLIPConfig
+from clip_pacl.models import inference
 from clip_pacl.models.layers import activation
 from clip_pacl.models.resnet import ModifiedResNet
 from clip_pacl.models.text import TextTransformer
@@ -60,27 +61,35 @@ class CLIP(nn.Module):
         return self.config.embed_dim
 
     # ------------------------------------------------------------------ encoders
+    # Under no_grad in eval mode the encoders take the exact speedups of `models/inference.py`; otherwise (and in
+    # `forward`) the towers' plain definitions.
     def encode_image(self, image: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         """(B, 3, H, W) normalised pixels -> (B, D)."""
-        x = self.visual(image)
+        fast = inference.fast_path_applies(self.visual)
+        x = inference.encode_image(self.visual, image) if fast else self.visual(image)
         return F.normalize(x, dim=-1) if normalize else x
 
     def encode_text(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         """(B, L) token ids -> (B, D)."""
-        x = self.text(text)
+        x = inference.encode_text(self.text, text) if inference.fast_path_applies(self.text) else self.text(text)
         return F.normalize(x, dim=-1) if normalize else x
 
     def encode_image_tokens(self, image: torch.Tensor, dense: str = "tokens") -> torch.Tensor:
-        """Token-level image features in the joint space (B, 1 + N, D); `dense="maskclip"` uses the value path."""
-        if dense == "maskclip":
-            return self.visual.forward_maskclip(image)
-        if dense != "tokens":
+        """Token-level image features in the joint space (B, 1 + N, D), index 0 the pooled token.
+
+        `dense="tokens"`: the tower's last-layer tokens (ViT: last block; ResNet: every attention-pool position as a
+        query). `dense="maskclip"`: the last attention replaced by its value path, which keeps each token local."""
+        if dense not in ("tokens", "maskclip"):
             raise ValueError(f"unknown dense mode '{dense}' (tokens, maskclip)")
-        return self.visual.forward_tokens(image)
+        if inference.fast_path_applies(self.visual):
+            return inference.image_tokens(self.visual, image, dense)
+        return self.visual.forward_maskclip(image) if dense == "maskclip" else self.visual.forward_tokens(image)
 
     def forward(self, image: torch.Tensor | None = None, text: torch.Tensor | None = None) -> CLIPOutput:
-        image_features = self.encode_image(image, normalize=True) if image is not None else None
-        text_features = self.encode_text(text, normalize=True) if text is not None else None
+        """Normalised image (B, D) and text (B, D) features with exp(logit_scale) (and the bias), by the plain
+        towers: what training differentiates."""
+        image_features = F.normalize(self.visual(image), dim=-1) if image is not None else None
+        text_features = F.normalize(self.text(text), dim=-1) if text is not None else None
         return CLIPOutput(image_features, text_features, self.logit_scale.exp(), self.logit_bias)
 
     def logits(self, image: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,4 +118,5 @@ class CLIP(nn.Module):
         Every trainable model (CLIP, PACL, backbone models) has this method plus `logit_scale`
         and `logit_bias`, so the training loop, accumulation and distributed gathering are shared.
         """
-        return self.encode_image(images, normalize=True), self.encode_text(texts, normalize=True)
+        out = self(images, texts)
+        return out.image_features, out.text_features
