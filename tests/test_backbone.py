@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -208,3 +209,19 @@ def test_lock_image_freezes_a_timm_tower_but_not_the_heads(model):
     assert not any(p.requires_grad for p in model.visual.parameters())
     assert all(p.requires_grad for p in model.text.parameters())
     model.requires_grad_(True)
+
+
+def test_search_by_image_uses_the_models_own_preprocessing(model, tmp_path):
+    """An index built with the timm model's transform must be queried with it: searching with an indexed image
+    finds that image at cosine 1 (CLIP's mean/std or size would give other features)."""
+    from clip_pacl.retrieval.index import build_index
+    from clip_pacl.retrieval.search import search_image
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(rng.integers(0, 255, (48, 40, 3), dtype=np.uint8)).save(paths[-1])
+    index, _ = build_index(model, paths, progress=False)
+    hits = search_image(index, model, paths[1], k=1)
+    assert Path(hits[0].path).name == "1.png" and hits[0].score == pytest.approx(1.0, abs=1e-5)

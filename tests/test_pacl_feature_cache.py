@@ -35,7 +35,7 @@ def test_cached_features_match_encoding_the_images(captions):
         pixels, tokens = dataset[i]
         with torch.no_grad():
             direct = model.loss_features(pixels[None], tokens[None])
-            cached = model.loss_features(*(x[None] for x in cache[(i, 123)]))
+            cached = model.loss_features_from_cache(*(x[None] for x in cache[(i, 123)]))
         for a, b in zip(direct, cached):
             assert torch.allclose(a, b, atol=1e-5)
 

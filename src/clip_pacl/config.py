@@ -10,7 +10,6 @@ import json
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from importlib import resources
-from pathlib import Path
 from typing import Any
 
 from clip_pacl.errors import ConfigError
@@ -29,16 +28,23 @@ class VisionConfig:
 
     @property
     def is_resnet(self) -> bool:
+        """True for OpenAI's ModifiedResNet (layers per stage), False for a ViT."""
         return isinstance(self.layers, tuple)
 
     @property
     def heads(self) -> int:
-        # open_clip's convention: RN attention pool has width*32 channels, ViT has width channels.
+        """Attention heads (open_clip's convention: the RN attention pool has width*32 channels, a ViT width)."""
         return self.width * 32 // self.head_width if self.is_resnet else self.width // self.head_width
 
     @property
+    def stride(self) -> int:
+        """Pixels per patch token along each side: the ViT's patch size, the ResNet's total stride (32)."""
+        return 32 if self.is_resnet else self.patch_size
+
+    @property
     def grid_size(self) -> int:
-        return self.image_size // 32 if self.is_resnet else self.image_size // self.patch_size
+        """Patch tokens per side at `image_size`."""
+        return self.image_size // self.stride
 
 
 @dataclass(frozen=True)
@@ -157,10 +163,6 @@ class CLIPConfig:
             vision["layers"] = tuple(vision["layers"])
         known = {f.name for f in fields(cls)}
         return cls(vision=VisionConfig(**vision), text=TextConfig(**text), **{k: v for k, v in d.items() if k in known})
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps({"model_type": "clip", **self.to_dict()}, indent=2) + "\n")
-
 
 def _as_int(x: Any) -> int:
     # open_clip allows (h, w) tuples for image_size / patch_size; we support square only.

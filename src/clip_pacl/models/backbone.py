@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,7 @@ SPEC_SYNTAX = "backbone:timm/NAME[=FILE|=random]|timm=DIR + hf/REPO_ID|hf=DIR [+
 
 
 def import_timm():
+    """The timm module, or a MissingDependencyError naming the extra to install."""
     try:
         import timm
     except ImportError:
@@ -56,6 +58,7 @@ def import_timm():
 
 
 def import_transformers():
+    """The transformers module, or a MissingDependencyError naming the extra to install."""
     try:
         import transformers
     except ImportError:
@@ -65,6 +68,8 @@ def import_transformers():
 
 @dataclass(frozen=True)
 class BackboneConfig:
+    """The towers (a parsed `backbone:` spec) and the heads' options; saved in the checkpoint's config.json."""
+
     image: str  # the IMAGE part of the spec, e.g. "timm/resnet50"
     text: str  # the TEXT part, e.g. "hf/distilbert-base-uncased"
     embed_dim: int = 256
@@ -74,7 +79,7 @@ class BackboneConfig:
     image_size: int | None = None  # None: the image model's default input size
     init_logit_scale: float = math.log(1 / 0.07)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if not (self.image.startswith("timm/") or self.image.startswith("timm=")):
             raise ConfigError(f"image tower '{self.image}' must start with timm/ or timm= ({SPEC_SYNTAX})")
         if not (self.text.startswith("hf/") or self.text.startswith("hf=")):
@@ -111,16 +116,19 @@ class BackboneConfig:
         return cls(image=image[0], text=text[0], **options)
 
     def to_spec(self) -> str:
+        """The `backbone:` spec string, with only the non-default options."""
         defaults = BackboneConfig(self.image, self.text)
         opts = [f"{k}={v}" for k, v in asdict(self).items()
                 if k not in ("image", "text", "init_logit_scale") and v != getattr(defaults, k)]
         return SPEC_PREFIX + "+".join([self.image, self.text, *opts])
 
     def to_dict(self) -> dict:
+        """JSON-ready fields."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> BackboneConfig:
+        """Inverse of `to_dict` (unknown keys ignored)."""
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 
@@ -136,6 +144,7 @@ class ProjectionHead(nn.Module):
         self.layer_norm = nn.LayerNorm(out_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, in_dim) -> (B, out_dim)."""
         projected = self.projection(x)  # (B, D)
         return self.layer_norm(projected + self.dropout(self.fc(F.gelu(projected))))
 
@@ -152,6 +161,7 @@ class HFTokenize:
         self.context_length = context_length
 
     def __call__(self, texts: str | list[str]) -> torch.Tensor:
+        """Text(s) -> (B, context_length) token ids."""
         batch = [texts] if isinstance(texts, str) else list(texts)
         out = self.tokenizer(batch, padding="max_length", truncation=True, max_length=self.context_length,
                              return_tensors="pt")
@@ -238,33 +248,37 @@ class BackboneCLIP(nn.Module):
     # ------------------------------------------------------------------ properties
     @property
     def image_size(self) -> int:
+        """Side of the square input images (the timm model's default unless configured)."""
         return int(self.data_config["input_size"][-1])
 
     @property
     def context_length(self) -> int:
+        """Token ids per text."""
         return self.config.context_length
 
     @property
     def embed_dim(self) -> int:
+        """Width D of the joint space."""
         return self.config.embed_dim
 
     # ------------------------------------------------------------------ preprocessing
     def get_tokenizer(self) -> HFTokenize:
+        """The text model's tokenizer as a picklable callable: texts -> (B, context_length) ids."""
         return HFTokenize(self.tokenizer, self.context_length)
 
     def tokenize(self, texts: str | list[str]) -> torch.Tensor:
         """Text(s) -> (B, context_length) token ids of the text model, padded with its pad id."""
         return self.get_tokenizer()(texts)
 
-    def image_transform(self, train: bool = False):
-        """PIL image -> (3, S, S) tensor with the image model's normalisation.
+    def image_transform(self, train: bool = False, image_size: int | None = None) -> Callable:
+        """PIL image -> (3, S, S) tensor with the image model's normalisation, S = `image_size` or the model's.
 
         Training uses CLIP's augmentation (a mild random resized crop) rather than ImageNet's: flips and
         colour jitter would contradict captions that say "left of" or "red".
         """
         from torchvision import transforms as T
 
-        size = self.image_size
+        size = image_size or self.image_size
         mean, std = self.data_config["mean"], self.data_config["std"]
         interpolation = T.InterpolationMode.BICUBIC if self.data_config.get("interpolation") == "bicubic" \
             else T.InterpolationMode.BILINEAR
@@ -295,6 +309,7 @@ class BackboneCLIP(nn.Module):
         return F.normalize(x, dim=-1) if normalize else x
 
     def forward(self, image: torch.Tensor | None = None, text: torch.Tensor | None = None) -> CLIPOutput:
+        """Normalised image (B, D) and text (B, D) features with exp(logit_scale), as CLIP.forward."""
         image_features = self.encode_image(image, normalize=True) if image is not None else None
         text_features = self.encode_text(text, normalize=True) if text is not None else None
         return CLIPOutput(image_features, text_features, self.logit_scale.exp(), self.logit_bias)
@@ -308,6 +323,7 @@ class BackboneCLIP(nn.Module):
         return self.encode_image(images, normalize=True), self.encode_text(texts, normalize=True)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Gradient checkpointing in both towers (where the text model supports it)."""
         self.visual.set_grad_checkpointing(enable)
         if enable and getattr(self.text, "supports_gradient_checkpointing", False):
             self.text.gradient_checkpointing_enable()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -14,9 +15,13 @@ from clip_pacl.models.layers import activation
 from clip_pacl.models.resnet import ModifiedResNet
 from clip_pacl.models.text import TextTransformer
 from clip_pacl.models.vit import VisionTransformer
+from clip_pacl.tokenizer import Tokenizer, get_tokenizer
+from clip_pacl.transforms import image_transform
 
 
 class CLIPOutput(NamedTuple):
+    """What `CLIP.forward` returns: the losses' inputs."""
+
     image_features: torch.Tensor | None  # (B, D), L2-normalised
     text_features: torch.Tensor | None  # (B, D), L2-normalised
     logit_scale: torch.Tensor  # exp of the learned log-scale, a scalar
@@ -50,15 +55,36 @@ class CLIP(nn.Module):
     # ------------------------------------------------------------------ properties
     @property
     def image_size(self) -> int:
+        """Side of the square input images the model was built for."""
         return self.config.vision.image_size
 
     @property
     def context_length(self) -> int:
+        """Token ids per text."""
         return self.config.text.context_length
 
     @property
     def embed_dim(self) -> int:
+        """Width D of the joint space."""
         return self.config.embed_dim
+
+    @property
+    def patch_stride(self) -> int:
+        """Pixels per patch token along each side (ViT: patch size; ResNet: 32)."""
+        return self.config.vision.stride
+
+    def patch_grid(self, height: int, width: int) -> tuple[int, int]:
+        """The (gh, gw) grid of patch tokens an image of this size gives (`encode_image_tokens` has 1 + gh * gw)."""
+        return height // self.patch_stride, width // self.patch_stride
+
+    # ------------------------------------------------------------------ preprocessing
+    def get_tokenizer(self) -> Tokenizer:
+        """CLIP's BPE tokenizer: texts -> (B, context_length) token ids."""
+        return get_tokenizer(self.context_length)
+
+    def image_transform(self, train: bool = False, image_size: int | None = None) -> Callable:
+        """CLIP's preprocess (or training augmentation) at `image_size` (default: the model's)."""
+        return image_transform(image_size or self.image_size, train=train)
 
     # ------------------------------------------------------------------ encoders
     # Under no_grad in eval mode the encoders take the exact speedups of `models/inference.py`; otherwise (and in
@@ -108,6 +134,7 @@ class CLIP(nn.Module):
         return self.encode_image(images, normalize=True) @ text_features.T
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's (stage's) activations in the backward pass to save memory."""
         for tower in (self.visual, self.text):
             target = getattr(tower, "transformer", tower)
             target.grad_checkpointing = enable

@@ -20,6 +20,7 @@ so the largest tensor is (B, B_chunk, N). Chunks over texts are recomputed in th
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -29,6 +30,8 @@ from torch.utils.checkpoint import checkpoint
 
 from clip_pacl.errors import ConfigError
 from clip_pacl.models.clip import CLIP
+from clip_pacl.models.vit import VisionTransformer
+from clip_pacl.tokenizer import Tokenizer
 
 
 @dataclass(frozen=True)
@@ -141,13 +144,13 @@ class PACL(nn.Module):
         if n <= 0:
             return []
         visual = self.clip.visual
-        if hasattr(visual, "transformer"):  # ViT: resblocks, then ln_post and proj (a bare Parameter)
+        if isinstance(visual, VisionTransformer):  # ViT: resblocks, then ln_post and proj (a bare Parameter)
             blocks = list(visual.transformer.resblocks)
             if n > len(blocks):
                 raise ConfigError(f"unfreeze_last_n_blocks={n} but the image tower has {len(blocks)} blocks")
             modules = [*blocks[-n:], visual.ln_post]
             visual.proj.requires_grad_(True)
-        else:  # ResNet: layer1..layer4, then the attention pool whose value path gives the patch tokens
+        else:  # ResNet: layer1..layer4, then the attention pool that gives the patch tokens
             layers = [visual.layer1, visual.layer2, visual.layer3, visual.layer4]
             if n > len(layers):
                 raise ConfigError(f"unfreeze_last_n_blocks={n} but the ResNet has {len(layers)} stages")
@@ -169,47 +172,77 @@ class PACL(nn.Module):
         """True when no image-tower weight trains, so patch tokens can be precomputed (--cache-features)."""
         return self.config.unfreeze_last_n_blocks == 0
 
-    # ------------------------------------------------------------------ properties shared with CLIP
+    # ------------------------------------------------------------------ properties and preprocessing (the CLIP's)
     @property
     def image_size(self) -> int:
+        """Side of the square input images (the base CLIP's)."""
         return self.clip.image_size
 
     @property
     def context_length(self) -> int:
+        """Token ids per text (the base CLIP's)."""
         return self.clip.context_length
 
     @property
     def embed_dim(self) -> int:
+        """Width D of the embedders' output space."""
         return self.vision_embedder.linear.out_features
 
     @property
     def grid_size(self) -> int:
+        """Patch tokens per side at `image_size`."""
         return self.clip.config.vision.grid_size
 
+    @property
+    def patch_stride(self) -> int:
+        """Pixels per patch along each side (the base CLIP's)."""
+        return self.clip.patch_stride
+
+    def patch_grid(self, height: int, width: int) -> tuple[int, int]:
+        """The (gh, gw) patch grid an image of this size gives (`patch_embeddings` has gh * gw rows)."""
+        return self.clip.patch_grid(height, width)
+
+    def get_tokenizer(self) -> Tokenizer:
+        """The base CLIP's tokenizer."""
+        return self.clip.get_tokenizer()
+
+    def image_transform(self, train: bool = False, image_size: int | None = None) -> Callable:
+        """The base CLIP's preprocess (or training augmentation)."""
+        return self.clip.image_transform(train, image_size)
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Gradient checkpointing in the base CLIP (where unfrozen blocks train)."""
         self.clip.set_grad_checkpointing(enable)
 
-    # ------------------------------------------------------------------ encoders
+    # ------------------------------------------------------------------ the frozen CLIP's features
     def clip_patch_tokens(self, images: torch.Tensor) -> torch.Tensor:
-        """The frozen CLIP's patch tokens (B, N, D_clip), without the pooled token; no graph when frozen."""
+        """The CLIP's patch tokens (B, N, D_clip) of pixels (B, 3, H, W), without the pooled token; no graph when
+        the image tower is frozen."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.vision_frozen):
             return self.clip.encode_image_tokens(images, dense=self.config.patch_tokens)[:, 1:]
 
-    def patch_embeddings(self, images: torch.Tensor) -> torch.Tensor:
-        """Normalised e_v per patch (B, N, D); `images` are pixels (B, 3, H, W) or CLIP patch tokens (B, N, D_clip)."""
-        tokens = images if images.dim() == 3 else self.clip_patch_tokens(images)
-        return F.normalize(self.vision_embedder(tokens), dim=-1)  # (B, N, D)
-
     def clip_text_embeddings(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The frozen CLIP's pooled text embedding (B, D_clip)."""
+        """The frozen CLIP's pooled text embedding (B, D_clip) of token ids (B, L)."""
         with torch.no_grad():
             return self.clip.encode_text(tokens)
 
-    def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        """e_t (B, D). `tokens` may be token ids (B, L) or precomputed CLIP text embeddings (B, D_clip) float."""
-        x = tokens if tokens.is_floating_point() else self.clip_text_embeddings(tokens)
-        x = self.text_embedder(x)
+    # ------------------------------------------------------------------ encoders
+    def embed_patches(self, patch_tokens: torch.Tensor) -> torch.Tensor:
+        """Normalised e_v (B, N, D) of CLIP patch tokens (B, N, D_clip)."""
+        return F.normalize(self.vision_embedder(patch_tokens), dim=-1)
+
+    def embed_text(self, text_embeddings: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """e_t (B, D) of CLIP text embeddings (B, D_clip)."""
+        x = self.text_embedder(text_embeddings)
         return F.normalize(x, dim=-1) if normalize else x
+
+    def patch_embeddings(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalised e_v per patch (B, N, D) of pixels (B, 3, H, W)."""
+        return self.embed_patches(self.clip_patch_tokens(images))
+
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """e_t (B, D) of token ids (B, L)."""
+        return self.embed_text(self.clip_text_embeddings(tokens), normalize)
 
     def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         """A text-independent image embedding (B, D): the mean of the normalised patch embeddings.
@@ -220,43 +253,31 @@ class PACL(nn.Module):
         x = self.patch_embeddings(images).mean(dim=1)
         return F.normalize(x, dim=-1) if normalize else x
 
-    def pooling_patches(self, images: torch.Tensor) -> torch.Tensor:
-        """Patch embeddings scaled by 1 / pool_temperature (B, N, D): what the compatibility consumes.
-
-        phi is a cosine, so scaling every patch leaves it unchanged except through the pooling softmax,
-        where s_i becomes s_i / pool_temperature: the temperature rides on the features and the loss
-        stays a pure function of them.
-        """
-        return self.patch_embeddings(images) / self.config.pool_temperature
-
     def similarity(self, images: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
-        """phi for every (image, class) pair (B, C); text_features (C, D) from `encode_text(..., normalize=True)`."""
-        return compatibility(self.pooling_patches(images), F.normalize(text_features, dim=-1))
+        """phi for every (image, class) pair (B, C); text_features (C, D) from `encode_text`."""
+        patches = self.patch_embeddings(images) / self.config.pool_temperature
+        return compatibility(patches, F.normalize(text_features, dim=-1))
 
     def patch_similarity(self, images: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
         """Per-patch similarity s_i to each class (B, C, gh, gw): what segmentation upsamples."""
         patches = self.patch_embeddings(images)  # (B, N, D)
-        gh, gw = _grid(self.clip, images, patches.shape[1])
+        gh, gw = self.patch_grid(*images.shape[-2:])
         scores = torch.einsum("bnd,cd->bcn", patches, F.normalize(text_features, dim=-1).to(patches.dtype))
         return scores.reshape(scores.shape[0], scores.shape[1], gh, gw)
 
+    # ------------------------------------------------------------------ training
     def loss_features(self, images: torch.Tensor, texts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(patch embeddings (B, N, D) of norm 1 / pool_temperature, normalised text embeddings (B, D)) for the loss.
+        """(patch embeddings (B, N, D) of norm 1 / pool_temperature, normalised text embeddings (B, D)) for the
+        loss, from pixels (B, 3, H, W) and token ids (B, L).
 
-        Inputs may be precomputed CLIP features (see `clip_pacl.train.feature_cache`): float (B, N, D_clip)
-        patch tokens instead of images, float (B, D_clip) text embeddings instead of token ids.
+        phi is a cosine, so scaling every patch leaves it unchanged except through the pooling softmax, where s_i
+        becomes s_i / pool_temperature: the temperature rides on the features and the loss stays a pure function.
         """
-        return self.pooling_patches(images), self.encode_text(texts, normalize=True)
+        return self.loss_features_from_cache(self.clip_patch_tokens(images), self.clip_text_embeddings(texts))
 
-
-def _grid(clip: CLIP, images: torch.Tensor, n: int) -> tuple[int, int]:
-    """The (gh, gw) patch grid an image of this size produces (N = gh * gw)."""
-    if images.dim() == 4:
-        stride = 32 if clip.config.vision.is_resnet else clip.config.vision.patch_size
-        gh, gw = images.shape[-2] // stride, images.shape[-1] // stride
-        if gh * gw == n:
-            return gh, gw
-    side = int(round(n**0.5))
-    if side * side != n:
-        raise ValueError(f"cannot infer a patch grid for {n} patches")
-    return side, side
+    def loss_features_from_cache(self, patch_tokens: torch.Tensor,
+                                 text_embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`loss_features` from precomputed CLIP features (`clip_pacl.train.feature_cache`): patch tokens
+        (B, N, D_clip) and text embeddings (B, D_clip)."""
+        patches = self.embed_patches(patch_tokens) / self.config.pool_temperature
+        return patches, self.embed_text(text_embeddings, normalize=True)
