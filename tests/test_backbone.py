@@ -225,3 +225,9 @@ def test_search_by_image_uses_the_models_own_preprocessing(model, tmp_path):
     index, _ = build_index(model, paths, progress=False)
     hits = search_image(index, model, paths[1], k=1)
     assert Path(hits[0].path).name == "1.png" and hits[0].score == pytest.approx(1.0, abs=1e-5)
+
+
+def test_backbone_is_a_contrastive_model(model):
+    from clip_pacl.models.protocol import ContrastiveModel
+
+    assert isinstance(model, ContrastiveModel) and model.model_type == "backbone"

@@ -61,6 +61,8 @@ class TextConfig:
 
 @dataclass(frozen=True)
 class CLIPConfig:
+    """A CLIP architecture: joint width, the two towers, activation, initial temperature (and SigLIP bias)."""
+
     embed_dim: int = 512
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
@@ -128,6 +130,7 @@ class CLIPConfig:
         return cls(**kwargs)
 
     def to_open_clip_dict(self) -> dict[str, Any]:
+        """open_clip's model-config JSON (`embed_dim`, `vision_cfg`, `text_cfg`)."""
         v, t = self.vision, self.text
         vision_cfg: dict[str, Any] = {"image_size": v.image_size, "layers": list(v.layers) if v.is_resnet else v.layers,
                                       "width": v.width, "head_width": v.head_width}
@@ -146,6 +149,7 @@ class CLIPConfig:
 
     # ------------------------------------------------------------------ our own JSON
     def to_dict(self) -> dict[str, Any]:
+        """Our config.json fields (nested `vision` and `text`)."""
         d = asdict(self)
         if self.vision.is_resnet:
             d["vision"]["layers"] = list(self.vision.layers)
@@ -153,6 +157,7 @@ class CLIPConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CLIPConfig:
+        """Inverse of `to_dict` (unknown top-level keys, such as `model_type`, are ignored)."""
         d = dict(d)
         try:
             vision = dict(d.pop("vision"))
@@ -174,4 +179,5 @@ def _as_int(x: Any) -> int:
 
 
 def available_presets() -> list[str]:
+    """Names of the shipped presets (presets/*.json)."""
     return sorted(p.name[:-5] for p in resources.files("clip_pacl.presets").iterdir() if p.name.endswith(".json"))

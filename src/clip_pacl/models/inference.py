@@ -160,6 +160,7 @@ class FoldedConvs:
                 self.weights[conv] = (weight, bn.bias - bn.running_mean * scale)
 
     def __call__(self, conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+        """BatchNorm(conv(x)) in one convolution: (B, C_in, H, W) -> (B, C_out, H', W')."""
         weight, bias = self.weights[conv]
         return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 

@@ -51,10 +51,12 @@ class PACLConfig:
     patch_tokens: str = "tokens"
 
     def to_dict(self) -> dict:
+        """JSON-ready fields (the `pacl` entry of a PACL checkpoint's config.json)."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> PACLConfig:
+        """Inverse of `to_dict`; unknown keys are a ConfigError."""
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
@@ -114,6 +116,7 @@ class ResidualEmbedder(nn.Module):
         nn.init.zeros_(self.mlp[2].bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., in_dim) -> (..., out_dim)."""
         return self.linear(x) + self.mlp(x)
 
 
