@@ -20,7 +20,8 @@ def function_lengths(root: Path = SRC) -> list[tuple[int, str]]:
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 start = min([node.lineno, *(d.lineno for d in node.decorator_list)])
-                found.append((node.end_lineno - start + 1, f"{path.relative_to(root.parent)}:{node.lineno} {node.name}"))
+                where = f"{path.relative_to(root.parent)}:{node.lineno} {node.name}"
+                found.append((node.end_lineno - start + 1, where))
     return sorted(found, reverse=True)
 
 
