@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,9 +16,10 @@ import timm  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 import clip_pacl  # noqa: E402
+from clip_pacl.checkpoint.backbone import load_backbone  # noqa: E402
 from clip_pacl.errors import CheckpointError, ConfigError  # noqa: E402
 from clip_pacl.losses.clip import clip_loss  # noqa: E402
-from clip_pacl.models.backbone import BackboneCLIP, BackboneConfig, load_checkpoint  # noqa: E402
+from clip_pacl.models.backbone import BackboneCLIP, BackboneConfig  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -157,7 +159,7 @@ def test_checkpoint_round_trip_through_clip_pacl_load(model, tmp_path):
     assert torch.allclose(a.text_features, b.text_features, atol=1e-6)
     (tmp_path / "ckpt" / "config.json").write_text(json.dumps({"model_type": "backbone"}))
     with pytest.raises(CheckpointError, match="is not a backbone checkpoint"):
-        load_checkpoint(tmp_path / "ckpt")
+        load_backbone(tmp_path / "ckpt")
 
 
 def test_clip_pacl_load_builds_from_a_spec(text_dir):
@@ -207,3 +209,25 @@ def test_lock_image_freezes_a_timm_tower_but_not_the_heads(model):
     assert not any(p.requires_grad for p in model.visual.parameters())
     assert all(p.requires_grad for p in model.text.parameters())
     model.requires_grad_(True)
+
+
+def test_search_by_image_uses_the_models_own_preprocessing(model, tmp_path):
+    """An index built with the timm model's transform must be queried with it: searching with an indexed image
+    finds that image at cosine 1 (CLIP's mean/std or size would give other features)."""
+    from clip_pacl.retrieval.index import build_index
+    from clip_pacl.retrieval.search import search_image
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(rng.integers(0, 255, (48, 40, 3), dtype=np.uint8)).save(paths[-1])
+    index, _ = build_index(model, paths, progress=False)
+    hits = search_image(index, model, paths[1], k=1)
+    assert Path(hits[0].path).name == "1.png" and hits[0].score == pytest.approx(1.0, abs=1e-5)
+
+
+def test_backbone_is_a_contrastive_model(model):
+    from clip_pacl.models.protocol import ContrastiveModel
+
+    assert isinstance(model, ContrastiveModel) and model.model_type == "backbone"

@@ -18,8 +18,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bench")
     generate_synthetic(tmp / "data", 12, seed=0)
-    PACL.from_clip(clip_pacl.load("tiny"), PACLConfig(hidden_dim=32, patch_tokens="maskclip")).save_checkpoint(
-        tmp / "pacl")
+    clip_pacl.save(PACL(clip_pacl.load("tiny"), PACLConfig(hidden_dim=32, patch_tokens="maskclip")),
+                   tmp / "pacl")
     return tmp
 
 

@@ -35,7 +35,7 @@ def test_save_load_round_trip_is_exact(preset, tmp_path):
 def test_pacl_directory_dispatches_on_model_type(tmp_path):
     pacl = PACL(clip_pacl.load("tiny"))
     torch.nn.init.normal_(pacl.vision_embedder.linear.weight)  # differ from the fresh initialisation
-    clip_pacl.save(pacl, tmp_path / "pacl")  # PACL writes itself through save_checkpoint
+    clip_pacl.save(pacl, tmp_path / "pacl")  # PACL has its own writer (checkpoint/pacl.py)
     assert json.loads((tmp_path / "pacl" / "config.json").read_text())["model_type"] == "pacl"
     back, source = load_with_source(tmp_path / "pacl")
     assert isinstance(back, PACL) and source.format == "pacl"

@@ -17,7 +17,7 @@ from clip_pacl.data.synthetic import generate_synthetic
 from clip_pacl.errors import DataError
 from clip_pacl.eval.zeroshot import classification_metrics, evaluate_zeroshot, label_indices, read_class_folders
 from clip_pacl.models.pacl import PACL
-from clip_pacl.tokenizer import tokenize
+from clip_pacl.tokenizer import get_tokenizer, tokenize
 from clip_pacl.transforms import image_transform
 from clip_pacl.zeroshot.classifier import build_classifier
 from clip_pacl.zeroshot.templates import (
@@ -64,15 +64,16 @@ def test_template_sets_are_openais():
 
 def test_template_resolution(tmp_path):
     assert format_prompt("a photo of a {}.", "cat") == "a photo of a cat."
-    assert format_prompt("a {c} or not a {c}", "cat") == "a cat or not a cat"
+    assert format_prompt("a {} or not a {}", "cat") == "a cat or not a cat"
     assert resolve_templates() == list(OPENAI_IMAGENET_TEMPLATES)
     assert resolve_templates("simple") == list(SIMPLE_IMAGENET_TEMPLATES)
     assert resolve_templates(None, ["a {}"]) == ["a {}"]  # explicit templates replace the default set
     assert resolve_templates("simple", ["a {}"])[-1] == "a {}"  # ...and add to a named one
-    (tmp_path / "t.txt").write_text("a {} here\n\n  the {c}  \n")
-    assert resolve_templates(str(tmp_path / "t.txt")) == ["a {} here", "the {c}"]
-    with pytest.raises(DataError, match="no '{}'"):
-        resolve_templates(None, ["a photo"])
+    (tmp_path / "t.txt").write_text("a {} here\n\n  the {}  \n")
+    assert resolve_templates(str(tmp_path / "t.txt")) == ["a {} here", "the {}"]
+    for template in ("a photo", "the {c}"):  # one slot syntax: {}
+        with pytest.raises(DataError, match="no '{}'"):
+            resolve_templates(None, [template])
     with pytest.raises(DataError, match="not a file of templates"):
         resolve_templates(str(tmp_path / "missing.txt"))
     assert resolve_class_names("cat, dog ,bird") == ["cat", "dog", "bird"]
@@ -85,12 +86,12 @@ def test_template_resolution(tmp_path):
 
 
 def test_classifier_is_mean_of_normalised_prompt_embeddings(tiny_model):
-    classes, templates = ["cat", "dog", "red circle"], ["a photo of a {}.", "a {} drawing", "{c}!"]
+    classes, templates = ["cat", "dog", "red circle"], ["a photo of a {}.", "a {} drawing", "{}!"]
     classifier = build_classifier(tiny_model, classes, templates, batch_size=4)  # 9 prompts: uneven batches
     assert classifier.shape == (3, tiny_model.embed_dim)
     with torch.no_grad():
         for c, name in enumerate(classes):
-            prompts = [t.replace("{c}", name).replace("{}", name) for t in templates]
+            prompts = [t.replace("{}", name) for t in templates]
             per_prompt = tiny_model.encode_text(tokenize(prompts))  # (T, D)
             expected = F.normalize(F.normalize(per_prompt, dim=-1).mean(0), dim=0)
             torch.testing.assert_close(classifier[c], expected, atol=1e-5, rtol=1e-5)
@@ -150,6 +151,9 @@ class ColorModel(nn.Module):
     context_length = 77
     embed_dim = 3
 
+    model_type = "clip"
+    logit_bias = None
+
     def __init__(self):
         super().__init__()
         self.logit_scale = nn.Parameter(torch.tensor(0.0))
@@ -167,6 +171,12 @@ class ColorModel(nn.Module):
 
     def similarity(self, images, text_features):
         return self.encode_image(images, normalize=True) @ text_features.T
+
+    def get_tokenizer(self):
+        return get_tokenizer(self.context_length)
+
+    def image_transform(self, train=False, image_size=None):
+        return image_transform(image_size or self.image_size, train=train)
 
 
 def test_planted_features_give_known_metrics(tmp_path):
@@ -244,7 +254,7 @@ def test_tiny_model_agrees_with_brute_force(tiny_model, synthetic):
 
 def test_pacl_model_is_scored_by_its_compatibility(tiny_model, synthetic):
     torch.manual_seed(1)
-    pacl = PACL.from_clip(tiny_model).eval()
+    pacl = PACL(tiny_model).eval()
     rows = read_label_rows(synthetic / "colors.csv")
     result = evaluate_zeroshot(pacl, rows, ["a {} shape"], batch_size=6, progress=False)
     names = sorted({r.label for r in rows})

@@ -1,8 +1,9 @@
-"""The encoders' speed paths compute the same function as the plain computation they replace.
+"""The inference speedups (`clip_pacl.models.inference`) compute the same function as the towers' plain forward.
 
 - ViT / text: the last block evaluates only the pooled row (class token, EOT), with attention from one query
-  (`attend_one_query`); the text tower encodes groups of similar length separately.
-- ResNet: in eval-mode inference BatchNorm is folded into the convolutions, cached until a weight changes.
+  (`attend_one_query`); the text tower trims to the longest EOT and encodes groups of similar length separately.
+- ResNet: BatchNorm folded into the convolutions, cached until a weight changes; one-query attention pooling.
+- `encode_*` takes them under no_grad in eval mode; `forward` (training) and autograd never do.
 """
 
 import pytest
@@ -10,8 +11,9 @@ import torch
 import torch.nn.functional as F
 
 import clip_pacl
-from clip_pacl.models.layers import attend_one_query
-from clip_pacl.models.text import length_groups
+from clip_pacl.checkpoint.onnx import TextEncoder
+from clip_pacl.models import inference
+from clip_pacl.models.inference import attend_one_query, length_groups
 
 TOL = 1e-5
 
@@ -40,14 +42,14 @@ def test_attend_one_query_equals_projected_attention():
     b, n, d, heads = 3, 11, 64, 4
     x, q = torch.randn(b, n, d), torch.randn(b, d)
     w_k, w_v = torch.randn(d, d) * d**-0.5, torch.randn(d, d) * d**-0.5  # unit-variance outputs, as in a model
-    b_k, b_v = torch.randn(d), torch.randn(d)
+    b_k, b_v = torch.randn(d), torch.randn(d)  # the key bias cancels in the softmax: attend_one_query never sees it
     key_mask = torch.arange(n) <= torch.tensor([0, 5, 10])[:, None]  # (B, N)
     k = F.linear(x, w_k, b_k).view(b, n, heads, -1).transpose(1, 2)
     v = F.linear(x, w_v, b_v).view(b, n, heads, -1).transpose(1, 2)
     for mask in (None, key_mask):
         sdpa_mask = None if mask is None else mask[:, None, None, :]
         expected = F.scaled_dot_product_attention(q.view(b, heads, 1, -1), k, v, attn_mask=sdpa_mask).reshape(b, d)
-        assert (attend_one_query(q, x, w_k, b_k, w_v, b_v, heads, mask) - expected).abs().max() < TOL
+        assert (attend_one_query(q, x, w_k, w_v, b_v, heads, mask) - expected).abs().max() < TOL
 
 
 def test_length_groups_partition_the_batch():
@@ -61,36 +63,51 @@ def test_length_groups_partition_the_batch():
     assert len(length_groups(torch.tensor([], dtype=torch.long))) == 1
 
 
-def test_text_pooled_path_equals_full_computation():
+def test_text_plain_forward_is_the_full_computation():
+    model = clip_pacl.load("tiny").eval()
+    tokens = tokens_with_lengths([3, 9, 40, 77])
+    with torch.no_grad():
+        assert (model.text(tokens) - full_text_reference(model.text, tokens)).abs().max() < TOL
+
+
+def test_text_fast_path_equals_plain_for_mixed_lengths():
     model = clip_pacl.load("tiny").eval()
     tokens = tokens_with_lengths([3, 4, 6, 9, 12, 20, 33, 50, 77] * 4)
     assert len(length_groups(tokens.argmax(-1) + 1)) > 1  # several groups are actually used
     with torch.no_grad():
-        expected = full_text_reference(model.text, tokens)
+        expected = model.text(tokens)
         assert (model.encode_text(tokens) - expected).abs().max() < TOL
         assert (model.encode_text(tokens[:1]) - expected[:1]).abs().max() < TOL
-    assert model.encode_text(tokens[:0]).shape == (0, model.embed_dim)
+        assert (TextEncoder(model)(tokens) - F.normalize(expected, dim=-1)).abs().max() < TOL  # ONNX: no trimming
+        assert model.encode_text(tokens[:0]).shape == (0, model.embed_dim)
 
 
-def test_text_pooled_path_has_the_same_gradients():
-    model = clip_pacl.load("tiny").train()
-    tokens = tokens_with_lengths([3, 9, 40, 77] * 2)
-    model.encode_text(tokens).square().sum().backward()
-    fast = {n: p.grad.clone() for n, p in model.text.named_parameters()}
-    model.zero_grad()
-    full_text_reference(model.text, tokens).square().sum().backward()
-    for name, param in model.text.named_parameters():
-        assert (fast[name] - param.grad).abs().max() <= 1e-5 * param.grad.abs().max(), name
-
-
-def test_vit_pooled_path_equals_full_computation():
+def test_vit_fast_path_equals_plain():
     model = clip_pacl.load("tiny").eval()
-    visual = model.visual
     images = torch.randn(3, 3, 64, 64)
     with torch.no_grad():
-        expected = visual.ln_post(visual.transformer(visual.embed(images))[:, 0]) @ visual.proj
+        expected = model.visual(images)
         assert (model.encode_image(images) - expected).abs().max() < TOL
         assert (model.encode_image_tokens(images)[:, 0] - expected).abs().max() < TOL
+
+
+def test_encoders_take_the_fast_path_only_without_autograd_in_eval_mode(monkeypatch):
+    model = clip_pacl.load("tiny")
+    calls = []
+    monkeypatch.setattr(inference, "encode_text", lambda tower, text: calls.append("text") or tower(text))
+    monkeypatch.setattr(inference, "encode_image", lambda tower, image: calls.append("image") or tower(image))
+    images, tokens = torch.randn(2, 3, 64, 64), tokens_with_lengths([5, 9])
+    model.eval()
+    model.encode_image(images), model.encode_text(tokens)  # autograd on
+    with torch.no_grad():
+        model(images, tokens)  # forward is always the plain definition
+        model.train()
+        model.encode_image(images), model.encode_text(tokens)  # training mode
+    assert calls == []
+    with torch.inference_mode():
+        model.eval()
+        model.encode_image(images), model.encode_text(tokens)
+    assert calls == ["image", "text"]
 
 
 @pytest.fixture
@@ -105,22 +122,29 @@ def resnet():
     return model.eval()
 
 
-def unfolded(model, images):
-    """The BatchNorm modules as written (eval mode, autograd on: the folded path is not taken)."""
-    with torch.enable_grad():
-        return model.encode_image(images).detach()
+def plain(model, images):
+    """The towers as written (forward, BatchNorm modules)."""
+    with torch.no_grad():
+        return model.visual(images)
 
 
-def test_resnet_folded_batchnorm_equals_batchnorm(resnet):
+def test_resnet_fast_path_equals_plain(resnet):
     images = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        folded = resnet.encode_image(images)
-        folded_tokens = resnet.encode_image_tokens(images)
-    assert resnet.visual._folded is not None  # the folded path ran
-    assert (folded - unfolded(resnet, images)).abs().max() < TOL
-    with torch.enable_grad():
-        tokens = resnet.encode_image_tokens(images).detach()
-    assert (folded_tokens - tokens).abs().max() < TOL
+        assert (resnet.encode_image(images) - plain(resnet, images)).abs().max() < TOL
+        for dense, method in (("tokens", resnet.visual.forward_tokens), ("maskclip", resnet.visual.forward_maskclip)):
+            assert (resnet.encode_image_tokens(images, dense) - method(images)).abs().max() < TOL
+    assert resnet.visual in inference._FOLDED  # the folded path ran
+
+
+def test_resnet_tokens_are_the_attention_pool_at_every_position(resnet):
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        tokens = resnet.visual.forward_tokens(images)
+        maskclip = resnet.visual.forward_maskclip(images)
+    assert (tokens[:, 0] - plain(resnet, images)).abs().max() < TOL
+    assert tokens.shape == maskclip.shape == (2, 1 + 2 * 2, resnet.embed_dim)
+    assert (tokens - maskclip).abs().max() > 1e-3  # full attention is not the value path
 
 
 def test_resnet_fold_cache_follows_weight_changes(resnet):
@@ -130,17 +154,30 @@ def test_resnet_fold_cache_follows_weight_changes(resnet):
         resnet.visual.layer2[0].bn2.running_var.mul_(3.0)  # in place: same storage, new version
         after = resnet.encode_image(images)
     assert (after - before).abs().max() > 1e-3
-    assert (after - unfolded(resnet, images)).abs().max() < TOL
+    assert (after - plain(resnet, images)).abs().max() < TOL
 
     state = {k: v.clone() for k, v in resnet.state_dict().items()}
     state["visual.conv1.weight"].mul_(0.5)
     resnet.load_state_dict(state)
     with torch.no_grad():
-        assert (resnet.encode_image(images) - unfolded(resnet, images)).abs().max() < TOL
+        assert (resnet.encode_image(images) - plain(resnet, images)).abs().max() < TOL
+
+
+def test_resnet_fast_path_under_inference_mode(resnet):
+    images = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        assert (resnet.encode_image(images) - plain(resnet, images)).abs().max() < TOL
+    with torch.no_grad():  # folded weights made under inference_mode serve outside it too
+        assert (resnet.encode_image(images) - plain(resnet, images)).abs().max() < TOL
+    with torch.inference_mode():  # weights that are inference tensors have no version: folded on every call
+        made_inside = clip_pacl.load("tiny-rn").eval()
+        made_inside.encode_image(images)
+        made_inside.visual.bn1.running_var.mul_(4.0)
+        assert (made_inside.encode_image(images) - made_inside.visual(images)).abs().max() < TOL
 
 
 def test_every_parameter_gets_a_gradient():
-    """DDP (without find_unused_parameters) requires it; the one-query attention keeps the key biases in."""
+    """DDP (without find_unused_parameters) requires it: training runs the plain towers, key biases included."""
     for preset in ("tiny", "tiny-rn"):
         model = clip_pacl.load(preset).train()
         out = model(torch.randn(2, 3, 64, 64), tokens_with_lengths([5, 9]))
@@ -151,11 +188,8 @@ def test_every_parameter_gets_a_gradient():
 
 def test_resnet_training_uses_batch_statistics(resnet):
     images = torch.randn(4, 3, 64, 64)
+    resnet.train()
+    running_mean = resnet.visual.bn1.running_mean.clone()
     with torch.no_grad():
         resnet.encode_image(images)
-    resnet.train()
-    assert resnet.visual._folded is None  # train() drops the cache
-    running_mean = resnet.visual.bn1.running_mean.clone()
-    features = resnet.encode_image(images)
-    assert features.requires_grad
     assert not torch.equal(resnet.visual.bn1.running_mean, running_mean)  # BatchNorm ran in training mode

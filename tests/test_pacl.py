@@ -7,9 +7,10 @@ import torch
 import torch.nn.functional as F
 
 import clip_pacl
+from clip_pacl.checkpoint.pacl import load_pacl
 from clip_pacl.losses import get_objective
-from clip_pacl.losses.pacl import compatibility, pacl_logits, pacl_loss
-from clip_pacl.models.pacl import PACL, PACLConfig, load_checkpoint
+from clip_pacl.losses.pacl import pacl_logits, pacl_loss
+from clip_pacl.models.pacl import PACL, PACLConfig, compatibility
 
 
 def naive_logits(patch_emb, text_emb, logit_scale):
@@ -82,7 +83,7 @@ def _tokens(n, context_length=77):
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-rn"])
 def test_only_embedders_train_and_frozen_parts_stay_in_eval_mode(preset):
-    model = PACL.from_clip(clip_pacl.load(preset)).train()
+    model = PACL(clip_pacl.load(preset)).train()
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(n.split(".")[0] in ("vision_embedder", "text_embedder", "logit_scale") for n in trainable)
     assert not model.clip.training and model.vision_embedder.training
@@ -102,7 +103,7 @@ def test_only_embedders_train_and_frozen_parts_stay_in_eval_mode(preset):
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-rn"])
 def test_unfreezing_last_blocks(preset):
-    model = PACL.from_clip(clip_pacl.load(preset), PACLConfig(unfreeze_last_n_blocks=1)).train()
+    model = PACL(clip_pacl.load(preset), PACLConfig(unfreeze_last_n_blocks=1)).train()
     visual = model.clip.visual
     last = visual.transformer.resblocks[-1] if preset == "tiny" else visual.layer4
     first = visual.transformer.resblocks[0] if preset == "tiny" else visual.layer1
@@ -118,16 +119,16 @@ def test_unfreezing_last_blocks(preset):
 
 
 def test_precomputed_clip_features_give_the_same_loss_features():
-    model = PACL.from_clip(clip_pacl.load("tiny")).eval()
+    model = PACL(clip_pacl.load("tiny")).eval()
     images, tokens = torch.randn(3, 3, 64, 64), _tokens(3)
     from_inputs = model.loss_features(images, tokens)
-    cached = model.loss_features(model.clip_patch_tokens(images), model.clip_text_embeddings(tokens))
+    cached = model.loss_features_from_cache(model.clip_patch_tokens(images), model.clip_text_embeddings(tokens))
     for a, b in zip(from_inputs, cached):
         assert torch.allclose(a, b, atol=1e-6)
 
 
 def test_similarity_and_patch_similarity_are_phi_and_s():
-    model = PACL.from_clip(clip_pacl.load("tiny")).eval()
+    model = PACL(clip_pacl.load("tiny")).eval()
     images = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         classes = model.encode_text(_tokens(4), normalize=True)
@@ -143,15 +144,15 @@ def test_similarity_and_patch_similarity_are_phi_and_s():
 
 
 def test_checkpoint_round_trip(tmp_path):
-    model = PACL.from_clip(clip_pacl.load("tiny"), PACLConfig(hidden_dim=64, unfreeze_last_n_blocks=1)).eval()
+    model = PACL(clip_pacl.load("tiny"), PACLConfig(hidden_dim=64, unfreeze_last_n_blocks=1)).eval()
     with torch.no_grad():
         model.logit_scale.fill_(3.0)
         model.clip.visual.proj.add_(0.1)  # a fine-tuned block must be saved too
-    model.save_checkpoint(tmp_path / "ckpt")
+    clip_pacl.save(model, tmp_path / "ckpt")
     config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
     assert config["model_type"] == "pacl" and config["pacl"]["hidden_dim"] == 64
     assert (tmp_path / "ckpt" / "pacl.safetensors").is_file() and (tmp_path / "ckpt" / "model.safetensors").is_file()
-    loaded = load_checkpoint(tmp_path / "ckpt").eval()
+    loaded = load_pacl(tmp_path / "ckpt").eval()
     images, tokens = torch.randn(2, 3, 64, 64), _tokens(2)
     with torch.no_grad():
         for a, b in zip(model.loss_features(images, tokens), loaded.loss_features(images, tokens)):
@@ -162,22 +163,22 @@ def test_checkpoint_round_trip(tmp_path):
 def test_loading_a_broken_checkpoint_is_one_clear_error(tmp_path):
     from clip_pacl.errors import CheckpointError
 
-    PACL.from_clip(clip_pacl.load("tiny"), PACLConfig(hidden_dim=32)).save_checkpoint(tmp_path)
+    clip_pacl.save(PACL(clip_pacl.load("tiny"), PACLConfig(hidden_dim=32)), tmp_path)
     (tmp_path / "pacl.safetensors").unlink()
     with pytest.raises(CheckpointError, match="no pacl.safetensors"):
-        load_checkpoint(tmp_path)
+        load_pacl(tmp_path)
 
 
 def test_training_the_embedders_learns_to_match_cached_features():
     """A few optimiser steps on a fixed batch of cached CLIP features must lower the PACL loss a lot."""
     clip = clip_pacl.load("tiny").eval()
-    model = PACL.from_clip(clip, PACLConfig(hidden_dim=64)).train()
+    model = PACL(clip, PACLConfig(hidden_dim=64)).train()
     patch_tokens = torch.randn(8, 16, clip.embed_dim)  # (B, N, D_clip): a 4x4 grid of CLIP patch tokens
     text_emb = torch.randn(8, clip.embed_dim)  # unrelated "captions": only the embedders can match them
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     losses = []
     for _ in range(30):
-        loss = pacl_loss(*model.loss_features(patch_tokens, text_emb), model.logit_scale)
+        loss = pacl_loss(*model.loss_features_from_cache(patch_tokens, text_emb), model.logit_scale)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -187,7 +188,7 @@ def test_training_the_embedders_learns_to_match_cached_features():
 
 def test_pool_temperature_sharpens_the_pooling_and_keeps_phi_a_cosine():
     clip = clip_pacl.load("tiny").eval()
-    sharp = PACL.from_clip(clip, PACLConfig(pool_temperature=0.1)).eval()
+    sharp = PACL(clip, PACLConfig(pool_temperature=0.1)).eval()
     images, tokens = torch.randn(2, 3, 64, 64), _tokens(3)
     with torch.no_grad():
         pooled, texts = sharp.loss_features(images, tokens)
@@ -204,7 +205,7 @@ def test_pool_temperature_sharpens_the_pooling_and_keeps_phi_a_cosine():
 
 def test_patch_tokens_can_come_from_the_maskclip_value_path():
     clip = clip_pacl.load("tiny").eval()
-    model = PACL.from_clip(clip, PACLConfig(patch_tokens="maskclip")).eval()
+    model = PACL(clip, PACLConfig(patch_tokens="maskclip")).eval()
     images = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         expected = clip.encode_image_tokens(images, dense="maskclip")[:, 1:]

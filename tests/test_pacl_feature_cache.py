@@ -23,7 +23,7 @@ def captions(tmp_path_factory):
 
 
 def test_cached_features_match_encoding_the_images(captions):
-    model = PACL.from_clip(clip_pacl.load("tiny")).eval()
+    model = PACL(clip_pacl.load("tiny")).eval()
     dataset, _ = build_caption_dataset(captions, transform=image_transform(64), tokenizer=get_tokenizer(77))
     cache = build_feature_cache(model, dataset, batch_size=4, dtype=torch.float32)
     assert len(cache) == len(dataset) == 12 and cache.patch_tokens.shape == (6, 64, 128)
@@ -35,14 +35,14 @@ def test_cached_features_match_encoding_the_images(captions):
         pixels, tokens = dataset[i]
         with torch.no_grad():
             direct = model.loss_features(pixels[None], tokens[None])
-            cached = model.loss_features(*(x[None] for x in cache[(i, 123)]))
+            cached = model.loss_features_from_cache(*(x[None] for x in cache[(i, 123)]))
         for a, b in zip(direct, cached):
             assert torch.allclose(a, b, atol=1e-5)
 
 
 def test_cache_refuses_a_trainable_image_tower_or_a_plain_clip(captions):
     dataset, _ = build_caption_dataset(captions, transform=image_transform(64), tokenizer=get_tokenizer(77))
-    unfrozen = PACL.from_clip(clip_pacl.load("tiny"), PACLConfig(unfreeze_last_n_blocks=1))
+    unfrozen = PACL(clip_pacl.load("tiny"), PACLConfig(unfreeze_last_n_blocks=1))
     with pytest.raises(ConfigError, match="image tower frozen"):
         build_feature_cache(unfrozen, dataset)
     with pytest.raises(ConfigError, match="objective pacl"):
@@ -60,7 +60,7 @@ def test_clip_pacl_train_objective_pacl_trains_only_the_embedders(captions, tmp_
             "--no-progress", "--max-bad-fraction", "0.5"]
     assert main(argv + (["--cache-features"] if cache_features else [])) == 0
     trained = clip_pacl.load(tmp_path / "run" / "final")
-    untrained = PACL.from_clip(clip_pacl.load(base))
+    untrained = PACL(clip_pacl.load(base))
     assert isinstance(trained, PACL)
     for name, tensor in untrained.clip.state_dict().items():  # the CLIP is frozen
         assert torch.equal(tensor, trained.clip.state_dict()[name]), name

@@ -1,6 +1,5 @@
 """Segmentation: the prediction pipeline (scores -> upsampling -> labels), mIoU, and the PACL/CLIP models on it."""
 
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,6 +13,7 @@ from clip_pacl.errors import ConfigError
 from clip_pacl.models.pacl import PACL
 from clip_pacl.segmentation.metrics import ConfusionMatrix
 from clip_pacl.segmentation.predict import NO_CLASS, labels_from_scores, score_maps, segment
+from clip_pacl.tokenizer import get_tokenizer
 
 
 class ColourOracle(nn.Module):
@@ -22,15 +22,18 @@ class ColourOracle(nn.Module):
 
     image_size = 32
     context_length = 77
+    patch_stride = 8
 
     def __init__(self):
         super().__init__()
         self.dummy = nn.Parameter(torch.zeros(1))
-        self.clip = SimpleNamespace(config=SimpleNamespace(vision=SimpleNamespace(is_resnet=False, patch_size=8)))
 
     def patch_similarity(self, images, text_features):
         patches = F.avg_pool2d(images, 8)  # (B, 3, gh, gw)
         return torch.einsum("bchw,kc->bkhw", patches, text_features)
+
+    def get_tokenizer(self):
+        return get_tokenizer(self.context_length)
 
 
 RED, BLUE = (230, 20, 20), (20, 20, 230)
@@ -99,7 +102,7 @@ def test_baselines_and_pacl_run_on_real_models(preset):
     for method in ("patch", "maskclip"):
         result = segment(clip, image, ["cat", "dog", "background"], templates=["a photo of a {}."], method=method)
         assert result.label_map.shape == (40, 90) and result.label_map.max() < 3
-    pacl = PACL.from_clip(clip).eval()
+    pacl = PACL(clip).eval()
     result = segment(pacl, image, ["cat", "dog"], templates=["a {}.", "a photo of a {}."], sliding_window=True)
     assert result.scores.shape == (2, 40, 90)
     with pytest.raises(ConfigError, match="needs a PACL"):
@@ -109,7 +112,7 @@ def test_baselines_and_pacl_run_on_real_models(preset):
 
 
 def test_pacl_patch_scores_are_its_patch_embeddings_against_its_text_embeddings():
-    pacl = PACL.from_clip(clip_pacl.load("tiny")).eval()
+    pacl = PACL(clip_pacl.load("tiny")).eval()
     image = Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8))
     from clip_pacl.segmentation.predict import _to_tensor, class_embeddings
 
@@ -129,3 +132,18 @@ def test_class_colours_name_colours_and_keep_others_distinct():
     assert colors == [BACKGROUND_COLOR, NAMED_COLORS["red"], PALETTE[0], NAMED_COLORS["green"], PALETTE[1]]
     many = class_colors([f"class {i}" for i in range(len(PALETTE) + 2)])
     assert many[:len(PALETTE)] == list(PALETTE) and many[len(PALETTE)] == PALETTE[0]
+
+
+def test_segmentation_prompts_are_the_zero_shot_prompt_ensemble():
+    """One prompt-ensembling function, one template syntax, one error type for zero-shot and segmentation."""
+    from clip_pacl.errors import DataError
+    from clip_pacl.segmentation.predict import class_embeddings
+    from clip_pacl.zeroshot.classifier import build_classifier
+
+    clip = clip_pacl.load("tiny").eval()
+    names, templates = ["cat", "red circle"], ["a photo of a {}.", "{} and {}"]
+    torch.testing.assert_close(class_embeddings(clip, names, templates, "patch"),
+                               build_classifier(clip, names, templates))
+    for bad_names, bad_templates in ((names, ["a {c}"]), ([], templates), (names, [])):
+        with pytest.raises(DataError):
+            class_embeddings(clip, bad_names, bad_templates, "patch")

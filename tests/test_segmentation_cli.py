@@ -16,7 +16,7 @@ from clip_pacl.models.pacl import PACL, PACLConfig
 @pytest.fixture(scope="module")
 def pacl_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("pacl")
-    PACL.from_clip(clip_pacl.load("tiny"), PACLConfig(hidden_dim=32)).save_checkpoint(out)
+    clip_pacl.save(PACL(clip_pacl.load("tiny"), PACLConfig(hidden_dim=32)), out)
     return out
 
 

@@ -386,7 +386,7 @@ def test_pacl_model_segments_with_its_own_method(setup):
     its patch-aligned similarity (the same numbers as the library's classifier)."""
     from clip_pacl.models.pacl import PACL
 
-    pacl = PACL.from_clip(setup["model"]).eval()
+    pacl = PACL(setup["model"]).eval()
     service = WebService(pacl, setup["index"], "pacl-test")
     health = service.health()
     assert health["segment_methods"] == ["pacl", "patch", "maskclip"] and health["default_segment_method"] == "pacl"

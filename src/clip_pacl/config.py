@@ -10,7 +10,6 @@ import json
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from importlib import resources
-from pathlib import Path
 from typing import Any
 
 from clip_pacl.errors import ConfigError
@@ -29,16 +28,23 @@ class VisionConfig:
 
     @property
     def is_resnet(self) -> bool:
+        """True for OpenAI's ModifiedResNet (layers per stage), False for a ViT."""
         return isinstance(self.layers, tuple)
 
     @property
     def heads(self) -> int:
-        # open_clip's convention: RN attention pool has width*32 channels, ViT has width channels.
+        """Attention heads (open_clip's convention: the RN attention pool has width*32 channels, a ViT width)."""
         return self.width * 32 // self.head_width if self.is_resnet else self.width // self.head_width
 
     @property
+    def stride(self) -> int:
+        """Pixels per patch token along each side: the ViT's patch size, the ResNet's total stride (32)."""
+        return 32 if self.is_resnet else self.patch_size
+
+    @property
     def grid_size(self) -> int:
-        return self.image_size // 32 if self.is_resnet else self.image_size // self.patch_size
+        """Patch tokens per side at `image_size`."""
+        return self.image_size // self.stride
 
 
 @dataclass(frozen=True)
@@ -55,6 +61,8 @@ class TextConfig:
 
 @dataclass(frozen=True)
 class CLIPConfig:
+    """A CLIP architecture: joint width, the two towers, activation, initial temperature (and SigLIP bias)."""
+
     embed_dim: int = 512
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
@@ -122,6 +130,7 @@ class CLIPConfig:
         return cls(**kwargs)
 
     def to_open_clip_dict(self) -> dict[str, Any]:
+        """open_clip's model-config JSON (`embed_dim`, `vision_cfg`, `text_cfg`)."""
         v, t = self.vision, self.text
         vision_cfg: dict[str, Any] = {"image_size": v.image_size, "layers": list(v.layers) if v.is_resnet else v.layers,
                                       "width": v.width, "head_width": v.head_width}
@@ -140,6 +149,7 @@ class CLIPConfig:
 
     # ------------------------------------------------------------------ our own JSON
     def to_dict(self) -> dict[str, Any]:
+        """Our config.json fields (nested `vision` and `text`)."""
         d = asdict(self)
         if self.vision.is_resnet:
             d["vision"]["layers"] = list(self.vision.layers)
@@ -147,6 +157,7 @@ class CLIPConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CLIPConfig:
+        """Inverse of `to_dict` (unknown top-level keys, such as `model_type`, are ignored)."""
         d = dict(d)
         try:
             vision = dict(d.pop("vision"))
@@ -158,10 +169,6 @@ class CLIPConfig:
         known = {f.name for f in fields(cls)}
         return cls(vision=VisionConfig(**vision), text=TextConfig(**text), **{k: v for k, v in d.items() if k in known})
 
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps({"model_type": "clip", **self.to_dict()}, indent=2) + "\n")
-
-
 def _as_int(x: Any) -> int:
     # open_clip allows (h, w) tuples for image_size / patch_size; we support square only.
     if isinstance(x, (list, tuple)):
@@ -172,4 +179,5 @@ def _as_int(x: Any) -> int:
 
 
 def available_presets() -> list[str]:
+    """Names of the shipped presets (presets/*.json)."""
     return sorted(p.name[:-5] for p in resources.files("clip_pacl.presets").iterdir() if p.name.endswith(".json"))

@@ -8,11 +8,9 @@ that does not match its architecture fails loudly instead of leaving weights ran
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import re
-import tempfile
 import zipfile
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -22,18 +20,18 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from clip_pacl.checkpoint import convert_hf, convert_open_clip, convert_openai
+from clip_pacl.checkpoint import backbone, convert_hf, convert_open_clip, convert_openai, pacl
+from clip_pacl.checkpoint.format import CONFIG_NAME, WEIGHTS_NAME, atomic_write, first_line, load_state
 from clip_pacl.config import CLIPConfig, available_presets
 from clip_pacl.errors import CheckpointError, ConfigError
+from clip_pacl.models.backbone import build_backbone
 from clip_pacl.models.clip import CLIP
 
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
 OPEN_CLIP_CONFIG_NAME = "open_clip_config.json"
 OPEN_CLIP_WEIGHT_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin", "open_clip_pytorch_model.pth")
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
-# Loaders for our other model types, imported only when such a checkpoint is met.
-MODEL_TYPE_LOADERS = {"pacl": "clip_pacl.models.pacl", "backbone": "clip_pacl.models.backbone"}
+# Our other model types: (save, load) by config.json's `model_type`.
+MODEL_TYPES = {"pacl": (pacl.save_pacl, pacl.load_pacl), "backbone": (backbone.save_backbone, backbone.load_backbone)}
 
 
 @dataclass(frozen=True)
@@ -49,30 +47,19 @@ class Source:
 def save(model: nn.Module, out_dir: str | Path, extra_config: dict[str, Any] | None = None) -> Path:
     """Write `model` as a clip-pacl checkpoint directory (atomically: files are renamed into place).
 
-    Models that carry more than a CLIP (PACL heads, third-party backbones) write themselves through
-    their own `save_checkpoint(dir)`, and `load` dispatches back to them by `config.json`'s `model_type`.
+    Models that carry more than a CLIP (PACL heads, third-party backbones) have their own writer in
+    `MODEL_TYPES` (by the model's `model_type`), and `load` dispatches back to its reader by `config.json`'s.
     """
     out = Path(out_dir)
-    if hasattr(model, "save_checkpoint"):
-        model.save_checkpoint(out)
-        return out
+    model_type = getattr(model, "model_type", "clip")
+    if model_type in MODEL_TYPES:
+        return MODEL_TYPES[model_type][0](model, out)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+    atomic_write(out / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
     cfg = {"model_type": "clip", **model.config.to_dict(), **(extra_config or {})}
-    _atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(cfg, indent=2) + "\n"))
+    atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(cfg, indent=2) + "\n"))
     return out
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -107,8 +94,6 @@ def load_with_source(
 
     text = str(src)
     if text.startswith("backbone:"):  # pretrained timm + transformers towers with new heads (models/backbone.py)
-        from clip_pacl.models.backbone import build_backbone
-
         model = build_backbone(text)
         return (model.to(device) if device is not None else model), Source("backbone", text)
     if pretrained is not None:
@@ -171,12 +156,11 @@ def _load_dir(path: Path, quick_gelu: bool | None, device: str | torch.device | 
         return _build(_with_quick_gelu(config, quick_gelu), state, str(path)), Source("hf", str(path))
     if data is not None and "model_type" in data:
         model_type = data["model_type"]
-        if model_type in MODEL_TYPE_LOADERS:
-            module = importlib.import_module(MODEL_TYPE_LOADERS[model_type])
-            return module.load_checkpoint(path, device), Source(model_type, str(path))
+        if model_type in MODEL_TYPES:
+            return MODEL_TYPES[model_type][1](path, device), Source(model_type, str(path))
         if model_type != "clip":
             raise CheckpointError(f"{config_file} has model_type '{model_type}' (known: clip, "
-                                  f"{', '.join(MODEL_TYPE_LOADERS)})")
+                                  f"{', '.join(MODEL_TYPES)})")
         if not (path / WEIGHTS_NAME).is_file():
             raise CheckpointError(f"{path} has a clip-pacl {CONFIG_NAME} but no {WEIGHTS_NAME}")
         config = CLIPConfig.from_dict({k: v for k, v in data.items() if k != "model_type"})
@@ -255,14 +239,9 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # foreign files fail with SafetensorError, UnpicklingError, RuntimeError, EOFError, ...
         is_torch_file = path.suffix == ".safetensors" or zipfile.is_zipfile(path)
-        reason = _first_line(e) if is_torch_file else "not a safetensors, PyTorch or TorchScript file"
+        reason = first_line(e) if is_torch_file else "not a safetensors, PyTorch or TorchScript file"
         raise CheckpointError(f"{path} is not a checkpoint clip-pacl can read: {reason}") from None
     return convert_open_clip.unwrap_state_dict(obj, str(path))
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
 
 
 def _build(config: CLIPConfig, state: dict[str, torch.Tensor], source: str) -> CLIP:
@@ -271,26 +250,11 @@ def _build(config: CLIPConfig, state: dict[str, torch.Tensor], source: str) -> C
     with torch.device("meta"):
         model = CLIP(config)
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-    _load_state(model, state, source, assign=True)
+    load_state(model, state, source, assign=True)
     unset = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
     if unset:  # a non-persistent buffer: no checkpoint holds it, so it must be computed in __init__ instead
         raise CheckpointError(f"{source}: the model has tensors no checkpoint sets (e.g. {unset[0]})")
     return model
-
-
-def _load_state(model: nn.Module, state: dict[str, torch.Tensor], source: str, assign: bool = False) -> None:
-    try:
-        result = model.load_state_dict(state, strict=False, assign=assign)
-    except RuntimeError as e:  # shape mismatches
-        detail = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), _first_line(e))
-        raise CheckpointError(f"{source} does not match the model: {detail}") from None
-    if result.missing_keys or result.unexpected_keys:
-        parts = []
-        if result.missing_keys:
-            parts.append(f"missing {len(result.missing_keys)} tensors (e.g. {result.missing_keys[0]})")
-        if result.unexpected_keys:
-            parts.append(f"{len(result.unexpected_keys)} unexpected tensors (e.g. {result.unexpected_keys[0]})")
-        raise CheckpointError(f"{source} does not match the model: {'; '.join(parts)}")
 
 
 def _with_quick_gelu(config: CLIPConfig, quick_gelu: bool | None) -> CLIPConfig:

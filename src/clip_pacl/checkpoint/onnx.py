@@ -4,10 +4,10 @@ Writes `image_encoder.onnx` ((B, 3, H, W) float32 pixels, CLIP-normalised -> (B,
 features), `text_encoder.onnx` ((B, context) int64 token ids -> (B, D) L2-normalised features), and
 `clip_onnx.json` with what a caller needs to prepare inputs (size, mean/std, context length, logit scale).
 
-Our text tower runs only up to the batch's longest end-of-text token, a data-dependent shape that a
-traced graph would freeze at the example's length. The exported text graph instead runs the whole
-context: the causal mask makes every position before EOT independent of what follows, so the pooled
-output is identical for any caption length.
+The graphs use the inference speedups of `models/inference.py` that trace to a fixed graph: one-row attention in
+the last block and folded BatchNorm. The text graph runs the whole context (no EOT trimming, whose length the trace
+would freeze at the example's): the causal mask makes every position before EOT independent of what follows, so
+the pooled output is identical for any caption length.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clip_pacl.errors import CheckpointError, MissingDependencyError
+from clip_pacl.models import inference
 from clip_pacl.models.clip import CLIP
 from clip_pacl.transforms import OPENAI_MEAN, OPENAI_STD
 
@@ -33,28 +34,26 @@ DEFAULT_OPSET = 17
 
 
 class ImageEncoder(nn.Module):
+    """(B, 3, H, W) pixels -> (B, D) L2-normalised features."""
+
     def __init__(self, model: CLIP):
         super().__init__()
         self.visual = model.visual
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.visual(image), dim=-1)  # (B, D)
+        return F.normalize(inference.encode_image(self.visual, image), dim=-1)  # (B, D)
 
 
 class TextEncoder(nn.Module):
-    """The text tower over the full, fixed context (see the module docstring for why that is exact)."""
+    """(B, context) token ids -> (B, D) L2-normalised features, over the full, fixed context (see the module
+    docstring for why that is exact)."""
 
     def __init__(self, model: CLIP):
         super().__init__()
         self.text = model.text
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        t = self.text
-        x = t.token_embedding(tokens) + t.positional_embedding  # (B, L, width)
-        x = t.transformer(x, causal=True)
-        eot = tokens.argmax(dim=-1)  # (B,) the end-of-text token has the highest id
-        pooled = x.gather(1, eot[:, None, None].expand(-1, 1, x.shape[-1]))[:, 0]  # (B, width)
-        return F.normalize(t.ln_final(pooled) @ t.text_projection, dim=-1)  # (B, D)
+        return F.normalize(inference.encode_text(self.text, tokens, trim=False), dim=-1)  # (B, D)
 
 
 def export_onnx(model: nn.Module, out_dir: str | Path, opset: int = DEFAULT_OPSET,

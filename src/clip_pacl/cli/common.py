@@ -7,6 +7,7 @@ import json
 import sys
 from typing import Any
 
+from clip_pacl.console import log
 from clip_pacl.device import resolve_device
 
 __all__ = ["add_device_flag", "add_json_flag", "log", "print_json", "print_per_class", "resolve_device"]
@@ -24,10 +25,6 @@ def print_json(obj: Any) -> None:
     json.dump(obj, sys.stdout, indent=None, default=str)
     sys.stdout.write("\n")
     sys.stdout.flush()
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def print_per_class(title: str, values: dict[str, float | None], limit: int) -> None:

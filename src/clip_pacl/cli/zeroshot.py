@@ -11,8 +11,8 @@ import clip_pacl
 from clip_pacl.cli.common import add_device_flag, add_json_flag, print_json, resolve_device
 from clip_pacl.cli.eval_zeroshot import add_template_flags
 from clip_pacl.data import load_image
-from clip_pacl.eval.common import model_device
-from clip_pacl.transforms import image_transform
+from clip_pacl.encode import model_device
+from clip_pacl.preprocess import model_transform
 from clip_pacl.zeroshot.classifier import build_classifier, class_probabilities
 from clip_pacl.zeroshot.templates import resolve_class_names, resolve_templates
 
@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     images = [load_image(path) for path in args.images]  # fail on a bad path before loading the model
     model = clip_pacl.load(args.model, device=resolve_device(args.device)).eval()
     classifier = build_classifier(model, class_names, templates)  # (C, D)
-    transform = image_transform(model.image_size)
+    transform = model_transform(model)
     k = min(args.top_k, len(class_names))
     results = []
     for start in range(0, len(images), args.batch_size):

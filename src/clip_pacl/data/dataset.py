@@ -8,10 +8,8 @@ workers or on whether the run was resumed, and workers can stay alive across epo
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,38 +19,10 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 from clip_pacl.data.formats import read_caption_rows, resolve_data_path
 from clip_pacl.data.images import load_image
 from clip_pacl.data.rows import CaptionRow, split_by_image
+from clip_pacl.data.samples import Tokenizer, Transform, mix_seed, seeded_call, tokens_1d
 from clip_pacl.errors import DataError
 
 log = logging.getLogger("clip_pacl.data")
-
-Transform = Callable[[Any], torch.Tensor]
-Tokenizer = Callable[[str], torch.Tensor]
-
-
-def mix_seed(*values: int | str) -> int:
-    """A well-spread 63-bit seed from several values (seed, epoch, index), stable across processes."""
-    digest = hashlib.blake2b(b",".join(str(v).encode() for v in values), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
-
-
-def seeded_call(fn: Callable[[Any], Any], x: Any, seed: int | None) -> Any:
-    """fn(x) with torch's and Python's global RNGs seeded, leaving the caller's RNG state untouched."""
-    if seed is None:
-        return fn(x)
-    with torch.random.fork_rng(devices=[]):
-        torch.default_generator.manual_seed(seed)  # CPU only: torch.manual_seed also queues CUDA seeding, slowly
-        state = random.getstate()
-        random.seed(seed)
-        try:
-            return fn(x)
-        finally:
-            random.setstate(state)
-
-
-def tokens_1d(tokenizer: Tokenizer, text: str) -> torch.Tensor:
-    tokens = tokenizer(text)
-    return tokens[0] if tokens.dim() == 2 else tokens  # (L,)
-
 
 class CaptionDataset(Dataset):
     """(image (3, H, W), tokens (L,)) per row, or None when the image cannot be read.

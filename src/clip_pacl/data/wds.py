@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from clip_pacl.data.dataset import Tokenizer, Transform, mix_seed, seeded_call, tokens_1d
 from clip_pacl.data.images import decode_image_bytes
+from clip_pacl.data.samples import Tokenizer, Transform, mix_seed, seeded_call, tokens_1d
 from clip_pacl.errors import DataError, MissingDependencyError
 
 log = logging.getLogger("clip_pacl.data")

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from clip_pacl.cli.common import log
+from clip_pacl.console import log
 
 
 @dataclass(frozen=True)

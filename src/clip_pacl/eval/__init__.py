@@ -1,6 +1,5 @@
 """Evaluations that print a number: `eval.zeroshot` (accuracy), `eval.retrieval` (recall@k),
-`eval.segmentation` (mIoU); `eval.common` holds the batched encoding they share.
+`eval.segmentation` (mIoU). They encode through `clip_pacl.encode`, as zero-shot, the index and the server do.
 
-Nothing is imported here: `zeroshot` and `retrieval` build on `eval.common`, and importing one
-evaluation should not load the others.
+Nothing is imported here: importing one evaluation should not load the others.
 """

@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
+from clip_pacl.encode import encode_texts, score_images
 from clip_pacl.errors import DataError
-from clip_pacl.eval.common import encode_texts, score_images
 
 DEFAULT_KS = (1, 5, 10)
 

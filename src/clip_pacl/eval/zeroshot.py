@@ -9,8 +9,8 @@ from typing import Any
 import torch
 
 from clip_pacl.data import IMAGE_EXTENSIONS, LabelRow
+from clip_pacl.encode import score_images
 from clip_pacl.errors import DataError
-from clip_pacl.eval.common import score_images
 from clip_pacl.zeroshot.classifier import build_classifier
 
 

@@ -24,15 +24,15 @@ e.g. `backbone:timm/resnet50+hf/distilbert-base-uncased`,
 The model keeps the training contract (`loss_features`, `logit_scale`, `logit_bias`) and the zero-shot one
 (`encode_image`, `encode_text`, `similarity`), and brings its own preprocessing: `tokenize(texts)` with the
 text model's tokenizer (padded to `context_length`; the attention mask is recovered from the pad id) and
-`image_transform(train)` with the image model's mean/std and size. Checkpoints are self-contained and load
-offline: `config.json` (`"model_type": "backbone"`), `model.safetensors` (towers + heads) and `text/`
-(the text model's config and tokenizer files).
+`image_transform(train)` with the image model's mean/std and size. Checkpoints (`checkpoint/backbone.py`) are
+self-contained and load offline.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -45,13 +45,11 @@ from clip_pacl.errors import CheckpointError, ConfigError, MissingDependencyErro
 from clip_pacl.models.clip import CLIPOutput
 
 SPEC_PREFIX = "backbone:"
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-TEXT_DIR = "text"
 SPEC_SYNTAX = "backbone:timm/NAME[=FILE|=random]|timm=DIR + hf/REPO_ID|hf=DIR [+key=value ...]"
 
 
-def _timm():
+def import_timm():
+    """The timm module, or a MissingDependencyError naming the extra to install."""
     try:
         import timm
     except ImportError:
@@ -59,7 +57,8 @@ def _timm():
     return timm
 
 
-def _transformers():
+def import_transformers():
+    """The transformers module, or a MissingDependencyError naming the extra to install."""
     try:
         import transformers
     except ImportError:
@@ -69,6 +68,8 @@ def _transformers():
 
 @dataclass(frozen=True)
 class BackboneConfig:
+    """The towers (a parsed `backbone:` spec) and the heads' options; saved in the checkpoint's config.json."""
+
     image: str  # the IMAGE part of the spec, e.g. "timm/resnet50"
     text: str  # the TEXT part, e.g. "hf/distilbert-base-uncased"
     embed_dim: int = 256
@@ -78,7 +79,7 @@ class BackboneConfig:
     image_size: int | None = None  # None: the image model's default input size
     init_logit_scale: float = math.log(1 / 0.07)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if not (self.image.startswith("timm/") or self.image.startswith("timm=")):
             raise ConfigError(f"image tower '{self.image}' must start with timm/ or timm= ({SPEC_SYNTAX})")
         if not (self.text.startswith("hf/") or self.text.startswith("hf=")):
@@ -115,16 +116,19 @@ class BackboneConfig:
         return cls(image=image[0], text=text[0], **options)
 
     def to_spec(self) -> str:
+        """The `backbone:` spec string, with only the non-default options."""
         defaults = BackboneConfig(self.image, self.text)
         opts = [f"{k}={v}" for k, v in asdict(self).items()
                 if k not in ("image", "text", "init_logit_scale") and v != getattr(defaults, k)]
         return SPEC_PREFIX + "+".join([self.image, self.text, *opts])
 
     def to_dict(self) -> dict:
+        """JSON-ready fields."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> BackboneConfig:
+        """Inverse of `to_dict` (unknown keys ignored)."""
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 
@@ -140,6 +144,7 @@ class ProjectionHead(nn.Module):
         self.layer_norm = nn.LayerNorm(out_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, in_dim) -> (B, out_dim)."""
         projected = self.projection(x)  # (B, D)
         return self.layer_norm(projected + self.dropout(self.fc(F.gelu(projected))))
 
@@ -156,6 +161,7 @@ class HFTokenize:
         self.context_length = context_length
 
     def __call__(self, texts: str | list[str]) -> torch.Tensor:
+        """Text(s) -> (B, context_length) token ids."""
         batch = [texts] if isinstance(texts, str) else list(texts)
         out = self.tokenizer(batch, padding="max_length", truncation=True, max_length=self.context_length,
                              return_tensors="pt")
@@ -164,7 +170,7 @@ class HFTokenize:
 
 def _load_image_tower(spec: str, pretrained: bool) -> tuple[nn.Module, dict[str, Any]]:
     """(timm model without classifier -> (B, F) pooled features, how to rebuild it without weights)."""
-    timm = _timm()
+    timm = import_timm()
     if spec.startswith("timm="):
         folder = Path(spec.removeprefix("timm="))
         cfg_file = folder / "config.json"
@@ -194,7 +200,7 @@ def _load_image_tower(spec: str, pretrained: bool) -> tuple[nn.Module, dict[str,
 
 
 def _load_text_tower(spec: str) -> tuple[nn.Module, Any]:
-    transformers = _transformers()
+    transformers = import_transformers()
     source = spec.removeprefix("hf/") if spec.startswith("hf/") else spec.removeprefix("hf=")
     if spec.startswith("hf=") and not Path(source).is_dir():
         raise CheckpointError(f"text model folder {source} does not exist")
@@ -210,6 +216,8 @@ def _load_text_tower(spec: str) -> tuple[nn.Module, Any]:
 class BackboneCLIP(nn.Module):
     """visual (timm) -> image_head, text (transformers) -> text_head, both into `embed_dim`; learned temperature."""
 
+    model_type = "backbone"
+
     def __init__(self, config: BackboneConfig, visual: nn.Module, text: nn.Module, tokenizer: Any,
                  image_info: dict[str, Any]):
         super().__init__()
@@ -222,7 +230,7 @@ class BackboneCLIP(nn.Module):
         self.text_head = _head(config.head, text.config.hidden_size, config.embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(float(config.init_logit_scale)))
         self.logit_bias = None
-        data_config = _timm().data.resolve_data_config({}, model=visual)
+        data_config = import_timm().data.resolve_data_config({}, model=visual)
         if config.image_size is not None:
             data_config["input_size"] = (3, config.image_size, config.image_size)
         self.data_config = data_config
@@ -240,33 +248,37 @@ class BackboneCLIP(nn.Module):
     # ------------------------------------------------------------------ properties
     @property
     def image_size(self) -> int:
+        """Side of the square input images (the timm model's default unless configured)."""
         return int(self.data_config["input_size"][-1])
 
     @property
     def context_length(self) -> int:
+        """Token ids per text."""
         return self.config.context_length
 
     @property
     def embed_dim(self) -> int:
+        """Width D of the joint space."""
         return self.config.embed_dim
 
     # ------------------------------------------------------------------ preprocessing
     def get_tokenizer(self) -> HFTokenize:
+        """The text model's tokenizer as a picklable callable: texts -> (B, context_length) ids."""
         return HFTokenize(self.tokenizer, self.context_length)
 
     def tokenize(self, texts: str | list[str]) -> torch.Tensor:
         """Text(s) -> (B, context_length) token ids of the text model, padded with its pad id."""
         return self.get_tokenizer()(texts)
 
-    def image_transform(self, train: bool = False):
-        """PIL image -> (3, S, S) tensor with the image model's normalisation.
+    def image_transform(self, train: bool = False, image_size: int | None = None) -> Callable:
+        """PIL image -> (3, S, S) tensor with the image model's normalisation, S = `image_size` or the model's.
 
         Training uses CLIP's augmentation (a mild random resized crop) rather than ImageNet's: flips and
         colour jitter would contradict captions that say "left of" or "red".
         """
         from torchvision import transforms as T
 
-        size = self.image_size
+        size = image_size or self.image_size
         mean, std = self.data_config["mean"], self.data_config["std"]
         interpolation = T.InterpolationMode.BICUBIC if self.data_config.get("interpolation") == "bicubic" \
             else T.InterpolationMode.BILINEAR
@@ -297,6 +309,7 @@ class BackboneCLIP(nn.Module):
         return F.normalize(x, dim=-1) if normalize else x
 
     def forward(self, image: torch.Tensor | None = None, text: torch.Tensor | None = None) -> CLIPOutput:
+        """Normalised image (B, D) and text (B, D) features with exp(logit_scale), as CLIP.forward."""
         image_features = self.encode_image(image, normalize=True) if image is not None else None
         text_features = self.encode_text(text, normalize=True) if text is not None else None
         return CLIPOutput(image_features, text_features, self.logit_scale.exp(), self.logit_bias)
@@ -310,56 +323,14 @@ class BackboneCLIP(nn.Module):
         return self.encode_image(images, normalize=True), self.encode_text(texts, normalize=True)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Gradient checkpointing in both towers (where the text model supports it)."""
         self.visual.set_grad_checkpointing(enable)
         if enable and getattr(self.text, "supports_gradient_checkpointing", False):
             self.text.gradient_checkpointing_enable()
         elif not enable and getattr(self.text, "is_gradient_checkpointing", False):
             self.text.gradient_checkpointing_disable()
 
-    # ------------------------------------------------------------------ checkpoints
-    def save_checkpoint(self, out_dir: str | Path) -> Path:
-        """A self-contained directory that `clip_pacl.load` reads back offline."""
-        from safetensors.torch import save_model
-
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        self.text.config.save_pretrained(out / TEXT_DIR)
-        self.tokenizer.save_pretrained(out / TEXT_DIR)
-        save_model(self, str(out / WEIGHTS_NAME), metadata={"format": "pt"})  # drops tied duplicates safely
-        data_config = {k: list(v) if isinstance(v, tuple) else v for k, v in self.data_config.items()}
-        cfg = {"model_type": "backbone", "backbone": self.config.to_dict(), "image": self.image_info,
-               "image_data_config": data_config, "spec": self.config.to_spec()}
-        (out / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")
-        return out
-
 
 def build_backbone(spec: str) -> BackboneCLIP:
     """`backbone:IMAGE+TEXT[+key=value ...]` -> a model with pretrained towers and new heads."""
     return BackboneCLIP.from_spec(spec)
-
-
-def load_checkpoint(path: str | Path, device: str | torch.device | None = None) -> BackboneCLIP:
-    """Read a directory written by `save_checkpoint` (what `clip_pacl.load` calls for model_type "backbone")."""
-    from safetensors.torch import load_model
-
-    path = Path(path)
-    try:
-        cfg = json.loads((path / CONFIG_NAME).read_text())
-        config = BackboneConfig.from_dict(cfg["backbone"])
-        image_info = cfg["image"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{path} is not a backbone checkpoint ({e})") from None
-    timm, transformers = _timm(), _transformers()
-    visual = timm.create_model(image_info["arch"], pretrained=False, num_classes=0, **image_info.get("model_args", {}))
-    text_config = transformers.AutoConfig.from_pretrained(path / TEXT_DIR)
-    text = transformers.AutoModel.from_config(text_config)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path / TEXT_DIR)
-    model = BackboneCLIP(config, visual, text, tokenizer, image_info)
-    missing, unexpected = load_model(model, str(path / WEIGHTS_NAME), strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"{path} does not match its config: missing {sorted(missing)[:3]}, "
-                              f"unexpected {sorted(unexpected)[:3]}")
-    saved = cfg.get("image_data_config")
-    if saved:
-        model.data_config = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}
-    return model.to(device) if device is not None else model

@@ -12,6 +12,7 @@ class LayerNorm(nn.LayerNorm):
     """LayerNorm computed in fp32 and cast back, so fp16/bf16 weights stay stable."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., D) -> (..., D), in x's dtype."""
         if x.dtype == torch.float32:
             return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
         w = self.weight.float() if self.weight is not None else None
@@ -23,37 +24,8 @@ class QuickGELU(nn.Module):
     """OpenAI's sigmoid approximation of GELU; the original CLIP weights were trained with it."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Elementwise, any shape."""
         return x * torch.sigmoid(1.702 * x)
-
-
-def attend_one_query(
-    q: torch.Tensor,
-    x: torch.Tensor,
-    k_weight: torch.Tensor,
-    k_bias: torch.Tensor,
-    v_weight: torch.Tensor,
-    v_bias: torch.Tensor,
-    heads: int,
-    key_mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Multi-head attention of one (projected) query per sequence over keys x W_k^T + b_k and values x W_v^T + b_v,
-    without projecting every position: q (B, D), x (B, N, D) -> (B, D), heads concatenated.
-
-    Per head h, q_h . k_j = (W_k,h^T q_h) . x_j + q_h . b_k,h, and sum_j a_j v_j = W_v,h (sum_j a_j x_j) + b_v,h
-    because the weights sum to one. That is O(D^2 + N D) per sequence instead of O(N D^2): the same function in a
-    different order. (The key-bias term is the same for every j, so the softmax ignores it; it is kept so that the
-    key bias still takes part, with its exactly-zero gradient, as DDP expects of every parameter.)"""
-    b, n, d = x.shape
-    head_dim = d // heads
-    q = q.view(b, heads, head_dim).transpose(0, 1) * head_dim**-0.5  # (H, B, hd)
-    q_in_x = torch.bmm(q, k_weight.view(heads, head_dim, d)).transpose(0, 1)  # (B, H, D): W_k,h^T q_h
-    q_dot_bias = (q * k_bias.view(heads, 1, head_dim)).sum(-1).transpose(0, 1)  # (B, H)
-    scores = torch.bmm(q_in_x, x.transpose(1, 2)) + q_dot_bias[..., None]  # (B, H, N)
-    if key_mask is not None:
-        scores = scores.masked_fill(~key_mask[:, None, :], float("-inf"))
-    pooled = torch.bmm(scores.softmax(dim=-1), x)  # (B, H, D): attention-weighted inputs, per head
-    out = torch.bmm(pooled.transpose(0, 1), v_weight.view(heads, head_dim, d).transpose(1, 2))  # (H, B, hd)
-    return out.transpose(0, 1).reshape(b, d) + v_bias
 
 
 class Attention(nn.Module):
@@ -78,22 +50,11 @@ class Attention(nn.Module):
         return q, k, v
 
     def forward(self, x: torch.Tensor, causal: bool = False, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Self-attention over every position: (B, N, D) -> (B, N, D)."""
         b, n, d = x.shape
         q, k, v = self.qkv(x)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal and attn_mask is None)
         return self.out_proj(out.transpose(1, 2).reshape(b, n, d))
-
-    def forward_rows(self, x: torch.Tensor, rows: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Attention output at one query position per sequence: x (B, N, D), rows (B,) -> (B, D).
-
-        key_mask (B, N) bool, True where a key may be attended to (the causal mask of a single query row)."""
-        b, _, d = x.shape
-        query = x[torch.arange(b, device=x.device), rows]  # (B, D)
-        q = F.linear(query, self.in_proj_weight[:d], self.in_proj_bias[:d])
-        w_k, b_k = self.in_proj_weight[d : 2 * d], self.in_proj_bias[d : 2 * d]
-        w_v, b_v = self.in_proj_weight[2 * d :], self.in_proj_bias[2 * d :]
-        out = attend_one_query(q, x, w_k, b_k, w_v, b_v, self.heads, key_mask)
-        return self.out_proj(out)
 
     def value_path(self, x: torch.Tensor) -> torch.Tensor:
         """Output when every token attends only to itself (MaskCLIP): out_proj(v_proj(x))."""
@@ -103,6 +64,8 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Sequential):
+    """c_fc -> activation -> c_proj: (..., width) -> (..., width)."""
+
     def __init__(self, width: int, hidden: int, act: type[nn.Module]):
         super().__init__()
         self.c_fc = nn.Linear(width, hidden)
@@ -111,6 +74,8 @@ class MLP(nn.Sequential):
 
 
 class ResidualAttentionBlock(nn.Module):
+    """Pre-norm transformer block: x + attn(ln_1(x)), then + mlp(ln_2(x)); (B, N, D) -> (B, N, D)."""
+
     def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, act: type[nn.Module] = nn.GELU):
         super().__init__()
         self.ln_1 = LayerNorm(width)
@@ -119,18 +84,20 @@ class ResidualAttentionBlock(nn.Module):
         self.mlp = MLP(width, int(width * mlp_ratio), act)
 
     def forward(self, x: torch.Tensor, causal: bool = False, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, N, D) -> (B, N, D); `causal` lets position i attend to 0..i only."""
         x = x + self.attn(self.ln_1(x), causal=causal, attn_mask=attn_mask)
         return x + self.mlp(self.ln_2(x))
 
-    def forward_rows(self, x: torch.Tensor, rows: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """The block's output at position rows[b] of each sequence, (B, D): the same numbers as forward()[b, rows[b]]
-        for a fraction of the work (every position still serves as key and value; the MLP runs on B rows only)."""
-        attended = self.attn.forward_rows(self.ln_1(x), rows, key_mask)  # (B, D)
-        y = x[torch.arange(x.shape[0], device=x.device), rows] + attended
-        return y + self.mlp(self.ln_2(y))
+    def forward_value_path(self, x: torch.Tensor) -> torch.Tensor:
+        """The block with attention replaced by its value path (every token attends only to itself; MaskCLIP):
+        (B, N, D) -> (B, N, D)."""
+        x = x + self.attn.value_path(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
 
 
 class Transformer(nn.Module):
+    """`layers` residual attention blocks of one width (the image and text towers' trunk)."""
+
     def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float = 4.0, act: type[nn.Module] = nn.GELU):
         super().__init__()
         self.width = width
@@ -147,16 +114,6 @@ class Transformer(nn.Module):
                 x = block(x, causal=causal)
         return x
 
-    def forward_rows(self, x: torch.Tensor, rows: torch.Tensor, causal: bool = False) -> torch.Tensor:
-        """Output at one position per sequence after all blocks, (B, D): the pooled token (ViT's class token, the
-        text's EOT) is all a pooled embedding needs, so the last block computes only that row (~7% fewer FLOPs for
-        12 layers)."""
-        x = self(x, causal=causal, upto=self.layers - 1)
-        key_mask = None
-        if causal:  # the query at rows[b] sees keys 0..rows[b]
-            key_mask = torch.arange(x.shape[1], device=x.device) <= rows[:, None]  # (B, N)
-        return self.resblocks[-1].forward_rows(x, rows, key_mask)
-
     def init_weights(self) -> None:
         """open_clip's initialisation (from OpenAI's CLIP), scaled by depth."""
         proj_std = (self.width**-0.5) * ((2 * self.layers) ** -0.5)
@@ -170,4 +127,5 @@ class Transformer(nn.Module):
 
 
 def activation(quick_gelu: bool) -> type[nn.Module]:
+    """The MLP activation class: QuickGELU (OpenAI's weights) or exact GELU."""
     return QuickGELU if quick_gelu else nn.GELU

@@ -3,32 +3,35 @@
 Mukhoti et al., "Open Vocabulary Semantic Segmentation with Patch Aligned Contrastive Learning" (CVPR 2023).
 Every patch token of the frozen image tower goes through a vision embedder e_v and the pooled text
 embedding through a text embedder e_t; the image-text compatibility pools the patches with weights
-softmax_i <e_v(v_i), e_t(t)> (see `clip_pacl.losses.pacl`). Because training only sees captions, the
-patch-level similarity that results is what segments images.
+softmax_i <e_v(v_i), e_t(t)> (`compatibility`; the loss is `clip_pacl.losses.pacl`). Because training only
+sees captions, the patch-level similarity that results is what segments images.
 
-Checkpoint layout (`save_checkpoint`): `config.json` (`"model_type": "pacl"`, the CLIP config under `clip`,
-the PACL config under `pacl`), `model.safetensors` (the base CLIP's weights, copied in so the directory is
-self-contained and stays right when the last blocks were fine-tuned) and `pacl.safetensors` (embedders,
-logit scale).
+For an image with normalised patch embeddings V (N, D) and a normalised text embedding t (D,):
+    s = V t                  patch-text similarities (N,)
+    a = softmax(s)           patch weights
+    p = a^T V                text-conditioned pooled image embedding
+    phi = <p, t> / |p|       the compatibility (cosine, since |t| = 1)
+The loss needs phi for all B x B pairs. Forming p for every pair would be a (B, B, D) tensor
+(or (B, B, N, D) before the sum); instead
+    <p, t> = sum_i a_i s_i   and   |p|^2 = a^T G a  with  G = V V^T  (B, N, N), shared by every text,
+so the largest tensor is (B, B_chunk, N). Chunks over texts are recomputed in the backward pass
+(activation checkpointing) when gradients are needed, so peak memory stays O(B * chunk * N).
 """
 
 from __future__ import annotations
 
-import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from clip_pacl.config import CLIPConfig
-from clip_pacl.errors import CheckpointError, ConfigError
-from clip_pacl.losses.pacl import compatibility
+from clip_pacl.errors import ConfigError
 from clip_pacl.models.clip import CLIP
-
-PACL_WEIGHTS_NAME = "pacl.safetensors"
+from clip_pacl.models.vit import VisionTransformer
+from clip_pacl.tokenizer import Tokenizer
 
 
 @dataclass(frozen=True)
@@ -48,10 +51,12 @@ class PACLConfig:
     patch_tokens: str = "tokens"
 
     def to_dict(self) -> dict:
+        """JSON-ready fields (the `pacl` entry of a PACL checkpoint's config.json)."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> PACLConfig:
+        """Inverse of `to_dict`; unknown keys are a ConfigError."""
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
@@ -63,6 +68,34 @@ class PACLConfig:
             raise ConfigError(f"pool_temperature must be > 0, not {self.pool_temperature}")
         if self.patch_tokens not in ("tokens", "maskclip"):
             raise ConfigError(f"patch_tokens must be 'tokens' or 'maskclip', not '{self.patch_tokens}'")
+
+
+def _compatibility_block(patch_emb: torch.Tensor, gram: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
+    """phi for every (image, text) pair of one text chunk: (B_img, N, D), (B_img, N, N), (C, D) -> (B_img, C)."""
+    s = torch.einsum("bnd,cd->bcn", patch_emb, text_emb)  # (B_img, C, N)
+    a = s.softmax(dim=-1)  # (B_img, C, N)
+    dot = (a * s).sum(dim=-1)  # <p, t>: (B_img, C)
+    sq_norm = (a * torch.einsum("bnm,bcm->bcn", gram, a)).sum(dim=-1)  # |p|^2 = a^T G a: (B_img, C)
+    return dot / sq_norm.clamp_min(1e-12).sqrt()
+
+
+def compatibility(patch_emb: torch.Tensor, text_emb: torch.Tensor, chunk_size: int = 256) -> torch.Tensor:
+    """phi(x_b, y_c) for all pairs: patch_emb (B, N, D) and text_emb (C, D), both L2-normalised -> (B, C).
+
+    Computed in float32 whatever the input dtype: the softmax-weighted norms lose too much in half precision.
+    """
+    patch_emb = patch_emb.float()
+    text_emb = text_emb.float()
+    gram = patch_emb @ patch_emb.transpose(1, 2)  # (B, N, N)
+    needs_grad = torch.is_grad_enabled() and (patch_emb.requires_grad or text_emb.requires_grad)
+    blocks = []
+    for start in range(0, text_emb.shape[0], chunk_size):
+        chunk = text_emb[start : start + chunk_size]
+        if needs_grad and text_emb.shape[0] > chunk_size:
+            blocks.append(checkpoint(_compatibility_block, patch_emb, gram, chunk, use_reentrant=False))
+        else:
+            blocks.append(_compatibility_block(patch_emb, gram, chunk))
+    return torch.cat(blocks, dim=1)
 
 
 class ResidualEmbedder(nn.Module):
@@ -83,10 +116,16 @@ class ResidualEmbedder(nn.Module):
         nn.init.zeros_(self.mlp[2].bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., in_dim) -> (..., out_dim)."""
         return self.linear(x) + self.mlp(x)
 
 
 class PACL(nn.Module):
+    """A frozen CLIP plus trainable vision/text embedders; images are scored against texts by the patch-aligned
+    compatibility phi (`similarity` (B, C)) and segmented by per-patch similarity (`patch_similarity`)."""
+
+    model_type = "pacl"
+
     def __init__(self, clip: CLIP, config: PACLConfig | None = None):
         super().__init__()
         self.config = config or PACLConfig()
@@ -101,10 +140,6 @@ class PACL(nn.Module):
         self._unfrozen = tuple(self._unfreeze(self.config.unfreeze_last_n_blocks))  # a tuple: not re-registered
         self.train(self.training)
 
-    @classmethod
-    def from_clip(cls, clip: CLIP, config: PACLConfig | None = None) -> PACL:
-        return cls(clip, config)
-
     # ------------------------------------------------------------------ freezing
     def _unfreeze(self, n: int) -> list[nn.Module]:
         """Freeze the CLIP, then unfreeze the last `n` image-tower blocks and what maps them to patch tokens."""
@@ -112,13 +147,13 @@ class PACL(nn.Module):
         if n <= 0:
             return []
         visual = self.clip.visual
-        if hasattr(visual, "transformer"):  # ViT: resblocks, then ln_post and proj (a bare Parameter)
+        if isinstance(visual, VisionTransformer):  # ViT: resblocks, then ln_post and proj (a bare Parameter)
             blocks = list(visual.transformer.resblocks)
             if n > len(blocks):
                 raise ConfigError(f"unfreeze_last_n_blocks={n} but the image tower has {len(blocks)} blocks")
             modules = [*blocks[-n:], visual.ln_post]
             visual.proj.requires_grad_(True)
-        else:  # ResNet: layer1..layer4, then the attention pool whose value path gives the patch tokens
+        else:  # ResNet: layer1..layer4, then the attention pool that gives the patch tokens
             layers = [visual.layer1, visual.layer2, visual.layer3, visual.layer4]
             if n > len(layers):
                 raise ConfigError(f"unfreeze_last_n_blocks={n} but the ResNet has {len(layers)} stages")
@@ -140,47 +175,77 @@ class PACL(nn.Module):
         """True when no image-tower weight trains, so patch tokens can be precomputed (--cache-features)."""
         return self.config.unfreeze_last_n_blocks == 0
 
-    # ------------------------------------------------------------------ properties shared with CLIP
+    # ------------------------------------------------------------------ properties and preprocessing (the CLIP's)
     @property
     def image_size(self) -> int:
+        """Side of the square input images (the base CLIP's)."""
         return self.clip.image_size
 
     @property
     def context_length(self) -> int:
+        """Token ids per text (the base CLIP's)."""
         return self.clip.context_length
 
     @property
     def embed_dim(self) -> int:
+        """Width D of the embedders' output space."""
         return self.vision_embedder.linear.out_features
 
     @property
     def grid_size(self) -> int:
+        """Patch tokens per side at `image_size`."""
         return self.clip.config.vision.grid_size
 
+    @property
+    def patch_stride(self) -> int:
+        """Pixels per patch along each side (the base CLIP's)."""
+        return self.clip.patch_stride
+
+    def patch_grid(self, height: int, width: int) -> tuple[int, int]:
+        """The (gh, gw) patch grid an image of this size gives (`patch_embeddings` has gh * gw rows)."""
+        return self.clip.patch_grid(height, width)
+
+    def get_tokenizer(self) -> Tokenizer:
+        """The base CLIP's tokenizer."""
+        return self.clip.get_tokenizer()
+
+    def image_transform(self, train: bool = False, image_size: int | None = None) -> Callable:
+        """The base CLIP's preprocess (or training augmentation)."""
+        return self.clip.image_transform(train, image_size)
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Gradient checkpointing in the base CLIP (where unfrozen blocks train)."""
         self.clip.set_grad_checkpointing(enable)
 
-    # ------------------------------------------------------------------ encoders
+    # ------------------------------------------------------------------ the frozen CLIP's features
     def clip_patch_tokens(self, images: torch.Tensor) -> torch.Tensor:
-        """The frozen CLIP's patch tokens (B, N, D_clip), without the pooled token; no graph when frozen."""
+        """The CLIP's patch tokens (B, N, D_clip) of pixels (B, 3, H, W), without the pooled token; no graph when
+        the image tower is frozen."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.vision_frozen):
             return self.clip.encode_image_tokens(images, dense=self.config.patch_tokens)[:, 1:]
 
-    def patch_embeddings(self, images: torch.Tensor) -> torch.Tensor:
-        """Normalised e_v per patch (B, N, D); `images` are pixels (B, 3, H, W) or CLIP patch tokens (B, N, D_clip)."""
-        tokens = images if images.dim() == 3 else self.clip_patch_tokens(images)
-        return F.normalize(self.vision_embedder(tokens), dim=-1)  # (B, N, D)
-
     def clip_text_embeddings(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The frozen CLIP's pooled text embedding (B, D_clip)."""
+        """The frozen CLIP's pooled text embedding (B, D_clip) of token ids (B, L)."""
         with torch.no_grad():
             return self.clip.encode_text(tokens)
 
-    def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        """e_t (B, D). `tokens` may be token ids (B, L) or precomputed CLIP text embeddings (B, D_clip) float."""
-        x = tokens if tokens.is_floating_point() else self.clip_text_embeddings(tokens)
-        x = self.text_embedder(x)
+    # ------------------------------------------------------------------ encoders
+    def embed_patches(self, patch_tokens: torch.Tensor) -> torch.Tensor:
+        """Normalised e_v (B, N, D) of CLIP patch tokens (B, N, D_clip)."""
+        return F.normalize(self.vision_embedder(patch_tokens), dim=-1)
+
+    def embed_text(self, text_embeddings: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """e_t (B, D) of CLIP text embeddings (B, D_clip)."""
+        x = self.text_embedder(text_embeddings)
         return F.normalize(x, dim=-1) if normalize else x
+
+    def patch_embeddings(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalised e_v per patch (B, N, D) of pixels (B, 3, H, W)."""
+        return self.embed_patches(self.clip_patch_tokens(images))
+
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """e_t (B, D) of token ids (B, L)."""
+        return self.embed_text(self.clip_text_embeddings(tokens), normalize)
 
     def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         """A text-independent image embedding (B, D): the mean of the normalised patch embeddings.
@@ -191,82 +256,31 @@ class PACL(nn.Module):
         x = self.patch_embeddings(images).mean(dim=1)
         return F.normalize(x, dim=-1) if normalize else x
 
-    def pooling_patches(self, images: torch.Tensor) -> torch.Tensor:
-        """Patch embeddings scaled by 1 / pool_temperature (B, N, D): what the compatibility consumes.
-
-        phi is a cosine, so scaling every patch leaves it unchanged except through the pooling softmax,
-        where s_i becomes s_i / pool_temperature: the temperature rides on the features and the loss
-        stays a pure function of them.
-        """
-        return self.patch_embeddings(images) / self.config.pool_temperature
-
     def similarity(self, images: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
-        """phi for every (image, class) pair (B, C); text_features (C, D) from `encode_text(..., normalize=True)`."""
-        return compatibility(self.pooling_patches(images), F.normalize(text_features, dim=-1))
+        """phi for every (image, class) pair (B, C); text_features (C, D) from `encode_text`."""
+        patches = self.patch_embeddings(images) / self.config.pool_temperature
+        return compatibility(patches, F.normalize(text_features, dim=-1))
 
     def patch_similarity(self, images: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
         """Per-patch similarity s_i to each class (B, C, gh, gw): what segmentation upsamples."""
         patches = self.patch_embeddings(images)  # (B, N, D)
-        gh, gw = _grid(self.clip, images, patches.shape[1])
+        gh, gw = self.patch_grid(*images.shape[-2:])
         scores = torch.einsum("bnd,cd->bcn", patches, F.normalize(text_features, dim=-1).to(patches.dtype))
         return scores.reshape(scores.shape[0], scores.shape[1], gh, gw)
 
+    # ------------------------------------------------------------------ training
     def loss_features(self, images: torch.Tensor, texts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(patch embeddings (B, N, D) of norm 1 / pool_temperature, normalised text embeddings (B, D)) for the loss.
+        """(patch embeddings (B, N, D) of norm 1 / pool_temperature, normalised text embeddings (B, D)) for the
+        loss, from pixels (B, 3, H, W) and token ids (B, L).
 
-        Inputs may be precomputed CLIP features (see `clip_pacl.train.feature_cache`): float (B, N, D_clip)
-        patch tokens instead of images, float (B, D_clip) text embeddings instead of token ids.
+        phi is a cosine, so scaling every patch leaves it unchanged except through the pooling softmax, where s_i
+        becomes s_i / pool_temperature: the temperature rides on the features and the loss stays a pure function.
         """
-        return self.pooling_patches(images), self.encode_text(texts, normalize=True)
+        return self.loss_features_from_cache(self.clip_patch_tokens(images), self.clip_text_embeddings(texts))
 
-    # ------------------------------------------------------------------ checkpoints
-    def save_checkpoint(self, out_dir: str | Path) -> Path:
-        from clip_pacl.checkpoint.io import CONFIG_NAME, WEIGHTS_NAME, _atomic_write
-
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        clip_state = {k: v.detach().contiguous().cpu() for k, v in self.clip.state_dict().items()}
-        head_state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()
-                      if not k.startswith("clip.")}
-        _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(clip_state, str(p), metadata={"format": "pt"}))
-        _atomic_write(out / PACL_WEIGHTS_NAME, lambda p: save_file(head_state, str(p), metadata={"format": "pt"}))
-        cfg = {"model_type": "pacl", "clip": self.clip.config.to_dict(), "pacl": self.config.to_dict()}
-        _atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(cfg, indent=2) + "\n"))
-        return out
-
-
-def _grid(clip: CLIP, images: torch.Tensor, n: int) -> tuple[int, int]:
-    """The (gh, gw) patch grid an image of this size produces (N = gh * gw)."""
-    if images.dim() == 4:
-        stride = 32 if clip.config.vision.is_resnet else clip.config.vision.patch_size
-        gh, gw = images.shape[-2] // stride, images.shape[-1] // stride
-        if gh * gw == n:
-            return gh, gw
-    side = int(round(n**0.5))
-    if side * side != n:
-        raise ValueError(f"cannot infer a patch grid for {n} patches")
-    return side, side
-
-
-def load_checkpoint(path: str | Path, device: str | torch.device | None = None) -> PACL:
-    """Read a directory written by `PACL.save_checkpoint` (what `clip_pacl.load` calls for model_type "pacl")."""
-    from clip_pacl.checkpoint.io import CONFIG_NAME, WEIGHTS_NAME, _load_state
-
-    path = Path(path)
-    for name in (CONFIG_NAME, WEIGHTS_NAME, PACL_WEIGHTS_NAME):
-        if not (path / name).is_file():
-            raise CheckpointError(f"{path} is not a PACL checkpoint (no {name})")
-    cfg = json.loads((path / CONFIG_NAME).read_text())
-    if cfg.get("model_type") != "pacl" or "clip" not in cfg:
-        raise CheckpointError(f"{path}/{CONFIG_NAME} does not describe a PACL model")
-    clip = CLIP(CLIPConfig.from_dict(cfg["clip"]))
-    map_location = str(device or "cpu")
-    _load_state(clip, load_file(str(path / WEIGHTS_NAME), device=map_location), str(path / WEIGHTS_NAME))
-    model = PACL(clip, PACLConfig.from_dict(cfg.get("pacl", {})))
-    heads = load_file(str(path / PACL_WEIGHTS_NAME), device=map_location)
-    result = model.load_state_dict(heads, strict=False)
-    missing = [k for k in result.missing_keys if not k.startswith("clip.")]
-    if missing or result.unexpected_keys:
-        raise CheckpointError(f"{path / PACL_WEIGHTS_NAME} does not match the PACL model "
-                              f"(missing: {missing[:3]}, unexpected: {result.unexpected_keys[:3]})")
-    return model.to(device) if device is not None else model
+    def loss_features_from_cache(self, patch_tokens: torch.Tensor,
+                                 text_embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`loss_features` from precomputed CLIP features (`clip_pacl.train.feature_cache`): patch tokens
+        (B, N, D_clip) and text embeddings (B, D_clip)."""
+        patches = self.embed_patches(patch_tokens) / self.config.pool_temperature
+        return patches, self.embed_text(text_embeddings, normalize=True)

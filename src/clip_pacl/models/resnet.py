@@ -9,10 +9,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from clip_pacl.config import VisionConfig
-from clip_pacl.models.layers import attend_one_query
 
 
 class Bottleneck(nn.Module):
+    """1x1 -> 3x3 -> (avgpool) -> 1x1 convs with BatchNorm, plus a (pooled, projected) shortcut: (B, C_in, H, W) ->
+    (B, 4 * planes, H / stride, W / stride)."""
+
     expansion = 4
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1):
@@ -37,57 +39,16 @@ class Bottleneck(nn.Module):
             ]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C_in, H, W) -> (B, 4 * planes, H / stride, W / stride)."""
         out = self.act1(self.bn1(self.conv1(x)))
         out = self.act2(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(self.avgpool(out)))
         identity = x if self.downsample is None else self.downsample(x)
         return self.act3(out + identity)
 
-    def conv_bn_pairs(self) -> list[tuple[nn.Conv2d, nn.BatchNorm2d]]:
-        pairs = [(self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)]
-        return pairs + ([(self.downsample[1], self.downsample[2])] if self.downsample is not None else [])
-
-    def forward_folded(self, x: torch.Tensor, folded: FoldedConvs) -> torch.Tensor:
-        """forward() with BatchNorm folded into the convolutions (inference only: activations are updated in place)."""
-        out = folded(self.conv1, x).relu_()
-        out = folded(self.conv2, out).relu_()
-        out = folded(self.conv3, self.avgpool(out))
-        identity = x if self.downsample is None else folded(self.downsample[1], self.downsample[0](x))
-        return out.add_(identity).relu_()
-
-
-class FoldedConvs:
-    """Eval-mode BatchNorm folded into the preceding convolution: conv(x, w * s) + (beta - mean * s) with
-    s = gamma / sqrt(var + eps), the same function with one pass over the activations instead of two. Weights are
-    kept channels-last, the layout oneDNN's CPU convolutions run fastest in.
-
-    Built from the current parameters; `is_current` tells whether any of them has changed since (an optimizer
-    step, load_state_dict, .to() all bump a tensor's version or replace it)."""
-
-    def __init__(self, pairs: list[tuple[nn.Conv2d, nn.BatchNorm2d]]):
-        self._key = self.key(pairs)
-        self._weights: dict[nn.Conv2d, tuple[torch.Tensor, torch.Tensor]] = {}
-        with torch.no_grad():
-            for conv, bn in pairs:
-                scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)  # (C_out,)
-                weight = (conv.weight * scale.view(-1, 1, 1, 1)).contiguous(memory_format=torch.channels_last)
-                self._weights[conv] = (weight, bn.bias - bn.running_mean * scale)
-
-    @staticmethod
-    def key(pairs: list[tuple[nn.Conv2d, nn.BatchNorm2d]]) -> tuple:
-        tensors = [t for conv, bn in pairs for t in (conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)]
-        return tuple((t.data_ptr(), t._version, t.dtype) for t in tensors)
-
-    def is_current(self, pairs: list[tuple[nn.Conv2d, nn.BatchNorm2d]]) -> bool:
-        return self._key == self.key(pairs)
-
-    def __call__(self, conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-        weight, bias = self._weights[conv]
-        return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
-
 
 class AttentionPool2d(nn.Module):
-    """QKV attention pooling where the query is the mean of the feature map."""
+    """QKV attention pooling where the query is the mean of the feature map: (B, C, H, W) -> (B, output_dim)."""
 
     def __init__(self, spatial_dim: int, embed_dim: int, num_heads: int, output_dim: int):
         super().__init__()
@@ -99,7 +60,7 @@ class AttentionPool2d(nn.Module):
         self.c_proj = nn.Linear(embed_dim, output_dim)
         self.num_heads = num_heads
 
-    def _tokens(self, x: torch.Tensor) -> torch.Tensor:
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, 1 + HW, C): mean token then positions, plus positional embedding."""
         b, c, h, w = x.shape
         x = x.flatten(2).transpose(1, 2)
@@ -112,20 +73,37 @@ class AttentionPool2d(nn.Module):
             pos = torch.cat([pos[:1], grid.permute(0, 2, 3, 1).reshape(h * w, c)])
         return x + pos.to(x.dtype)
 
+    def attend(self, tokens: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        """Multi-head attention of `queries` (B, Q, C) over `tokens` (B, T, C), through c_proj: (B, Q, output_dim)."""
+        b, t, c = tokens.shape
+        head_dim = c // self.num_heads
+        q = self.q_proj(queries).view(b, -1, self.num_heads, head_dim).transpose(1, 2)  # (B, H, Q, hd)
+        k = self.k_proj(tokens).view(b, t, self.num_heads, head_dim).transpose(1, 2)  # (B, H, T, hd)
+        v = self.v_proj(tokens).view(b, t, self.num_heads, head_dim).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, H, Q, hd)
+        return self.c_proj(out.transpose(1, 2).reshape(b, -1, c))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Pooled (B, output_dim). Only the mean token queries, which is all the output needs."""
-        x = self._tokens(x)  # (B, 1 + HW, C)
-        q = self.q_proj(x[:, 0])  # (B, C)
-        k, v = self.k_proj, self.v_proj
-        out = attend_one_query(q, x, k.weight, k.bias, v.weight, v.bias, self.num_heads)  # (B, C)
-        return self.c_proj(out)
+        """Pooled (B, output_dim): the mean token queries every position."""
+        tokens = self.tokens(x)  # (B, 1 + HW, C)
+        return self.attend(tokens, tokens[:, :1])[:, 0]
+
+    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Every position queries every position (B, 1 + HW, output_dim); index 0 equals `forward`."""
+        tokens = self.tokens(x)
+        return self.attend(tokens, tokens)
 
     def value_path(self, x: torch.Tensor) -> torch.Tensor:
         """Every position through the value and output projections (MaskCLIP): (B, 1 + HW, output_dim)."""
-        return self.c_proj(self.v_proj(self._tokens(x)))
+        return self.c_proj(self.v_proj(self.tokens(x)))
 
 
 class ModifiedResNet(nn.Module):
+    """OpenAI's ResNet: 3-conv stem, four stages of anti-aliased bottlenecks (total stride 32), attention pooling.
+
+    `forward` (B, 3, H, W) -> (B, output_dim); `forward_tokens` / `forward_maskclip` -> (B, 1 + HW/1024, output_dim).
+    """
+
     def __init__(self, cfg: VisionConfig, output_dim: int):
         super().__init__()
         self.cfg = cfg
@@ -147,7 +125,6 @@ class ModifiedResNet(nn.Module):
         self.layer4 = self._make_layer(width * 8, cfg.layers[3], stride=2)
         self.attnpool = AttentionPool2d(cfg.image_size // 32, width * 32, cfg.heads, output_dim)
         self.grad_checkpointing = False
-        self._folded: FoldedConvs | None = None
         self._init_weights()
 
     def _make_layer(self, planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
@@ -166,51 +143,19 @@ class ModifiedResNet(nn.Module):
 
     @property
     def output_dim(self) -> int:
+        """The joint embedding width D."""
         return self.attnpool.c_proj.out_features
 
     def stem(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, width, H/4, W/4)."""
         x = x.to(self.conv1.weight.dtype)
         x = self.act1(self.bn1(self.conv1(x)))
         x = self.act2(self.bn2(self.conv2(x)))
         x = self.act3(self.bn3(self.conv3(x)))
         return self.avgpool(x)
 
-    def train(self, mode: bool = True) -> ModifiedResNet:
-        self._folded = None  # training changes the weights and uses batch statistics
-        return super().train(mode)
-
-    def conv_bn_pairs(self) -> list[tuple[nn.Conv2d, nn.BatchNorm2d]]:
-        pairs = [(self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)]
-        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
-            for block in layer:
-                pairs += block.conv_bn_pairs()
-        return pairs
-
-    def folded_convs(self) -> FoldedConvs:
-        """The BatchNorm-folded convolutions for the current weights (rebuilt only when a weight has changed)."""
-        pairs = self.conv_bn_pairs()
-        if self._folded is None or not self._folded.is_current(pairs):
-            self._folded = FoldedConvs(pairs)
-        return self._folded
-
-    def _feature_map_folded(self, image: torch.Tensor) -> torch.Tensor:
-        folded = self.folded_convs()
-        x = image.to(self.conv1.weight.dtype).contiguous(memory_format=torch.channels_last)
-        for conv in (self.conv1, self.conv2, self.conv3):
-            x = folded(conv, x).relu_()
-        x = self.avgpool(x)
-        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
-            for block in layer:
-                x = block.forward_folded(x, folded)
-        return x
-
     def feature_map(self, image: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> (B, 32 * width, H/32, W/32).
-
-        In eval mode without autograd (inference), BatchNorm is folded into channels-last convolutions: the same
-        outputs (to float rounding) for about a fifth less CPU time (benchmarks/encode.py measures it)."""
-        if not self.training and not torch.is_grad_enabled():
-            return self._feature_map_folded(image)
+        """(B, 3, H, W) -> (B, 32 * width, H/32, W/32)."""
         x = self.stem(image)
         for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
@@ -220,12 +165,14 @@ class ModifiedResNet(nn.Module):
         return x
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
+        """Pooled embedding (B, output_dim)."""
         return self.attnpool(self.feature_map(image))
 
     def forward_tokens(self, image: torch.Tensor) -> torch.Tensor:
-        """(B, 1 + HW, output_dim): index 0 is the attention-pooled embedding, then each position's value path."""
-        fmap = self.feature_map(image)
-        tokens = self.attnpool.value_path(fmap)
-        return torch.cat([self.attnpool(fmap)[:, None], tokens[:, 1:]], dim=1)
+        """(B, 1 + HW, output_dim): every position of the attention pool as a query over all positions (the analogue
+        of the ViT's last-block tokens); index 0 is the pooled embedding."""
+        return self.attnpool.forward_tokens(self.feature_map(image))
 
-    forward_maskclip = forward_tokens
+    def forward_maskclip(self, image: torch.Tensor) -> torch.Tensor:
+        """MaskCLIP dense tokens (B, 1 + HW, output_dim): the attention pool's value path, c_proj(v_proj(x))."""
+        return self.attnpool.value_path(self.feature_map(image))

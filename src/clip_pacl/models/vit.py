@@ -11,6 +11,11 @@ from clip_pacl.models.layers import LayerNorm, Transformer
 
 
 class VisionTransformer(nn.Module):
+    """Patchify (conv1), prepend a class token, add positions, transformer, then ln_post and the projection.
+
+    `forward` (B, 3, H, W) -> (B, output_dim) pools at the class token; `forward_tokens` keeps every token.
+    """
+
     def __init__(self, cfg: VisionConfig, output_dim: int, act: type[nn.Module]):
         super().__init__()
         width, grid = cfg.width, cfg.grid_size
@@ -27,6 +32,7 @@ class VisionTransformer(nn.Module):
 
     @property
     def output_dim(self) -> int:
+        """The joint embedding width D."""
         return self.proj.shape[1]
 
     def pos_embed(self, grid_h: int, grid_w: int) -> torch.Tensor:
@@ -50,9 +56,8 @@ class VisionTransformer(nn.Module):
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         """Pooled embedding (B, output_dim): the class token through ln_post and the projection."""
-        x = self.embed(image)
-        cls = self.transformer.forward_rows(x, torch.zeros(x.shape[0], dtype=torch.long, device=x.device))  # (B, w)
-        return self.ln_post(cls) @ self.proj
+        x = self.transformer(self.embed(image))  # (B, 1 + N, width)
+        return self.ln_post(x[:, 0]) @ self.proj
 
     def forward_tokens(self, image: torch.Tensor) -> torch.Tensor:
         """Every token in the joint space (B, 1 + N, output_dim); index 0 is the pooled embedding."""
@@ -62,7 +67,5 @@ class VisionTransformer(nn.Module):
     def forward_maskclip(self, image: torch.Tensor) -> torch.Tensor:
         """MaskCLIP dense tokens (B, 1 + N, output_dim): the last block's attention replaced by its value path."""
         x = self.transformer(self.embed(image), upto=self.cfg.layers - 1)
-        last = self.transformer.resblocks[-1]
-        x = x + last.attn.value_path(last.ln_1(x))
-        x = x + last.mlp(last.ln_2(x))
+        x = self.transformer.resblocks[-1].forward_value_path(x)  # (B, 1 + N, width)
         return self.ln_post(x) @ self.proj

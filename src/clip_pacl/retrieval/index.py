@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from clip_pacl.config import available_presets
 from clip_pacl.data.images import IMAGE_EXTENSIONS
 from clip_pacl.data.tables import read_records, require_columns, resolve_image, table_format
+from clip_pacl.encode import encode_images
 from clip_pacl.errors import CheckpointError, DataError, MissingDependencyError
-from clip_pacl.eval.common import encode_images
 
 EMBEDDINGS_NAME = "embeddings.npy"
 PATHS_NAME = "paths.jsonl"

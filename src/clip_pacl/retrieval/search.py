@@ -9,10 +9,10 @@ from PIL import Image
 
 import clip_pacl
 from clip_pacl.data import load_image
+from clip_pacl.encode import encode_texts, model_device
 from clip_pacl.errors import DataError
-from clip_pacl.eval.common import encode_texts, model_device
+from clip_pacl.preprocess import model_transform
 from clip_pacl.retrieval.index import ImageIndex, SearchHit
-from clip_pacl.transforms import image_transform
 
 
 def load_index_model(
@@ -49,7 +49,7 @@ def search_image(index: ImageIndex, model: torch.nn.Module, image: str | Path | 
                  backend: str = "auto") -> list[SearchHit]:
     """The k images most similar to an example image (a path or a PIL image), best first."""
     pil = image if isinstance(image, Image.Image) else load_image(Path(image))
-    pixels = image_transform(model.image_size)(pil.convert("RGB"))[None]  # (1, 3, H, W)
+    pixels = model_transform(model)(pil.convert("RGB"))[None]  # (1, 3, H, W): the model's own preprocessing
     with torch.inference_mode():
         features = model.encode_image(pixels.to(model_device(model)), normalize=True)  # (1, D)
     return index.search(features, k, backend)[0]

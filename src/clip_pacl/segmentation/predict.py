@@ -19,7 +19,10 @@ from PIL import Image
 from torch import nn
 
 from clip_pacl.errors import ConfigError
+from clip_pacl.models.clip import CLIP
+from clip_pacl.models.protocol import PatchScorer
 from clip_pacl.transforms import OPENAI_MEAN, OPENAI_STD
+from clip_pacl.zeroshot.classifier import build_classifier
 
 METHODS = ("pacl", "patch", "maskclip")
 DEFAULT_TEMPLATES = ("a photo of a {}.", "a photo of the {}.", "a photo of a small {}.", "a photo of a large {}.")
@@ -42,20 +45,20 @@ class SegmentationResult:
 
 
 def default_method(model: nn.Module) -> str:
-    return "pacl" if hasattr(model, "patch_similarity") else "patch"
+    return "pacl" if isinstance(model, PatchScorer) else "patch"
 
 
 def _check_method(model: nn.Module, method: str) -> nn.Module:
     """The module whose encoders `method` uses: the PACL model itself, or a (base) CLIP."""
     if method not in METHODS:
         raise ConfigError(f"unknown segmentation method '{method}' (choose from {', '.join(METHODS)})")
-    is_pacl = hasattr(model, "patch_similarity")
+    is_pacl = isinstance(model, PatchScorer)
     if method == "pacl":
         if not is_pacl:
             raise ConfigError("method 'pacl' needs a PACL checkpoint; use 'patch' or 'maskclip' for a plain CLIP")
         return model
     encoder = model.clip if is_pacl else model
-    if not hasattr(encoder, "encode_image_tokens"):
+    if not isinstance(encoder, CLIP):
         raise ConfigError(f"method '{method}' needs a model with patch tokens (encode_image_tokens)")
     return encoder
 
@@ -64,26 +67,11 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-@torch.no_grad()
 def class_embeddings(
     model: nn.Module, class_names: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES, method: str = "pacl"
 ) -> torch.Tensor:
-    """One normalised text embedding per class (C, D): the mean over prompt templates, renormalised."""
-    from clip_pacl.tokenizer import tokenize
-
-    if not class_names:
-        raise ConfigError("no class names given")
-    if not templates:
-        raise ConfigError("no prompt templates given")
-    bad = [t for t in templates if "{}" not in t]
-    if bad:
-        raise ConfigError(f"template '{bad[0]}' has no '{{}}' where the class name goes")
-    encoder = _check_method(model, method)
-    prompts = [t.format(name) for name in class_names for t in templates]
-    tokens = tokenize(prompts, context_length=encoder.context_length).to(_device(model))
-    feats = encoder.encode_text(tokens, normalize=True).float()  # (C * T, D)
-    feats = feats.view(len(class_names), len(templates), -1).mean(dim=1)
-    return F.normalize(feats, dim=-1)  # (C, D)
+    """One normalised text embedding per class (C, D) from the encoder `method` uses, prompt-ensembled."""
+    return build_classifier(_check_method(model, method), class_names, templates)  # (C, D)
 
 
 def _to_tensor(image: Image.Image) -> torch.Tensor:
@@ -99,16 +87,13 @@ def _patch_scores(model: nn.Module, pixels: torch.Tensor, text_features: torch.T
         return encoder.patch_similarity(pixels, text_features).float()
     tokens = encoder.encode_image_tokens(pixels, dense="maskclip" if method == "maskclip" else "tokens")[:, 1:]
     tokens = F.normalize(tokens.float(), dim=-1)  # (B, N, D)
-    vision = encoder.config.vision
-    stride = 32 if vision.is_resnet else vision.patch_size
-    gh, gw = pixels.shape[-2] // stride, pixels.shape[-1] // stride
+    gh, gw = encoder.patch_grid(*pixels.shape[-2:])
     scores = torch.einsum("bnd,cd->bcn", tokens, text_features.to(tokens.dtype))
     return scores.reshape(scores.shape[0], scores.shape[1], gh, gw)
 
 
 def _stride(model: nn.Module) -> int:
-    vision = (model.clip if hasattr(model, "patch_similarity") else model).config.vision
-    return 32 if vision.is_resnet else vision.patch_size
+    return model.patch_stride
 
 
 def _resized_input(image: Image.Image, size: int, stride: int) -> torch.Tensor:

@@ -16,15 +16,15 @@ from tqdm import tqdm
 from clip_pacl.data import load_image
 from clip_pacl.data.dataset import tokens_1d
 from clip_pacl.errors import ConfigError, DataError
-from clip_pacl.transforms import image_transform
+from clip_pacl.models.pacl import PACL
 
 
 class CachedFeatureDataset(Dataset):
     """Caption rows as (CLIP patch tokens (N, D), CLIP text embedding (D,)) float pairs; None for unreadable images.
 
     Indexable like `CaptionDataset` (an int or the sampler's `(index, seed)` pair), so `build_loader`,
-    `collate_skip_bad` and the training loop treat it like any caption dataset; `PACL.loss_features`
-    recognises the float inputs as precomputed features.
+    `collate_skip_bad` and the training loop treat it like any caption dataset; the loop feeds its batches to
+    `PACL.loss_features_from_cache`.
     """
 
     def __init__(self, patch_tokens: torch.Tensor, text_embeddings: torch.Tensor, image_of_row: torch.Tensor,
@@ -75,7 +75,7 @@ def build_feature_cache(
 ) -> CachedFeatureDataset:
     """Encode `dataset`'s rows (a `CaptionDataset`: `.rows` with `.image`/`.caption`, `.tokenizer`) with the PACL
     model's frozen CLIP. Each distinct image is encoded once, however many captions it has."""
-    if not hasattr(model, "clip_patch_tokens"):
+    if not isinstance(model, PACL):
         raise ConfigError("--cache-features is for --objective pacl (a PACL model over a frozen CLIP)")
     if not model.vision_frozen:
         raise ConfigError("--cache-features needs the whole image tower frozen (unfreeze_last_n_blocks=0)")
@@ -87,7 +87,7 @@ def build_feature_cache(
     model.eval()
     paths: dict[str, int] = {}
     image_of_row = torch.tensor([paths.setdefault(str(row.image), len(paths)) for row in rows])  # (R,)
-    loader = DataLoader(_Images(list(paths), image_transform(image_size or model.image_size)), batch_size=batch_size,
+    loader = DataLoader(_Images(list(paths), model.image_transform(image_size=image_size)), batch_size=batch_size,
                         num_workers=workers, collate_fn=_collate)
     patch_tokens: torch.Tensor | None = None  # (M, N, D), allocated at the first readable batch
     readable = torch.zeros(len(paths), dtype=torch.bool)

@@ -137,7 +137,7 @@ def _train(config: TrainConfig, objective: Objective, info: DistInfo, device: to
         ckpt.remove_stale_temporaries(run_dir)
         (run_dir / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
 
-    feature_model: nn.Module = FeatureModel(model)
+    feature_model: nn.Module = FeatureModel(model, from_cache=config.cache_features)
     if info.enabled:
         feature_model = DistributedDataParallel(feature_model, device_ids=[device.index] if device.type == "cuda"
                                                 else None)

@@ -33,7 +33,7 @@ def build_model(config: TrainConfig, objective: Objective) -> nn.Module:
 
         if isinstance(model, PACL):
             return model
-        return PACL.from_clip(model, PACLConfig(unfreeze_last_n_blocks=config.pacl_unfreeze_blocks,
+        return PACL(model, PACLConfig(unfreeze_last_n_blocks=config.pacl_unfreeze_blocks,
                                                 pool_temperature=config.pacl_pool_temperature,
                                                 patch_tokens=config.pacl_patch_tokens))
     if not hasattr(model, "loss_features"):
@@ -52,14 +52,17 @@ class FeatureModel(nn.Module):
 
     DDP and torch.compile wrap `forward`; routing the loss features and the temperature through it
     makes every trainable parameter take part in the wrapped call, whatever the model type.
+    `from_cache`: the batches are precomputed CLIP features (`--cache-features`, PACL only).
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, from_cache: bool = False):
         super().__init__()
         self.model = model
+        self.from_cache = from_cache
 
     def forward(self, images: torch.Tensor, texts: torch.Tensor):
-        image_side, text_side = self.model.loss_features(images, texts)
+        features = self.model.loss_features_from_cache if self.from_cache else self.model.loss_features
+        image_side, text_side = features(images, texts)
         return image_side, text_side, self.model.logit_scale, getattr(self.model, "logit_bias", None)
 
 

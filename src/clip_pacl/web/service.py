@@ -24,13 +24,13 @@ from PIL import Image
 from torch import nn
 
 from clip_pacl.data.images import decode_image_bytes, load_image
+from clip_pacl.encode import model_device
 from clip_pacl.errors import ClipPaclError, DataError
-from clip_pacl.eval.common import model_device
+from clip_pacl.preprocess import model_transform
 from clip_pacl.retrieval.index import ImageIndex, SearchHit
 from clip_pacl.retrieval.search import search_image, search_text
 from clip_pacl.segmentation.overlay import overlay_image
 from clip_pacl.segmentation.predict import DEFAULT_TEMPLATES, METHODS, NO_CLASS, _check_method, default_method, segment
-from clip_pacl.transforms import image_transform
 from clip_pacl.zeroshot.classifier import build_classifier, class_probabilities
 from clip_pacl.zeroshot.templates import OPENAI_IMAGENET_TEMPLATES, TEMPLATE_SETS, check_template
 
@@ -134,7 +134,7 @@ class WebService:
         self.model_name = model_name
         self.index_name = index_name
         self._ids = {path: i for i, path in enumerate(index.paths)} if index is not None else {}
-        self._transform = image_transform(model.image_size)
+        self._transform = model_transform(model)
         self._inference = threading.Lock()
         self._classifiers = _LRU(CLASSIFIER_CACHE)
         self._thumbnails = _LRU(THUMBNAIL_CACHE)

@@ -4,7 +4,7 @@ Zero-shot accuracy depends on the prompt as much as on the model (CLIP paper, se
 standard prompts ship here and every evaluation can name the set it used. The data is OpenAI's (CLIP
 repository, `notebooks/Prompt_Engineering_for_ImageNet.ipynb`), copied from open_clip's
 `zero_shot_metadata.py` (MIT licence): the 80 ImageNet templates, the 7-template subset OpenAI found
-about as good, and the cleaned ImageNet-1k class names. A template is a string with one `{}` (or `{c}`)
+about as good, and the cleaned ImageNet-1k class names. A template is a string with one `{}`
 where the class name goes.
 """
 
@@ -1116,14 +1116,14 @@ TEMPLATE_SETS: dict[str, tuple[str, ...]] = {"openai": OPENAI_IMAGENET_TEMPLATES
 
 
 def format_prompt(template: str, class_name: str) -> str:
-    """Fill a template's `{}` or `{c}` slot with a class name (other braces are left alone)."""
-    return template.replace("{c}", class_name) if "{c}" in template else template.replace("{}", class_name)
+    """Fill a template's `{}` slot(s) with a class name (other braces are left alone)."""
+    return template.replace("{}", class_name)
 
 
 def check_template(template: str) -> str:
     """A template without a slot would give every class the same prompt, hence chance accuracy: refuse it."""
-    if "{}" not in template and "{c}" not in template:
-        raise DataError(f"template {template!r} has no '{{}}' or '{{c}}' where the class name goes")
+    if "{}" not in template:
+        raise DataError(f"template {template!r} has no '{{}}' where the class name goes")
     return template
 
 

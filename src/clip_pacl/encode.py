@@ -1,4 +1,4 @@
-"""Batched encoding shared by the evaluations, zero-shot classification and the image index.
+"""Batched encoding shared by the evaluations, zero-shot classification, the image index and the server.
 
 Evaluations must not die on image 40,001 of 50,000 because one file is corrupt: images that cannot be
 read are skipped, counted and reported, and the metrics say how many images they cover.
@@ -17,8 +17,8 @@ from tqdm import tqdm
 
 from clip_pacl.data import load_image
 from clip_pacl.errors import DataError
+from clip_pacl.models.protocol import ContrastiveModel
 from clip_pacl.preprocess import model_tokenizer, model_transform
-from clip_pacl.transforms import image_transform
 
 
 @contextmanager
@@ -39,30 +39,27 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 
 def encode_texts(
-    model: torch.nn.Module,
+    model: ContrastiveModel,
     texts: Sequence[str],
     batch_size: int = 256,
-    tokenizer: Callable[..., torch.Tensor] | None = None,
     progress: bool = False,
     desc: str = "texts",
 ) -> torch.Tensor:
     """L2-normalised text features (N, D) of `texts`, `batch_size` at a time, on the model's device.
 
-    `model.encode_text(tokens, normalize=True)` is the text side of every model here (a PACL model
-    returns its text embedder's output), so classifiers and retrieval work for all of them.
+    Tokenized by the model's own tokenizer; `model.encode_text(tokens, normalize=True)` is the text side of every
+    model here (a PACL model returns its text embedder's output), so classifiers and retrieval work for all of them.
+    Runs in eval mode under inference_mode, so CLIP takes its exact inference speedups (`models/inference.py`).
     """
     if not texts:
         raise DataError("no texts to encode")
-    context_length = getattr(model, "context_length", 77)
-    if tokenizer is None:
-        own = model_tokenizer(model)
-        tokenizer = lambda batch, context_length: own(batch)  # noqa: E731 - the model's tokenizer knows its length
+    tokenizer = model_tokenizer(model)
     device = model_device(model)
     chunks = []
     with evaluating(model), torch.inference_mode():
         for start in tqdm(range(0, len(texts), batch_size), desc=desc, unit="batch", disable=not progress,
                           leave=False):
-            tokens = tokenizer(list(texts[start:start + batch_size]), context_length=context_length)  # (b, L)
+            tokens = tokenizer(list(texts[start:start + batch_size]))  # (b, L)
             chunks.append(model.encode_text(tokens.to(device), normalize=True).float())  # (b, D)
     return torch.cat(chunks)  # (N, D)
 
@@ -100,20 +97,19 @@ class ImageBatches:
     """
 
     paths: Sequence[Path]
-    image_size: int
+    transform: Callable  # PIL image -> (3, H, W): the model's own (`preprocess.model_transform`)
     batch_size: int = 64
     workers: int = 0
     desc: str = "images"
     progress: bool = True
     unreadable: list[tuple[str, str]] = field(default_factory=list)
-    transform: Callable | None = None  # default: CLIP's eval transform at image_size
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self.batch_size < 1:
             raise ValueError(f"batch size must be at least 1, got {self.batch_size}")
         self.unreadable.clear()
         loader = DataLoader(
-            _ImageFiles(self.paths, self.transform or image_transform(self.image_size)),
+            _ImageFiles(self.paths, self.transform),
             batch_size=self.batch_size,
             num_workers=self.workers,
             collate_fn=_collate,
@@ -127,15 +123,14 @@ class ImageBatches:
 
 
 def encode_images(
-    model: torch.nn.Module,
+    model: ContrastiveModel,
     paths: Sequence[Path],
     batch_size: int = 64,
     workers: int = 0,
     progress: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[str, str]]]:
     """(features (M, D) L2-normalised, indices (M,) into `paths`, unreadable [(path, reason)]) on the CPU."""
-    batches = ImageBatches(paths, model.image_size, batch_size, workers, desc="images", progress=progress,
-                           transform=model_transform(model))
+    batches = ImageBatches(paths, model_transform(model), batch_size, workers, desc="images", progress=progress)
     device = model_device(model)
     features, kept = [], []
     with evaluating(model), torch.inference_mode():
@@ -148,7 +143,7 @@ def encode_images(
 
 
 def score_images(
-    model: torch.nn.Module,
+    model: ContrastiveModel,
     paths: Sequence[Path],
     text_features: torch.Tensor,
     batch_size: int = 64,
@@ -160,8 +155,7 @@ def score_images(
 
     Scores are `model.similarity(images, text_features)`: cosine for CLIP, phi for PACL.
     """
-    batches = ImageBatches(paths, model.image_size, batch_size, workers, desc=desc, progress=progress,
-                           transform=model_transform(model))
+    batches = ImageBatches(paths, model_transform(model), batch_size, workers, desc=desc, progress=progress)
     device = model_device(model)
     scores, kept = [], []
     with evaluating(model), torch.inference_mode():

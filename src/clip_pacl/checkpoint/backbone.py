@@ -1,0 +1,61 @@
+"""Backbone-model checkpoint directories: self-contained, loadable offline.
+
+Layout: `config.json` (`"model_type": "backbone"`, the BackboneConfig, how to rebuild the timm image tower and its
+data config), `model.safetensors` (towers + heads) and `text/` (the text model's config and tokenizer files).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from clip_pacl.checkpoint.format import CONFIG_NAME, WEIGHTS_NAME
+from clip_pacl.errors import CheckpointError
+from clip_pacl.models.backbone import BackboneCLIP, BackboneConfig, import_timm, import_transformers
+
+TEXT_DIR = "text"
+
+
+def save_backbone(model: BackboneCLIP, out_dir: str | Path) -> Path:
+    """Write `model` as a backbone checkpoint directory (what `clip_pacl.save` calls for a backbone model)."""
+    from safetensors.torch import save_model
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.text.config.save_pretrained(out / TEXT_DIR)
+    model.tokenizer.save_pretrained(out / TEXT_DIR)
+    save_model(model, str(out / WEIGHTS_NAME), metadata={"format": "pt"})  # drops tied duplicates safely
+    data_config = {k: list(v) if isinstance(v, tuple) else v for k, v in model.data_config.items()}
+    cfg = {"model_type": "backbone", "backbone": model.config.to_dict(), "image": model.image_info,
+           "image_data_config": data_config, "spec": model.config.to_spec()}
+    (out / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")
+    return out
+
+
+def load_backbone(path: str | Path, device: str | torch.device | None = None) -> BackboneCLIP:
+    """Read a directory written by `save_backbone` (what `clip_pacl.load` calls for model_type "backbone")."""
+    from safetensors.torch import load_model
+
+    path = Path(path)
+    try:
+        cfg = json.loads((path / CONFIG_NAME).read_text())
+        config = BackboneConfig.from_dict(cfg["backbone"])
+        image_info = cfg["image"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path} is not a backbone checkpoint ({e})") from None
+    timm, transformers = import_timm(), import_transformers()
+    visual = timm.create_model(image_info["arch"], pretrained=False, num_classes=0, **image_info.get("model_args", {}))
+    text_config = transformers.AutoConfig.from_pretrained(path / TEXT_DIR)
+    text = transformers.AutoModel.from_config(text_config)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path / TEXT_DIR)
+    model = BackboneCLIP(config, visual, text, tokenizer, image_info)
+    missing, unexpected = load_model(model, str(path / WEIGHTS_NAME), strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{path} does not match its config: missing {sorted(missing)[:3]}, "
+                              f"unexpected {sorted(unexpected)[:3]}")
+    saved = cfg.get("image_data_config")
+    if saved:
+        model.data_config = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}
+    return model.to(device) if device is not None else model
