@@ -12,17 +12,22 @@ import importlib
 import json
 import os
 import re
-import tempfile
-import zipfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from clip_pacl.checkpoint import convert_hf, convert_open_clip, convert_openai
+from clip_pacl.checkpoint.files import (
+    atomic_write,
+    is_torchscript_file,
+    load_state_into,
+    read_weights,
+    save_json,
+    save_weights,
+)
 from clip_pacl.config import CLIPConfig, available_presets
 from clip_pacl.errors import CheckpointError, ConfigError
 from clip_pacl.models.clip import CLIP
@@ -57,22 +62,9 @@ def save(model: nn.Module, out_dir: str | Path, extra_config: dict[str, Any] | N
         model.save_checkpoint(out)
         return out
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
-    cfg = {"model_type": "clip", **model.config.to_dict(), **(extra_config or {})}
-    _atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(cfg, indent=2) + "\n"))
+    save_weights(model.state_dict(), out / WEIGHTS_NAME)
+    save_json({"model_type": "clip", **model.config.to_dict(), **(extra_config or {})}, out / CONFIG_NAME)
     return out
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -195,8 +187,8 @@ def _load_dir(path: Path, quick_gelu: bool | None, device: str | torch.device | 
 def _load_file(path: Path, config: str | Path | CLIPConfig | None, quick_gelu: bool | None) -> tuple[CLIP, Source]:
     """A bare state dict (open_clip, OpenAI, or ours): the architecture comes from `config`, an
     `open_clip_config.json` beside the file, or the tensor shapes."""
-    torchscript = convert_openai.is_torchscript(path)
-    state = convert_openai.load_torchscript_state(path) if torchscript else read_weights(path)
+    torchscript = is_torchscript_file(path)
+    state = read_weights(path)
     if convert_open_clip.is_our_state(state):
         fmt, ours = "clip_pacl", state
     elif convert_open_clip.is_open_clip_state(state):
@@ -244,54 +236,23 @@ def _read_json(path: Path) -> Any:
         raise CheckpointError(f"{path} is not valid JSON ({e.msg}, line {e.lineno})") from None
 
 
-def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """The tensors of a weights file (safetensors, or a torch pickle read with `weights_only=True`)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path} does not exist")
-    try:
-        if path.suffix == ".safetensors":
-            return load_file(str(path))
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # foreign files fail with SafetensorError, UnpicklingError, RuntimeError, EOFError, ...
-        is_torch_file = path.suffix == ".safetensors" or zipfile.is_zipfile(path)
-        reason = _first_line(e) if is_torch_file else "not a safetensors, PyTorch or TorchScript file"
-        raise CheckpointError(f"{path} is not a checkpoint clip-pacl can read: {reason}") from None
-    return convert_open_clip.unwrap_state_dict(obj, str(path))
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
-
-
 def _build(config: CLIPConfig, state: dict[str, torch.Tensor], source: str) -> CLIP:
     """A CLIP holding exactly `state` (as fp32). The model is built on the meta device and the checkpoint's
     tensors are assigned to it, so loading skips the random initialisation it would overwrite anyway."""
     with torch.device("meta"):
         model = CLIP(config)
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-    _load_state(model, state, source, assign=True)
+    load_state_into(model, state, source, assign=True)
     unset = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
     if unset:  # a non-persistent buffer: no checkpoint holds it, so it must be computed in __init__ instead
         raise CheckpointError(f"{source}: the model has tensors no checkpoint sets (e.g. {unset[0]})")
     return model
 
 
-def _load_state(model: nn.Module, state: dict[str, torch.Tensor], source: str, assign: bool = False) -> None:
-    try:
-        result = model.load_state_dict(state, strict=False, assign=assign)
-    except RuntimeError as e:  # shape mismatches
-        detail = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), _first_line(e))
-        raise CheckpointError(f"{source} does not match the model: {detail}") from None
-    if result.missing_keys or result.unexpected_keys:
-        parts = []
-        if result.missing_keys:
-            parts.append(f"missing {len(result.missing_keys)} tensors (e.g. {result.missing_keys[0]})")
-        if result.unexpected_keys:
-            parts.append(f"{len(result.unexpected_keys)} unexpected tensors (e.g. {result.unexpected_keys[0]})")
-        raise CheckpointError(f"{source} does not match the model: {'; '.join(parts)}")
-
-
 def _with_quick_gelu(config: CLIPConfig, quick_gelu: bool | None) -> CLIPConfig:
     return config if quick_gelu is None else replace(config, quick_gelu=quick_gelu)
+
+
+# models/pacl.py's names for these until PACL's save/load moves to checkpoint/ (use the public names).
+_atomic_write = atomic_write
+_load_state = load_state_into
