@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
 import tempfile
 import zipfile
 from collections.abc import Callable
@@ -72,10 +74,21 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     except torchscript.TorchScriptError as e:
         raise CheckpointError(f"{path} is a TorchScript archive clip-pacl does not read: {e}") from None
     except Exception as e:  # foreign files fail with SafetensorError, UnpicklingError, RuntimeError, EOFError, ...
-        is_torch_file = path.suffix == SAFETENSORS_SUFFIX or zipfile.is_zipfile(path)
-        reason = first_line(e) if is_torch_file else "not a safetensors, PyTorch or TorchScript file"
-        raise CheckpointError(f"{path} is not a checkpoint clip-pacl can read: {reason}") from None
+        raise CheckpointError(f"{path} is not a checkpoint clip-pacl can read: {_why_unreadable(path, e)}") from None
     return unwrap_state_dict(obj, str(path))
+
+
+def _why_unreadable(path: Path, e: Exception) -> str:
+    text = str(e)
+    if isinstance(e, pickle.UnpicklingError) and text.startswith("Weights only load failed"):  # torch's words
+        named = re.search(r"GLOBAL (\S+) ", text)
+        return (f"it holds Python objects other than tensors{f' ({named.group(1)})' if named else ''}, and "
+                "unpickling them could run code")
+    if path.suffix == SAFETENSORS_SUFFIX:
+        return f"not a valid safetensors file ({first_line(e)})"
+    if zipfile.is_zipfile(path):
+        return first_line(e)
+    return "not a safetensors, PyTorch or TorchScript file"
 
 
 def unwrap_state_dict(obj: Any, source: str) -> dict[str, torch.Tensor]:
