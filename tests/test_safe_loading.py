@@ -299,6 +299,29 @@ def test_cli_process_refuses_a_torchscript_setstate_archive(payloads, tmp_path):
     assert not marker.exists()
 
 
+# ---------------------------------------------------------------------------------------------- backbone configs
+@pytest.mark.parametrize("model_args", [{"checkpoint_path": "WEIGHTS"}, {"pretrained_cfg_overlay": {"file": "WEIGHTS"}},
+                                        {"drop_rate": {"nested": "WEIGHTS"}}])
+def test_backbone_config_json_cannot_point_timm_at_other_files(model_args, tmp_path):
+    """A timm folder's or a backbone checkpoint's config.json passes only architecture settings to timm; a loader
+    argument naming a file (here a real weights file, which timm would read) is one clear error."""
+    timm = pytest.importorskip("timm")
+    reference = timm.create_model("test_resnet", pretrained=False, num_classes=0)
+    timm.models.save_for_hf(reference, str(tmp_path / "timm_dir"), safe_serialization=True)
+    args = json.loads(json.dumps(model_args).replace("WEIGHTS", str(tmp_path / "timm_dir" / "model.safetensors")))
+    config = json.loads((tmp_path / "timm_dir" / "config.json").read_text())
+    (tmp_path / "timm_dir" / "config.json").write_text(json.dumps({**config, "model_args": args}))
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps({
+        "model_type": "backbone", "backbone": {"image": "timm/test_resnet=random", "text": f"hf={tmp_path}"},
+        "image": {"arch": "test_resnet", "model_args": args}}))
+    key = next(iter(model_args))
+    for src in (f"backbone:timm={tmp_path / 'timm_dir'}+hf={tmp_path / 'no-text'}", tmp_path / "ckpt"):
+        with pytest.raises(CheckpointError, match=f"config.json sets model_args '{key}', which clip-pacl does not "
+                                                  "pass to timm"):
+            clip_pacl.load(src)
+
+
 # ---------------------------------------------------------------------------------------------- inference mode
 @pytest.mark.xfail(strict=True, raises=RuntimeError, reason="fixed by arch branch (BN folding moves out of forward)")
 def test_load_and_encode_inside_inference_mode(tmp_path):

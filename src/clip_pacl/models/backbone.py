@@ -49,6 +49,14 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 TEXT_DIR = "text"
 SPEC_SYNTAX = "backbone:timm/NAME[=FILE|=random]|timm=DIR + hf/REPO_ID|hf=DIR [+key=value ...]"
+# The timm architecture settings a config.json's `model_args` may carry. Anything else is refused: timm's loader
+# arguments (`checkpoint_path`, `pretrained_cfg_overlay`, ...) would make it read files nobody named.
+TIMM_MODEL_ARGS = frozenset({
+    "img_size", "in_chans", "patch_size", "embed_dim", "depth", "depths", "num_heads", "mlp_ratio", "qkv_bias",
+    "global_pool", "class_token", "reg_tokens", "no_embed_class", "pre_norm", "fc_norm", "dynamic_img_size",
+    "dynamic_img_pad", "init_values", "drop_rate", "drop_path_rate", "proj_drop_rate", "attn_drop_rate",
+    "output_stride", "layers", "channels", "dims", "stem_type", "stem_width", "act_layer", "norm_layer",
+})
 
 
 def _timm():
@@ -162,6 +170,19 @@ class HFTokenize:
         return out["input_ids"].long()  # (B, L)
 
 
+def _checked_model_args(args: Any, source: Path) -> dict[str, Any]:
+    """`model_args` from a config.json, if every entry is an allowed architecture setting with a plain value."""
+    if not isinstance(args, dict):
+        raise CheckpointError(f"{source}: model_args must be a JSON object")
+    for key, value in args.items():
+        plain = value is None or isinstance(value, (bool, int, float, str)) or (
+            isinstance(value, list) and all(isinstance(v, (bool, int, float)) for v in value))
+        if key not in TIMM_MODEL_ARGS or not plain:
+            raise CheckpointError(f"{source} sets model_args '{key}', which clip-pacl does not pass to timm "
+                                  f"(allowed, with plain values: {', '.join(sorted(TIMM_MODEL_ARGS))})")
+    return args
+
+
 def _load_image_tower(spec: str, pretrained: bool) -> tuple[nn.Module, dict[str, Any]]:
     """(timm model without classifier -> (B, F) pooled features, how to rebuild it without weights)."""
     timm = _timm()
@@ -171,7 +192,7 @@ def _load_image_tower(spec: str, pretrained: bool) -> tuple[nn.Module, dict[str,
         if not cfg_file.is_file():
             raise CheckpointError(f"{folder} is not a timm model folder (no config.json)")
         cfg = json.loads(cfg_file.read_text())
-        arch, model_args = cfg.get("architecture"), cfg.get("model_args") or {}
+        arch, model_args = cfg.get("architecture"), _checked_model_args(cfg.get("model_args") or {}, cfg_file)
         if not arch:
             raise CheckpointError(f"{cfg_file} does not name an 'architecture'")
         name, kwargs = (f"local-dir:{folder}", {}) if pretrained else (arch, model_args)
@@ -349,8 +370,11 @@ def load_checkpoint(path: str | Path, device: str | torch.device | None = None) 
         image_info = cfg["image"]
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path} is not a backbone checkpoint ({e})") from None
+    model_args = _checked_model_args(image_info.get("model_args") or {}, path / CONFIG_NAME)
     timm, transformers = _timm(), _transformers()
-    visual = timm.create_model(image_info["arch"], pretrained=False, num_classes=0, **image_info.get("model_args", {}))
+    if not timm.is_model(image_info["arch"]):  # not a hub or local-dir name, which would bring its own model_args
+        raise CheckpointError(f"{path / CONFIG_NAME} names no timm model ('{image_info['arch']}')")
+    visual = timm.create_model(image_info["arch"], pretrained=False, num_classes=0, **model_args)
     text_config = transformers.AutoConfig.from_pretrained(path / TEXT_DIR)
     text = transformers.AutoModel.from_config(text_config)
     tokenizer = transformers.AutoTokenizer.from_pretrained(path / TEXT_DIR)
