@@ -322,6 +322,26 @@ def test_backbone_config_json_cannot_point_timm_at_other_files(model_args, tmp_p
             clip_pacl.load(src)
 
 
+def test_backbone_from_a_timm_folder_round_trips(tmp_path):
+    """The settings timm's `save_for_hf` writes (num_classes, in_chans, global_pool, img_size) pass the allow-list,
+    and a model built from such a folder loads back from its checkpoint."""
+    timm = pytest.importorskip("timm")
+    transformers = pytest.importorskip("transformers")
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "cat"]))
+    config = transformers.DistilBertConfig(vocab_size=7, dim=32, n_layers=1, n_heads=2, hidden_dim=64)
+    transformers.DistilBertModel(config).save_pretrained(tmp_path / "text")
+    transformers.DistilBertTokenizer(vocab_file=str(tmp_path / "vocab.txt")).save_pretrained(tmp_path / "text")
+    timm.models.save_for_hf(timm.create_model("test_vit", num_classes=0), str(tmp_path / "timm_dir"),
+                            safe_serialization=True)
+    assert {"num_classes", "img_size"} <= set(json.loads((tmp_path / "timm_dir" / "config.json").read_text())[
+        "model_args"])
+    model = clip_pacl.load(f"backbone:timm={tmp_path / 'timm_dir'}+hf={tmp_path / 'text'}")
+    clip_pacl.save(model, tmp_path / "ckpt")
+    back = clip_pacl.load(tmp_path / "ckpt")
+    a, b = model.state_dict(), back.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 # ---------------------------------------------------------------------------------------------- inference mode
 @pytest.mark.xfail(strict=True, raises=RuntimeError, reason="fixed by arch branch (BN folding moves out of forward)")
 def test_load_and_encode_inside_inference_mode(tmp_path):

@@ -56,6 +56,7 @@ TIMM_MODEL_ARGS = frozenset({
     "global_pool", "class_token", "reg_tokens", "no_embed_class", "pre_norm", "fc_norm", "dynamic_img_size",
     "dynamic_img_pad", "init_values", "drop_rate", "drop_path_rate", "proj_drop_rate", "attn_drop_rate",
     "output_stride", "layers", "channels", "dims", "stem_type", "stem_width", "act_layer", "norm_layer",
+    "strict_img_size", "use_naflex", "num_classes",
 })
 
 
@@ -171,7 +172,8 @@ class HFTokenize:
 
 
 def _checked_model_args(args: Any, source: Path) -> dict[str, Any]:
-    """`model_args` from a config.json, if every entry is an allowed architecture setting with a plain value."""
+    """`model_args` from a config.json, if every entry is an allowed architecture setting with a plain value
+    (less `num_classes`, which `save_for_hf` records: our towers never have a classifier)."""
     if not isinstance(args, dict):
         raise CheckpointError(f"{source}: model_args must be a JSON object")
     for key, value in args.items():
@@ -180,7 +182,7 @@ def _checked_model_args(args: Any, source: Path) -> dict[str, Any]:
         if key not in TIMM_MODEL_ARGS or not plain:
             raise CheckpointError(f"{source} sets model_args '{key}', which clip-pacl does not pass to timm "
                                   f"(allowed, with plain values: {', '.join(sorted(TIMM_MODEL_ARGS))})")
-    return args
+    return {k: v for k, v in args.items() if k != "num_classes"}
 
 
 def _load_image_tower(spec: str, pretrained: bool) -> tuple[nn.Module, dict[str, Any]]:
