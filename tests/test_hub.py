@@ -17,9 +17,6 @@ from clip_pacl.checkpoint import export_open_clip, load_with_source
 from clip_pacl.checkpoint.hub import pretrained_repo
 from clip_pacl.errors import CheckpointError
 
-hf_constants = pytest.importorskip("huggingface_hub.constants")
-transformers = pytest.importorskip("transformers")
-
 REVISION = "0123456789abcdef0123456789abcdef01234567"
 
 
@@ -40,6 +37,8 @@ def directory_files(path) -> dict:
 
 @pytest.fixture()
 def offline_cache(tmp_path, monkeypatch):
+    """An empty Hugging Face cache that huggingface_hub uses, offline (other test modules import this fixture)."""
+    hf_constants = pytest.importorskip("huggingface_hub.constants")
     cache = tmp_path / "hf_cache"
     cache.mkdir()
     monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(cache))
@@ -50,6 +49,7 @@ def offline_cache(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def hf_repo_files(tmp_path_factory):
     """A tiny random transformers CLIPModel as `save_pretrained` writes it."""
+    transformers = pytest.importorskip("transformers")
     out = tmp_path_factory.mktemp("hf_model")
     torch.manual_seed(0)
     config = transformers.CLIPConfig(

@@ -12,9 +12,6 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = SRC / "clip_pacl"
 
-# Being removed by the checkpoint-loading work (convert_hf reads HF weight files through io.read_weights, io
-# dispatches to convert_hf); the only cycle allowed while that lands.
-KNOWN_CYCLES = {frozenset({"clip_pacl.checkpoint.convert_hf", "clip_pacl.checkpoint.io"})}
 
 
 def module_files(root: Path = PACKAGE) -> dict[str, Path]:
@@ -94,7 +91,7 @@ def is_cli(module: str) -> bool:
 
 
 def test_no_import_cycles():
-    found = [sorted(c) for c in cycles(import_graph()) if c not in KNOWN_CYCLES]
+    found = [sorted(c) for c in cycles(import_graph())]
     assert not found, f"import cycles: {found}"
 
 

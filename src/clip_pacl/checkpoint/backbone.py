@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from clip_pacl.checkpoint.format import CONFIG_NAME, WEIGHTS_NAME
+from clip_pacl.checkpoint.files import CONFIG_NAME, WEIGHTS_NAME, save_json
 from clip_pacl.errors import CheckpointError
-from clip_pacl.models.backbone import BackboneCLIP, BackboneConfig, import_timm, import_transformers
+from clip_pacl.models.backbone import BackboneCLIP, BackboneConfig, checked_model_args, import_timm, import_transformers
 
 TEXT_DIR = "text"
 
@@ -30,7 +30,7 @@ def save_backbone(model: BackboneCLIP, out_dir: str | Path) -> Path:
     data_config = {k: list(v) if isinstance(v, tuple) else v for k, v in model.data_config.items()}
     cfg = {"model_type": "backbone", "backbone": model.config.to_dict(), "image": model.image_info,
            "image_data_config": data_config, "spec": model.config.to_spec()}
-    (out / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")
+    save_json(cfg, out / CONFIG_NAME)
     return out
 
 
@@ -45,8 +45,11 @@ def load_backbone(path: str | Path, device: str | torch.device | None = None) ->
         image_info = cfg["image"]
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path} is not a backbone checkpoint ({e})") from None
+    model_args = checked_model_args(image_info.get("model_args") or {}, path / CONFIG_NAME)
     timm, transformers = import_timm(), import_transformers()
-    visual = timm.create_model(image_info["arch"], pretrained=False, num_classes=0, **image_info.get("model_args", {}))
+    if not timm.is_model(image_info["arch"]):  # not a hub or local-dir name, which would bring its own model_args
+        raise CheckpointError(f"{path / CONFIG_NAME} names no timm model ('{image_info['arch']}')")
+    visual = timm.create_model(image_info["arch"], pretrained=False, num_classes=0, **model_args)
     text_config = transformers.AutoConfig.from_pretrained(path / TEXT_DIR)
     text = transformers.AutoModel.from_config(text_config)
     tokenizer = transformers.AutoTokenizer.from_pretrained(path / TEXT_DIR)

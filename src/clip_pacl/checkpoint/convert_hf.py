@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from clip_pacl.checkpoint.files import read_weights, save_json, save_weights
 from clip_pacl.config import CLIPConfig, TextConfig, VisionConfig
 from clip_pacl.errors import CheckpointError
 
@@ -185,8 +186,6 @@ def state_to_hf(state: dict[str, torch.Tensor], config: CLIPConfig) -> dict[str,
 
 def read_hf_dir(path: Path) -> tuple[CLIPConfig, dict[str, torch.Tensor]]:
     """Config and our state dict from an HF CLIP directory (`config.json` + safetensors or a `.bin`)."""
-    from clip_pacl.checkpoint.io import read_weights
-
     data = json.loads((path / "config.json").read_text())
     config = config_from_hf(data, str(path / "config.json"))
     weights = next((path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).is_file()), None)
@@ -197,11 +196,9 @@ def read_hf_dir(path: Path) -> tuple[CLIPConfig, dict[str, torch.Tensor]]:
 
 def write_hf_dir(config: CLIPConfig, state: dict[str, torch.Tensor], out_dir: Path) -> Path:
     """Write `config.json` + `model.safetensors` that `transformers.CLIPModel.from_pretrained` loads."""
-    from safetensors.torch import save_file
-
     hf_config = config_to_hf(config)
     hf_state = state_to_hf(state, config)
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(hf_state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-    (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    save_weights(hf_state, out_dir / "model.safetensors")
+    save_json(hf_config, out_dir / "config.json")
     return out_dir

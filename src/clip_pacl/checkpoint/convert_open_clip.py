@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import replace
-from typing import Any
 
 import torch
 
@@ -22,17 +21,6 @@ from clip_pacl.errors import CheckpointError
 _TEXT_TOP_LEVEL = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.", "text_projection")
 # Entries that are not weights: OpenAI's TorchScript metadata, open_clip's (old, persistent) causal mask.
 _DROPPED = ("input_resolution", "context_length", "vocab_size", "attn_mask")
-
-
-def unwrap_state_dict(obj: Any, source: str) -> dict[str, torch.Tensor]:
-    """The tensors of a loaded checkpoint: unwrap `{"state_dict": ...}` and DDP's `module.` prefixes."""
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"{source} is not a checkpoint clip-pacl can read: it holds no state dict of tensors")
-    if all(k.startswith("module.") for k in obj):
-        obj = {k[len("module."):]: v for k, v in obj.items()}
-    return obj
 
 
 def from_open_clip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -6,14 +6,13 @@ gives back bit-identical tensors.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from clip_pacl.checkpoint import convert_hf, convert_open_clip
+from clip_pacl.checkpoint.files import atomic_write, save_json, save_weights
 from clip_pacl.checkpoint.io import OPEN_CLIP_CONFIG_NAME, WEIGHT_SUFFIXES, save
 from clip_pacl.errors import CheckpointError
 from clip_pacl.models.clip import CLIP
@@ -44,11 +43,10 @@ def export_open_clip(model: CLIP, out_path: str | Path) -> Path:
     weights.parent.mkdir(parents=True, exist_ok=True)
     state = convert_open_clip.to_open_clip(_plain_state(model))
     if weights.suffix == ".safetensors":
-        save_file(state, str(weights), metadata={"format": "pt"})
+        save_weights(state, weights)
     else:
-        torch.save(state, weights)
-    config = {"model_cfg": model.config.to_open_clip_dict()}
-    (weights.parent / OPEN_CLIP_CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        atomic_write(weights, lambda tmp: torch.save(state, tmp))
+    save_json({"model_cfg": model.config.to_open_clip_dict()}, weights.parent / OPEN_CLIP_CONFIG_NAME)
     return weights
 
 

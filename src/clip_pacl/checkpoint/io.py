@@ -11,17 +11,23 @@ from __future__ import annotations
 import json
 import os
 import re
-import zipfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from clip_pacl.checkpoint import backbone, convert_hf, convert_open_clip, convert_openai, pacl
-from clip_pacl.checkpoint.format import CONFIG_NAME, WEIGHTS_NAME, atomic_write, first_line, load_state
+from clip_pacl.checkpoint.files import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    is_torchscript_file,
+    load_state_into,
+    read_weights,
+    save_json,
+    save_weights,
+)
 from clip_pacl.config import CLIPConfig, available_presets
 from clip_pacl.errors import CheckpointError, ConfigError
 from clip_pacl.models.backbone import build_backbone
@@ -55,10 +61,8 @@ def save(model: nn.Module, out_dir: str | Path, extra_config: dict[str, Any] | N
     if model_type in MODEL_TYPES:
         return MODEL_TYPES[model_type][0](model, out)
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    atomic_write(out / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
-    cfg = {"model_type": "clip", **model.config.to_dict(), **(extra_config or {})}
-    atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(cfg, indent=2) + "\n"))
+    save_weights(model.state_dict(), out / WEIGHTS_NAME)
+    save_json({"model_type": "clip", **model.config.to_dict(), **(extra_config or {})}, out / CONFIG_NAME)
     return out
 
 
@@ -179,8 +183,8 @@ def _load_dir(path: Path, quick_gelu: bool | None, device: str | torch.device | 
 def _load_file(path: Path, config: str | Path | CLIPConfig | None, quick_gelu: bool | None) -> tuple[CLIP, Source]:
     """A bare state dict (open_clip, OpenAI, or ours): the architecture comes from `config`, an
     `open_clip_config.json` beside the file, or the tensor shapes."""
-    torchscript = convert_openai.is_torchscript(path)
-    state = convert_openai.load_torchscript_state(path) if torchscript else read_weights(path)
+    torchscript = is_torchscript_file(path)
+    state = read_weights(path)
     if convert_open_clip.is_our_state(state):
         fmt, ours = "clip_pacl", state
     elif convert_open_clip.is_open_clip_state(state):
@@ -228,29 +232,13 @@ def _read_json(path: Path) -> Any:
         raise CheckpointError(f"{path} is not valid JSON ({e.msg}, line {e.lineno})") from None
 
 
-def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """The tensors of a weights file (safetensors, or a torch pickle read with `weights_only=True`)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path} does not exist")
-    try:
-        if path.suffix == ".safetensors":
-            return load_file(str(path))
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # foreign files fail with SafetensorError, UnpicklingError, RuntimeError, EOFError, ...
-        is_torch_file = path.suffix == ".safetensors" or zipfile.is_zipfile(path)
-        reason = first_line(e) if is_torch_file else "not a safetensors, PyTorch or TorchScript file"
-        raise CheckpointError(f"{path} is not a checkpoint clip-pacl can read: {reason}") from None
-    return convert_open_clip.unwrap_state_dict(obj, str(path))
-
-
 def _build(config: CLIPConfig, state: dict[str, torch.Tensor], source: str) -> CLIP:
     """A CLIP holding exactly `state` (as fp32). The model is built on the meta device and the checkpoint's
     tensors are assigned to it, so loading skips the random initialisation it would overwrite anyway."""
     with torch.device("meta"):
         model = CLIP(config)
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-    load_state(model, state, source, assign=True)
+    load_state_into(model, state, source, assign=True)
     unset = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
     if unset:  # a non-persistent buffer: no checkpoint holds it, so it must be computed in __init__ instead
         raise CheckpointError(f"{source}: the model has tensors no checkpoint sets (e.g. {unset[0]})")
@@ -259,3 +247,4 @@ def _build(config: CLIPConfig, state: dict[str, torch.Tensor], source: str) -> C
 
 def _with_quick_gelu(config: CLIPConfig, quick_gelu: bool | None) -> CLIPConfig:
     return config if quick_gelu is None else replace(config, quick_gelu=quick_gelu)
+

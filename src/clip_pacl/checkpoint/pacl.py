@@ -11,9 +11,9 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from clip_pacl.checkpoint.format import CONFIG_NAME, WEIGHTS_NAME, atomic_write, load_state
+from clip_pacl.checkpoint.files import CONFIG_NAME, WEIGHTS_NAME, load_state_into, save_json, save_weights
 from clip_pacl.config import CLIPConfig
 from clip_pacl.errors import CheckpointError
 from clip_pacl.models.clip import CLIP
@@ -26,12 +26,10 @@ def save_pacl(model: PACL, out_dir: str | Path) -> Path:
     """Write `model` as a PACL checkpoint directory (what `clip_pacl.save` calls for a PACL model)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    clip_state = {k: v.detach().contiguous().cpu() for k, v in model.clip.state_dict().items()}
-    head_state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if not k.startswith("clip.")}
-    atomic_write(out / WEIGHTS_NAME, lambda p: save_file(clip_state, p, metadata={"format": "pt"}))
-    atomic_write(out / PACL_WEIGHTS_NAME, lambda p: save_file(head_state, p, metadata={"format": "pt"}))
-    cfg = {"model_type": "pacl", "clip": model.clip.config.to_dict(), "pacl": model.config.to_dict()}
-    atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(cfg, indent=2) + "\n"))
+    save_weights(model.clip.state_dict(), out / WEIGHTS_NAME)
+    save_weights({k: v for k, v in model.state_dict().items() if not k.startswith("clip.")}, out / PACL_WEIGHTS_NAME)
+    save_json({"model_type": "pacl", "clip": model.clip.config.to_dict(), "pacl": model.config.to_dict()},
+              out / CONFIG_NAME)
     return out
 
 
@@ -46,7 +44,7 @@ def load_pacl(path: str | Path, device: str | torch.device | None = None) -> PAC
         raise CheckpointError(f"{path}/{CONFIG_NAME} does not describe a PACL model")
     clip = CLIP(CLIPConfig.from_dict(cfg["clip"]))
     map_location = str(device or "cpu")
-    load_state(clip, load_file(str(path / WEIGHTS_NAME), device=map_location), str(path / WEIGHTS_NAME))
+    load_state_into(clip, load_file(str(path / WEIGHTS_NAME), device=map_location), str(path / WEIGHTS_NAME))
     model = PACL(clip, PACLConfig.from_dict(cfg.get("pacl", {})))
     heads = load_file(str(path / PACL_WEIGHTS_NAME), device=map_location)
     result = model.load_state_dict(heads, strict=False)

@@ -46,6 +46,15 @@ from clip_pacl.models.clip import CLIPOutput
 
 SPEC_PREFIX = "backbone:"
 SPEC_SYNTAX = "backbone:timm/NAME[=FILE|=random]|timm=DIR + hf/REPO_ID|hf=DIR [+key=value ...]"
+# The timm architecture settings a config.json's `model_args` may carry. Anything else is refused: timm's loader
+# arguments (`checkpoint_path`, `pretrained_cfg_overlay`, ...) would make it read files nobody named.
+TIMM_MODEL_ARGS = frozenset({
+    "img_size", "in_chans", "patch_size", "embed_dim", "depth", "depths", "num_heads", "mlp_ratio", "qkv_bias",
+    "global_pool", "class_token", "reg_tokens", "no_embed_class", "pre_norm", "fc_norm", "dynamic_img_size",
+    "dynamic_img_pad", "init_values", "drop_rate", "drop_path_rate", "proj_drop_rate", "attn_drop_rate",
+    "output_stride", "layers", "channels", "dims", "stem_type", "stem_width", "act_layer", "norm_layer",
+    "strict_img_size", "use_naflex", "num_classes",
+})
 
 
 def import_timm():
@@ -168,6 +177,20 @@ class HFTokenize:
         return out["input_ids"].long()  # (B, L)
 
 
+def checked_model_args(args: Any, source: Path) -> dict[str, Any]:
+    """`model_args` from a config.json, if every entry is an allowed architecture setting with a plain value
+    (less `num_classes`, which `save_for_hf` records: our towers never have a classifier)."""
+    if not isinstance(args, dict):
+        raise CheckpointError(f"{source}: model_args must be a JSON object")
+    for key, value in args.items():
+        plain = value is None or isinstance(value, (bool, int, float, str)) or (
+            isinstance(value, list) and all(isinstance(v, (bool, int, float)) for v in value))
+        if key not in TIMM_MODEL_ARGS or not plain:
+            raise CheckpointError(f"{source} sets model_args '{key}', which clip-pacl does not pass to timm "
+                                  f"(allowed, with plain values: {', '.join(sorted(TIMM_MODEL_ARGS))})")
+    return {k: v for k, v in args.items() if k != "num_classes"}
+
+
 def _load_image_tower(spec: str, pretrained: bool) -> tuple[nn.Module, dict[str, Any]]:
     """(timm model without classifier -> (B, F) pooled features, how to rebuild it without weights)."""
     timm = import_timm()
@@ -177,7 +200,7 @@ def _load_image_tower(spec: str, pretrained: bool) -> tuple[nn.Module, dict[str,
         if not cfg_file.is_file():
             raise CheckpointError(f"{folder} is not a timm model folder (no config.json)")
         cfg = json.loads(cfg_file.read_text())
-        arch, model_args = cfg.get("architecture"), cfg.get("model_args") or {}
+        arch, model_args = cfg.get("architecture"), checked_model_args(cfg.get("model_args") or {}, cfg_file)
         if not arch:
             raise CheckpointError(f"{cfg_file} does not name an 'architecture'")
         name, kwargs = (f"local-dir:{folder}", {}) if pretrained else (arch, model_args)
