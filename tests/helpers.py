@@ -1,0 +1,72 @@
+"""Shared test helpers: weights that make parity tests able to fail, and reference imports that CI cannot skip."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from importlib import resources
+from types import ModuleType
+
+import pytest
+import torch
+from torch import nn
+
+NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase)
+
+
+@torch.no_grad()
+def randomize_(module: nn.Module, seed: int = 0) -> nn.Module:
+    """Overwrite every floating parameter and persistent buffer of `module` in place with seeded random values.
+
+    Fresh models have zero biases, identity LayerNorms and 0/1 BatchNorm statistics, so a converter that swaps
+    two biases or two norms still matches its reference. Here nothing is left at a value it shares with another
+    tensor: norm gains 1 + 0.1 N(0, 1), norm biases and running means 0.1 N(0, 1), running variances U(0.5, 2),
+    other vectors (biases, class token) 0.1 N(0, 1), matrices and kernels N(0, 1/fan_in) so activations keep
+    their scale through the depth, scalars (logit scale and bias) their value + 0.1 N(0, 1) so the logits stay
+    in range. Non-persistent buffers (open_clip's causal mask) are derived, not weights, and are left alone.
+    The same seed on the same architecture gives the same values. Returns `module`.
+    """
+    gen = torch.Generator().manual_seed(seed)
+
+    def normal(t: torch.Tensor) -> torch.Tensor:
+        return torch.randn(t.shape, generator=gen)
+
+    for mod in module.modules():
+        skip = mod._non_persistent_buffers_set
+        tensors = [*mod.named_parameters(recurse=False), *((n, b) for n, b in mod.named_buffers(recurse=False)
+                                                           if n not in skip)]
+        for name, t in tensors:
+            if not t.is_floating_point():
+                continue
+            if isinstance(mod, NORMS) and name == "weight":
+                value = 1 + 0.1 * normal(t)
+            elif name == "running_var":
+                value = 0.5 + 1.5 * torch.rand(t.shape, generator=gen)
+            elif t.ndim == 0:
+                value = t.float().cpu() + 0.1 * normal(t)
+            elif t.ndim == 1:
+                value = 0.1 * normal(t)
+            else:
+                value = normal(t) * (t[0].numel() ** -0.5)
+            t.copy_(value)
+    return module
+
+
+def preset_dict(name: str) -> dict:
+    """One of our presets as an open_clip model config ({"embed_dim", "vision_cfg", "text_cfg"})."""
+    return json.loads(resources.files("clip_pacl.presets").joinpath(f"{name}.json").read_text())
+
+
+def require(name: str) -> ModuleType:
+    """Import the reference library `name`; skip the calling test module without it, but fail in CI.
+
+    A module-level importorskip lets CI go green with the parity tests never run; CI sets CI=true.
+    """
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{name} is required in CI (reference for parity tests) but cannot be imported: {exc}",
+                        pytrace=False)
+        pytest.skip(f"{name} is not installed: {exc}", allow_module_level=True)
