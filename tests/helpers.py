@@ -22,9 +22,11 @@ def randomize_(module: nn.Module, seed: int = 0) -> nn.Module:
     Fresh models have zero biases, identity LayerNorms and 0/1 BatchNorm statistics, so a converter that swaps
     two biases or two norms still matches its reference. Here nothing is left at a value it shares with another
     tensor: norm gains 1 + 0.1 N(0, 1), norm biases and running means 0.1 N(0, 1), running variances U(0.5, 2),
-    other vectors (biases, class token) 0.1 N(0, 1), matrices and kernels N(0, 1/fan_in) so activations keep
-    their scale through the depth, scalars (logit scale and bias) their value + 0.1 N(0, 1) so the logits stay
-    in range. Non-persistent buffers (open_clip's causal mask) are derived, not weights, and are left alone.
+    other vectors (biases, class token) 0.1 N(0, 1), matrices N(0, 1/fan_in) so activations keep their scale
+    through the depth, scalars (logit scale and bias) their value + 0.1 N(0, 1) so the logits stay in range.
+    Conv kernels get 1.2x that std: eval-mode BatchNorm with random statistics does not renormalise, so with
+    plain 1/fan_in each ReLU halves the image's signal and RN50's output all but forgets its input (its pooled
+    embeddings of two images then differ by 1%; with 1.2x by 20%, at output scale about 3). Non-persistent buffers (open_clip's causal mask) are derived, not weights, and are left alone.
     The same seed on the same architecture gives the same values. Returns `module`.
     """
     gen = torch.Generator().manual_seed(seed)
@@ -48,7 +50,8 @@ def randomize_(module: nn.Module, seed: int = 0) -> nn.Module:
             elif t.ndim == 1:
                 value = 0.1 * normal(t)
             else:
-                value = normal(t) * (t[0].numel() ** -0.5)
+                gain = 1.2 if t.ndim > 2 else 1.0  # conv kernels: see the docstring
+                value = normal(t) * gain * t[0].numel() ** -0.5
             t.copy_(value)
     return module
 
