@@ -10,7 +10,10 @@ from types import ModuleType
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from clip_pacl.tokenizer import tokenize
 
 NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase)
 
@@ -26,7 +29,8 @@ def randomize_(module: nn.Module, seed: int = 0) -> nn.Module:
     through the depth, scalars (logit scale and bias) their value + 0.1 N(0, 1) so the logits stay in range.
     Conv kernels get 1.2x that std: eval-mode BatchNorm with random statistics does not renormalise, so with
     plain 1/fan_in each ReLU halves the image's signal and RN50's output all but forgets its input (its pooled
-    embeddings of two images then differ by 1%; with 1.2x by 20%, at output scale about 3). Non-persistent buffers (open_clip's causal mask) are derived, not weights, and are left alone.
+    embeddings of two images then differ by 1%; with 1.2x by 20%, at output scale about 3).
+    Non-persistent buffers (open_clip's causal mask) are derived, not weights, and are left alone.
     The same seed on the same architecture gives the same values. Returns `module`.
     """
     gen = torch.Generator().manual_seed(seed)
@@ -73,3 +77,47 @@ def require(name: str) -> ModuleType:
             pytest.fail(f"{name} is required in CI (reference for parity tests) but cannot be imported: {exc}",
                         pytrace=False)
         pytest.skip(f"{name} is not installed: {exc}", allow_module_level=True)
+
+
+CAPTIONS = ["a photo of a cat", "a diagram of two dogs playing in the long grass near a river at sunset"]
+
+
+def fixed_images(image_size: int, n: int = 2) -> torch.Tensor:
+    """Fixed random images, (n, 3, S, S)."""
+    return torch.randn(n, 3, image_size, image_size, generator=torch.Generator().manual_seed(1))
+
+
+def _max_diff(pairs) -> float:
+    return max(float((a - b).abs().max()) for a, b in pairs)
+
+
+def _clip_outputs(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor) -> list[torch.Tensor]:
+    image_n, text_n = F.normalize(image, dim=-1), F.normalize(text, dim=-1)
+    return [image, text, image_n, text_n, logit_scale.exp() * image_n @ text_n.T]
+
+
+@torch.no_grad()
+def open_clip_diff(reference: nn.Module, ours: nn.Module, image_size: int) -> float:
+    """Largest difference between an open_clip-style model (`encode_image`, `encode_text`, `logit_scale`: open_clip
+    and ours) and ours over raw and normalised image/text features and logits."""
+    reference.eval(), ours.eval()
+    images, texts = fixed_images(image_size), tokenize(CAPTIONS)
+    ref = _clip_outputs(reference.encode_image(images), reference.encode_text(texts), reference.logit_scale)
+    got = _clip_outputs(ours.encode_image(images), ours.encode_text(texts), ours.logit_scale)
+    return _max_diff(zip(ref, got))
+
+
+@torch.no_grad()
+def hf_diff(hf_model: nn.Module, ours: nn.Module, image_size: int) -> float:
+    """The same comparison against a `transformers.CLIPModel`, whose logits come from its own forward()."""
+    hf_model.eval(), ours.eval()
+    images, texts = fixed_images(image_size), tokenize(CAPTIONS)
+
+    def features(output) -> torch.Tensor:  # transformers 5 returns a ModelOutput, 4.x the tensor
+        return output.pooler_output if hasattr(output, "pooler_output") else output
+
+    ref = _clip_outputs(features(hf_model.get_image_features(pixel_values=images)),
+                        features(hf_model.get_text_features(input_ids=texts)), hf_model.logit_scale)
+    ref[-1] = hf_model(input_ids=texts, pixel_values=images).logits_per_image
+    got = _clip_outputs(ours.encode_image(images), ours.encode_text(texts), ours.logit_scale)
+    return _max_diff(zip(ref, got))
