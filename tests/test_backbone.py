@@ -9,8 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-pytest.importorskip("timm")
-transformers = pytest.importorskip("transformers")
+from helpers import require
+
+require("timm")
+transformers = require("transformers")
 
 import timm  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402

@@ -13,6 +13,7 @@ from clip_pacl.checkpoint import load_with_source, read_weights
 from clip_pacl.checkpoint.convert_open_clip import infer_config, to_open_clip
 from clip_pacl.errors import CheckpointError, ClipPaclError, ConfigError
 from clip_pacl.models.pacl import PACL
+from helpers import randomize_
 
 
 def same_state(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -22,7 +23,7 @@ def same_state(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-rn"])
 def test_save_load_round_trip_is_exact(preset, tmp_path):
-    model = clip_pacl.load(preset)
+    model = randomize_(clip_pacl.load(preset))
     clip_pacl.save(model, tmp_path / "ckpt")
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["config.json", "model.safetensors"]
     assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["model_type"] == "clip"
@@ -33,8 +34,7 @@ def test_save_load_round_trip_is_exact(preset, tmp_path):
 
 
 def test_pacl_directory_dispatches_on_model_type(tmp_path):
-    pacl = PACL(clip_pacl.load("tiny"))
-    torch.nn.init.normal_(pacl.vision_embedder.linear.weight)  # differ from the fresh initialisation
+    pacl = randomize_(PACL(clip_pacl.load("tiny")))  # every weight differs from a fresh initialisation
     clip_pacl.save(pacl, tmp_path / "pacl")  # PACL has its own writer (checkpoint/pacl.py)
     assert json.loads((tmp_path / "pacl" / "config.json").read_text())["model_type"] == "pacl"
     back, source = load_with_source(tmp_path / "pacl")
@@ -51,7 +51,7 @@ def test_unknown_model_type_is_named(tmp_path):
 
 
 def test_bare_state_dict_of_ours(tmp_path):
-    model = clip_pacl.load("tiny-rn")
+    model = randomize_(clip_pacl.load("tiny-rn"))
     torch.save(model.state_dict(), tmp_path / "ours.pt")
     back, source = load_with_source(tmp_path / "ours.pt", quick_gelu=False)
     assert source.format == "clip_pacl" and back.config.vision == model.config.vision

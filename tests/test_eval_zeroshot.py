@@ -28,6 +28,7 @@ from clip_pacl.zeroshot.templates import (
     resolve_class_names,
     resolve_templates,
 )
+from helpers import require
 
 
 def write_table(path: Path, header: tuple[str, str], rows: list[tuple[str, str]]) -> Path:
@@ -98,7 +99,7 @@ def test_classifier_is_mean_of_normalised_prompt_embeddings(tiny_model):
 
 
 def test_classifier_matches_open_clip(tmp_path):
-    open_clip = pytest.importorskip("open_clip")
+    open_clip = require("open_clip")
     from open_clip.zero_shot_classifier import build_zero_shot_classifier
 
     cfg = json.loads((Path(clip_pacl.__file__).parent / "presets" / "tiny.json").read_text())

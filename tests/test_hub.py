@@ -16,6 +16,10 @@ import clip_pacl
 from clip_pacl.checkpoint import export_open_clip, load_with_source
 from clip_pacl.checkpoint.hub import pretrained_repo
 from clip_pacl.errors import CheckpointError
+from helpers import require
+
+hf_constants = require("huggingface_hub.constants")
+transformers = require("transformers")
 
 REVISION = "0123456789abcdef0123456789abcdef01234567"
 
@@ -108,7 +112,7 @@ def test_uncached_names_fail_with_the_local_alternative(offline_cache):
 def test_pretrained_tags_name_open_clip_repos():
     assert pretrained_repo("ViT-B-32", "openai") == "timm/vit_base_patch32_clip_224.openai"
     assert pretrained_repo("RN50-quickgelu", "openai") == "timm/resnet50_clip.openai"
-    pytest.importorskip("open_clip")
+    require("open_clip")
     assert pretrained_repo("ViT-B-32", "laion2b_s34b_b79k") == "laion/CLIP-ViT-B-32-laion2B-s34B-b79K"
     with pytest.raises(CheckpointError, match="no hub weights 'nope'"):
         pretrained_repo("ViT-B-32", "nope")

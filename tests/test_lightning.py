@@ -5,7 +5,9 @@ import math
 import pytest
 import torch
 
-L = pytest.importorskip("lightning")
+from helpers import require
+
+L = require("lightning")
 
 import clip_pacl  # noqa: E402
 from clip_pacl.data.synthetic import generate_synthetic  # noqa: E402

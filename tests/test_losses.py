@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from clip_pacl.errors import ConfigError
 from clip_pacl.losses import clip_loss, get_objective, siglip_loss
+from helpers import require
 
 
 def _features(b: int = 6, d: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -16,7 +17,7 @@ def _features(b: int = 6, d: int = 8, seed: int = 0) -> tuple[torch.Tensor, torc
 
 
 def test_clip_loss_matches_open_clip():
-    open_clip_loss = pytest.importorskip("open_clip.loss")
+    open_clip_loss = require("open_clip.loss")
     img, txt = _features()
     scale = torch.tensor(math.log(1 / 0.07))
     ref = open_clip_loss.ClipLoss()(img, txt, scale.exp())
@@ -24,7 +25,7 @@ def test_clip_loss_matches_open_clip():
 
 
 def test_siglip_loss_matches_open_clip():
-    open_clip_loss = pytest.importorskip("open_clip.loss")
+    open_clip_loss = require("open_clip.loss")
     img, txt = _features()
     scale, bias = torch.tensor(math.log(10.0)), torch.tensor(-10.0)
     ref = open_clip_loss.SigLipLoss()(img, txt, scale.exp(), bias)

@@ -9,6 +9,7 @@ import clip_pacl
 from clip_pacl.checkpoint.merge import merge_models, merge_weights
 from clip_pacl.cli.main import main
 from clip_pacl.errors import CheckpointError
+from helpers import randomize_
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -37,10 +38,8 @@ def test_architecture_mismatch_names_the_tensor():
 
 @pytest.fixture
 def two_models(tmp_path):
-    torch.manual_seed(0)
-    base = clip_pacl.load("tiny")
-    torch.manual_seed(1)
-    finetuned = clip_pacl.load("tiny")
+    base = randomize_(clip_pacl.load("tiny"), seed=0)
+    finetuned = randomize_(clip_pacl.load("tiny"), seed=1)
     clip_pacl.save(base, tmp_path / "base")
     clip_pacl.save(finetuned, tmp_path / "ft")
     return base, finetuned, tmp_path

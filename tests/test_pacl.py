@@ -11,6 +11,7 @@ from clip_pacl.checkpoint.pacl import load_pacl
 from clip_pacl.losses import get_objective
 from clip_pacl.losses.pacl import pacl_logits, pacl_loss
 from clip_pacl.models.pacl import PACL, PACLConfig, compatibility
+from helpers import randomize_
 
 
 def naive_logits(patch_emb, text_emb, logit_scale):
@@ -145,9 +146,7 @@ def test_similarity_and_patch_similarity_are_phi_and_s():
 
 def test_checkpoint_round_trip(tmp_path):
     model = PACL(clip_pacl.load("tiny"), PACLConfig(hidden_dim=64, unfreeze_last_n_blocks=1)).eval()
-    with torch.no_grad():
-        model.logit_scale.fill_(3.0)
-        model.clip.visual.proj.add_(0.1)  # a fine-tuned block must be saved too
+    randomize_(model)  # embedders, logit scale and every CLIP weight (fine-tuned or frozen) differ from a fresh one
     clip_pacl.save(model, tmp_path / "ckpt")
     config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
     assert config["model_type"] == "pacl" and config["pacl"]["hidden_dim"] == 64
@@ -157,7 +156,9 @@ def test_checkpoint_round_trip(tmp_path):
     with torch.no_grad():
         for a, b in zip(model.loss_features(images, tokens), loaded.loss_features(images, tokens)):
             assert torch.equal(a, b)
-    assert loaded.logit_scale.item() == 3.0 and loaded.config == model.config
+    assert loaded.config == model.config
+    saved, back = model.state_dict(), loaded.state_dict()
+    assert saved.keys() == back.keys() and all(torch.equal(saved[k], back[k]) for k in saved)
 
 
 def test_loading_a_broken_checkpoint_is_one_clear_error(tmp_path):

@@ -16,8 +16,9 @@ from clip_pacl.tokenizer import (
     get_tokenizer,
     tokenize,
 )
+from helpers import require
 
-open_clip = pytest.importorskip("open_clip")
+open_clip = require("open_clip")
 
 WORDS = [
     "a", "photo", "of", "the", "Cat", "DOG", "sitting", "on", "Bench", "near", "river", "New", "York", "skyline",
@@ -72,7 +73,7 @@ CORPUS = make_corpus()
 
 def is_mojibake(text: str) -> bool:
     """ftfy re-decodes this text (beyond mapping lone C1 controls through Windows-1252, which the fallback does)."""
-    ftfy = pytest.importorskip("ftfy")
+    ftfy = require("ftfy")
     steps = [step for line in text.split("\n") for step in ftfy.fix_and_explain(line).explanation or []]
     return any(step.action in ("encode", "decode") or step.parameter == "decode_inconsistent_utf8" for step in steps)
 
@@ -104,14 +105,14 @@ def test_same_ids_as_open_clip_without_ftfy():
 
 
 def test_mojibake_repaired_with_ftfy():
-    pytest.importorskip("ftfy")
+    require("ftfy")
     assert torch.equal(tokenize(MOJIBAKE), open_clip.tokenize(MOJIBAKE))
     assert clean_text("cafÃ©") == "café"
     assert fix_text_builtin("cafÃ©") == "cafÃ©"  # the documented limit of the fallback
 
 
 def test_builtin_fix_text_matches_ftfy_on_corpus():
-    ftfy = pytest.importorskip("ftfy")
+    ftfy = require("ftfy")
     differ = [t for t in CORPUS if not is_mojibake(t) and fix_text_builtin(t) != ftfy.fix_text(t)]
     assert not differ, differ[:3]
 

@@ -11,9 +11,10 @@ from PIL import Image
 
 from clip_pacl.config import CLIPConfig
 from clip_pacl.transforms import OPENAI_MEAN, OPENAI_STD, image_transform, random_resized_crop_box
+from helpers import require
 
-open_clip = pytest.importorskip("open_clip")
-skimage_data = pytest.importorskip("skimage.data")
+open_clip = require("open_clip")
+skimage_data = require("skimage.data")
 
 SIZES = [224, 64, 288, 336]
 

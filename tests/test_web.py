@@ -21,9 +21,11 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("fastapi")
-httpx = pytest.importorskip("httpx")
-uvicorn = pytest.importorskip("uvicorn")
+from helpers import require
+
+require("fastapi")
+httpx = require("httpx")
+uvicorn = require("uvicorn")
 
 from PIL import Image  # noqa: E402
 
