@@ -115,7 +115,9 @@ def test_torchscript_reader_gives_torchscripts_state_dict(openai_archive, monkey
 def test_openai_archive_matches_open_clips_loader(openai_archive, monkeypatch):
     open_clip = pytest.importorskip("open_clip")
     path, image_size = openai_archive
-    reference = open_clip.load_openai_model(str(path), precision="fp32", device="cpu").eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # open_clip's loader calls the deprecated torch.jit.load
+        reference = open_clip.load_openai_model(str(path), precision="fp32", device="cpu").eval()
     monkeypatch.setattr(torch.jit, "load", _refuse_jit_load)
     model, source = load_with_source(path)
     assert source.format == "openai_torchscript"
