@@ -115,7 +115,9 @@ def test_torchscript_reader_gives_torchscripts_state_dict(openai_archive, monkey
 def test_openai_archive_matches_open_clips_loader(openai_archive, monkeypatch):
     open_clip = pytest.importorskip("open_clip")
     path, image_size = openai_archive
-    reference = open_clip.load_openai_model(str(path), precision="fp32", device="cpu").eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # open_clip's loader calls the deprecated torch.jit.load
+        reference = open_clip.load_openai_model(str(path), precision="fp32", device="cpu").eval()
     monkeypatch.setattr(torch.jit, "load", _refuse_jit_load)
     model, source = load_with_source(path)
     assert source.format == "openai_torchscript"
@@ -160,8 +162,8 @@ class _SetstateExploit(torch.nn.Module):
         self.weight = state[1] + torch.from_file(self.marker, True, 2).sum()
 
 
-def _torchscript_with_pickle(archive: bytes, data_pkl: bytes) -> bytes:
-    """`archive` with its `data.pkl` replaced."""
+def _with_data_pkl(archive: bytes, data_pkl: bytes) -> bytes:
+    """`archive` (a torch.save or TorchScript zip) with its `data.pkl` replaced."""
     out = io.BytesIO()
     with zipfile.ZipFile(io.BytesIO(archive)) as src, zipfile.ZipFile(out, "w") as dst:
         for info in src.infolist():
@@ -180,7 +182,7 @@ def malicious_payloads(marker) -> dict[str, bytes]:
         warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated, and still what OpenAI shipped
         torch.jit.save(torch.jit.script(_SetstateExploit(str(marker))), setstate)
     return {"pickle": raw_pickle, "torch_zip": torch_zip.getvalue(), "torchscript_setstate": setstate.getvalue(),
-            "torchscript_reduce": _torchscript_with_pickle(setstate.getvalue(), raw_pickle)}
+            "torchscript_reduce": _with_data_pkl(setstate.getvalue(), raw_pickle)}
 
 
 @pytest.fixture(scope="module")
@@ -232,6 +234,17 @@ def test_malicious_weight_files_run_nothing(payloads, suffix, tmp_path, monkeypa
             assert "TorchScript archive clip-pacl does not read" in message
         else:
             assert "Python objects other than tensors (posix.system)" in message
+
+
+def test_refused_pickles_get_no_advice_to_trust_them(tmp_path):
+    """torch's own message for a refused pickle suggests `weights_only=False`; ours never passes that on."""
+    archive = io.BytesIO()
+    torch.save({"visual.proj": torch.ones(2)}, archive)
+    (tmp_path / "odd.pt").write_bytes(_with_data_pkl(archive.getvalue(), b"not weights"))
+    with pytest.raises(CheckpointError) as info:
+        clip_pacl.load(tmp_path / "odd.pt")
+    assert str(info.value).endswith("is not a checkpoint clip-pacl can read: torch.load(weights_only=True) refuses "
+                                    "what its pickle holds")
 
 
 def test_malicious_weights_in_checkpoint_directories_run_nothing(payloads, tmp_path, monkeypatch):

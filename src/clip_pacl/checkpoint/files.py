@@ -81,16 +81,16 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def _why_unreadable(path: Path, e: Exception) -> str:
-    text = str(e)
-    if isinstance(e, pickle.UnpicklingError) and text.startswith("Weights only load failed"):  # torch's words
-        named = re.search(r"GLOBAL (\S+) ", text)
-        return (f"it holds Python objects other than tensors{f' ({named.group(1)})' if named else ''}, and "
-                "unpickling them could run code")
     if path.suffix == SAFETENSORS_SUFFIX:
         return f"not a valid safetensors file ({first_line(e)})"
-    if zipfile.is_zipfile(path):
-        return first_line(e)
-    return "not a safetensors, PyTorch or TorchScript file"
+    refused = re.search(r"GLOBAL (\S+) ", str(e)) if isinstance(e, pickle.UnpicklingError) else None
+    if refused:  # torch's weights_only unpickler names the global it would not import
+        return f"it holds Python objects other than tensors ({refused.group(1)}), and unpickling them could run code"
+    if not zipfile.is_zipfile(path):
+        return "not a safetensors, PyTorch or TorchScript file"
+    if str(e).startswith("Weights only load failed"):  # its advice (weights_only=False) is not ours to give
+        return "torch.load(weights_only=True) refuses what its pickle holds"
+    return first_line(e)
 
 
 def unwrap_state_dict(obj: Any, source: str) -> dict[str, torch.Tensor]:
