@@ -277,10 +277,8 @@ def test_resnet_maskclip_is_the_pools_value_path(tiny_rn_quickgelu, tmp_path):
     with torch.no_grad():
         expected = _open_clip_rn_maskclip(tiny_rn_quickgelu.visual, images)
         got = ours.encode_image_tokens(images, dense="maskclip")
-        pooled = tiny_rn_quickgelu.encode_image(images)
     assert got.shape == (2, 1 + 2 * 2, 128)
-    assert (got[:, 1:] - expected[:, 1:]).abs().max() < TOL
-    assert (got[:, 0] - pooled).abs().max() < TOL  # index 0 is the attention-pooled embedding
+    assert (got[:, 1:] - expected[:, 1:]).abs().max() < TOL  # the patches
 
 
 @pytest.mark.xfail(strict=True, reason="needs arch branch: ResNet dense='tokens' is the value path on this branch")
