@@ -286,8 +286,15 @@ def test_resnet_tokens_are_the_pool_with_every_position_as_query(tiny_rn_quickge
     with torch.no_grad():
         expected = _open_clip_rn_tokens(tiny_rn_quickgelu.visual, images)
         got = ours.encode_image_tokens(images, dense="tokens")
-        maskclip = ours.encode_image_tokens(images, dense="maskclip")
     assert (expected[:, 0] - tiny_rn_quickgelu.encode_image(images)).abs().max() < TOL  # the definition is right
     assert got.shape == (2, 1 + 2 * 2, 128)
     assert (got - expected).abs().max() < TOL
-    assert (got[:, 1:] - maskclip[:, 1:]).abs().max() > 1e-2  # MaskCLIP's value path differs from attention
+
+
+def test_resnet_tokens_and_maskclip_differ(tiny_rn_quickgelu, tmp_path):
+    """MaskCLIP's value path is not the attention pool: on a ResNet the two dense modes give different patches."""
+    ours, images = _ours(tiny_rn_quickgelu, tmp_path), fixed_images(64)
+    with torch.no_grad():
+        tokens = ours.encode_image_tokens(images, dense="tokens")
+        maskclip = ours.encode_image_tokens(images, dense="maskclip")
+    assert (tokens[:, 1:] - maskclip[:, 1:]).abs().max() > 1e-2
