@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import socket
 from pathlib import Path
 
@@ -39,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
-        from clip_pacl.web.app import create_app
+        from clip_pacl.web.app import create_app, is_loopback
     except ImportError:
         raise MissingDependencyError("fastapi and uvicorn", "web", "clip-pacl serve") from None
     from clip_pacl.retrieval.index import ImageIndex
@@ -64,8 +63,8 @@ def run(args: argparse.Namespace) -> int:
         model = clip_pacl.load(args.model, device=device).eval()
     model_name = args.model or index.meta.get("model", "")
     service = WebService(model, index, model_name=str(model_name), index_name=str(args.index or ""))
-    app = create_app(service, max_upload_bytes=round(args.max_upload_mb * 2**20))
-    if not _is_loopback(args.host):
+    app = create_app(service, max_upload_bytes=round(args.max_upload_mb * 2**20), host=args.host)
+    if not is_loopback(args.host):
         log(f"warning: listening on {args.host}: anyone who can reach this machine can use the model and see "
             f"the indexed images")
     log(f"serving {model_name}" + (f" with {len(index)} indexed images" if index is not None else "")
@@ -87,15 +86,6 @@ def _check_can_listen(host: str, port: int) -> None:
             pass
     except OSError as e:
         raise ValueError(f"cannot listen on {host}:{port} ({e.strerror or e})") from None
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _url_host(host: str) -> str:
