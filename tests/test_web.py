@@ -11,10 +11,6 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
-import threading
-import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -36,29 +32,10 @@ from clip_pacl.segmentation.predict import segment  # noqa: E402
 from clip_pacl.transforms import image_transform  # noqa: E402
 from clip_pacl.web import WebService, create_app  # noqa: E402
 from clip_pacl.zeroshot.classifier import build_classifier, class_probabilities  # noqa: E402
+from webserver import post, running, serve_process  # noqa: E402
 
 UPLOAD_CAP = 64 * 1024
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
-
-
-@contextmanager
-def running(app):
-    """A real uvicorn server for `app` on 127.0.0.1 and a free port, in a background thread."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
 
 
 @pytest.fixture(scope="module")
@@ -75,11 +52,6 @@ def setup(tmp_path_factory):
     with running(create_app(WebService(model, index, "tiny-test", "idx"), max_upload_bytes=UPLOAD_CAP)) as url, \
             running(create_app(WebService(model, None, "tiny-test"))) as bare_url:
         yield {"root": root, "model": model, "index": index, "url": url, "bare_url": bare_url}
-
-
-def post(url: str, headers: dict | None = None, **kwargs) -> httpx.Response:
-    """A POST as the page sends it (with the header the server requires of every POST)."""
-    return httpx.post(url, headers={"X-Requested-With": "clip-pacl", **(headers or {})}, **kwargs)
 
 
 def png_bytes(path: Path) -> bytes:
@@ -340,24 +312,9 @@ def test_cli_errors_are_one_line(setup, tmp_path, capsys):
 
 def test_cli_serve_runs_a_server(setup):
     """The real command: loads the model named in the index, honours --max-upload-mb, answers on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     root = setup["root"]
-    proc = subprocess.Popen([sys.executable, "-m", "clip_pacl.cli.main", "serve", "--index", str(root / "idx"),
-                             "--port", str(port), "--max-upload-mb", "0.01"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stderr.read().decode()
-            assert time.monotonic() < deadline, "clip-pacl serve did not come up"
-            try:
-                health = httpx.get(f"{url}/api/health", timeout=5).json()
-                break
-            except httpx.TransportError:
-                time.sleep(0.2)
+    with serve_process("--index", str(root / "idx"), "--max-upload-mb", "0.01") as (url, _):
+        health = httpx.get(f"{url}/api/health").json()
         assert health["index"]["count"] == 8 and health["model"] == "model"
         assert health["max_upload_mb"] == 0.01
         results = httpx.get(f"{url}/api/search", params={"q": "a red circle", "k": 3}).json()["results"]
@@ -366,10 +323,6 @@ def test_cli_serve_runs_a_server(setup):
         response = post(f"{url}/api/classify", files={"image": ("x.bin", os.urandom(20_000))},
                               data={"labels": "a,b"})
         assert response.status_code == 413
-    finally:
-        proc.terminate()
-        proc.wait(30)
-        proc.stderr.close()
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")

@@ -43,6 +43,9 @@ MAX_K = 100
 # Uploads are small files that may still decode to huge images (a 10 MB PNG of one colour can be 30k x 30k).
 MAX_UPLOAD_PIXELS = 40_000_000
 THUMBNAIL_SIDE = 256
+# Segmentation works on the upload shrunk to this longer side: the patch grid is far coarser anyway, and it
+# bounds the label map, the overlay and its PNG whatever the upload's size.
+MAX_SEGMENT_SIDE = 1024
 THUMBNAIL_CACHE = 512
 CLASSIFIER_CACHE = 32
 
@@ -203,13 +206,15 @@ class WebService:
     # ------------------------------------------------------------------------------------------ segment
     def segment(self, image: Image.Image, labels: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES,
                 method: str | None = None, background_threshold: float | None = None) -> dict[str, Any]:
-        """Per-label pixel fractions and a PNG overlay (data URL) with a legend, as `clip-pacl segment` draws."""
+        """Per-label pixel fractions and a PNG overlay (data URL) with a legend, as `clip-pacl segment` draws,
+        on the image shrunk to MAX_SEGMENT_SIDE (`size` is the upload's own)."""
         method = method or default_method(self.model)
+        work = _shrunk(image, MAX_SEGMENT_SIDE)
         with self._inference, torch.inference_mode():
-            result = segment(self.model, image, labels, templates=templates,
-                             background_threshold=background_threshold, method=method)
+            result = segment(self.model, work, labels, templates=templates,
+                             background_threshold=background_threshold, method=method, keep_scores=False)
         fractions = result.fractions()
-        overlay = overlay_image(image, result.label_map, labels, fractions)
+        overlay = overlay_image(work, result.label_map, labels, fractions)
         return {"method": method, "size": [image.width, image.height], "fractions": fractions,
                 "unassigned": float((result.label_map == NO_CLASS).mean()), "overlay": png_data_url(overlay)}
 
@@ -241,6 +246,15 @@ def parse_image_id(text: str) -> int:
     if not _DIGITS.fullmatch(text):
         raise NotFound(f"'{text[:40]}' is not an indexed image id")
     return int(text)
+
+
+def _shrunk(image: Image.Image, side: int) -> Image.Image:
+    """The image with its longer side at most `side` (aspect kept); the image itself when it already fits."""
+    scale = side / max(image.size)
+    if scale >= 1:
+        return image
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    return image.resize(size, Image.BICUBIC, reducing_gap=2.0)
 
 
 def _jpeg_thumbnail(path: Path, image_id: int) -> bytes:
