@@ -47,6 +47,21 @@ def png_of(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
+def bad_exif_jpeg() -> bytes:
+    """A readable JPEG whose EXIF block has a broken TIFF header (getexif() raises SyntaxError on it)."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 30), (10, 100, 200)).save(buffer, "JPEG", exif=b"Exif\0\0MM\0\xe5\0\0\0\x08" + bytes(20))
+    return buffer.getvalue()
+
+
+def test_a_malformed_exif_block_costs_nothing_downstream():
+    """The pixels are good: the image loads upright, and the transform does not parse the EXIF again."""
+    from clip_pacl.transforms import image_transform
+
+    image = decode_image_bytes(bad_exif_jpeg(), "x.jpg")
+    assert image.size == (40, 30) and image_transform(64)(image).shape == (3, 64, 64)
+
+
 def crafted() -> dict[str, tuple[bytes, str]]:
     """name -> (file bytes, what the one-line error says)."""
     good = png_of(Image.new("RGB", (32, 32), (200, 30, 30)))
@@ -185,6 +200,12 @@ def test_crafted_uploads_are_400_with_one_line(servers, endpoint, form):
         assert response.status_code == 400, (name, response.status_code, response.text[:300])
         error = response.json()["error"]
         assert message in error and "\n" not in error, (name, error)
+
+
+@pytest.mark.parametrize("endpoint, form", ENDPOINTS)
+def test_an_image_with_broken_exif_is_answered(servers, endpoint, form):
+    response = post(servers["loopback"] + endpoint, data=form, files={"image": ("x.jpg", bad_exif_jpeg())})
+    assert response.status_code == 200, response.text[:300]
 
 
 def test_large_segment_upload_is_shrunk_for_the_overlay(servers):

@@ -63,7 +63,7 @@ def _decode(src: Path | IO[bytes], name: str, max_pixels: int) -> Image.Image:
         with Image.open(src, formats=SUPPORTED_FORMATS) as img:  # reads the header only
             check_image_size(*img.size, name, max_pixels)
             img.load()
-            return _to_rgb(_upright(img))
+            rgb = _to_rgb(_upright(img))
     except DataError:
         raise
     except UnidentifiedImageError:
@@ -74,6 +74,10 @@ def _decode(src: Path | IO[bytes], name: str, max_pixels: int) -> Image.Image:
     except Exception as e:  # noqa: BLE001 - see above; the message names the exception's type
         detail = " ".join(str(e).split())
         raise DataError(f"image {name} is corrupt or truncated ({type(e).__name__}: {detail[:200]})") from None
+    # The pixels are upright RGB now: drop the metadata, so that no later step turns the image again or
+    # parses a malformed EXIF block (getexif() raises SyntaxError, struct.error, ... on one).
+    rgb.info.clear()
+    return rgb
 
 
 def _upright(img: Image.Image) -> Image.Image:
