@@ -31,6 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     parser.add_argument("--max-upload-mb", type=float, default=10.0, metavar="MB",
                         help="refuse uploaded request bodies larger than this (413)")
+    parser.add_argument("--force", action="store_true",
+                        help="serve --index even when --model's weights or preprocessing differ from those that "
+                             "built it")
     add_device_flag(parser)
 
 
@@ -55,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     index = ImageIndex.load(args.index) if args.index is not None else None
     device = resolve_device(args.device)
     if index is not None:
-        model = load_index_model(index, args.model, device=device)
+        model = load_index_model(index, args.model, device=device, force=args.force)
         recorded = index.meta.get("model")
         if args.model is not None and recorded and _source(args.model) != recorded:
             log(f"warning: the index was built with {recorded}; searching it with {args.model}")
