@@ -11,10 +11,6 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
-import threading
-import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -38,29 +34,10 @@ from clip_pacl.segmentation.predict import segment  # noqa: E402
 from clip_pacl.transforms import image_transform  # noqa: E402
 from clip_pacl.web import WebService, create_app  # noqa: E402
 from clip_pacl.zeroshot.classifier import build_classifier, class_probabilities  # noqa: E402
+from webserver import post, running, serve_process  # noqa: E402
 
 UPLOAD_CAP = 64 * 1024
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
-
-
-@contextmanager
-def running(app):
-    """A real uvicorn server for `app` on 127.0.0.1 and a free port, in a background thread."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
 
 
 @pytest.fixture(scope="module")
@@ -115,10 +92,11 @@ def test_search_by_text_matches_the_library(setup):
     assert response.status_code == 200
     results = response.json()["results"]
     expected = search_text(index, model, "a red circle", 5)[0]
-    assert [r["path"] for r in results] == [h.path for h in expected]
+    assert [r["path"] for r in results] == [Path(h.path).name for h in expected]  # relative to the indexed folder
+    assert str(setup["root"]) not in response.text  # no absolute path of the server's files
     np.testing.assert_allclose([r["score"] for r in results], [h.score for h in expected], atol=1e-6)
     for r in results:
-        assert r["thumbnail"] == f"/thumb/{r['id']}" and index.paths[r["id"]] == r["path"]
+        assert r["thumbnail"] == f"/thumb/{r['id']}" and Path(index.paths[r["id"]]).name == r["path"]
     many = httpx.get(f"{setup['url']}/api/search", params={"q": "shapes", "k": 50}).json()["results"]
     assert len(many) == 8  # k is capped at the index size
 
@@ -136,18 +114,18 @@ def test_thumbnail_is_the_indexed_image_of_that_id(setup):
 
 def test_search_by_image_finds_the_image_itself(setup):
     path = first_image(setup)
-    response = httpx.post(f"{setup['url']}/api/search", files={"image": ("q.png", png_bytes(path), "image/png")},
+    response = post(f"{setup['url']}/api/search", files={"image": ("q.png", png_bytes(path), "image/png")},
                           data={"k": "3"})
     assert response.status_code == 200
     results = response.json()["results"]
-    assert len(results) == 3 and results[0]["path"] == str(path) and results[0]["score"] == pytest.approx(1, abs=1e-4)
+    assert len(results) == 3 and results[0]["path"] == path.name and results[0]["score"] == pytest.approx(1, abs=1e-4)
     assert results[0]["score"] >= results[1]["score"] >= results[2]["score"]
 
 
 def test_classify_matches_the_library(setup):
     model, path = setup["model"], first_image(setup)
     labels = ["red circle", "blue square", "green triangle"]
-    response = httpx.post(f"{setup['url']}/api/classify", files={"image": ("x.png", png_bytes(path), "image/png")},
+    response = post(f"{setup['url']}/api/classify", files={"image": ("x.png", png_bytes(path), "image/png")},
                           data={"labels": " red circle, blue square,green triangle ", "templates": "a photo of a {}."})
     assert response.status_code == 200
     body = response.json()
@@ -157,7 +135,7 @@ def test_classify_matches_the_library(setup):
     got = {p["label"]: p["probability"] for p in body["predictions"]}
     assert got == pytest.approx(dict(zip(labels, probs.tolist())), abs=1e-5)
     assert [p["probability"] for p in body["predictions"]] == sorted(got.values(), reverse=True)
-    default = httpx.post(f"{setup['url']}/api/classify", files={"image": ("x.png", png_bytes(path), "image/png")},
+    default = post(f"{setup['url']}/api/classify", files={"image": ("x.png", png_bytes(path), "image/png")},
                          data={"labels": "cat,dog"}).json()
     assert default["num_templates"] == 80 and sum(p["probability"] for p in default["predictions"]) == pytest.approx(1)
 
@@ -166,7 +144,7 @@ def test_segment_matches_the_library_and_draws_an_overlay(setup):
     model, path = setup["model"], first_image(setup)
     labels = ["background", "circle", "square"]
     for method in ("patch", "maskclip"):
-        response = httpx.post(f"{setup['url']}/api/segment", files={"image": ("x.png", png_bytes(path), "image/png")},
+        response = post(f"{setup['url']}/api/segment", files={"image": ("x.png", png_bytes(path), "image/png")},
                               data={"labels": ",".join(labels), "method": method})
         assert response.status_code == 200, response.text
         body = response.json()
@@ -177,7 +155,7 @@ def test_segment_matches_the_library_and_draws_an_overlay(setup):
         assert body["overlay"].startswith("data:image/png;base64,")
         overlay = Image.open(io.BytesIO(base64.b64decode(body["overlay"].split(",", 1)[1])))
         assert overlay.format == "PNG" and overlay.width > overlay.height >= 256  # enlarged, legend on the right
-    thresholded = httpx.post(f"{setup['url']}/api/segment", files={"image": ("x.png", png_bytes(path), "image/png")},
+    thresholded = post(f"{setup['url']}/api/segment", files={"image": ("x.png", png_bytes(path), "image/png")},
                              data={"labels": "circle,square", "background_threshold": "2"}).json()
     assert thresholded["unassigned"] == 1.0  # cosine never reaches 2: every pixel is left unassigned
 
@@ -188,7 +166,7 @@ def test_segment_matches_the_library_and_draws_an_overlay(setup):
     ("/api/search", {}, "not an image"),
 ])
 def test_non_image_upload_is_400(setup, endpoint, data, message):
-    response = httpx.post(f"{setup['url']}{endpoint}", data=data,
+    response = post(f"{setup['url']}{endpoint}", data=data,
                           files={"image": ("evil.png", b"#!/bin/sh\necho not a picture\n", "image/png")})
     assert response.status_code == 400
     error = response.json()["error"]
@@ -207,9 +185,9 @@ def test_bad_form_fields_are_400(setup):
         ("/api/search", {"k": "0"}, "k must be between 1 and 100"),
     ]
     for endpoint, data, message in cases:
-        response = httpx.post(f"{url}{endpoint}", data=data, files={"image": ("x.png", png, "image/png")})
+        response = post(f"{url}{endpoint}", data=data, files={"image": ("x.png", png, "image/png")})
         assert response.status_code == 400 and message in response.json()["error"], (endpoint, data, response.text)
-    no_file = httpx.post(f"{url}/api/classify", data={"labels": "a,b"})
+    no_file = post(f"{url}/api/classify", data={"labels": "a,b"})
     assert no_file.status_code == 400 and no_file.json()["error"] == "missing field 'image'"
     for params, message in [({"q": "  "}, "empty"), ({"q": "x", "k": "lots"}, "k:"), ({}, "missing field 'q'")]:
         response = httpx.get(f"{url}/api/search", params=params)
@@ -219,10 +197,10 @@ def test_bad_form_fields_are_400(setup):
 def test_labels_and_templates_are_never_read_as_files(setup, tmp_path):
     secret = tmp_path / "secret.txt"
     secret.write_text("top-secret-label\n")
-    response = httpx.post(f"{setup['url']}/api/classify", files={"image": ("x.png", png_bytes(first_image(setup)))},
+    response = post(f"{setup['url']}/api/classify", files={"image": ("x.png", png_bytes(first_image(setup)))},
                           data={"labels": f"{secret},dog", "templates": str(secret)})
     assert response.status_code == 400 and "top-secret" not in response.text  # the path is a template with no slot
-    response = httpx.post(f"{setup['url']}/api/classify", files={"image": ("x.png", png_bytes(first_image(setup)))},
+    response = post(f"{setup['url']}/api/classify", files={"image": ("x.png", png_bytes(first_image(setup)))},
                           data={"labels": f"{secret},dog", "templates": "simple"})
     assert response.status_code == 200 and "top-secret" not in response.text
     assert {p["label"] for p in response.json()["predictions"]} == {str(secret), "dog"}
@@ -231,7 +209,7 @@ def test_labels_and_templates_are_never_read_as_files(setup, tmp_path):
 def test_uploads_over_the_cap_are_413(setup):
     url = setup["url"]
     big = os.urandom(UPLOAD_CAP + 10_000)
-    response = httpx.post(f"{url}/api/classify", files={"image": ("big.png", big, "image/png")}, data={"labels": "a,b"})
+    response = post(f"{url}/api/classify", files={"image": ("big.png", big, "image/png")}, data={"labels": "a,b"})
     assert response.status_code == 413 and "limit of 0.0625 MB" in response.json()["error"]
 
     boundary = "clippaclboundary"
@@ -242,7 +220,7 @@ def test_uploads_over_the_cap_are_413(setup):
         for start in range(0, len(body), 8192):
             yield body[start:start + 8192]
 
-    response = httpx.post(f"{url}/api/search", content=chunks(),
+    response = post(f"{url}/api/search", content=chunks(),
                           headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
     assert response.status_code == 413 and "error" in response.json()
     assert httpx.get(f"{url}/api/health").status_code == 200  # and the server carries on
@@ -288,12 +266,12 @@ def test_without_index_search_is_404_but_classify_works(setup):
     url, png = setup["bare_url"], png_bytes(first_image(setup))
     response = httpx.get(f"{url}/api/search", params={"q": "a red circle"})
     assert response.status_code == 404 and "--index" in response.json()["error"]
-    response = httpx.post(f"{url}/api/search", files={"image": ("x.png", png, "image/png")})
+    response = post(f"{url}/api/search", files={"image": ("x.png", png, "image/png")})
     assert response.status_code == 404 and "--index" in response.json()["error"]
     assert httpx.get(f"{url}/thumb/0").status_code == 404
-    response = httpx.post(f"{url}/api/classify", files={"image": ("x.png", png)}, data={"labels": "a,b"})
+    response = post(f"{url}/api/classify", files={"image": ("x.png", png)}, data={"labels": "a,b"})
     assert response.status_code == 200 and len(response.json()["predictions"]) == 2
-    response = httpx.post(f"{url}/api/segment", files={"image": ("x.png", png)}, data={"labels": "a,b"})
+    response = post(f"{url}/api/segment", files={"image": ("x.png", png)}, data={"labels": "a,b"})
     assert response.status_code == 200 and set(response.json()["fractions"]) == {"a", "b"}
 
 
@@ -336,36 +314,17 @@ def test_cli_errors_are_one_line(setup, tmp_path, capsys):
 
 def test_cli_serve_runs_a_server(setup):
     """The real command: loads the model named in the index, honours --max-upload-mb, answers on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     root = setup["root"]
-    proc = subprocess.Popen([sys.executable, "-m", "clip_pacl.cli.main", "serve", "--index", str(root / "idx"),
-                             "--port", str(port), "--max-upload-mb", "0.01"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stderr.read().decode()
-            assert time.monotonic() < deadline, "clip-pacl serve did not come up"
-            try:
-                health = httpx.get(f"{url}/api/health", timeout=5).json()
-                break
-            except httpx.TransportError:
-                time.sleep(0.2)
-        assert health["index"]["count"] == 8 and health["model"] == str((root / "model").resolve())
+    with serve_process("--index", str(root / "idx"), "--max-upload-mb", "0.01") as (url, _):
+        health = httpx.get(f"{url}/api/health").json()
+        assert health["index"]["count"] == 8 and health["model"] == "model"
         assert health["max_upload_mb"] == 0.01
         results = httpx.get(f"{url}/api/search", params={"q": "a red circle", "k": 3}).json()["results"]
         expected = search_text(setup["index"], setup["model"], "a red circle", 3)[0]
-        assert [r["path"] for r in results] == [h.path for h in expected]  # the same weights, reloaded
-        response = httpx.post(f"{url}/api/classify", files={"image": ("x.bin", os.urandom(20_000))},
+        assert [r["path"] for r in results] == [Path(h.path).name for h in expected]  # the same weights, reloaded
+        response = post(f"{url}/api/classify", files={"image": ("x.bin", os.urandom(20_000))},
                               data={"labels": "a,b"})
         assert response.status_code == 413
-    finally:
-        proc.terminate()
-        proc.wait(30)
-        proc.stderr.close()
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")

@@ -14,8 +14,10 @@ GROUP_HELP = "image index commands"
 HELP = "embed images into an index for `clip-pacl search` and `clip-pacl serve`"
 DESCRIPTION = (
     "Embed every image under a folder (recursively), or every image of a CSV/TSV/JSONL file's image "
-    "column, and write IDX/embeddings.npy (float32, normalised), IDX/paths.jsonl and IDX/meta.json. "
-    "Unreadable images are skipped and counted."
+    "column, and write IDX/embeddings.npy (float32, normalised), IDX/paths.jsonl and IDX/meta.json "
+    "(with a fingerprint of the weights and preprocessing, which queries must match). Unreadable images are "
+    "skipped and counted. The index is written beside IDX and renamed into place: an existing index is "
+    "replaced whole or not at all."
 )
 ORDER = 50
 
@@ -36,7 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     paths = image_paths(args.images, args.image_key)
     model = clip_pacl.load(args.model, device=resolve_device(args.device))
-    index, unreadable = build_index(model, paths, args.batch_size, args.workers, model_source=args.model)
+    images = {"source": str(args.images.resolve()), "image_key": args.image_key}
+    index, unreadable = build_index(model, paths, args.batch_size, args.workers, model_source=args.model,
+                                    images=images)
     index.save(args.out)
     if not index.meta["model_has_weights"]:
         log(f"warning: '{args.model}' is randomly initialised; searching {args.out} will need --model")

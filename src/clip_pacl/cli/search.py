@@ -29,6 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--faiss", action="store_true",
                         help="search with faiss (exact inner product; needs clip-pacl[faiss]); by default faiss "
                              "is used only for large indexes and when installed")
+    parser.add_argument("--force", action="store_true",
+                        help="search even when --model's weights or preprocessing differ from those that built "
+                             "the index (the scores then compare unlike embeddings)")
     add_device_flag(parser)
     add_json_flag(parser)
 
@@ -40,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"-k must be at least 1, got {args.k}")
     index = ImageIndex.load(args.index)
     image = load_image(args.image) if args.image is not None else None  # a bad path fails before the model loads
-    model = load_index_model(index, args.model, device=resolve_device(args.device))
+    model = load_index_model(index, args.model, device=resolve_device(args.device), force=args.force)
     backend = "faiss" if args.faiss else "auto"
     if image is None:
         hits = search_text(index, model, args.query, args.k, backend)[0]

@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"output folder {path.parent} does not exist")
     model = clip_pacl.load(args.model, device=resolve_device(args.device)).eval()
     result = segment(model, image, class_names, templates=templates, background_threshold=args.background_threshold,
-                     sliding_window=args.sliding_window, method=args.method)
+                     sliding_window=args.sliding_window, method=args.method, keep_scores=False)
     mask_image(result.label_map).save(args.out)
     fractions = result.fractions()
     if args.overlay is not None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import socket
 from pathlib import Path
 
@@ -32,6 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     parser.add_argument("--max-upload-mb", type=float, default=10.0, metavar="MB",
                         help="refuse uploaded request bodies larger than this (413)")
+    parser.add_argument("--force", action="store_true",
+                        help="serve --index even when --model's weights or preprocessing differ from those that "
+                             "built it")
     add_device_flag(parser)
 
 
@@ -39,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
-        from clip_pacl.web.app import create_app
+        from clip_pacl.web.app import create_app, is_loopback
     except ImportError:
         raise MissingDependencyError("fastapi and uvicorn", "web", "clip-pacl serve") from None
     from clip_pacl.retrieval.index import ImageIndex
@@ -56,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     index = ImageIndex.load(args.index) if args.index is not None else None
     device = resolve_device(args.device)
     if index is not None:
-        model = load_index_model(index, args.model, device=device)
+        model = load_index_model(index, args.model, device=device, force=args.force)
         recorded = index.meta.get("model")
         if args.model is not None and recorded and _source(args.model) != recorded:
             log(f"warning: the index was built with {recorded}; searching it with {args.model}")
@@ -64,8 +66,8 @@ def run(args: argparse.Namespace) -> int:
         model = clip_pacl.load(args.model, device=device).eval()
     model_name = args.model or index.meta.get("model", "")
     service = WebService(model, index, model_name=str(model_name), index_name=str(args.index or ""))
-    app = create_app(service, max_upload_bytes=round(args.max_upload_mb * 2**20))
-    if not _is_loopback(args.host):
+    app = create_app(service, max_upload_bytes=round(args.max_upload_mb * 2**20), host=args.host)
+    if not is_loopback(args.host):
         log(f"warning: listening on {args.host}: anyone who can reach this machine can use the model and see "
             f"the indexed images")
     log(f"serving {model_name}" + (f" with {len(index)} indexed images" if index is not None else "")
@@ -87,15 +89,6 @@ def _check_can_listen(host: str, port: int) -> None:
             pass
     except OSError as e:
         raise ValueError(f"cannot listen on {host}:{port} ({e.strerror or e})") from None
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _url_host(host: str) -> str:

@@ -1,4 +1,11 @@
-"""Opening images: one place that turns every way a file can be broken into a one-sentence DataError."""
+"""Opening images: one place that turns every way a file can be broken into a one-sentence DataError.
+
+Images come from users (folders, shards, browser uploads), so decoding is defended here, before any large
+allocation: only the formats the project supports are parsed (never EPS/PostScript, which Pillow would hand
+to Ghostscript), and the size the header declares is checked against a pixel budget and an aspect-ratio
+bound. The aspect bound matters as much as the pixel count: the transforms resize the *shorter* side to
+the model's input size, so a 1,000,000 x 1 PNG of 3 KB would ask for a resize of hundreds of gigabytes.
+"""
 
 from __future__ import annotations
 
@@ -12,35 +19,65 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from clip_pacl.errors import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+# The decoders Pillow may use (matched to IMAGE_EXTENSIONS); anything else is "not an image".
+SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+# Pillow's own warning threshold (about 89 MP, 268 MB as RGB); uploads to the server have a smaller budget.
+MAX_IMAGE_PIXELS = 89_478_485
+# Longer side over shorter side. Panoramas are about 4-10; beyond this the shorter-side resize explodes.
+MAX_ASPECT_RATIO = 20
 
 
-def load_image(path: str | Path) -> Image.Image:
+def load_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
     """Decode an image fully, upright, as RGB, so that truncation is caught here and not inside a transform."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"image {path} does not exist")
     if path.is_dir():
         raise DataError(f"image {path} is a directory, not an image file")
-    return _decode(path, str(path))
+    return _decode(path, str(path), max_pixels)
 
 
-def decode_image_bytes(data: bytes, name: str) -> Image.Image:
-    """Like load_image, for bytes already in memory (webdataset shards); `name` appears in the error."""
-    return _decode(io.BytesIO(data), name)
+def decode_image_bytes(data: bytes, name: str, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Like load_image, for bytes already in memory (shards, uploads); `name` appears in the error."""
+    if not data:
+        raise DataError(f"{name} is empty")
+    return _decode(io.BytesIO(data), name, max_pixels)
 
 
-def _decode(src: Path | IO[bytes], name: str) -> Image.Image:
+def check_image_size(width: int, height: int, name: str, max_pixels: int = MAX_IMAGE_PIXELS) -> None:
+    """Refuse sizes whose decode or shorter-side resize would need more memory than a sane image does."""
+    if width < 1 or height < 1:
+        raise DataError(f"image {name} is {width}x{height}: it has no pixels")
+    if width * height > max_pixels:
+        raise DataError(f"image {name} is {width}x{height}, more than the {max_pixels / 1e6:.0f} megapixels "
+                        f"accepted")
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise DataError(f"image {name} is {width}x{height}; images more than {MAX_ASPECT_RATIO} times wider "
+                        f"than tall (or taller than wide) are not accepted")
+
+
+def _decode(src: Path | IO[bytes], name: str, max_pixels: int) -> Image.Image:
+    # A decoder fed hostile bytes can raise nearly anything (struct.error, EOFError, IndexError, SyntaxError,
+    # DecompressionBombError, MemoryError, ...): all of them mean "this file is not an image we can read".
     try:
-        with Image.open(src) as img:
+        with Image.open(src, formats=SUPPORTED_FORMATS) as img:  # reads the header only
+            check_image_size(*img.size, name, max_pixels)
             img.load()
-            return _to_rgb(_upright(img))
+            rgb = _to_rgb(_upright(img))
+    except DataError:
+        raise
     except UnidentifiedImageError:
-        raise DataError(f"{name} is not an image file Pillow can read") from None
-    except Image.DecompressionBombError:
-        raise DataError(f"image {name} has more pixels than Pillow decodes safely (PIL.Image.MAX_IMAGE_PIXELS)") \
+        raise DataError(f"{name} is not an image file in a supported format ({', '.join(SUPPORTED_FORMATS)})") \
             from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise DataError(f"image {name} is corrupt or truncated ({' '.join(str(e).split())})") from None
+    except Image.DecompressionBombError as e:  # raised by open() itself, before any pixel is decoded
+        raise DataError(f"image {name} declares more pixels than accepted ({' '.join(str(e).split())})") from None
+    except Exception as e:  # noqa: BLE001 - see above; the message names the exception's type
+        detail = " ".join(str(e).split())
+        raise DataError(f"image {name} is corrupt or truncated ({type(e).__name__}: {detail[:200]})") from None
+    # The pixels are upright RGB now: drop the metadata, so that no later step turns the image again or
+    # parses a malformed EXIF block (getexif() raises SyntaxError, struct.error, ... on one).
+    rgb.info.clear()
+    return rgb
 
 
 def _upright(img: Image.Image) -> Image.Image:

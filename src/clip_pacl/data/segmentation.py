@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from clip_pacl.data import IMAGE_EXTENSIONS, load_image
+from clip_pacl.data.images import SUPPORTED_FORMATS
 from clip_pacl.errors import DataError
 
 IGNORE_INDEX = 255
@@ -126,13 +127,13 @@ class SegmentationDataset:
 def load_mask(path: Path, reduce_zero_label: bool = False) -> np.ndarray:
     """A label PNG as (H, W) int64; palette PNGs (VOC) keep their indices. `reduce_zero_label`: 0 -> 255, k -> k-1."""
     try:
-        with Image.open(path) as img:
+        with Image.open(path, formats=SUPPORTED_FORMATS) as img:
             if img.mode not in ("L", "P", "I", "I;16"):
                 raise DataError(f"mask {path} has mode {img.mode}; expected a single-channel label image")
             mask = np.asarray(img, dtype=np.int64)
     except DataError:
         raise
-    except (OSError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - any decoder error on a bad file (see data/images.py)
         raise DataError(f"mask {path} cannot be read ({' '.join(str(e).split())})") from None
     if reduce_zero_label:
         mask = np.where(mask == 0, IGNORE_INDEX, mask - 1)

@@ -4,9 +4,14 @@ Layout of an index directory (plain formats, so numpy or any other tool can read
 
 ```
 IDX/embeddings.npy   float32 (N, D), L2-normalised rows
-IDX/paths.jsonl      one {"path": "/absolute/path"} per row, in the same order
-IDX/meta.json        model source, embed dim, count, creation time, ...
+IDX/paths.jsonl      one {"path": "/absolute/path", "size": bytes, "mtime_ns": ns} per row, in the same order
+IDX/meta.json        model source, weights fingerprint, preprocessing, image source, embed dim, count, ...
 ```
+
+Saving is atomic: the files are written and fsynced in a temporary directory beside IDX, which then
+replaces IDX by rename (the old IDX is moved aside to `.IDX.old` first and removed last). A kill at any
+moment leaves the old index or the new one: when it falls between the two renames, `load` reads the
+moved-aside old index and the next save puts it back first.
 
 Search is an exact matrix product in torch; faiss (`pip install 'clip-pacl[faiss]'`) does the same
 exact inner-product search faster on large indexes, and is used when asked or when the index is large.
@@ -14,7 +19,10 @@ exact inner-product search faster on large indexes, and is used when asked or wh
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -30,11 +38,13 @@ from clip_pacl.data.images import IMAGE_EXTENSIONS
 from clip_pacl.data.tables import read_records, require_columns, resolve_image, table_format
 from clip_pacl.encode import encode_images
 from clip_pacl.errors import CheckpointError, DataError, MissingDependencyError
+from clip_pacl.preprocess import model_transform
+from clip_pacl.transforms import ImageTransform
 
 EMBEDDINGS_NAME = "embeddings.npy"
 PATHS_NAME = "paths.jsonl"
 META_NAME = "meta.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 # Above this many images `backend="auto"` uses faiss when it is installed.
 FAISS_AUTO_THRESHOLD = 200_000
 
@@ -51,11 +61,14 @@ class ImageIndex:
     embeddings: torch.Tensor  # (N, D) float32, L2-normalised
     paths: list[str]
     meta: dict[str, Any] = field(default_factory=dict)
+    stats: list[dict[str, int]] | None = None  # per row {"size", "mtime_ns"} when built: what `update` compares
     _faiss_index: Any = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.embeddings.ndim != 2 or len(self.embeddings) != len(self.paths):
             raise DataError(f"index has {tuple(self.embeddings.shape)} embeddings for {len(self.paths)} paths")
+        if self.stats is not None and len(self.stats) != len(self.paths):
+            raise DataError(f"index has {len(self.stats)} file stats for {len(self.paths)} paths")
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -65,31 +78,77 @@ class ImageIndex:
         return self.embeddings.shape[1]
 
     def save(self, out_dir: str | Path) -> Path:
-        """Write the three files of the index directory (replacing an index already there)."""
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        np.save(out / EMBEDDINGS_NAME, self.embeddings.float().numpy())
-        with open(out / PATHS_NAME, "w", encoding="utf-8") as f:
-            for path in self.paths:
-                f.write(json.dumps({"path": path}, ensure_ascii=False) + "\n")
-        (out / META_NAME).write_text(json.dumps(self.meta, indent=2) + "\n")
+        """Write the index directory atomically, replacing an index already there (module docstring)."""
+        out = Path(out_dir).absolute()
+        if out.exists() and not out.is_dir():
+            raise DataError(f"{out} exists and is not a directory")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        aside = _aside(out)
+        if aside.exists() and not out.exists():  # a save was killed between its two renames: undo the first
+            os.replace(aside, out)
+        for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by a killed save
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+        tmp.mkdir()
+        try:
+            self._write(tmp)
+            _fsync(tmp)
+            if out.exists():
+                contents = [p.name for p in out.iterdir()]
+                if contents and (META_NAME not in contents or set(contents) - set(INDEX_FILES)):
+                    raise DataError(f"{out} exists and is not an image index (it holds other files); "
+                                    f"choose another --out")
+                shutil.rmtree(aside, ignore_errors=True)
+                os.replace(out, aside)
+            os.replace(tmp, out)
+            _fsync(out.parent)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        shutil.rmtree(aside, ignore_errors=True)
         return out
+
+    def _write(self, folder: Path) -> None:
+        with open(folder / EMBEDDINGS_NAME, "wb") as f:
+            np.save(f, self.embeddings.float().numpy())
+            _flush(f)
+        with open(folder / PATHS_NAME, "w", encoding="utf-8") as f:
+            for i, path in enumerate(self.paths):
+                f.write(json.dumps({"path": path, **(self.stats[i] if self.stats else {})}, ensure_ascii=False) + "\n")
+            _flush(f)
+        with open(folder / META_NAME, "w", encoding="utf-8") as f:
+            f.write(json.dumps(self.meta, indent=2) + "\n")
+            _flush(f)
 
     @classmethod
     def load(cls, index_dir: str | Path) -> ImageIndex:
         root = Path(index_dir)
-        missing = [n for n in (EMBEDDINGS_NAME, PATHS_NAME, META_NAME) if not (root / n).is_file()]
+        if not root.exists() and _aside(root.absolute()).is_dir():  # a save was killed between its renames
+            root = _aside(root.absolute())
+        missing = [n for n in INDEX_FILES if not (root / n).is_file()]
         if missing:
-            raise CheckpointError(f"{root} is not an image index (missing {', '.join(missing)}); "
+            raise CheckpointError(f"{index_dir} is not an image index (missing {', '.join(missing)}); "
                                   f"make one with `clip-pacl index build`")
         try:
             embeddings = torch.from_numpy(np.load(root / EMBEDDINGS_NAME, allow_pickle=False)).float()
             meta = json.loads((root / META_NAME).read_text())
             with open(root / PATHS_NAME, encoding="utf-8") as f:
-                paths = [json.loads(line)["path"] for line in f if line.strip()]
-        except (ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{root} is a damaged image index ({' '.join(str(e).split())})") from None
-        return cls(embeddings, paths, meta)
+                rows = [json.loads(line) for line in f if line.strip()]
+            paths = [row["path"] for row in rows]
+            stats = [{"size": row["size"], "mtime_ns": row["mtime_ns"]} for row in rows] \
+                if rows and all("size" in row for row in rows) else None
+        except (ValueError, KeyError, TypeError, EOFError, OSError) as e:
+            raise CheckpointError(f"{index_dir} is a damaged image index ({' '.join(str(e).split())[:200]})") from None
+        if not isinstance(meta, dict):
+            raise CheckpointError(f"{index_dir} is a damaged image index (meta.json is not an object)")
+        if embeddings.ndim != 2 or len(embeddings) != len(paths):
+            raise CheckpointError(f"{index_dir} is a damaged image index ({EMBEDDINGS_NAME} holds "
+                                  f"{tuple(embeddings.shape)} for {len(paths)} paths)")
+        for key, value in (("count", len(paths)), ("embed_dim", embeddings.shape[1])):
+            if key in meta and meta[key] != value:
+                raise CheckpointError(f"{index_dir} is a damaged image index (meta.json says {key} {meta[key]}, "
+                                      f"the files hold {value})")
+        return cls(embeddings, paths, meta, stats)
 
     def search(self, queries: torch.Tensor, k: int = 10, backend: str = "auto") -> list[list[SearchHit]]:
         """The k best images for each query (Q, D) (normalised here), best first, by inner product."""
@@ -135,6 +194,27 @@ class ImageIndex:
         return self._faiss_index
 
 
+INDEX_FILES = (EMBEDDINGS_NAME, PATHS_NAME, META_NAME)
+
+
+def _aside(out: Path) -> Path:
+    return out.parent / f".{out.name}.old"
+
+
+def _flush(f) -> None:
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def _fsync(folder: Path) -> None:
+    """fsync a directory, so the names in it (and renames into it) survive a power cut."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _import_faiss():
     try:
         import faiss
@@ -178,27 +258,90 @@ def build_index(
     workers: int = 0,
     model_source: str | None = None,
     progress: bool = True,
+    images: dict[str, str] | None = None,
+    reuse: ImageIndex | None = None,
 ) -> tuple[ImageIndex, list[tuple[str, str]]]:
     """Embed `paths` with `model` into an ImageIndex; returns it and the unreadable images [(path, reason)].
 
-    Duplicate paths are embedded once. `model_source` is recorded so that `search` can reload the model.
+    Duplicate paths are embedded once. `model_source` is recorded so that `search` can reload the model, and
+    `images` ({"source": folder or table, "image_key": column}) so that `update` can list the images again.
+    With `reuse` (an index of the same model), images whose size and mtime it recorded are not embedded again.
     """
     unique = list(dict.fromkeys(Path(p).resolve() for p in paths))
     if not unique:
         raise DataError("no images to index")
-    features, kept, unreadable = encode_images(model, unique, batch_size, workers, progress)  # (M, D), (M,)
-    if not len(kept):
+    stats = [_file_stat(p) for p in unique]
+    known = {} if reuse is None or reuse.stats is None else {
+        (path, stat["size"], stat["mtime_ns"]): row for row, (path, stat) in enumerate(zip(reuse.paths, reuse.stats))}
+    reused = {i: known[(str(p), st["size"], st["mtime_ns"])] for i, (p, st) in enumerate(zip(unique, stats))
+              if st is not None and (str(p), st["size"], st["mtime_ns"]) in known}
+    todo = [i for i in range(len(unique)) if i not in reused]
+    new_features, new_kept, unreadable = encode_images(model, [unique[i] for i in todo], batch_size, workers,
+                                                       progress) if todo else (None, torch.empty(0), [])
+    rows = {i: reuse.embeddings[row] for i, row in reused.items()}  # (D,) each
+    rows.update({todo[j]: new_features[n] for n, j in enumerate(new_kept.tolist())})
+    kept = sorted(rows)
+    if not kept:
         raise DataError(f"none of the {len(unique)} images could be read (e.g. {unreadable[0][0]}: {unreadable[0][1]})")
     meta = {
         "format_version": FORMAT_VERSION,
         "model": model_source_string(model_source) if model_source is not None else None,
         "model_has_weights": model_has_weights(model_source),
-        "embed_dim": int(features.shape[1]),
+        "weights": weights_fingerprint(model),
+        "preprocessing": preprocessing(model),
+        "images": images,
+        "embed_dim": int(model.embed_dim),
         "count": len(kept),
         "unreadable": len(unreadable),
+        "reused": len(reused),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    return ImageIndex(features, [str(unique[i]) for i in kept.tolist()], meta), unreadable
+    embeddings = torch.stack([rows[i] for i in kept]).float()  # (M, D)
+    return ImageIndex(embeddings, [str(unique[i]) for i in kept], meta, [stats[i] for i in kept]), unreadable
+
+
+def _file_stat(path: Path) -> dict[str, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None  # missing: counted as unreadable by the encoder
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """blake2b of every tensor of the state dict (name, dtype, shape, bytes): which weights made the embeddings."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())  # the bytes, without a copy
+    return "blake2b:" + digest.hexdigest()
+
+
+def preprocessing(model: torch.nn.Module) -> dict[str, Any]:
+    """How images were turned into pixels: a query embedded another way would not be comparable."""
+    transform = model_transform(model)
+    if isinstance(transform, ImageTransform):
+        return {"image_size": transform.image_size, "mean": [round(float(v), 8) for v in transform.mean.flatten()],
+                "std": [round(float(v), 8) for v in transform.std.flatten()],
+                "resize": "shorter side bicubic, center crop"}
+    return {"transform": repr(transform)}
+
+
+def check_model(index: ImageIndex, model: torch.nn.Module) -> None:
+    """Refuse a model whose weights or preprocessing differ from those that built the index (older indexes,
+    which recorded neither, are not checked)."""
+    for key, value in (("weights", weights_fingerprint(model)), ("preprocessing", preprocessing(model))):
+        recorded = index.meta.get(key)
+        if recorded is not None and recorded != value:
+            raise DataError(f"the index was built with other {key} than this model's ({key} {_short(recorded)} "
+                            f"vs {_short(value)}); rebuild it with `clip-pacl index build`, or pass --force to "
+                            f"search it anyway")
+
+
+def _short(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value)
+    return text[:48] + ("..." if len(text) > 48 else "")
 
 
 def model_has_weights(source: str | None) -> bool:

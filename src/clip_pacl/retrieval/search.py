@@ -12,13 +12,15 @@ from clip_pacl.data import load_image
 from clip_pacl.encode import encode_texts, model_device
 from clip_pacl.errors import DataError
 from clip_pacl.preprocess import model_transform
-from clip_pacl.retrieval.index import ImageIndex, SearchHit
+from clip_pacl.retrieval.index import ImageIndex, SearchHit, check_model
 
 
 def load_index_model(
-    index: ImageIndex, model: str | Path | None = None, device: str | torch.device | None = None
+    index: ImageIndex, model: str | Path | None = None, device: str | torch.device | None = None,
+    force: bool = False,
 ) -> torch.nn.Module:
-    """The model recorded in the index's meta.json, or `model` when given; checked against the index's dim.
+    """The model recorded in the index's meta.json, or `model` when given; checked against the index's dim
+    and (unless `force`) against the weights and preprocessing that built it.
 
     An index built from a preset (random weights) cannot be searched by reloading the preset, which would
     draw new random weights: that case asks for `--model`.
@@ -33,6 +35,8 @@ def load_index_model(
     if loaded.embed_dim != index.embed_dim:
         raise DataError(f"model '{source}' embeds into {loaded.embed_dim} dimensions but the index holds "
                         f"{index.embed_dim}-d embeddings")
+    if not force:
+        check_model(index, loaded)
     return loaded
 
 

@@ -28,6 +28,8 @@ METHODS = ("pacl", "patch", "maskclip")
 DEFAULT_TEMPLATES = ("a photo of a {}.", "a photo of the {}.", "a photo of a small {}.", "a photo of a large {}.")
 BACKGROUND = "background"
 NO_CLASS = 255  # label of pixels left unassigned (below the threshold, no "background" class in the list)
+PROMPT_BATCH = 256  # prompts per text-tower call: 100 labels x 80 templates must not be one batch
+TILE_ELEMENTS = 2**24  # upsampled scores held at once when labelling by tiles (64 MB of float32)
 _MEAN = torch.tensor(OPENAI_MEAN).view(3, 1, 1)
 _STD = torch.tensor(OPENAI_STD).view(3, 1, 1)
 
@@ -35,7 +37,7 @@ _STD = torch.tensor(OPENAI_STD).view(3, 1, 1)
 @dataclass
 class SegmentationResult:
     label_map: np.ndarray  # (H, W) int64, index into class_names (NO_CLASS when unassigned)
-    scores: torch.Tensor  # (C, H, W) per-pixel similarity to each class
+    scores: torch.Tensor | None  # (C, H, W) per-pixel similarity to each class; None unless asked for
     class_names: list[str]
 
     def fractions(self) -> dict[str, float]:
@@ -71,7 +73,7 @@ def class_embeddings(
     model: nn.Module, class_names: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES, method: str = "pacl"
 ) -> torch.Tensor:
     """One normalised text embedding per class (C, D) from the encoder `method` uses, prompt-ensembled."""
-    return build_classifier(_check_method(model, method), class_names, templates)  # (C, D)
+    return build_classifier(_check_method(model, method), class_names, templates, batch_size=PROMPT_BATCH)  # (C, D)
 
 
 def _to_tensor(image: Image.Image) -> torch.Tensor:
@@ -106,25 +108,14 @@ def _resized_input(image: Image.Image, size: int, stride: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def score_maps(
-    model: nn.Module,
-    images: Sequence[Image.Image],
-    text_features: torch.Tensor,
-    method: str = "pacl",
-    sliding_window: bool = False,
+def patch_score_maps(
+    model: nn.Module, images: Sequence[Image.Image], text_features: torch.Tensor, method: str = "pacl"
 ) -> list[torch.Tensor]:
-    """Per-pixel class scores (C, H, W) for each image, at the image's own size.
-
-    Without `sliding_window` each image is resized (shorter side to the model's input size, aspect kept)
-    and encoded once; images that end up the same size share a forward pass. With it, crops of the
-    model's input size slide over the image at its own resolution (upscaled first if smaller) with 50%
-    overlap; each crop's scores are upsampled and averaged per pixel.
-    """
+    """Per-patch class scores (C, gh, gw) of each image, resized (shorter side to the model's input size,
+    aspect kept) and encoded once; images that end up the same size share a forward pass."""
     size, stride = model.image_size, _stride(model)
     device = _device(model)
     text_features = text_features.to(device)
-    if sliding_window:
-        return [_sliding_scores(model, image, text_features, method, size) for image in images]
     inputs = [_resized_input(image, size, stride) for image in images]
     out: list[torch.Tensor | None] = [None] * len(images)
     by_shape: dict[tuple[int, ...], list[int]] = {}
@@ -134,9 +125,57 @@ def score_maps(
         pixels = torch.stack([inputs[i] for i in indices]).to(device)  # (b, 3, h, w)
         scores = _patch_scores(model, pixels, text_features, method)  # (b, C, gh, gw)
         for i, s in zip(indices, scores):
-            w, h = images[i].size
-            out[i] = F.interpolate(s[None], size=(h, w), mode="bilinear", align_corners=False)[0]
+            out[i] = s
     return out
+
+
+def _upsample(scores: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(C, gh, gw) -> (C, H, W), bilinear."""
+    return F.interpolate(scores[None], size=size, mode="bilinear", align_corners=False)[0]
+
+
+@torch.no_grad()
+def score_maps(
+    model: nn.Module,
+    images: Sequence[Image.Image],
+    text_features: torch.Tensor,
+    method: str = "pacl",
+    sliding_window: bool = False,
+) -> list[torch.Tensor]:
+    """Per-pixel class scores (C, H, W) for each image, at the image's own size.
+
+    Without `sliding_window`, the patch scores of `patch_score_maps` upsampled bilinearly. With it, crops
+    of the model's input size slide over the image at its own resolution (upscaled first if smaller) with
+    50% overlap; each crop's scores are upsampled and averaged per pixel.
+    """
+    if sliding_window:
+        text_features = text_features.to(_device(model))
+        return [_sliding_scores(model, image, text_features, method, model.image_size) for image in images]
+    patch_scores = patch_score_maps(model, images, text_features, method)
+    return [_upsample(s, (image.height, image.width)) for s, image in zip(patch_scores, images)]
+
+
+def labels_at_size(
+    patch_scores: torch.Tensor,
+    size: tuple[int, int],
+    class_names: Sequence[str],
+    background_threshold: float | None = None,
+) -> np.ndarray:
+    """`labels_from_scores` of the (H, W) = `size` bilinear upsampling of (C, gh, gw) scores, computed by
+    column tiles so that the (C, H, W) scores (100 classes x 40 MP = 16 GB) never exist at once.
+
+    Bilinear upsampling is separable: the columns are interpolated once, (C, gh, W), then each tile of
+    columns along the rows alone, at the sampling positions of the whole (scores equal to ~1e-7).
+    """
+    height, width = size
+    columns = _upsample(patch_scores, (patch_scores.shape[1], width))  # (C, gh, W)
+    step = max(1, TILE_ELEMENTS // (patch_scores.shape[0] * height))
+    labels = np.empty((height, width), dtype=np.int64)
+    for x in range(0, width, step):
+        tile = columns[:, :, x:x + step]  # (C, gh, w')
+        labels[:, x:x + step] = labels_from_scores(_upsample(tile, (height, tile.shape[2])), class_names,
+                                                   background_threshold)
+    return labels
 
 
 def _sliding_scores(
@@ -200,14 +239,22 @@ def segment(
     sliding_window: bool = False,
     method: str | None = None,
     text_features: torch.Tensor | None = None,
+    keep_scores: bool = True,
 ) -> SegmentationResult:
     """Segment one image into `class_names`. `method` defaults to "pacl" for PACL models, else "patch".
 
     Pass precomputed `text_features` (from `class_embeddings`) to segment many images with one prompt set.
+    `keep_scores=False` labels by tiles (`labels_at_size`) and keeps no (C, H, W) scores: the same labels,
+    in memory bounded by TILE_ELEMENTS whatever the image size and class count (not with `sliding_window`,
+    which sums crops at full resolution).
     """
     method = method or default_method(model)
     if text_features is None:
         text_features = class_embeddings(model, class_names, templates, method)
+    if not keep_scores and not sliding_window:
+        (patch_scores,) = patch_score_maps(model, [image], text_features, method)
+        labels = labels_at_size(patch_scores, (image.height, image.width), class_names, background_threshold)
+        return SegmentationResult(labels, None, list(class_names))
     (scores,) = score_maps(model, [image], text_features, method, sliding_window)
     labels = labels_from_scores(scores, class_names, background_threshold)
     return SegmentationResult(labels, scores.cpu(), list(class_names))

@@ -3,14 +3,23 @@
 Endpoints are plain (sync) functions, so Starlette runs each in its threadpool and the event loop stays
 free while the model works. Every error is JSON `{"error": "one sentence"}`: 400 for bad input
 (not an image, no labels, bad k), 404 for what the server does not have (no index, no such image id),
-413 for an upload over the cap. Files are served from two fixed places only: the page's own files by
-name from a fixed table, and thumbnails of indexed images by their id.
+413 for an upload over the cap, 403 for a request the browser was tricked into sending. Files are served
+from two fixed places only: the page's own files by name from a fixed table, and thumbnails of indexed
+images by their id.
+
+A server on 127.0.0.1 is still reachable from any web page the user opens: through DNS rebinding (a
+hostile name that resolves to 127.0.0.1, so the page reads our answers as same-origin) and through
+cross-site form POSTs. `RequestGuard` closes both: on loopback only loopback Host names are answered, and
+a POST must carry the `X-Requested-With: clip-pacl` header, which a cross-site page cannot add without a
+CORS preflight that this server never grants (and an Origin, when sent, must be this server's own).
 """
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Annotated
+from urllib.parse import urlsplit
 
 from fastapi import FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
@@ -31,6 +40,10 @@ from clip_pacl.web.service import (
 from clip_pacl.zeroshot.templates import OPENAI_IMAGENET_TEMPLATES
 
 DEFAULT_MAX_UPLOAD_BYTES = 10 * 1024 * 1024
+MAX_QUERY_CHARS = 1000  # the tokenizer keeps 77 tokens anyway; longer queries are mistakes or abuse
+# The header the page sends with every POST (a "non-simple" header: cross-site, the browser must ask first).
+REQUESTED_WITH = ("x-requested-with", "clip-pacl")
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 STATIC_DIR = Path(__file__).parent / "static"
 # The page's files, by the only names under which they are served.
 STATIC_FILES = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
@@ -90,6 +103,59 @@ class UploadLimit:
             await error(413, exc.detail)(scope, receive, send)
 
 
+class RequestGuard:
+    """ASGI middleware: 403 for requests a hostile web page could make the user's browser send (module docstring).
+
+    `loopback_only`: the server listens on a loopback address, so every legitimate Host names loopback
+    (any port: an SSH tunnel may forward another one). Bound to a public address, the Host check is off
+    (the operator chose to be reachable under other names) but POSTs are still checked.
+    """
+
+    def __init__(self, app: ASGIApp, loopback_only: bool):
+        self.app = app
+        self.loopback_only = loopback_only
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            refusal = self.refusal(scope)
+            if refusal:
+                await error(403, refusal)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    def refusal(self, scope: Scope) -> str | None:
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        host = headers.get("host", "")
+        if self.loopback_only and _host_name(host) not in LOOPBACK_NAMES:
+            return f"this server answers only to localhost, not to Host '{host[:60]}' (see clip-pacl serve --host)"
+        if scope["method"] in ("GET", "HEAD"):
+            return None
+        if headers.get(REQUESTED_WITH[0]) != REQUESTED_WITH[1]:
+            return f"POST requests need the header '{REQUESTED_WITH[0]}: {REQUESTED_WITH[1]}' (the page sends it)"
+        origin = headers.get("origin")
+        if origin is not None and urlsplit(origin).netloc.lower() != host.lower():
+            return f"cross-origin POST from '{origin[:60]}' refused"
+        return None
+
+
+def _host_name(host: str) -> str:
+    """The name part of a Host header: 'localhost:8000' -> 'localhost', '[::1]:80' -> '::1'."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:host.find("]")] if "]" in host else ""
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a listening address is loopback only (127.0.0.0/8, ::1 or the name localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 class _TooLarge(StarletteHTTPException):
     """An HTTP exception, so that FastAPI's body parsing passes it on instead of turning it into a 400."""
 
@@ -101,10 +167,12 @@ def _megabytes(n: int) -> str:
     return f"{n / 2**20:.3g}"
 
 
-def create_app(service: WebService, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES) -> FastAPI:
-    """The web app over `service` (its model and index are loaded once, by the caller)."""
+def create_app(service: WebService, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+               host: str = "127.0.0.1") -> FastAPI:
+    """The web app over `service` (its model and index are loaded once, by the caller), to listen on `host`."""
     app = FastAPI(title="clip-pacl", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(UploadLimit, max_bytes=max_upload_bytes)
+    app.add_middleware(RequestGuard, loopback_only=is_loopback(host))  # added last: runs first
 
     @app.exception_handler(NotFound)
     async def _not_found(request: Request, exc: NotFound) -> JSONResponse:
@@ -132,6 +200,8 @@ def create_app(service: WebService, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_B
 
     @app.get("/api/search")
     def search_by_text(q: Annotated[str, Query()], k: Annotated[int, Query()] = 12) -> dict:
+        if len(q) > MAX_QUERY_CHARS:
+            raise ClipPaclError(f"the search query is {len(q)} characters long; at most {MAX_QUERY_CHARS} are accepted")
         return {"query": q, "results": service.search_text(q, k)}
 
     @app.post("/api/search")

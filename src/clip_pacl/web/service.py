@@ -4,7 +4,8 @@ Kept apart from the FastAPI routes so that it can be used (and tested) from Pyth
 rules that make the server safe live in one place:
   - user text is only ever text: labels and templates are parsed from the request, never read from a
     file named by the request (the CLI's `--classes FILE` convenience would be a file-disclosure hole here);
-  - images are served by index id only (`thumbnail(i)`), from the paths the operator indexed;
+  - images are served by index id only (`thumbnail(i)`), from the paths the operator indexed, and named
+    by their path relative to the indexed folder: no answer carries an absolute path of the server's files;
   - one inference at a time: torch already uses every core for one call, and the model is shared.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import re
 import threading
 from collections import OrderedDict
@@ -41,6 +43,9 @@ MAX_K = 100
 # Uploads are small files that may still decode to huge images (a 10 MB PNG of one colour can be 30k x 30k).
 MAX_UPLOAD_PIXELS = 40_000_000
 THUMBNAIL_SIDE = 256
+# Segmentation works on the upload shrunk to this longer side: the patch grid is far coarser anyway, and it
+# bounds the label map, the overlay and its PNG whatever the upload's size.
+MAX_SEGMENT_SIDE = 1024
 THUMBNAIL_CACHE = 512
 CLASSIFIER_CACHE = 32
 
@@ -80,18 +85,8 @@ def parse_templates(text: str | None, default: Sequence[str]) -> list[str]:
 
 
 def decode_upload(data: bytes, name: str) -> Image.Image:
-    """An uploaded file as an RGB image, or a one-sentence DataError (not an image, corrupt, too many pixels)."""
-    if not data:
-        raise DataError(f"the uploaded file '{name}' is empty")
-    try:
-        with Image.open(io.BytesIO(data)) as probe:  # reads the header only
-            width, height = probe.size
-    except Exception:  # anything Pillow cannot even identify is reported by decode_image_bytes below
-        width = height = 0
-    if width * height > MAX_UPLOAD_PIXELS:
-        raise DataError(f"the uploaded image is {width}x{height}; at most {MAX_UPLOAD_PIXELS // 1_000_000} "
-                        f"megapixels are accepted")
-    return decode_image_bytes(data, f"the uploaded file '{name}'")
+    """An uploaded file as an RGB image, or a one-sentence DataError (not an image, corrupt, too large)."""
+    return decode_image_bytes(data, f"upload '{name[:100]}'", MAX_UPLOAD_PIXELS)
 
 
 def png_data_url(image: Image.Image) -> str:
@@ -134,6 +129,7 @@ class WebService:
         self.model_name = model_name
         self.index_name = index_name
         self._ids = {path: i for i, path in enumerate(index.paths)} if index is not None else {}
+        self._shown_paths = relative_paths(index.paths) if index is not None else []
         self._transform = model_transform(model)
         self._inference = threading.Lock()
         self._classifiers = _LRU(CLASSIFIER_CACHE)
@@ -152,9 +148,9 @@ class WebService:
         return usable
 
     def health(self) -> dict[str, Any]:
-        index = None if self.index is None else {"name": self.index_name, "count": len(self.index)}
+        index = None if self.index is None else {"name": _public_name(self.index_name), "count": len(self.index)}
         methods = self.segment_methods()
-        return {"status": "ok", "model": self.model_name, "model_type": type(self.model).__name__,
+        return {"status": "ok", "model": _public_name(self.model_name), "model_type": type(self.model).__name__,
                 "embed_dim": int(self.model.embed_dim), "image_size": int(self.model.image_size),
                 "device": str(model_device(self.model)), "index": index, "segment_methods": methods,
                 "default_segment_method": default_method(self.model) if methods else None}
@@ -167,8 +163,9 @@ class WebService:
         return self.index
 
     def _results(self, hits: list[SearchHit]) -> list[dict[str, Any]]:
-        return [{"id": self._ids[hit.path], "path": hit.path, "score": hit.score,
-                 "thumbnail": f"/thumb/{self._ids[hit.path]}"} for hit in hits]
+        ids = [self._ids[hit.path] for hit in hits]
+        return [{"id": i, "path": self._shown_paths[i], "score": hit.score, "thumbnail": f"/thumb/{i}"}
+                for i, hit in zip(ids, hits)]
 
     def search_text(self, query: str, k: int) -> list[dict[str, Any]]:
         index = self.require_index()
@@ -209,15 +206,31 @@ class WebService:
     # ------------------------------------------------------------------------------------------ segment
     def segment(self, image: Image.Image, labels: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES,
                 method: str | None = None, background_threshold: float | None = None) -> dict[str, Any]:
-        """Per-label pixel fractions and a PNG overlay (data URL) with a legend, as `clip-pacl segment` draws."""
+        """Per-label pixel fractions and a PNG overlay (data URL) with a legend, as `clip-pacl segment` draws,
+        on the image shrunk to MAX_SEGMENT_SIDE (`size` is the upload's own)."""
         method = method or default_method(self.model)
+        work = _shrunk(image, MAX_SEGMENT_SIDE)
         with self._inference, torch.inference_mode():
-            result = segment(self.model, image, labels, templates=templates,
-                             background_threshold=background_threshold, method=method)
+            result = segment(self.model, work, labels, templates=templates,
+                             background_threshold=background_threshold, method=method, keep_scores=False)
         fractions = result.fractions()
-        overlay = overlay_image(image, result.label_map, labels, fractions)
+        overlay = overlay_image(work, result.label_map, labels, fractions)
         return {"method": method, "size": [image.width, image.height], "fractions": fractions,
                 "unassigned": float((result.label_map == NO_CLASS).mean()), "overlay": png_data_url(overlay)}
+
+
+def relative_paths(paths: Sequence[str]) -> list[str]:
+    """Indexed paths relative to the deepest folder that holds them all, with '/' separators."""
+    try:
+        root = os.path.commonpath([os.path.dirname(p) for p in paths])
+    except ValueError:  # no paths, or (Windows) paths on several drives: fall back to the file names
+        return [Path(p).name for p in paths]
+    return [Path(os.path.relpath(p, root)).as_posix() for p in paths]
+
+
+def _public_name(name: str) -> str:
+    """A model or index name for answers: a path given by the operator is shown by its last part only."""
+    return Path(name).name if os.path.isabs(name) else name
 
 
 def _check_k(k: int) -> None:
@@ -233,6 +246,15 @@ def parse_image_id(text: str) -> int:
     if not _DIGITS.fullmatch(text):
         raise NotFound(f"'{text[:40]}' is not an indexed image id")
     return int(text)
+
+
+def _shrunk(image: Image.Image, side: int) -> Image.Image:
+    """The image with its longer side at most `side` (aspect kept); the image itself when it already fits."""
+    scale = side / max(image.size)
+    if scale >= 1:
+        return image
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    return image.resize(size, Image.BICUBIC, reducing_gap=2.0)
 
 
 def _jpeg_thumbnail(path: Path, image_id: int) -> bytes:

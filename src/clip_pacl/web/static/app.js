@@ -15,9 +15,10 @@ function say(id, text, isError = false) {
   node.classList.toggle("error", isError);
 }
 
-// fetch + JSON; a non-2xx answer becomes an Error carrying the server's one-line message.
-async function api(url, options) {
-  const response = await fetch(url, options);
+// fetch + JSON; a non-2xx answer becomes an Error carrying the server's one-line message. Every request
+// carries X-Requested-With: the server refuses POSTs without it (a cross-site page cannot add it).
+async function api(url, options = {}) {
+  const response = await fetch(url, { ...options, headers: { "X-Requested-With": "clip-pacl" } });
   let body = null;
   try { body = await response.json(); } catch (_) { /* not JSON: report the status below */ }
   if (!response.ok) throw new Error((body && body.error) || `${response.status} ${response.statusText}`);

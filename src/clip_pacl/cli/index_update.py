@@ -1,0 +1,55 @@
+"""`clip-pacl index update`: bring an index up to date with its folder or table, embedding only what changed."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from clip_pacl.cli.common import add_device_flag, add_json_flag, print_json, resolve_device
+from clip_pacl.errors import DataError
+from clip_pacl.retrieval.index import ImageIndex, build_index, image_paths
+from clip_pacl.retrieval.search import load_index_model
+
+COMMAND = "index update"
+HELP = "re-embed new and changed images of an index, drop deleted ones"
+DESCRIPTION = (
+    "List the images of the folder or table the index was built from again; embed the new ones and those "
+    "whose size or modification time changed, keep the others' embeddings, drop the deleted ones. The result "
+    "equals a fresh `index build` and replaces IDX atomically."
+)
+ORDER = 50
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("index", type=Path, metavar="IDX", help="index directory made by `clip-pacl index build`")
+    parser.add_argument("--model", default=None,
+                        help="the model that built the index (default: the one recorded in its meta.json)")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    parser.add_argument("--workers", type=int, default=0, help="image-loading worker processes")
+    add_device_flag(parser)
+    add_json_flag(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    index = ImageIndex.load(args.index)
+    images = index.meta.get("images")
+    if not images or index.stats is None:
+        raise DataError(f"{args.index} does not record the files it was built from (an older index); "
+                        f"rebuild it with `clip-pacl index build`")
+    paths = image_paths(images["source"], images.get("image_key", "image"))
+    model = load_index_model(index, args.model, device=resolve_device(args.device))  # same weights, or refused
+    updated, unreadable = build_index(model, paths, args.batch_size, args.workers,
+                                      model_source=args.model or index.meta.get("model"), images=images,
+                                      reuse=index)
+    updated.save(args.index)
+    summary = {"index": str(args.index), "count": len(updated), "embedded": len(updated) - updated.meta["reused"],
+               "reused": updated.meta["reused"], "dropped": len(set(index.paths) - set(updated.paths)),
+               "unreadable": [{"path": p, "reason": r} for p, r in unreadable]}
+    if args.json:
+        print_json(summary)
+        return 0
+    print(f"updated {args.index}: {summary['count']} images ({summary['embedded']} embedded, {summary['reused']} "
+          f"kept, {summary['dropped']} dropped)")
+    if unreadable:
+        print(f"{len(unreadable)} unreadable images skipped (e.g. {unreadable[0][0]}: {unreadable[0][1]})")
+    return 0
