@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from clip_pacl.checkpoint import convert_hf, convert_open_clip, convert_openai
+from clip_pacl.checkpoint.rundir import resolve_run_dir
 from clip_pacl.config import CLIPConfig, available_presets
 from clip_pacl.errors import CheckpointError, ConfigError
 from clip_pacl.models.clip import CLIP
@@ -105,6 +106,7 @@ def load_with_source(
     """`load`, also saying where the weights came from (format, path, hub id)."""
     from clip_pacl.checkpoint import hub
 
+    src = resolve_run_dir(src)  # a training run dir means its final/ (or newest) model
     text = str(src)
     if text.startswith("backbone:"):  # pretrained timm + transformers towers with new heads (models/backbone.py)
         from clip_pacl.models.backbone import build_backbone
