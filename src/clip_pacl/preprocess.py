@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from clip_pacl.tokenizer import get_tokenizer
-from clip_pacl.transforms import image_transform
+from clip_pacl.transforms import OPENAI_MEAN, OPENAI_STD, image_transform
 
 
 def model_tokenizer(model: nn.Module) -> Callable[[list[str]], torch.Tensor]:
@@ -28,3 +28,13 @@ def model_transform(model: nn.Module, train: bool = False, image_size: int | Non
     if callable(getattr(model, "image_transform", None)):
         return model.image_transform(train)
     return image_transform(image_size or model.image_size, train=train)
+
+
+def normalize_pixels(model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """Pixels in [0, 1] (B, 3, H, W) -> the model's normalised input, differentiably (for CLIPScore on generated
+    tensors and for guidance). A third-party backbone normalises with its own `data_config`; CLIP with OpenAI's."""
+    config = getattr(model, "data_config", None)
+    mean, std = (config["mean"], config["std"]) if config else (OPENAI_MEAN, OPENAI_STD)
+    mean = torch.tensor(mean, dtype=pixels.dtype, device=pixels.device).view(1, 3, 1, 1)
+    std = torch.tensor(std, dtype=pixels.dtype, device=pixels.device).view(1, 3, 1, 1)
+    return (pixels - mean) / std
