@@ -1,9 +1,7 @@
 """CLIPScore / RefCLIPScore: the formula, a direct computation, torchmetrics' CLIPScore on the same weights, the CLI."""
 
 import csv
-import gzip
 import json
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +16,9 @@ from clip_pacl.data import load_image
 from clip_pacl.data.synthetic import generate_synthetic
 from clip_pacl.errors import DataError
 from clip_pacl.metrics import clip_s, clip_score, ref_clip_s
-from clip_pacl.tokenizer import _load_bpe, tokenize
+from clip_pacl.tokenizer import tokenize
 from clip_pacl.transforms import image_transform
+from hf_clip_dir import write_hf_clip
 
 CAPTIONS = ["a red circle", "a blue square on grass", "two green stars", "a photo of a cat", "noise", "a yellow cross"]
 
@@ -27,7 +26,7 @@ CAPTIONS = ["a red circle", "a blue square on grass", "two green stars", "a phot
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("hf") / "openai-tiny-clip"
-    _write_hf_clip(path, image_size=32)
+    write_hf_clip(path, image_size=32)
     return path
 
 
@@ -108,27 +107,6 @@ def test_ref_clip_score_equals_a_direct_computation_and_unreadable_images_are_sk
 
 
 # ----------------------------------------------------------------------------- torchmetrics on the same weights
-
-
-def _write_hf_clip(path: Path, image_size: int) -> None:
-    """A random tiny transformers CLIPModel with the CLIP BPE tokenizer and a processor that keeps the pixels."""
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    text = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                max_position_embeddings=77, vocab_size=49408)
-    vision = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                  image_size=image_size, patch_size=8)
-    transformers.CLIPModel(transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=32)) \
-        .save_pretrained(path)
-    lines = gzip.decompress((resources.files("clip_pacl") / "assets" / "bpe_simple_vocab_16e6.txt.gz").read_bytes())
-    merges = lines.decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
-    vocab = _load_bpe().get_vocab()  # open_clip spells the special tokens differently from OpenAI / HF
-    vocab["<|startoftext|>"], vocab["<|endoftext|>"] = vocab.pop("<start_of_text>"), vocab.pop("<end_of_text>")
-    (path / "vocab.json").write_text(json.dumps(vocab))
-    (path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    tokenizer = transformers.CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt"))
-    image_processor = transformers.CLIPImageProcessor(do_resize=False, do_center_crop=False)  # pixels as given
-    transformers.CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
 
 
 class _FeatureTensors(torch.nn.Module):
