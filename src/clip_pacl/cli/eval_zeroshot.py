@@ -7,8 +7,8 @@ from pathlib import Path
 
 import clip_pacl
 from clip_pacl.cli.common import add_device_flag, add_json_flag, print_json, print_per_class, resolve_device
-from clip_pacl.data import read_label_rows
-from clip_pacl.eval.zeroshot import evaluate_zeroshot, read_class_folders
+from clip_pacl.data.imagefolder import read_labelled
+from clip_pacl.eval.zeroshot import evaluate_zeroshot
 from clip_pacl.zeroshot.templates import resolve_class_names, resolve_templates
 
 COMMAND = "eval zeroshot"
@@ -52,10 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     templates = resolve_templates(args.templates, args.template)
     class_names = resolve_class_names(args.classes) if args.classes is not None else None
-    if args.data.is_dir():
-        rows = read_class_folders(args.data, class_names)
-    else:
-        rows = read_label_rows(args.data, image_key=args.image_key, label_key=args.label_key)
+    rows = read_labelled(args.data, class_names, image_key=args.image_key, label_key=args.label_key)
     model = clip_pacl.load(args.model, device=resolve_device(args.device))
     result = evaluate_zeroshot(model, rows, templates, batch_size=args.batch_size, workers=args.workers,
                                class_names=class_names)

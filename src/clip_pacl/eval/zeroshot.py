@@ -3,38 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from clip_pacl.data import IMAGE_EXTENSIONS, LabelRow
+from clip_pacl.data.imagefolder import read_class_folders  # noqa: F401 - re-exported for existing callers
 from clip_pacl.errors import DataError
 from clip_pacl.eval.common import score_images
 from clip_pacl.zeroshot.classifier import build_classifier
-
-
-def read_class_folders(root: str | Path, class_names: Sequence[str] | None = None) -> list[LabelRow]:
-    """Rows of an ImageFolder-style tree, `root/<class>/<image>` (recursively), labelled by folder name.
-
-    When `class_names` are given and no folder is named after a class but the counts match, folders are
-    class ids in sorted order, torchvision's convention: ImageNet's `val/n01440764/...` with
-    `--classes imagenet` then needs no label file.
-    """
-    root = Path(root)
-    folders = sorted(p for p in root.iterdir() if p.is_dir())
-    if not folders:
-        raise DataError(f"{root} has no class folders (expected {root}/<class>/<image>)")
-    names = [f.name for f in folders]
-    by_position = class_names is not None and not set(names) & set(class_names) and len(names) == len(class_names)
-    rows = []
-    for i, folder in enumerate(folders):
-        label = str(i) if by_position else folder.name
-        rows += [LabelRow(path, label) for path in sorted(folder.rglob("*"))
-                 if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()]
-    if not rows:
-        raise DataError(f"the class folders of {root} hold no images ({', '.join(IMAGE_EXTENSIONS)})")
-    return rows
 
 
 def label_indices(labels: Sequence[str], class_names: Sequence[str] | None) -> tuple[list[str], list[int | None]]:
