@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -80,11 +81,13 @@ def evaluate_zeroshot(
     device: str | torch.device | None = None,
     class_names: Sequence[str] | None = None,
     progress: bool = True,
+    plots: str | Path | None = None,
 ) -> dict[str, Any]:
     """Classify every image of `rows` (objects with `.image` and `.label`) among the classes, by prompts alone.
 
     Rows whose label is not among `class_names` are left out and counted (`skipped_rows`): that is how
-    `--classes` restricts an evaluation to a subset. Unreadable images are counted and listed.
+    `--classes` restricts an evaluation to a subset. Unreadable images are counted and listed. With `plots`
+    (a folder), the confusion matrix is drawn there as `confusion_matrix.png`.
     """
     if device is not None:
         model = model.to(device)
@@ -99,6 +102,11 @@ def evaluate_zeroshot(
         raise DataError(f"none of the {len(kept)} images could be read (e.g. {unreadable[0][0]}: {unreadable[0][1]})")
     target_ids = torch.tensor([kept[i][1] for i in indices.tolist()], dtype=torch.long)
     result = classification_metrics(scores, target_ids, names)
+    if plots is not None:
+        from clip_pacl.eval.plots import plot_confusion_matrix
+
+        png = plot_confusion_matrix(scores.argmax(dim=1), target_ids, names, Path(plots) / "confusion_matrix.png")
+        result["plots"] = [str(png)]
     result.update(
         num_templates=len(templates),
         skipped_rows=len(rows) - len(kept),
