@@ -146,3 +146,13 @@ def test_cli_errors_are_one_line(tmp_path, data, capsys):
         assert main(["eval", "linear-probe", "--model", "tiny", "--train", str(data[0]), *extra]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and message in err and "\n" not in err
+
+
+def test_zeroshot_command_takes_a_folder_of_images(data, tmp_path, capsys):
+    folder = data[0].parent
+    expected = sorted(str(p) for p in folder.glob("*.png"))
+    assert main(["zeroshot", "--model", "tiny", str(folder), "--classes", "red,green", "--json"]) == 0
+    assert [r["image"] for r in json.loads(capsys.readouterr().out)["results"]] == expected
+    (tmp_path / "empty").mkdir()
+    assert main(["zeroshot", "--model", "tiny", str(tmp_path / "empty"), "--classes", "red,green"]) == 2
+    assert capsys.readouterr().err.strip() == "error: the folders given hold no images"
