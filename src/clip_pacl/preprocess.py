@@ -12,6 +12,7 @@ from collections.abc import Callable
 import torch
 
 from clip_pacl.models.protocol import ContrastiveModel
+from clip_pacl.transforms import OPENAI_MEAN, OPENAI_STD
 
 
 def model_tokenizer(model: ContrastiveModel) -> Callable[[list[str]], torch.Tensor]:
@@ -22,3 +23,13 @@ def model_tokenizer(model: ContrastiveModel) -> Callable[[list[str]], torch.Tens
 def model_transform(model: ContrastiveModel, train: bool = False, image_size: int | None = None) -> Callable:
     """PIL image -> (3, H, W) tensor for the model; `image_size` overrides the model's input size."""
     return model.image_transform(train, image_size)
+
+
+def normalize_pixels(model: ContrastiveModel, pixels: torch.Tensor) -> torch.Tensor:
+    """Pixels in [0, 1] (B, 3, H, W) -> the model's normalised input, differentiably (for CLIPScore on generated
+    tensors and for guidance). A third-party backbone normalises with its own `data_config`; CLIP with OpenAI's."""
+    config = getattr(model, "data_config", None)
+    mean, std = (config["mean"], config["std"]) if config else (OPENAI_MEAN, OPENAI_STD)
+    mean = torch.tensor(mean, dtype=pixels.dtype, device=pixels.device).view(1, 3, 1, 1)
+    std = torch.tensor(std, dtype=pixels.dtype, device=pixels.device).view(1, 3, 1, 1)
+    return (pixels - mean) / std

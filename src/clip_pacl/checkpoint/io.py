@@ -28,6 +28,7 @@ from clip_pacl.checkpoint.files import (
     save_json,
     save_weights,
 )
+from clip_pacl.checkpoint.rundir import resolve_run_dir
 from clip_pacl.config import CLIPConfig, available_presets
 from clip_pacl.errors import CheckpointError, ConfigError
 from clip_pacl.models.backbone import build_backbone
@@ -96,6 +97,7 @@ def load_with_source(
     """`load`, also saying where the weights came from (format, path, hub id)."""
     from clip_pacl.checkpoint import hub
 
+    src = resolve_run_dir(src)  # a training run dir means its final/ (or newest) model
     text = str(src)
     if text.startswith("backbone:"):  # pretrained timm + transformers towers with new heads (models/backbone.py)
         model = build_backbone(text)

@@ -31,6 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--caption-key", default="caption", help="column holding the caption")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     parser.add_argument("--workers", type=int, default=0, help="image-loading worker processes")
+    parser.add_argument("--plots", type=Path, default=None, metavar="DIR",
+                        help="write retrieval_grid.png, captions with their top-5 images, into this folder")
     add_device_flag(parser)
     add_json_flag(parser)
 
@@ -39,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     rows = read_caption_rows(args.data, data_format=args.data_format, image_key=args.image_key,
                              caption_key=args.caption_key)
     model = clip_pacl.load(args.model, device=resolve_device(args.device))
-    result = evaluate_retrieval(model, rows, batch_size=args.batch_size, workers=args.workers)
+    result = evaluate_retrieval(model, rows, batch_size=args.batch_size, workers=args.workers, plots=args.plots)
     result = {"model": args.model, "data": str(args.data), **result}
     if args.json:
         print_json(result)
@@ -53,4 +55,6 @@ def run(args: argparse.Namespace) -> int:
     if result["num_unreadable"]:
         first = result["unreadable"][0]
         print(f"  {result['num_unreadable']} unreadable images skipped (e.g. {first['path']}: {first['reason']})")
+    for png in result.get("plots", []):
+        print(f"  plot: {png}")
     return 0

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import clip_pacl
 from clip_pacl.cli.common import add_device_flag, add_json_flag, print_json, print_per_class, resolve_device
-from clip_pacl.data import read_label_rows
-from clip_pacl.eval.zeroshot import evaluate_zeroshot, read_class_folders
+from clip_pacl.data.imagefolder import read_labelled
+from clip_pacl.eval.zeroshot import evaluate_zeroshot
 from clip_pacl.zeroshot.templates import resolve_class_names, resolve_templates
 
 COMMAND = "eval zeroshot"
@@ -45,6 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "index into this list (default: the distinct labels, sorted)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     parser.add_argument("--workers", type=int, default=0, help="image-loading worker processes")
+    parser.add_argument("--plots", type=Path, default=None, metavar="DIR",
+                        help="write confusion_matrix.png (matplotlib) into this folder")
     add_device_flag(parser)
     add_json_flag(parser)
 
@@ -52,13 +54,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     templates = resolve_templates(args.templates, args.template)
     class_names = resolve_class_names(args.classes) if args.classes is not None else None
-    if args.data.is_dir():
-        rows = read_class_folders(args.data, class_names)
-    else:
-        rows = read_label_rows(args.data, image_key=args.image_key, label_key=args.label_key)
+    rows = read_labelled(args.data, class_names, image_key=args.image_key, label_key=args.label_key)
     model = clip_pacl.load(args.model, device=resolve_device(args.device))
     result = evaluate_zeroshot(model, rows, templates, batch_size=args.batch_size, workers=args.workers,
-                               class_names=class_names)
+                               class_names=class_names, plots=args.plots)
     result = {"model": args.model, "data": str(args.data), **result}
     if args.json:
         print_json(result)
@@ -74,4 +73,6 @@ def run(args: argparse.Namespace) -> int:
     if result["num_unreadable"]:
         first = result["unreadable"][0]
         print(f"  {result['num_unreadable']} unreadable images skipped (e.g. {first['path']}: {first['reason']})")
+    for png in result.get("plots", []):
+        print(f"  plot: {png}")
     return 0

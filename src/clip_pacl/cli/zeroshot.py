@@ -11,7 +11,9 @@ import clip_pacl
 from clip_pacl.cli.common import add_device_flag, add_json_flag, print_json, resolve_device
 from clip_pacl.cli.eval_zeroshot import add_template_flags
 from clip_pacl.data import load_image
+from clip_pacl.data.folders import image_files
 from clip_pacl.encode import model_device
+from clip_pacl.errors import DataError
 from clip_pacl.preprocess import model_transform
 from clip_pacl.zeroshot.classifier import build_classifier, class_probabilities
 from clip_pacl.zeroshot.templates import resolve_class_names, resolve_templates
@@ -27,7 +29,8 @@ ORDER = 30
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="image files to classify")
+    parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE",
+                        help="image files to classify; a folder stands for every image under it")
     parser.add_argument("--model", required=True, help="checkpoint dir, model file or preset")
     parser.add_argument("--classes", required=True, metavar="a,b,c|FILE|imagenet",
                         help="class names: comma-separated, a file with one per line, or imagenet")
@@ -45,6 +48,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
     class_names = resolve_class_names(args.classes)
     templates = resolve_templates(args.templates, args.template)
+    args.images = [p for arg in args.images for p in (image_files(arg) if arg.is_dir() else [arg])]
+    if not args.images:
+        raise DataError("the folders given hold no images")
     images = [load_image(path) for path in args.images]  # fail on a bad path before loading the model
     model = clip_pacl.load(args.model, device=resolve_device(args.device)).eval()
     classifier = build_classifier(model, class_names, templates)  # (C, D)

@@ -85,11 +85,13 @@ def evaluate_retrieval(
     device: str | torch.device | None = None,
     ks: Sequence[int] = DEFAULT_KS,
     progress: bool = True,
+    plots: str | Path | None = None,
 ) -> dict[str, Any]:
     """Retrieval recall of `model` on (image, caption) rows; each unique image is encoded once.
 
     Holds the full (N_images, N_texts) score matrix on the CPU: 0.5 GB for COCO's 5k test images.
-    Images that cannot be read are left out with their captions, and counted.
+    Images that cannot be read are left out with their captions, and counted. With `plots` (a folder), the
+    first captions' top-5 images are drawn there as `retrieval_grid.png`.
     """
     if device is not None:
         model = model.to(device)
@@ -107,6 +109,8 @@ def evaluate_retrieval(
     text_target = new_index[torch.tensor(text_to_image, dtype=torch.long)]  # (T,)
     text_kept = text_target >= 0
     result: dict[str, Any] = recall_from_scores(scores[:, text_kept], text_target[text_kept], ks)
+    if plots is not None:
+        result["plots"] = [str(_draw_grid(scores, text_target, captions, [images[i] for i in kept_images], plots))]
     result.update(
         num_images=len(kept_images),
         num_captions=int(text_kept.sum()),
@@ -114,3 +118,15 @@ def evaluate_retrieval(
         unreadable=[{"path": p, "reason": r} for p, r in unreadable],
     )
     return result
+
+
+def _draw_grid(scores: torch.Tensor, text_target: torch.Tensor, captions: Sequence[str], images: Sequence[Path],
+               plots: str | Path, queries: int = 8, k: int = 5) -> Path:
+    """The first `queries` captions whose image was readable, each with its top-k images (hits marked)."""
+    from clip_pacl.eval.plots import plot_retrieval_grid
+
+    shown = [t for t in range(len(captions)) if text_target[t] >= 0][:queries]
+    top = scores[:, shown].topk(min(k, len(images)), dim=0).indices.T  # (Q, k)
+    return plot_retrieval_grid([captions[t] for t in shown], [[images[i] for i in row] for row in top.tolist()],
+                               [[i == int(text_target[t]) for i in row] for t, row in zip(shown, top.tolist())],
+                               Path(plots) / "retrieval_grid.png")

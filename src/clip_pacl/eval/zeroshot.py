@@ -8,33 +8,9 @@ from typing import Any
 
 import torch
 
-from clip_pacl.data import IMAGE_EXTENSIONS, LabelRow
 from clip_pacl.encode import score_images
 from clip_pacl.errors import DataError
 from clip_pacl.zeroshot.classifier import build_classifier
-
-
-def read_class_folders(root: str | Path, class_names: Sequence[str] | None = None) -> list[LabelRow]:
-    """Rows of an ImageFolder-style tree, `root/<class>/<image>` (recursively), labelled by folder name.
-
-    When `class_names` are given and no folder is named after a class but the counts match, folders are
-    class ids in sorted order, torchvision's convention: ImageNet's `val/n01440764/...` with
-    `--classes imagenet` then needs no label file.
-    """
-    root = Path(root)
-    folders = sorted(p for p in root.iterdir() if p.is_dir())
-    if not folders:
-        raise DataError(f"{root} has no class folders (expected {root}/<class>/<image>)")
-    names = [f.name for f in folders]
-    by_position = class_names is not None and not set(names) & set(class_names) and len(names) == len(class_names)
-    rows = []
-    for i, folder in enumerate(folders):
-        label = str(i) if by_position else folder.name
-        rows += [LabelRow(path, label) for path in sorted(folder.rglob("*"))
-                 if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()]
-    if not rows:
-        raise DataError(f"the class folders of {root} hold no images ({', '.join(IMAGE_EXTENSIONS)})")
-    return rows
 
 
 def label_indices(labels: Sequence[str], class_names: Sequence[str] | None) -> tuple[list[str], list[int | None]]:
@@ -104,11 +80,13 @@ def evaluate_zeroshot(
     device: str | torch.device | None = None,
     class_names: Sequence[str] | None = None,
     progress: bool = True,
+    plots: str | Path | None = None,
 ) -> dict[str, Any]:
     """Classify every image of `rows` (objects with `.image` and `.label`) among the classes, by prompts alone.
 
     Rows whose label is not among `class_names` are left out and counted (`skipped_rows`): that is how
-    `--classes` restricts an evaluation to a subset. Unreadable images are counted and listed.
+    `--classes` restricts an evaluation to a subset. Unreadable images are counted and listed. With `plots`
+    (a folder), the confusion matrix is drawn there as `confusion_matrix.png`.
     """
     if device is not None:
         model = model.to(device)
@@ -123,6 +101,11 @@ def evaluate_zeroshot(
         raise DataError(f"none of the {len(kept)} images could be read (e.g. {unreadable[0][0]}: {unreadable[0][1]})")
     target_ids = torch.tensor([kept[i][1] for i in indices.tolist()], dtype=torch.long)
     result = classification_metrics(scores, target_ids, names)
+    if plots is not None:
+        from clip_pacl.eval.plots import plot_confusion_matrix
+
+        png = plot_confusion_matrix(scores.argmax(dim=1), target_ids, names, Path(plots) / "confusion_matrix.png")
+        result["plots"] = [str(png)]
     result.update(
         num_templates=len(templates),
         skipped_rows=len(rows) - len(kept),

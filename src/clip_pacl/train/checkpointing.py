@@ -19,34 +19,17 @@ import numpy as np
 import torch
 
 from clip_pacl.checkpoint import save as save_model
+from clip_pacl.checkpoint.rundir import (  # noqa: F401 - the run layout, re-used by training
+    CHECKPOINTS,
+    DONE,
+    PREFIX,
+    TRAIN_STATE,
+    checkpoint_root,
+    is_complete,
+    latest_checkpoint,
+    list_checkpoints,
+)
 from clip_pacl.errors import CheckpointError
-
-CHECKPOINTS = "checkpoints"
-PREFIX = "step_"
-DONE = "DONE"
-TRAIN_STATE = "train_state.pt"
-
-
-def checkpoint_root(run_dir: str | Path) -> Path:
-    return Path(run_dir) / CHECKPOINTS
-
-
-def is_complete(path: Path) -> bool:
-    return path.is_dir() and (path / DONE).is_file() and (path / TRAIN_STATE).is_file()
-
-
-def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first."""
-    root = checkpoint_root(run_dir)
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()]
-    return sorted((p for p in found if is_complete(p)), key=lambda p: int(p.name[len(PREFIX):]))
-
-
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    ckpts = list_checkpoints(run_dir)
-    return ckpts[-1] if ckpts else None
 
 
 def resolve_resume(resume: str, run_dir: str | Path) -> Path | None:
