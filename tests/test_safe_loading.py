@@ -5,7 +5,8 @@ same model as open_clip's `load_openai_model`, which runs `torch.jit.load`; ours
 files (a pickle's `__reduce__`, a TorchScript `__setstate__`, a TorchScript archive whose pickle names
 `os.system`) under every extension, in checkpoint directories and in a hub cache, run nothing and give one
 error line, from the library and from the CLI. A control test shows each payload does run under a naive loader,
-so the "nothing ran" checks can fail.
+so the "nothing ran" checks can fail. A backbone's config.json cannot make timm read other files, and a model
+loads and encodes inside `torch.inference_mode()`.
 """
 
 import copyreg
