@@ -5,9 +5,11 @@ same model as open_clip's `load_openai_model`, which runs `torch.jit.load`; ours
 files (a pickle's `__reduce__`, a TorchScript `__setstate__`, a TorchScript archive whose pickle names
 `os.system`) under every extension, in checkpoint directories and in a hub cache, run nothing and give one
 error line, from the library and from the CLI. A control test shows each payload does run under a naive loader,
-so the "nothing ran" checks can fail.
+so the "nothing ran" checks can fail. A backbone's config.json cannot make timm read other files, and a model
+loads and encodes inside `torch.inference_mode()`.
 """
 
+import copyreg
 import io
 import json
 import os
@@ -17,6 +19,7 @@ import subprocess
 import sys
 import warnings
 import zipfile
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -127,6 +130,73 @@ def test_openai_archive_matches_open_clips_loader(openai_archive, monkeypatch):
         assert (model.eval().encode_image(images) - reference.encode_image(images)).abs().max() < TOL
         assert (model.encode_text(texts) - reference.encode_text(texts)).abs().max() < TOL
     assert torch.equal(model.logit_scale, reference.logit_scale)
+
+
+class _Module:
+    """Pickles as TorchScript pickles a module: `__torch__.Module` built empty, then given its attributes."""
+
+    def __init__(self, **attributes):
+        self.attributes = attributes
+
+    def __reduce__(self):
+        return copyreg.__newobj__, (_Module,), self.attributes
+
+
+class _Tensor:
+    """Pickles as `torch._utils._rebuild_tensor_v2` of storage "0" (two floats) with this view."""
+
+    def __init__(self, offset: int, size: tuple, stride: tuple):
+        self.view = offset, size, stride
+
+    def __reduce__(self):
+        return torch._utils._rebuild_tensor_v2, (_STORAGE, *self.view, False, OrderedDict())
+
+
+_STORAGE = object()
+
+
+class _ArchivePickler(pickle.Pickler):
+    def persistent_id(self, obj):
+        return ("storage", torch.FloatStorage, "0", "cpu", 2) if obj is _STORAGE else None
+
+
+def _hand_made_archive(path, root, data: bytes | None = b"\0" * 8) -> None:
+    """A TorchScript-layout zip holding `root` as its module pickle and `data` as storage "0"."""
+    pickled = io.BytesIO()
+    with pytest.MonkeyPatch.context() as patch:  # `_Module` pickles under the name TorchScript gives its classes
+        patch.setattr(_Module, "__module__", "__torch__")
+        patch.setitem(sys.modules, "__torch__", type(sys)("__torch__"))
+        patch.setattr(sys.modules["__torch__"], "_Module", _Module, raising=False)
+        _ArchivePickler(pickled, protocol=2).dump(root)
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("m/data.pkl", pickled.getvalue())
+        archive.writestr("m/constants.pkl", pickle.dumps(()))
+        if data is not None:
+            archive.writestr("m/data/0", data)
+
+
+def test_hand_made_archive_reads_back(tmp_path):
+    """The control for the refusals below: the same construction with sound values is read."""
+    _hand_made_archive(tmp_path / "ok.pt", _Module(inner=_Module(weight=_Tensor(1, (1,), (1,))), training=True),
+                       torch.tensor([1.0, 2.0]).numpy().tobytes())
+    assert torchscript.read_state(tmp_path / "ok.pt") == {"inner.weight": torch.tensor([2.0])}
+
+
+@pytest.mark.parametrize(("root", "data", "error"), [
+    (_Module(weight=_Tensor(0, (3,), (1,))), b"\0" * 8, "a tensor does not fit its storage"),
+    (_Module(weight=_Tensor(1, (2,), (1,))), b"\0" * 8, "a tensor does not fit its storage"),
+    (_Module(weight=_Tensor(0, (2,), (1,))), b"\0" * 4, "m/data/0 holds 4 bytes, not the 8 its tensors need"),
+    (_Module(weight=_Tensor(0, (2,), (1,))), None, "it lacks the tensor data m/data/0"),
+    ({"weight": _Tensor(0, (2,), (1,))}, b"\0" * 8, "its root is a dict, not a TorchScript module"),
+    (_Module(training=True), b"", "its module holds no tensors"),
+])
+def test_torchscript_reader_refuses_unsound_archives(root, data, error, tmp_path):
+    _hand_made_archive(tmp_path / "odd.pt", root, data)
+    with pytest.raises(CheckpointError) as info:
+        clip_pacl.load(tmp_path / "odd.pt")
+    message = str(info.value)
+    assert message.startswith(f"{tmp_path / 'odd.pt'} is a TorchScript archive clip-pacl does not read: {error}")
+    assert "\n" not in message
 
 
 # ---------------------------------------------------------------------------------------------- malicious files

@@ -143,12 +143,13 @@ def read_state(path: str | Path) -> dict[str, torch.Tensor]:
 
 def _collect(obj: Any, prefix: str, out: dict[str, _TensorRef]) -> None:
     """Every tensor attribute of the module tree under `obj`, by dotted path (state_dict's names)."""
+    where = f"'{prefix.rstrip('.')}'" if prefix else "its root"
+    if not isinstance(obj, ScriptObject):
+        raise TorchScriptError(f"{where} is a {type(obj).__name__}, not a TorchScript module")
     state = getattr(obj, "state", None)
-    if not isinstance(obj, ScriptObject) or not isinstance(state, dict):
-        name = getattr(obj, "type_name", type(obj).__name__)
-        where = f"'{prefix.rstrip('.')}'" if prefix else "its root"
-        raise TorchScriptError(f"{where} is a {name} with custom state, which needs the archive's code to rebuild; "
-                               "only plain modules' weights are read")
+    if not isinstance(state, dict):
+        raise TorchScriptError(f"{where} is a {obj.type_name} with custom state, which needs the archive's code to "
+                               "rebuild; only plain modules' weights are read")
     for name, value in state.items():
         if isinstance(value, _TensorRef):
             out[prefix + name] = value
