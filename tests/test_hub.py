@@ -42,7 +42,7 @@ def directory_files(path) -> dict:
 @pytest.fixture()
 def offline_cache(tmp_path, monkeypatch):
     """An empty Hugging Face cache that huggingface_hub uses, offline (other test modules import this fixture)."""
-    hf_constants = pytest.importorskip("huggingface_hub.constants")
+    hf_constants = require("huggingface_hub.constants")
     cache = tmp_path / "hf_cache"
     cache.mkdir()
     monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(cache))
@@ -53,7 +53,7 @@ def offline_cache(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def hf_repo_files(tmp_path_factory):
     """A tiny random transformers CLIPModel as `save_pretrained` writes it."""
-    transformers = pytest.importorskip("transformers")
+    transformers = require("transformers")
     out = tmp_path_factory.mktemp("hf_model")
     torch.manual_seed(0)
     config = transformers.CLIPConfig(

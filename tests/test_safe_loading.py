@@ -29,6 +29,8 @@ from clip_pacl.checkpoint import load_with_source, torchscript
 from clip_pacl.cli.main import main as cli_main
 from clip_pacl.errors import CheckpointError
 from clip_pacl.tokenizer import tokenize
+from helpers import randomize_ as randomize_all_
+from helpers import require
 from test_hub import cache_repo
 from test_hub import offline_cache as offline_cache  # a fixture: an empty HF cache, offline
 
@@ -45,20 +47,13 @@ EXTENSIONS = (".pt", ".bin", ".safetensors", ".pth", "")
 
 
 def randomize_(module: torch.nn.Module, seed: int) -> None:
-    """Every float tensor (biases, norm gains, BatchNorm statistics, embeddings, ...) moved off its initial value,
-    so a swapped or dropped tensor changes the outputs. Values are fp16-representable, as in OpenAI's files
-    (open_clip's loader passes them through fp16). Local until the shared tests/helpers.py lands."""
-    generator = torch.Generator().manual_seed(seed)
+    """The shared randomiser (every float tensor off its initial value), then rounded to fp16-representable values,
+    as in OpenAI's files (open_clip's loader passes them through fp16)."""
+    randomize_all_(module, seed)
     with torch.no_grad():
-        for name, tensor in module.state_dict().items():
-            if not tensor.is_floating_point():
-                continue
-            noise = torch.randn(tensor.shape, generator=generator)
-            if name.endswith("running_var"):
-                tensor.copy_(0.5 + noise.abs())
-            else:
-                tensor.add_(0.1 * noise)
-            tensor.copy_(tensor.half().float())
+        for tensor in module.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.copy_(tensor.half().float())
 
 
 def save_like_openai(model: torch.nn.Module, path, image_size: int) -> None:
@@ -78,7 +73,7 @@ def save_like_openai(model: torch.nn.Module, path, image_size: int) -> None:
 @pytest.fixture(scope="module", params=sorted(OPENAI_ARCHS))
 def openai_archive(request, tmp_path_factory):
     """(path of a randomised OpenAI-style TorchScript file, its image size)."""
-    open_clip = pytest.importorskip("open_clip")
+    open_clip = require("open_clip")
     cfg = OPENAI_ARCHS[request.param]
     out = tmp_path_factory.mktemp(f"openai_{request.param}")
     name = f"openai-{request.param}-test"
@@ -116,7 +111,7 @@ def test_torchscript_reader_gives_torchscripts_state_dict(openai_archive, monkey
 
 
 def test_openai_archive_matches_open_clips_loader(openai_archive, monkeypatch):
-    open_clip = pytest.importorskip("open_clip")
+    open_clip = require("open_clip")
     path, image_size = openai_archive
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # open_clip's loader calls the deprecated torch.jit.load
@@ -388,7 +383,7 @@ def test_cli_process_refuses_a_torchscript_setstate_archive(payloads, tmp_path):
 def test_backbone_config_json_cannot_point_timm_at_other_files(model_args, tmp_path):
     """A timm folder's or a backbone checkpoint's config.json passes only architecture settings to timm; a loader
     argument naming a file (here a real weights file, which timm would read) is one clear error."""
-    timm = pytest.importorskip("timm")
+    timm = require("timm")
     reference = timm.create_model("test_resnet", pretrained=False, num_classes=0)
     timm.models.save_for_hf(reference, str(tmp_path / "timm_dir"), safe_serialization=True)
     args = json.loads(json.dumps(model_args).replace("WEIGHTS", str(tmp_path / "timm_dir" / "model.safetensors")))
@@ -408,8 +403,8 @@ def test_backbone_config_json_cannot_point_timm_at_other_files(model_args, tmp_p
 def test_backbone_from_a_timm_folder_round_trips(tmp_path):
     """The settings timm's `save_for_hf` writes (num_classes, in_chans, global_pool, img_size) pass the allow-list,
     and a model built from such a folder loads back from its checkpoint."""
-    timm = pytest.importorskip("timm")
-    transformers = pytest.importorskip("transformers")
+    timm = require("timm")
+    transformers = require("transformers")
     (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "cat"]))
     config = transformers.DistilBertConfig(vocab_size=7, dim=32, n_layers=1, n_heads=2, hidden_dim=64)
     transformers.DistilBertModel(config).save_pretrained(tmp_path / "text")
