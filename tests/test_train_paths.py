@@ -45,7 +45,8 @@ def _state(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _record_grad_norms(monkeypatch) -> list[float]:
-    """The gradient norm the optimiser steps with, each step (a pre-hook on the run's AdamW)."""
+    """The gradient norm the optimiser steps with, each step (a pre-hook on the run's AdamW). A fused AdamW under a
+    GradScaler may get still-scaled gradients and divide by `grad_scale` itself: the norm is then taken unscaled."""
     norms: list[float] = []
     build = loop.build_optimizer
 
@@ -54,7 +55,9 @@ def _record_grad_norms(monkeypatch) -> list[float]:
 
         def hook(opt, *_):
             grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
-            norms.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+            scale = getattr(opt, "grad_scale", None)
+            norms.append(float(norm / scale if scale is not None else norm))
 
         optimizer.register_step_pre_hook(hook)
         return optimizer
