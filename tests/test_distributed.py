@@ -4,6 +4,9 @@ import json
 import math
 import os
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -78,36 +81,113 @@ def test_two_process_loss_matches_single_process(name, local_loss):
             assert torch.allclose(got, want, atol=1e-5)
 
 
-@pytest.mark.timeout(300)
-def test_torchrun_two_processes_train_like_one_with_the_same_global_batch(tmp_path):
-    """`torchrun --nproc-per-node 2 -m clip_pacl.train` (gloo, CPU) ends with the weights of 1 process, batch 2B."""
-    import subprocess
-    import sys
+TRAIN_STEPS = 6
 
+
+def _train_args(runs: Path, *extra: str) -> list[str]:
+    """32 images, global batch 16: 2 steps an epoch, so 6 steps cross epochs; every run starts from runs/init."""
+    return ["--data", str(runs / "data" / "captions.csv"), "--model", str(runs / "init"), "--steps", str(TRAIN_STEPS),
+            "--lr", "1e-3", "--warmup", "1", "--device", "cpu", "--no-progress", "--log-every", "1", *extra]
+
+
+def _torchrun(runs: Path, out: Path, *extra: str, start_new_session: bool = False):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+           "clip_pacl.train", *_train_args(runs, "--batch-size", "8", "--out", str(out), *extra)]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=start_new_session)
+
+
+def _state(path: Path) -> dict[str, torch.Tensor]:
+    import clip_pacl
+
+    return clip_pacl.load(path).state_dict()
+
+
+def _assert_same_weights(a: Path, b: Path, atol: float = 2e-5) -> None:
+    sa, sb = _state(a), _state(b)
+    for name in sa:
+        assert torch.allclose(sa[name], sb[name], atol=atol), name
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    """The data, the initial weights every run starts from, and one process's run with batch 16 (2 x 8)."""
     import clip_pacl
     from clip_pacl.cli.main import main
     from clip_pacl.data.synthetic import generate_synthetic
 
-    generate_synthetic(tmp_path / "data", 32, seed=0, image_size=64)
-    common = ["--data", str(tmp_path / "data" / "captions.csv"), "--model", "tiny", "--steps", "3", "--lr", "1e-3",
-              "--warmup", "1", "--device", "cpu", "--no-progress", "--log-every", "1"]
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         "-m", "clip_pacl.train", *common, "--batch-size", "8", "--out", str(tmp_path / "ddp")],
-        capture_output=True, text=True, timeout=280, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert main(["train", *common, "--batch-size", "16", "--out", str(tmp_path / "single")]) == 0
-    ddp, single = clip_pacl.load(tmp_path / "ddp" / "final"), clip_pacl.load(tmp_path / "single" / "final")
-    start = clip_pacl.load("tiny")
-    moved = 0.0
-    for (name, a), b in zip(ddp.state_dict().items(), single.state_dict().values()):
-        assert torch.allclose(a, b, atol=2e-5), name
-        moved = max(moved, float((b - start.state_dict()[name]).abs().max()))
-    assert moved > 1e-3  # the comparison is not between two untrained models
+    runs = tmp_path_factory.mktemp("runs")
+    generate_synthetic(runs / "data", 32, seed=0, image_size=64)
+    torch.manual_seed(123)
+    clip_pacl.save(clip_pacl.load("tiny"), runs / "init")
+    assert main(["train", *_train_args(runs, "--batch-size", "16", "--out", str(runs / "single"))]) == 0
+    return runs
+
+
+@pytest.mark.timeout(600)  # (includes the module's single-process run)
+def test_torchrun_two_processes_train_like_one_with_the_same_global_batch(runs, tmp_path):
+    """`torchrun --nproc-per-node 2 -m clip_pacl.train` (gloo, CPU) ends with the weights of 1 process, batch 2B."""
+    proc = _torchrun(runs, tmp_path / "ddp")
+    assert proc.wait(500) == 0, proc.stderr.read()[-3000:]
+    _assert_same_weights(tmp_path / "ddp" / "final", runs / "single" / "final")
+    start, trained = _state(runs / "init"), _state(runs / "single" / "final")
+    assert max(float((trained[n] - start[n]).abs().max()) for n in start) > 1e-3  # training moved the weights
     ddp_log = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
-    single_log = [json.loads(line) for line in (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()]
+    single_log = [json.loads(line) for line in (runs / "single" / "metrics.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in ddp_log] == pytest.approx([r["loss"] for r in single_log], abs=1e-4)
+
+
+def _local_loss_worker(rank, port, runs, out, shapes):
+    """One rank of a 2-process run through `clip_pacl.train.train`, recording the logits the loss sees."""
+    import clip_pacl.losses.objective as objective
+    from clip_pacl.cli.main import main
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    real = objective.softmax_contrastive_loss
+
+    def recording(logits_per_image, logits_per_text, offset=0):
+        shapes[rank] = [*shapes.get(rank, []), (tuple(logits_per_image.shape), offset)]
+        return real(logits_per_image, logits_per_text, offset)
+
+    objective.softmax_contrastive_loss = recording
+    assert main(["train", *_train_args(runs, "--batch-size", "8", "--out", str(out), "--local-loss")]) == 0
+
+
+@pytest.mark.timeout(600)  # (includes the module's single-process run)
+def test_local_loss_through_the_training_loop_scores_local_rows_and_trains_like_one_process(runs, tmp_path):
+    """--local-loss on 2 ranks: each scores its 8 rows against all 16 (offset = its place), ending as 1 process."""
+    shapes = mp.Manager().dict()
+    mp.spawn(_local_loss_worker, args=(_free_port(), runs, tmp_path / "local", shapes), nprocs=WORLD, join=True)
+    assert set(shapes[0]) == {((8, 16), 0)} and set(shapes[1]) == {((8, 16), 8)}
+    _assert_same_weights(tmp_path / "local" / "final", runs / "single" / "final")
+
+
+@pytest.mark.timeout(600)  # (includes the module's single-process run)
+def test_torchrun_sigkill_then_resume_auto_is_the_same_run(runs, tmp_path):
+    """Both ranks SIGKILLed after a checkpoint, then `torchrun ... --resume auto`: the run ends as if never stopped."""
+    import signal
+    import time
+
+    from clip_pacl.train import checkpointing
+
+    out = tmp_path / "ddp"
+    proc = _torchrun(runs, out, "--save-every", "2", start_new_session=True)
+    deadline = time.monotonic() + 500
+    while checkpointing.latest_checkpoint(out) is None:
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks, as when a node dies
+    proc.wait(30)
+    assert int(checkpointing.latest_checkpoint(out).name.split("_")[1]) < TRAIN_STEPS
+    resumed = _torchrun(runs, out, "--save-every", "2", "--resume", "auto")
+    assert resumed.wait(500) == 0, resumed.stderr.read()[-3000:]
+    assert "resuming from" in resumed.stderr.read()
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, TRAIN_STEPS + 1))
+    _assert_same_weights(out / "final", runs / "single" / "final")
 
 
 def test_rank_and_world_come_from_torchrun_else_slurm(monkeypatch):
@@ -135,8 +215,6 @@ def test_torchrun_on_uneven_webdataset_shards_ends_epochs_together(tmp_path):
     resume the other rank at the wrong place.
     """
     import io
-    import subprocess
-    import sys
     import tarfile
 
     from PIL import Image

@@ -146,3 +146,70 @@ def test_train_state_loads_with_weights_only(uninterrupted):
 def test_a_new_run_refuses_to_overwrite_an_existing_one(synthetic, uninterrupted, capsys):
     assert main(_args(synthetic, uninterrupted)) == 2
     assert "already holds a run" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("change", ["--seed", "--data", "--objective"])
+def test_resume_refuses_changed_data_seed_or_objective(synthetic, uninterrupted, tmp_path, capsys, change):
+    args = _args(synthetic, tmp_path / "run")
+    if change == "--data":
+        moved = tmp_path / "copy" / "captions.csv"
+        moved.parent.mkdir()
+        moved.write_text(synthetic.read_text())  # the same rows from another file: another run's data
+        args[args.index("--data") + 1] = str(moved)
+    else:
+        args += [change, {"--seed": "1", "--objective": "siglip"}[change]]
+    assert main([*args, "--resume", str(uninterrupted)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot resume: the checkpoint was trained with ") and len(err.splitlines()) == 1
+    assert change.lstrip("-") in err
+
+
+@pytest.mark.timeout(300)
+def test_a_failed_checkpoint_write_keeps_the_last_complete_one(synthetic, uninterrupted, tmp_path, monkeypatch,
+                                                               one_thread):
+    """Step 4's checkpoint write dies half way (--keep 1): step 2's stays complete and resume finishes the run."""
+    from clip_pacl.train import TrainConfig, train
+
+    real_save, saves = torch.save, []
+
+    def dies_on_second_checkpoint(obj, path, *args, **kwargs):
+        saves.append(path)
+        if len(saves) == 2:
+            raise OSError("killed while writing")
+        return real_save(obj, path, *args, **kwargs)
+
+    out = tmp_path / "run"
+    config = TrainConfig(data=str(synthetic), out=str(out), model="tiny", steps=STEPS, batch_size=8, lr=1e-3, warmup=2,
+                         save_every=2, log_every=1, progress=False, keep=1)  # = _args(...) + --keep 1
+    monkeypatch.setattr(checkpointing.torch, "save", dies_on_second_checkpoint)
+    with pytest.raises(OSError, match="killed while writing"):
+        train(config)
+    monkeypatch.setattr(checkpointing.torch, "save", real_save)
+    kept = checkpointing.latest_checkpoint(out)
+    assert kept is not None and kept.name == "step_00000002" and checkpointing.is_complete(kept)
+    assert any(p.name.startswith(".tmp-step_00000004") for p in (out / "checkpoints").iterdir())
+    clip_pacl.load(kept)
+    assert main([*_args(synthetic, out), "--keep", "1", "--resume", "auto"]) == 0
+    _same_weights(out / "final", uninterrupted / "final")
+
+
+def test_a_kill_while_replacing_a_checkpoint_of_the_same_step_keeps_it(tmp_path, monkeypatch):
+    """Saving step N again sets the old step N aside, then renames the new one in; killed in between, the next
+    start puts the old one back (it used to be deleted first, leaving no step N at all)."""
+    model = clip_pacl.load("tiny")
+    first = checkpointing.save_checkpoint(tmp_path, 4, model, {"step": 4, "which": 1}, keep=2)
+    real_replace = os.replace
+
+    def killed_before_the_new_one_lands(src, dst):
+        if Path(src).name.startswith(".tmp-"):
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(checkpointing.os, "replace", killed_before_the_new_one_lands)
+    with pytest.raises(KeyboardInterrupt):
+        checkpointing.save_checkpoint(tmp_path, 4, model, {"step": 4, "which": 2}, keep=2)
+    monkeypatch.setattr(checkpointing.os, "replace", real_replace)
+    checkpointing.remove_stale_temporaries(tmp_path)
+    assert checkpointing.latest_checkpoint(tmp_path) == first and checkpointing.is_complete(first)
+    assert checkpointing.load_train_state(first)["which"] == 1
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == [first.name]

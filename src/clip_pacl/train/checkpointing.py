@@ -85,11 +85,11 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, trai
     done_tmp.write_text(json.dumps(manifest) + "\n")
     _fsync_dir_files(tmp)
     os.replace(done_tmp, tmp / DONE)
-    if final.exists():  # the same step saved again (an interrupted run re-saving): replace it whole
-        old = root / f".old-{final.name}-{os.getpid()}"
+    old = root / f".old-{final.name}-{os.getpid()}"
+    if final.exists():  # the same step saved again: set the complete one aside until the new one is in place
         os.replace(final, old)
-        shutil.rmtree(old)
     os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
     for stale in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(stale, ignore_errors=True)
     return final
@@ -104,12 +104,21 @@ def _fsync_dir_files(path: Path) -> None:
 
 
 def remove_stale_temporaries(run_dir: str | Path) -> None:
-    """Delete what a killed save left behind (hidden temporary directories)."""
+    """Clean up after a killed save: delete its temporary directory; a checkpoint it had moved aside to replace
+    (the same step saved again) goes back in place when the replacement never arrived."""
     root = checkpoint_root(run_dir)
-    if root.is_dir():
-        for p in root.iterdir():
-            if p.name.startswith((".tmp-", ".old-")):
-                shutil.rmtree(p, ignore_errors=True)
+    if not root.is_dir():
+        return
+    for p in root.iterdir():
+        if p.name.startswith(".old-"):
+            original = root / p.name[len(".old-"):].rsplit("-", 1)[0]
+            if not is_complete(original) and is_complete(p):
+                if original.exists():
+                    shutil.rmtree(original)
+                os.replace(p, original)
+                continue
+        if p.name.startswith((".tmp-", ".old-")):
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def load_train_state(path: Path) -> dict[str, Any]:

@@ -38,7 +38,7 @@ class TrainConfig:
     lock_image_unlocked_groups: int = 0
     lock_text: bool = False
     cache_features: bool = False  # PACL: encode the data with the frozen CLIP once (train/feature_cache.py)
-    pacl_unfreeze_blocks: int = 0  # PACL: the new model's PACLConfig (ignored when --model is a PACL checkpoint)
+    pacl_unfreeze_blocks: int = 0  # PACL: the new model's PACLConfig (an error when --model is a PACL checkpoint)
     pacl_pool_temperature: float = 1.0
     pacl_patch_tokens: str = "tokens"
     local_loss: bool = False
@@ -88,6 +88,9 @@ class TrainConfig:
             raise ConfigError("--pacl-unfreeze-blocks must be >= 0 and --pacl-pool-temperature > 0")
         if self.cache_features and self.pacl_unfreeze_blocks:
             raise ConfigError("--cache-features needs a frozen image tower; drop it or --pacl-unfreeze-blocks")
+        if self.objective == "pacl" and (self.lock_image or self.lock_text):
+            raise ConfigError("--lock-image / --lock-text do not apply to --objective pacl: PACL keeps its CLIP frozen "
+                              "and trains only its embedders (--pacl-unfreeze-blocks N also trains image blocks)")
         if self.cache_features and self.objective != "pacl":
             raise ConfigError("--cache-features is for --objective pacl (features of a frozen CLIP)")
 

@@ -1,4 +1,4 @@
-"""Process-group setup for torchrun or SLURM, and the one small all-reduce per step that keeps ranks in step.
+"""Process-group setup for torchrun or SLURM, and the small all-reduce (on logging steps) that keeps ranks in step.
 
 The data order is `clip_pacl.data.build_loader`'s: one seeded permutation per epoch, dealt to the
 ranks, so one process with batch 2B sees exactly the pairs two processes with batch B see.
@@ -66,21 +66,34 @@ def cleanup_distributed() -> None:
 
 
 class StepStats(NamedTuple):
-    loss: float  # mean over ranks: the global batch's loss
-    n_bad: int  # unreadable images this step, all ranks
+    loss: float | None  # mean over ranks of the last step's loss: the global batch's loss (None: no loss given)
+    finite: bool  # every rank's every loss since the last log was finite
+    n_bad: int  # unreadable images since the last sync, all ranks
     n_seen: int
     stop: bool  # some rank was asked to stop (SIGINT/SIGTERM): all stop at this step
 
 
-def reduce_step_stats(info: DistInfo, loss: torch.Tensor, n_bad: int, n_seen: int, stop: bool) -> StepStats:
-    """One small all-reduce per step keeps every rank's counters and its decision to stop identical."""
-    values = torch.tensor([float(loss), n_bad, n_seen, float(stop)], dtype=torch.float64)
+def reduce_step_stats(info: DistInfo, loss: torch.Tensor | None, all_finite: torch.Tensor | None, n_bad: int,
+                      n_seen: int, stop: bool) -> StepStats:
+    """One small all-reduce, and the loop's one read of device values, keeps every rank's counters, loss and
+    decision to stop identical. The loop calls it on logging and checkpoint steps only: it is a host sync."""
+    device = loss.device if loss is not None else torch.device("cpu")
+    values = torch.tensor([0.0, 0.0, n_bad, n_seen, float(stop)], dtype=torch.float64, device=device)
+    if loss is not None:
+        values[0] = loss.detach()
+        values[1] = ~all_finite if all_finite is not None else 0.0
     if info.enabled:
         values = _for_backend(values)
         dist.all_reduce(values)
-        values = values.cpu()
-        values[0] /= info.world_size
-    return StepStats(float(values[0]), int(values[1]), int(values[2]), bool(values[3] > 0))
+    total_loss, not_finite, bad, seen, stops = values.tolist()
+    return StepStats(total_loss / info.world_size if loss is not None else None, not_finite == 0, int(bad), int(seen),
+                     stops > 0)
+
+
+def barrier(info: DistInfo) -> None:
+    """Wait for every rank (no-op for one process)."""
+    if info.enabled:
+        dist.barrier()
 
 
 def all_ranks_ready(info: DistInfo, ready: bool) -> bool:

@@ -4,16 +4,20 @@ Run layout (`OUT/`): `checkpoints/step_N/` (resumable, the newest `keep`), `fina
 a normal checkpoint dir for `clip_pacl.load`), `metrics.jsonl`, `tensorboard/`, `loss.png`,
 `train_config.json`. Only rank 0 writes. A resumed run continues with the same weights, optimiser,
 schedule, scaler, RNG states and data position, so it is the same run as one that was never stopped.
+
+Host syncs: the loss stays on the device and the loop reads it (with its finiteness, the ranks' image
+counters and stop requests) only on logging and checkpoint steps, as open_clip and nanoGPT do, so the
+device is never made to wait for Python in between.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import math
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import IterableDataset
+from torch.utils.data import DataLoader, IterableDataset
 from tqdm import tqdm
 
 from clip_pacl.checkpoint import load as load_model
@@ -34,7 +38,9 @@ from clip_pacl.train import checkpointing as ckpt
 from clip_pacl.train.config import TrainConfig
 from clip_pacl.train.distributed import (
     DistInfo,
+    StepStats,
     all_ranks_ready,
+    barrier,
     cleanup_distributed,
     init_distributed,
     reduce_step_stats,
@@ -46,6 +52,7 @@ from clip_pacl.train.setup import FeatureModel, build_datasets, build_model
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 BAD_CHECK_MIN_SAMPLES = 1000  # mid-epoch, judge the bad-image fraction only on this many samples or more
+Micro = list[tuple[torch.Tensor, torch.Tensor]]  # one step's micro-batches: (images, texts) on the device
 
 
 @dataclass(frozen=True)
@@ -65,6 +72,81 @@ class TrainResult:
         return asdict(self)
 
 
+@dataclass
+class TrainState:
+    """Where a run stands. `saved()` goes into every checkpoint; resuming restores it."""
+
+    step: int = 0  # optimiser steps done
+    epoch: int = 0
+    batch_in_epoch: int = 0  # micro-batches of `epoch` consumed; a resumed loader starts after them
+    n_bad: int = 0  # unreadable images skipped, all ranks, as of the last host sync
+    n_seen: int = 0
+    pending_bad: int = 0  # this rank's counts since the last host sync (host ints: counting costs no sync)
+    pending_seen: int = 0
+
+    def saved(self) -> dict[str, int]:
+        return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                "n_bad": self.n_bad, "n_seen": self.n_seen}
+
+
+@dataclass
+class Run:
+    """Everything a run builds once, before its first step."""
+
+    config: TrainConfig
+    objective: Objective
+    info: DistInfo
+    device: torch.device
+    model: nn.Module  # the model being trained: saved, validated, clipped
+    feature_model: nn.Module  # what a step calls: FeatureModel(model), under DDP / torch.compile when asked
+    loader: DataLoader
+    val_rows: list | None
+    optimizer: torch.optim.Optimizer
+    schedule: WarmupCosine
+    scaler: torch.amp.GradScaler
+    logger: RunLogger
+    steps_per_epoch: int
+    total_steps: int
+    global_batch: int
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.config.out)
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Micro-batches an epoch uses (whole steps; an epoch's leftover micro-batches are skipped)."""
+        return self.steps_per_epoch * self.config.accum
+
+    @property
+    def sync_epoch_ends(self) -> bool:
+        """Streaming data may give ranks unequal batch counts: they agree before each step that all have one."""
+        return self.info.enabled and isinstance(self.loader.dataset, IterableDataset)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        dtype = AMP_DTYPES.get(self.config.precision)
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
+
+
+@dataclass
+class LogWindow:
+    """The steps since the last log: the last loss and whether every loss was finite, kept on the device."""
+
+    first_step: int
+    good_at_start: int  # readable samples seen (all ranks) when the window opened
+    start: float
+    loss: torch.Tensor | None = None
+    all_finite: torch.Tensor | None = None
+
+    @classmethod
+    def open(cls, state: TrainState) -> LogWindow:
+        return cls(state.step + 1, state.n_seen - state.n_bad, time.perf_counter())
+
+    def add(self, loss: torch.Tensor) -> None:
+        finite = torch.isfinite(loss)  # a device op: no host sync
+        self.loss, self.all_finite = loss, finite if self.all_finite is None else self.all_finite & finite
+
+
 def train(config: TrainConfig) -> TrainResult:
     """Train as `config` says; under torchrun (or SLURM) each process runs this and they form one DDP job."""
     device = resolve_device(config.device)
@@ -79,11 +161,67 @@ def train(config: TrainConfig) -> TrainResult:
 
 
 def _train(config: TrainConfig, objective: Objective, info: DistInfo, device: torch.device) -> TrainResult:
+    run = setup(config, objective, info, device)
+    state, last_checkpoint = resume(run)
+    stop, window = _StopRequest(), LogWindow.open(state)
+    bar = tqdm(total=run.total_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True,
+               disable=not (config.progress and info.is_main))
+    start_time, loss_value, val_metrics, val_step = time.perf_counter(), None, None, -1
+    set_train_mode(run.model)
+    with stop.installed():
+        for micro in micro_batches(run, state):
+            lr = run.schedule.apply(state.step)
+            window.add(optimizer_step(run, micro))
+            state.step += 1
+            bar.update(1)
+            # ---------------------------------------------------- logs, validation, checkpoints on their steps
+            due_log = state.step % config.log_every == 0 or state.step == run.total_steps
+            due_save = bool(config.save_every and state.step % config.save_every == 0)
+            due_val = bool(config.val_every and state.step % config.val_every == 0 and run.val_rows and info.is_main)
+            stop_now = stop.requested and not info.enabled  # one process stops at once; DDP ranks agree at syncs
+            stats = sync(run, state, window, stop.requested) if due_log or due_save or stop_now else None
+            record: dict[str, Any] = {"step": state.step, "epoch": state.epoch}
+            if due_log:
+                loss_value = stats.loss
+                record.update(window_metrics(run, state, window, stats, lr))
+                bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", sps=f"{record['samples_per_s']:.0f}")
+                window = LogWindow.open(state)
+            if due_val:
+                val_metrics, val_step = validate(run.model, run.val_rows, config, device), state.step
+                set_train_mode(run.model)
+                record.update({f"val_{k}": v for k, v in val_metrics.items()})
+            if due_log or due_val:
+                run.logger.log(record)
+            if due_save or (stats is not None and stats.stop):
+                last_checkpoint = save_checkpoint(run, state, last_checkpoint)
+            if stats is not None and stats.stop:
+                bar.close()
+                _interrupted(run, state, last_checkpoint)
+    bar.close()
+    if state.batch_in_epoch >= run.batches_per_epoch:
+        _report_epoch(run, state)
+    last_checkpoint = save_checkpoint(run, state, last_checkpoint)
+    final_dir = save_final_model(run)
+    if run.val_rows and info.is_main and val_step != state.step:
+        val_metrics = validate(run.model, run.val_rows, config, device)
+        run.logger.log({"step": state.step, "epoch": state.epoch, **{f"val_{k}": v for k, v in val_metrics.items()}})
+    run.logger.close()
+    if info.is_main:
+        plot_loss(run.run_dir)
+    return TrainResult(steps=state.step, epoch=state.epoch, seconds=time.perf_counter() - start_time,
+                       final_loss=loss_value, val=val_metrics,
+                       checkpoint=str(last_checkpoint) if last_checkpoint else None, final_model=str(final_dir),
+                       run_dir=str(run.run_dir), n_bad=state.n_bad, n_seen=state.n_seen)
+
+
+def setup(config: TrainConfig, objective: Objective, info: DistInfo, device: torch.device) -> Run:
+    """Model, data, optimiser and logger. Configuration mistakes (unknown preset, missing column, a dataset
+    smaller than one step) fail here, before any work."""
     run_dir = Path(config.out)
-    if config.resume is None and ckpt.latest_checkpoint(run_dir) is not None:
-        raise ConfigError(f"{run_dir} already holds a run ({ckpt.latest_checkpoint(run_dir).name}); "
+    existing = ckpt.latest_checkpoint(run_dir)
+    if config.resume is None and existing is not None:
+        raise ConfigError(f"{run_dir} already holds a run ({existing.name}); "
                           f"continue it with --resume auto or choose another --out")
-    # ---------------------------------------------------------------- model and data (config errors fail here)
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     model = build_model(config, objective)
     image_size = config.image_size or getattr(model, "image_size", None)
@@ -96,11 +234,10 @@ def _train(config: TrainConfig, objective: Objective, info: DistInfo, device: to
     global_batch = config.batch_size * config.accum * info.world_size
     loader = build_loader(train_ds, batch_size=config.batch_size, shuffle=True, workers=config.workers,
                           seed=config.seed, drop_last=True, rank=info.rank, world_size=info.world_size)
-    steps_per_epoch = len(loader) // config.accum  # whole steps; leftover micro-batches of an epoch are skipped
+    steps_per_epoch = len(loader) // config.accum
     if steps_per_epoch == 0:
         raise DataError(f"{config.data} has {len(train_ds)} training pairs, fewer than one step's "
                         f"{global_batch} (batch size x accum x processes)")
-    total_steps = config.steps or (config.epochs or 1) * steps_per_epoch
     if config.lock_image:
         lock_image_tower(model, config.lock_image_unlocked_groups)
     if config.lock_text:
@@ -108,157 +245,160 @@ def _train(config: TrainConfig, objective: Objective, info: DistInfo, device: to
     if config.grad_checkpointing:
         model.set_grad_checkpointing(True)
     model.to(device)
-    optimizer = build_optimizer(model, config.lr, config.wd)
-    schedule = WarmupCosine(optimizer, config.lr, config.warmup, total_steps)
-    amp_dtype = AMP_DTYPES.get(config.precision)
-    scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
-    logger = RunLogger(run_dir, enabled=info.is_main)
-
-    # ---------------------------------------------------------------- resume
-    step, epoch, batch_in_epoch, n_bad, n_seen = 0, 0, 0, 0, 0
-    resume_from = ckpt.resolve_resume(config.resume, run_dir) if config.resume else None
-    if resume_from is not None:
-        state = ckpt.load_train_state(resume_from)
-        _check_compatible(state["config"], config, global_batch, state.get("global_batch"))
-        model.load_state_dict(load_model(resume_from).state_dict())
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        scaler.load_state_dict(state["scaler"])
-        step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-        n_bad, n_seen = state["n_bad"], state["n_seen"]
-        ckpt.set_rng_state(state["rng"])
-        logger.note(f"resuming from {resume_from} (step {step}/{total_steps}, epoch {epoch})")
-        logger.truncate_after(step)
-    else:
-        if config.resume == "auto":
-            logger.note(f"no checkpoint in {run_dir}: starting a new run")
-        logger.truncate_after(0)  # a new run starts a new metrics.jsonl
-    if info.is_main:
-        ckpt.remove_stale_temporaries(run_dir)
-        (run_dir / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-
+    optimizer = build_optimizer(model, config.lr, config.wd)  # after .to(device): the fused kernel is per device
+    total_steps = config.steps or (config.epochs or 1) * steps_per_epoch
     feature_model: nn.Module = FeatureModel(model, from_cache=config.cache_features)
     if info.enabled:
-        feature_model = DistributedDataParallel(feature_model, device_ids=[device.index] if device.type == "cuda"
-                                                else None)
+        feature_model = DistributedDataParallel(feature_model,
+                                                device_ids=[device.index] if device.type == "cuda" else None)
     if config.compile:
         feature_model = torch.compile(feature_model)
+    return Run(config=config, objective=objective, info=info, device=device, model=model,
+               feature_model=feature_model, loader=loader, val_rows=val_rows, optimizer=optimizer,
+               schedule=WarmupCosine(optimizer, config.lr, config.warmup, total_steps),
+               scaler=torch.amp.GradScaler(device.type, enabled=config.precision == "fp16"),
+               logger=RunLogger(run_dir, enabled=info.is_main), steps_per_epoch=steps_per_epoch,
+               total_steps=total_steps, global_batch=global_batch)
 
-    def autocast():
-        return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
 
-    def checkpoint_state() -> dict[str, Any]:
-        return {"config": config.to_dict(), "global_batch": global_batch, "optimizer": optimizer.state_dict(),
-                "schedule": schedule.state_dict(), "scaler": scaler.state_dict(), "step": step, "epoch": epoch,
-                "batch_in_epoch": batch_in_epoch, "n_bad": n_bad, "n_seen": n_seen, "rng": ckpt.rng_state()}
+def resume(run: Run) -> tuple[TrainState, Path | None]:
+    """The state to start from: a checkpoint's (weights, optimiser, schedule, scaler, RNG, data position), or step 0.
 
-    last_checkpoint: Path | None = resume_from
+    Returns (state, the checkpoint resumed from or None)."""
+    config, logger = run.config, run.logger
+    if run.info.is_main:  # first, so that a checkpoint a killed save had moved aside is back in place
+        ckpt.remove_stale_temporaries(run.run_dir)
+    barrier(run.info)
+    source = ckpt.resolve_resume(config.resume, run.run_dir) if config.resume else None
+    state = TrainState()
+    if source is not None:
+        saved = ckpt.load_train_state(source)
+        _check_compatible(saved["config"], config, run.global_batch, saved.get("global_batch"))
+        run.model.load_state_dict(load_model(source).state_dict())
+        run.optimizer.load_state_dict(saved["optimizer"])
+        run.schedule.load_state_dict(saved["schedule"])
+        run.scaler.load_state_dict(saved["scaler"])
+        state = TrainState(**{key: saved[key] for key in TrainState().saved()})
+        ckpt.set_rng_state(saved["rng"])
+        logger.note(f"resuming from {source} (step {state.step}/{run.total_steps}, epoch {state.epoch})")
+        logger.truncate_after(state.step)
+    else:
+        if config.resume == "auto":
+            logger.note(f"no checkpoint in {run.run_dir}: starting a new run")
+        logger.truncate_after(0)  # a new run starts a new metrics.jsonl
+    if run.info.is_main:
+        (run.run_dir / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    return state, source
 
-    def save() -> None:
-        nonlocal last_checkpoint
-        if info.is_main and (last_checkpoint is None or not last_checkpoint.name.endswith(f"{step:08d}")):
-            last_checkpoint = ckpt.save_checkpoint(run_dir, step, model, checkpoint_state(), config.keep)
 
-    # ---------------------------------------------------------------- the loop
-    stop = _StopRequest()
-    # streaming data may give ranks unequal batch counts: agree before each step that every rank has one
-    sync_epoch_ends = info.enabled and isinstance(loader.dataset, IterableDataset)
-    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
-               disable=not (config.progress and info.is_main))
-    start_time, loss_value, val_metrics, val_step = time.perf_counter(), None, None, -1
-    window_start, window_samples = time.perf_counter(), 0
-    set_train_mode(model)
-    with stop.installed():
-        while step < total_steps:
-            if batch_in_epoch >= steps_per_epoch * config.accum:
-                _report_epoch(logger, epoch, n_bad, n_seen, config.max_bad_fraction)
-                epoch, batch_in_epoch = epoch + 1, 0
-            set_loader_epoch(loader, epoch, batch_in_epoch)
-            micro: list[tuple[torch.Tensor, torch.Tensor]] = []
-            step_bad = step_seen = 0
-            steps_before, fresh_epoch = step, batch_in_epoch == 0
-            for batch in loader:
-                batch_in_epoch += 1
-                step_bad, step_seen = step_bad + batch["n_bad"], step_seen + batch["n_total"]
-                if len(batch["images"]) == 0:  # every image of this micro-batch was unreadable
-                    continue
-                micro.append((batch["images"].to(device, non_blocking=True),
-                              batch["texts"].to(device, non_blocking=True)))
-                if len(micro) < config.accum:
-                    continue
-                if sync_epoch_ends and not all_ranks_ready(info, True):  # another rank's shards ran out
-                    batch_in_epoch = steps_per_epoch * config.accum
-                    break
-                # ------------------------------------------------ one optimiser step
-                lr = schedule.apply(step)
-                loss = accumulate_gradients(feature_model, objective, micro, autocast, scaler.scale, config.local_loss)
-                if config.grad_clip:
-                    scaler.unscale_(optimizer)
-                    nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                clamp_logit_scale(model)
-                step += 1
-                stats = reduce_step_stats(info, loss.detach(), step_bad, step_seen, stop.requested)
-                n_bad, n_seen, loss_value = n_bad + stats.n_bad, n_seen + stats.n_seen, stats.loss
-                micro, step_bad, step_seen = [], 0, 0
-                if not math.isfinite(loss_value):
-                    raise FloatingPointError(f"loss is {loss_value} at step {step}: lower --lr or use --precision fp32")
-                window_samples += stats.n_seen - stats.n_bad
-                bar.update(1)
-                # ------------------------------------------------ logs, validation, checkpoints
-                due_log = step % config.log_every == 0 or step == total_steps
-                due_val = bool(config.val_every and step % config.val_every == 0 and val_rows and info.is_main)
-                record: dict[str, Any] = {"step": step, "epoch": epoch}
-                if due_log:
-                    elapsed = time.perf_counter() - window_start
-                    record.update(loss=loss_value, lr=lr, logit_scale=float(model.logit_scale.detach().exp()),
-                                  samples_per_s=window_samples / max(elapsed, 1e-9), n_bad=n_bad)
-                    window_start, window_samples = time.perf_counter(), 0
-                    bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", sps=f"{record['samples_per_s']:.0f}")
-                    if n_seen >= BAD_CHECK_MIN_SAMPLES:
-                        _check_bad_fraction(n_bad, n_seen, config.max_bad_fraction)
-                if due_val:
-                    val_metrics, val_step = validate(model, val_rows, config, device), step
-                    set_train_mode(model)
-                    record.update({f"val_{k}": v for k, v in val_metrics.items()})
-                if due_log or due_val:
-                    logger.log(record)
-                if config.save_every and step % config.save_every == 0:
-                    save()
-                if stats.stop:
-                    save()
-                    bar.close()
-                    logger.note(f"interrupted at step {step}/{total_steps}: checkpoint {last_checkpoint}; "
-                                f"continue with --resume auto")
-                    logger.close()
-                    raise KeyboardInterrupt
-                if step >= total_steps or batch_in_epoch >= steps_per_epoch * config.accum:
-                    break
-            else:  # the loader ran out early (a streaming dataset's length is approximate): the epoch is over
-                if sync_epoch_ends:
-                    all_ranks_ready(info, False)
-                batch_in_epoch = steps_per_epoch * config.accum
-            if step == steps_before and fresh_epoch:  # (a resumed epoch may legitimately have no step left)
-                raise DataError(f"an epoch ended without a single step (rank {info.rank} of {info.world_size} "
-                                f"got fewer than {config.accum} batch(es) of {config.batch_size}); check the data")
-    bar.close()
-    if batch_in_epoch >= steps_per_epoch * config.accum:
-        _report_epoch(logger, epoch, n_bad, n_seen, config.max_bad_fraction)
-    save()
-    final_dir = run_dir / "final"
-    if info.is_main:
-        save_model(model, final_dir)
-    if val_rows and info.is_main and val_step != step:
-        val_metrics, val_step = validate(model, val_rows, config, device), step
-        logger.log({"step": step, "epoch": epoch, **{f"val_{k}": v for k, v in val_metrics.items()}})
-    logger.close()
-    if info.is_main:
-        plot_loss(run_dir)
-    return TrainResult(steps=step, epoch=epoch, seconds=time.perf_counter() - start_time, final_loss=loss_value,
-                       val=val_metrics, checkpoint=str(last_checkpoint) if last_checkpoint else None,
-                       final_model=str(final_dir), run_dir=str(run_dir), n_bad=n_bad, n_seen=n_seen)
+def micro_batches(run: Run, state: TrainState) -> Iterator[Micro]:
+    """Each step's `accum` micro-batches (on the device), from where `state` stands to the run's last step.
+
+    Owns the data position: epochs (each its own seeded order), the micro-batches consumed (saved for
+    resume), the unreadable-image counts, and, for streaming data under DDP, the ranks' agreement that
+    every rank has a full step (else all end the epoch together).
+    """
+    while state.step < run.total_steps:
+        if state.batch_in_epoch >= run.batches_per_epoch:
+            _report_epoch(run, state)
+            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+        steps_before, fresh_epoch = state.step, state.batch_in_epoch == 0
+        yield from _epoch_steps(run, state)
+        if state.step == steps_before and fresh_epoch:  # (a resumed epoch may legitimately have no step left)
+            raise DataError(f"an epoch ended without a single step (rank {run.info.rank} of {run.info.world_size} "
+                            f"got fewer than {run.config.accum} batch(es) of {run.config.batch_size}); "
+                            f"check the data")
+
+
+def _epoch_steps(run: Run, state: TrainState) -> Iterator[Micro]:
+    """The steps left in `state.epoch`; the epoch is over when its batches are used or the data runs out."""
+    set_loader_epoch(run.loader, state.epoch, state.batch_in_epoch)
+    micro: Micro = []
+    for batch in run.loader:
+        state.batch_in_epoch += 1
+        state.pending_bad += batch["n_bad"]
+        state.pending_seen += batch["n_total"]
+        if len(batch["images"]) == 0:  # every image of this micro-batch was unreadable
+            continue
+        micro.append((batch["images"].to(run.device, non_blocking=True),
+                      batch["texts"].to(run.device, non_blocking=True)))
+        if len(micro) < run.config.accum:
+            continue
+        if run.sync_epoch_ends and not all_ranks_ready(run.info, True):  # another rank's shards ran out
+            break
+        yield micro
+        micro = []
+        if state.step >= run.total_steps or state.batch_in_epoch >= run.batches_per_epoch:
+            return
+    else:  # the loader ran out early (a streaming dataset's length is approximate)
+        if run.sync_epoch_ends:
+            all_ranks_ready(run.info, False)
+    state.batch_in_epoch = run.batches_per_epoch
+
+
+def optimizer_step(run: Run, micro: Micro) -> torch.Tensor:
+    """One AdamW step on the contrastive batch `micro`: gradients (fp16: scaled), unscaled then clipped, the
+    scaler's step (skipped when a gradient is inf/NaN), the temperature clamped. Returns the loss, on the device."""
+    config = run.config
+    loss = accumulate_gradients(run.feature_model, run.objective, micro, run.autocast, run.scaler.scale,
+                                config.local_loss)
+    if config.grad_clip:
+        run.scaler.unscale_(run.optimizer)  # clip the true gradient, not the fp16-scaled one
+        nn.utils.clip_grad_norm_(run.model.parameters(), config.grad_clip)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    clamp_logit_scale(run.model)
+    return loss
+
+
+def sync(run: Run, state: TrainState, window: LogWindow | None = None, stop: bool = False) -> StepStats:
+    """The loop's host sync (logging, checkpoint and epoch-end steps only): the ranks' image counts join the run's
+    totals, and a loss that was not finite since the last log is an error."""
+    stats = reduce_step_stats(run.info, window and window.loss, window and window.all_finite, state.pending_bad,
+                              state.pending_seen, stop)
+    state.n_bad, state.n_seen = state.n_bad + stats.n_bad, state.n_seen + stats.n_seen
+    state.pending_bad = state.pending_seen = 0
+    if not stats.finite:
+        steps = f"step {state.step}" if window.first_step == state.step else f"steps {window.first_step}-{state.step}"
+        raise FloatingPointError(f"the loss was not finite at {steps} (now {stats.loss}): lower --lr or use "
+                                 f"--precision fp32")
+    return stats
+
+
+def window_metrics(run: Run, state: TrainState, window: LogWindow, stats: StepStats, lr: float) -> dict[str, Any]:
+    """A log line's training numbers; checks the bad-image fraction once enough images were seen."""
+    if state.n_seen >= BAD_CHECK_MIN_SAMPLES:
+        _check_bad_fraction(state.n_bad, state.n_seen, run.config.max_bad_fraction)
+    samples = state.n_seen - state.n_bad - window.good_at_start
+    elapsed = time.perf_counter() - window.start
+    return {"loss": stats.loss, "lr": lr, "logit_scale": float(run.model.logit_scale.detach().exp()),
+            "samples_per_s": samples / max(elapsed, 1e-9), "n_bad": state.n_bad}
+
+
+def save_checkpoint(run: Run, state: TrainState, last: Path | None) -> Path | None:
+    """Write the resumable checkpoint of `state.step` (rank 0, once per step); returns the newest checkpoint."""
+    if not run.info.is_main or (last is not None and last.name.endswith(f"{state.step:08d}")):
+        return last
+    train_state = {"config": run.config.to_dict(), "global_batch": run.global_batch,
+                   "optimizer": run.optimizer.state_dict(), "schedule": run.schedule.state_dict(),
+                   "scaler": run.scaler.state_dict(), **state.saved(), "rng": ckpt.rng_state()}
+    return ckpt.save_checkpoint(run.run_dir, state.step, run.model, train_state, run.config.keep)
+
+
+def save_final_model(run: Run) -> Path:
+    """The one place the trained model is written: OUT/final, a plain checkpoint dir for `clip_pacl.load`."""
+    final_dir = run.run_dir / "final"
+    if run.info.is_main:
+        save_model(run.model, final_dir)
+    return final_dir
+
+
+def _interrupted(run: Run, state: TrainState, checkpoint: Path | None) -> None:
+    run.logger.note(f"interrupted at step {state.step}/{run.total_steps}: checkpoint {checkpoint}; "
+                    f"continue with --resume auto")
+    run.logger.close()
+    raise KeyboardInterrupt
 
 
 def accumulate_gradients(
@@ -312,10 +452,13 @@ def _check_bad_fraction(n_bad: int, n_seen: int, limit: float) -> None:
                         f"--max-bad-fraction {limit:g}; fix the data or raise the limit")
 
 
-def _report_epoch(logger: RunLogger, epoch: int, n_bad: int, n_seen: int, limit: float) -> None:
-    if n_bad:
-        logger.note(f"epoch {epoch}: {n_bad} unreadable images skipped so far ({n_bad}/{n_seen})")
-    _check_bad_fraction(n_bad, n_seen, limit)
+def _report_epoch(run: Run, state: TrainState) -> None:
+    """End of an epoch: a host sync brings in the ranks' image counts, then the bad-image fraction is judged."""
+    sync(run, state)
+    if state.n_bad:
+        run.logger.note(f"epoch {state.epoch}: {state.n_bad} unreadable images skipped so far "
+                        f"({state.n_bad}/{state.n_seen})")
+    _check_bad_fraction(state.n_bad, state.n_seen, run.config.max_bad_fraction)
 
 
 def _check_compatible(saved: dict[str, Any], config: TrainConfig, global_batch: int, saved_batch: int | None) -> None:
@@ -330,7 +473,8 @@ def _check_compatible(saved: dict[str, Any], config: TrainConfig, global_batch: 
 
 
 class _StopRequest:
-    """SIGINT / SIGTERM (Ctrl-C, SLURM preemption) ask the loop to save a checkpoint and stop at the next step."""
+    """SIGINT / SIGTERM (Ctrl-C, SLURM preemption) ask the loop to save a checkpoint and stop: one process at the
+    next step, DDP ranks at the next logging or checkpoint step (where they agree, so all stop at the same step)."""
 
     def __init__(self) -> None:
         self.requested = False

@@ -6,7 +6,7 @@ column, a dataset smaller than one batch) fail before any work starts.
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import torch
@@ -32,10 +32,11 @@ def build_model(config: TrainConfig, objective: Objective) -> nn.Module:
         from clip_pacl.models.pacl import PACL, PACLConfig
 
         if isinstance(model, PACL):
+            _check_no_pacl_flags(config, model.config)
             return model
         return PACL(model, PACLConfig(unfreeze_last_n_blocks=config.pacl_unfreeze_blocks,
-                                                pool_temperature=config.pacl_pool_temperature,
-                                                patch_tokens=config.pacl_patch_tokens))
+                                      pool_temperature=config.pacl_pool_temperature,
+                                      patch_tokens=config.pacl_patch_tokens))
     if not hasattr(model, "loss_features"):
         raise ConfigError(f"{config.model} is not a trainable model (no loss_features)")
     if fresh and objective.init_logit_scale is not None:
@@ -45,6 +46,17 @@ def build_model(config: TrainConfig, objective: Objective) -> nn.Module:
         model.logit_bias = nn.Parameter(torch.tensor(float(objective.init_logit_bias)))
         model.config = replace(model.config, init_logit_bias=float(objective.init_logit_bias))
     return model
+
+
+def _check_no_pacl_flags(config: TrainConfig, saved) -> None:
+    """A PACL checkpoint brings its own PACLConfig: a --pacl-* flag asking for another value would be ignored."""
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    for flag, key in (("pacl_unfreeze_blocks", "unfreeze_last_n_blocks"), ("pacl_pool_temperature", "pool_temperature"),
+                      ("pacl_patch_tokens", "patch_tokens")):
+        value = getattr(config, flag)
+        if value != defaults[flag] and value != getattr(saved, key):
+            raise ConfigError(f"--{flag.replace('_', '-')} {value} cannot change {config.model}, already a PACL model "
+                              f"with {key}={getattr(saved, key)!r}; drop the flag (or start from its CLIP)")
 
 
 class FeatureModel(nn.Module):
