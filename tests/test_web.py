@@ -9,7 +9,6 @@ import base64
 import io
 import os
 import shutil
-import socket
 import subprocess
 from pathlib import Path
 
@@ -34,7 +33,7 @@ from clip_pacl.segmentation.predict import segment  # noqa: E402
 from clip_pacl.transforms import image_transform  # noqa: E402
 from clip_pacl.web import WebService, create_app  # noqa: E402
 from clip_pacl.zeroshot.classifier import build_classifier, class_probabilities  # noqa: E402
-from webserver import post, running, serve_process  # noqa: E402
+from webserver import post, raw_request, running, serve_process  # noqa: E402
 
 UPLOAD_CAP = 64 * 1024
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
@@ -65,15 +64,7 @@ def first_image(setup) -> Path:
 
 
 def raw_get(url: str, target: str) -> tuple[int, bytes]:
-    """GET `target` exactly as written (no client-side normalisation of `..` or %-escapes)."""
-    port = int(url.rsplit(":", 1)[1])
-    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
-        s.sendall(f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
-        data = b""
-        while chunk := s.recv(65536):
-            data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    return int(head.split()[1]), body
+    return raw_request(url, "GET", target, {"Host": "127.0.0.1"})
 
 
 def test_health(setup):

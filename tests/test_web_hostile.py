@@ -4,7 +4,6 @@ server refuses what a hostile web page could make the user's browser send (DNS r
 
 import io
 import random
-import socket
 import struct
 import zlib
 from pathlib import Path
@@ -28,7 +27,7 @@ from clip_pacl.segmentation import predict  # noqa: E402
 from clip_pacl.web import WebService, create_app  # noqa: E402
 from clip_pacl.web.app import MAX_QUERY_CHARS  # noqa: E402
 from clip_pacl.web.service import MAX_SEGMENT_SIDE, MAX_UPLOAD_PIXELS  # noqa: E402
-from webserver import HEADERS, post, running  # noqa: E402
+from webserver import HEADERS, post, raw_request, running  # noqa: E402
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:
@@ -221,32 +220,18 @@ def test_large_segment_upload_is_shrunk_for_the_overlay(servers):
     assert 2 * MAX_SEGMENT_SIDE <= overlay.width < 2500  # drawn at 1024x164 (enlarged x2 to be readable), + legend
 
 
-def raw(url: str, method: str, target: str, headers: dict[str, str], body: bytes = b"") -> tuple[int, bytes]:
-    """One HTTP request with exactly these headers (Host included), as a browser under attack would send it."""
-    port = int(url.rsplit(":", 1)[1])
-    lines = [f"{method} {target} HTTP/1.1", *(f"{k}: {v}" for k, v in headers.items()),
-             f"Content-Length: {len(body)}", "Connection: close", "", ""]
-    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
-        s.sendall("\r\n".join(lines).encode() + body)
-        data = b""
-        while chunk := s.recv(65536):
-            data += chunk
-    head, _, payload = data.partition(b"\r\n\r\n")
-    return int(head.split()[1]), payload
-
-
 def test_dns_rebinding_host_names_are_refused_on_loopback(servers):
     url = servers["loopback"]
     port = url.rsplit(":", 1)[1]
     for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}", "localhost", "LOCALHOST:9000"):
-        assert raw(url, "GET", "/api/health", {"Host": host})[0] == 200, host
+        assert raw_request(url, "GET", "/api/health", {"Host": host})[0] == 200, host
     for host in (f"evil.example:{port}", "evil.example", f"127.0.0.1.evil.example:{port}", "", f"[::2]:{port}",
                  f"localhost.:{port}x"):
-        status, body = raw(url, "GET", "/api/search?q=cat", {"Host": host})
+        status, body = raw_request(url, "GET", "/api/search?q=cat", {"Host": host})
         assert status == 403 and b"only to localhost" in body and b"results" not in body, host
     # bound to a public address the operator chose other names; the POST rules below still hold
     public = servers["public"]
-    assert raw(public, "GET", "/api/health", {"Host": "my-box.lan:8000"})[0] == 200
+    assert raw_request(public, "GET", "/api/health", {"Host": "my-box.lan:8000"})[0] == 200
 
 
 def test_cross_site_posts_are_refused(servers):

@@ -25,8 +25,8 @@ THREADS = 8
 WARMUP = 300
 # Growth of the server's resident memory over the last 700 requests, after a warm-up that fills the caches,
 # torch's pools and the allocator's per-thread arenas (measured: +80 MB over the first 300 requests, then
-# +27 MB over the next 900, flat after that). Keeping a decoded image, score map or overlay per request
-# (>= 120 KB each) would exceed the bound.
+# +27 MB over the next 900, flat after that). A leak of >= 120 KB per request exceeds the bound; keeping
+# each of these small decoded uploads (~80 KB) does not (tried), so this catches large leaks only.
 MAX_RSS_GROWTH = 80 * 2**20
 
 

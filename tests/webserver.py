@@ -75,3 +75,17 @@ def rss_bytes(pid: int, field: str = "VmRSS") -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
     raise KeyError(field)
+
+
+def raw_request(url: str, method: str, target: str, headers: dict[str, str], body: bytes = b"") -> tuple[int, bytes]:
+    """One HTTP request exactly as written: the target unnormalised (`..`, %-escapes), these headers (Host too)."""
+    port = int(url.rsplit(":", 1)[1])
+    lines = [f"{method} {target} HTTP/1.1", *(f"{k}: {v}" for k, v in headers.items()),
+             f"Content-Length: {len(body)}", "Connection: close", "", ""]
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall("\r\n".join(lines).encode() + body)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    head, _, payload = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), payload
