@@ -19,11 +19,11 @@ from PIL import Image
 from torch import nn
 
 from clip_pacl.errors import ConfigError
+from clip_pacl.segmentation.background import BackgroundRule, background_index, resolve_background
 from clip_pacl.transforms import OPENAI_MEAN, OPENAI_STD
 
 METHODS = ("pacl", "patch", "maskclip")
 DEFAULT_TEMPLATES = ("a photo of a {}.", "a photo of the {}.", "a photo of a small {}.", "a photo of a large {}.")
-BACKGROUND = "background"
 NO_CLASS = 255  # label of pixels left unassigned (below the threshold, no "background" class in the list)
 _MEAN = torch.tensor(OPENAI_MEAN).view(3, 1, 1)
 _STD = torch.tensor(OPENAI_STD).view(3, 1, 1)
@@ -34,6 +34,7 @@ class SegmentationResult:
     label_map: np.ndarray  # (H, W) int64, index into class_names (NO_CLASS when unassigned)
     scores: torch.Tensor  # (C, H, W) per-pixel similarity to each class
     class_names: list[str]
+    background: BackgroundRule = BackgroundRule("prompt")  # how background pixels were decided
 
     def fractions(self) -> dict[str, float]:
         """Share of the image's pixels given to each class (unassigned pixels count for none)."""
@@ -184,25 +185,27 @@ def _sliding_scores(
 
 
 def labels_from_scores(
-    scores: torch.Tensor, class_names: Sequence[str], background_threshold: float | None = None
+    scores: torch.Tensor, class_names: Sequence[str], background_threshold: float | BackgroundRule | None = None
 ) -> np.ndarray:
     """Argmax over classes (H, W). With a threshold, pixels whose best score is below it become background.
 
-    A class literally named "background" is then the label for those pixels and is left out of the
-    argmax (its prompt would only compete with the threshold); without one they get NO_CLASS.
+    `background_threshold` is a cosine or a `BackgroundRule` (which may set the threshold per image, see
+    `background.py`). A class literally named "background" is then the label for those pixels and is left
+    out of the argmax (its prompt would only compete with the threshold); without one they get NO_CLASS.
     Without a threshold, "background" is scored by its prompt like any other class.
     """
-    if background_threshold is None:
+    rule = background_threshold if isinstance(background_threshold, BackgroundRule) else (
+        None if background_threshold is None else BackgroundRule("threshold", float(background_threshold)))
+    if rule is None or rule.name in ("prompt", "none"):
         return scores.argmax(dim=0).cpu().numpy().astype(np.int64)
-    names = [n.strip().lower() for n in class_names]
-    bg = names.index(BACKGROUND) if BACKGROUND in names else None
+    bg = background_index(class_names)
     fg_scores = scores.clone()
     if bg is not None:
         if len(class_names) == 1:
             return np.full(scores.shape[1:], bg, dtype=np.int64)
         fg_scores[bg] = float("-inf")
     best, labels = fg_scores.max(dim=0)
-    labels[best < background_threshold] = bg if bg is not None else NO_CLASS
+    labels[best < rule.image_threshold(best)] = bg if bg is not None else NO_CLASS
     return labels.cpu().numpy().astype(np.int64)
 
 
@@ -215,14 +218,19 @@ def segment(
     sliding_window: bool = False,
     method: str | None = None,
     text_features: torch.Tensor | None = None,
+    background: str | float | BackgroundRule | None = "auto",
 ) -> SegmentationResult:
     """Segment one image into `class_names`. `method` defaults to "pacl" for PACL models, else "patch".
 
+    `background` is a rule name ("auto", "calibrated", "otsu", "prompt"; see `background.py`), a cosine or a
+    resolved `BackgroundRule`; a `background_threshold` overrides it. The result says which rule was used.
     Pass precomputed `text_features` (from `class_embeddings`) to segment many images with one prompt set.
     """
     method = method or default_method(model)
+    rule = background if isinstance(background, BackgroundRule) else resolve_background(
+        model, class_names, background if background_threshold is None else background_threshold, method)
     if text_features is None:
         text_features = class_embeddings(model, class_names, templates, method)
     (scores,) = score_maps(model, [image], text_features, method, sliding_window)
-    labels = labels_from_scores(scores, class_names, background_threshold)
-    return SegmentationResult(labels, scores.cpu(), list(class_names))
+    labels = labels_from_scores(scores, class_names, rule)
+    return SegmentationResult(labels, scores.cpu(), list(class_names), rule)
