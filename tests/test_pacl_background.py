@@ -27,29 +27,40 @@ def test_otsu_splits_two_clusters_between_them():
     assert otsu_threshold(torch.full((10,), 0.3)) == pytest.approx(0.3)  # constant: no split, nothing below
 
 
-def test_per_image_otsu_labels_follow_each_images_own_scale():
+@pytest.mark.parametrize("rule", ["zscore", "otsu"])
+def test_per_image_rules_follow_each_images_own_scale(rule):
     # two images whose foreground/background scores sit at different levels; one fixed cosine fits only one
     for low, high in ((0.0, 0.3), (0.4, 0.8)):
-        scores = torch.full((3, 4, 4), low)
-        scores[1, :, :2] = high  # the left half is "red"
-        labels = labels_from_scores(scores, CLASSES, BackgroundRule("otsu"))
-        assert (labels[:, :2] == 1).all() and (labels[:, 2:] == 0).all()
+        scores = torch.full((3, 8, 8), low) + 0.01 * torch.rand(3, 8, 8)
+        scores[1, 2:5, 2:5] = high  # a 3x3 "red" object
+        labels = labels_from_scores(scores, CLASSES, BackgroundRule(rule))
+        assert (labels[2:5, 2:5] == 1).all() and (labels == 1).sum() == 9
+        assert (labels[labels != 1] == 0).all()
     # without a background class the rejected pixels are unassigned
-    labels = labels_from_scores(scores[1:], ["red", "blue"], BackgroundRule("otsu"))
-    assert (labels[:, :2] == 0).all() and (labels[:, 2:] == NO_CLASS).all()
+    labels = labels_from_scores(scores[1:], ["red", "blue"], BackgroundRule(rule))
+    assert (labels == 0).sum() == 9 and (labels[labels != 0] == NO_CLASS).all()
+
+
+def test_zscore_threshold_is_one_std_above_the_mean():
+    best = torch.tensor([[0.0, 0.0, 0.0, 1.0]])  # mean 0.25, std 0.5: threshold 0.75
+    scores = torch.stack([torch.zeros_like(best), best])  # (background, red)
+    assert BackgroundRule("zscore").image_threshold(best) == pytest.approx(0.75)
+    assert labels_from_scores(scores, ["background", "red"], BackgroundRule("zscore")).tolist() == [[0, 0, 0, 1]]
 
 
 def test_auto_rule_depends_on_classes_model_and_calibration():
     clip = clip_pacl.load("tiny")
     pacl = PACL.from_clip(clip, PACLConfig(hidden_dim=32))
     assert resolve_background(pacl, ["red", "blue"]).name == "none"  # no background class: plain argmax
-    rule = resolve_background(pacl, CLASSES)
-    assert rule.name == "otsu" and "no background calibration" in rule.describe()
-    assert resolve_background(clip, CLASSES, method="maskclip").name == "otsu"
+    assert resolve_background(pacl, CLASSES) == BackgroundRule("zscore", note="auto")
+    assert resolve_background(clip, CLASSES, method="maskclip") == BackgroundRule("zscore", note="auto")
+    assert resolve_background(pacl, CLASSES, "otsu") == BackgroundRule("otsu")
     calibrated = PACL.from_clip(clip, PACLConfig(hidden_dim=32, background_threshold=0.25))
-    assert resolve_background(calibrated, CLASSES) == BackgroundRule("calibrated", 0.25, "auto")
-    # the calibration is PACL's embedders' scale: the baselines on its base CLIP do not use it
-    assert resolve_background(calibrated, CLASSES, method="patch").name == "otsu"
+    assert resolve_background(calibrated, CLASSES).name == "zscore"  # the evidence's default, calibrated or not
+    assert resolve_background(calibrated, CLASSES, "calibrated") == BackgroundRule("calibrated", 0.25)
+    # the calibration is on PACL's embedders' scale: the baselines on its base CLIP cannot use it
+    with pytest.raises(ConfigError, match="no background calibration"):
+        resolve_background(calibrated, CLASSES, "calibrated", method="patch")
     assert resolve_background(calibrated, CLASSES, "prompt").name == "prompt"
     assert resolve_background(calibrated, CLASSES, 0.4) == BackgroundRule("threshold", 0.4)
     assert resolve_background(calibrated, CLASSES, "0.4") == BackgroundRule("threshold", 0.4)
@@ -94,31 +105,32 @@ def test_calibrate_command_then_segment_and_eval_report_the_rule(synthetic, tmp_
     classes = str(synthetic / "segmentation_colors" / "classes.txt")
     segment_args = ["segment", "--model", str(tmp_path / "pacl"), str(image), "--classes", classes,
                     "--out", str(tmp_path / "mask.png"), "--json"]
-    # an old checkpoint: no calibration, so auto falls back to the per-image rule and says why
-    assert main(segment_args) == 0
+    assert main(segment_args) == 0  # the default: the per-image zscore rule, said on stderr and in the JSON
     out, err = capsys.readouterr()
-    assert json.loads(out)["background"]["rule"] == "otsu"
-    assert "no background calibration" in err and "clip-pacl calibrate" in err
+    description = "per-image threshold: mean + 1 std of the image's best class scores; auto"
+    assert json.loads(out)["background"] == {"rule": "zscore", "threshold": None, "description": description}
+    assert f"background: {description}" in err
+    # an old checkpoint has no calibration: asking for it says how to add one, in one line
+    assert main([*segment_args, "--background", "calibrated"]) == 2
+    err = capsys.readouterr().err
+    assert "clip-pacl calibrate" in err and err.count("\n") == 1
 
     assert main(["calibrate", "--model", str(tmp_path / "pacl"), "--data", str(synthetic / "captions.csv"),
                  "--json"]) == 0
     threshold = json.loads(capsys.readouterr().out)["background_threshold"]
-    assert main(segment_args) == 0
+    assert main([*segment_args, "--background", "calibrated"]) == 0
     out, err = capsys.readouterr()
     assert json.loads(out)["background"] == {
         "rule": "calibrated", "threshold": threshold,
-        "description": f"calibrated threshold {threshold:.4f} (from the training captions); auto"}
+        "description": f"calibrated threshold {threshold:.4f} (from the training captions)"}
     assert f"calibrated threshold {threshold:.4f}" in err
 
-    assert main(["eval", "segmentation", "--model", str(tmp_path / "pacl"), "--data",
-                 str(synthetic / "segmentation_colors"), "--json"]) == 0
-    out, err = capsys.readouterr()
-    result = json.loads(out)
-    assert result["background"]["rule"] == "calibrated" and result["background_threshold"] == threshold
-    assert "calibrated threshold" in err
-    assert main(["eval", "segmentation", "--model", str(tmp_path / "pacl"), "--data",
-                 str(synthetic / "segmentation_colors"), "--background", "prompt", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["background"]["rule"] == "prompt"
+    data = str(synthetic / "segmentation_colors")
+    for flag, rule in (([], "zscore"), (["--background", "calibrated"], "calibrated"),
+                       (["--background", "prompt"], "prompt"), (["--background-threshold", "0.3"], "threshold")):
+        assert main(["eval", "segmentation", "--model", str(tmp_path / "pacl"), "--data", data, *flag, "--json"]) == 0
+        out, err = capsys.readouterr()
+        assert json.loads(out)["background"]["rule"] == rule and "background: " in err
 
 
 def test_calibrate_command_errors_are_one_line(synthetic, tmp_path, capsys):
@@ -132,6 +144,7 @@ def test_calibrate_command_errors_are_one_line(synthetic, tmp_path, capsys):
 def test_segment_library_reports_its_rule():
     model = PACL.from_clip(clip_pacl.load("tiny"), PACLConfig(hidden_dim=32, background_threshold=0.1)).eval()
     image = Image.fromarray(np.full((32, 32, 3), 128, dtype=np.uint8))
-    assert segment(model, image, CLASSES).background.name == "calibrated"
+    assert segment(model, image, CLASSES).background.name == "zscore"
+    assert segment(model, image, CLASSES, background="calibrated").background.name == "calibrated"
     assert segment(model, image, CLASSES, background_threshold=0.3).background == BackgroundRule("threshold", 0.3)
     assert segment(model, image, ["red", "blue"]).background.name == "none"

@@ -57,8 +57,9 @@ def evaluate_segmentation(
     `templates=None` uses the dataset's own `templates.txt` (one prompt template per line) when it has one,
     else `DEFAULT_TEMPLATES`. Unreadable images are skipped and counted, not fatal.
     """
+    setting = background if background_threshold is None else background_threshold
     (result,) = evaluate_segmentation_thresholds(
-        model, data, [background if background_threshold is None else background_threshold], method=method, templates=templates, batch_size=batch_size,
+        model, data, [setting], method=method, templates=templates, batch_size=batch_size,
         sliding_window=sliding_window, limit=limit, progress=progress)
     return result
 

@@ -6,14 +6,15 @@ image low. The Otsu split of those scores, pooled over many training images, is 
 patch matches nothing a caption would name: the background threshold. It is stored in the checkpoint's
 PACL config (`background_threshold`), where `clip_pacl.segmentation.background` finds it.
 
-`clip.train.loop` calls `calibrate_after_training` when a PACL run saves its final model;
-`clip-pacl calibrate` does the same for an existing checkpoint.
+`clip-pacl calibrate` runs it on a checkpoint; `--background calibrated` then uses it. It is not the
+default: on the synthetic sets the caption scores split lower than class-prompt scores do (README, "Background
+without labels"), so per-image Otsu segments better there.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from clip_pacl.data import load_image
-from clip_pacl.data.formats import is_wds_pattern, read_caption_rows
+from clip_pacl.data.formats import read_caption_rows
 from clip_pacl.data.rows import CaptionRow
 from clip_pacl.errors import CheckpointError, ConfigError, DataError
 from clip_pacl.segmentation.background import otsu_threshold
@@ -104,19 +105,3 @@ def write_calibration(model: torch.nn.Module, model_dir: str | Path, threshold: 
     _atomic_write(path, lambda p: Path(p).write_text(json.dumps(cfg, indent=2) + "\n"))
     model.config = replace(model.config, background_threshold=threshold)
 
-
-def calibrate_after_training(model: torch.nn.Module, final_dir: Path, config, note: Callable[[str], None]) -> None:
-    """Calibrate a just-trained PACL model on its training captions and store the result in `final_dir`.
-
-    Streamed webdataset shards are not listed here; such runs are left uncalibrated, with a note
-    (segmentation then falls back to the per-image rule; `clip-pacl calibrate` adds it later).
-    """
-    if config.data_format == "wds" or is_wds_pattern(config.data):
-        note("background calibration skipped for streamed shards; run `clip-pacl calibrate --model "
-             f"{final_dir} --data CAPTIONS` on a caption file")
-        return
-    result = calibrate_background(model, config.data, data_format=config.data_format, image_key=config.image_key,
-                                  caption_key=config.caption_key, images_dir=config.images_dir)
-    write_calibration(model, final_dir, result["background_threshold"])
-    note(f"background threshold {result['background_threshold']:.4f} calibrated on {result['images']} training "
-         f"images' own captions (saved in {final_dir}/config.json)")

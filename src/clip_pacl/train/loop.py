@@ -250,10 +250,6 @@ def _train(config: TrainConfig, objective: Objective, info: DistInfo, device: to
     final_dir = run_dir / "final"
     if info.is_main:
         save_model(model, final_dir)
-        if objective.name == "pacl":  # a background threshold from the training captions, saved with the model
-            from clip_pacl.segmentation.calibrate import calibrate_after_training
-
-            calibrate_after_training(model, final_dir, config, logger.note)
     if val_rows and info.is_main and val_step != step:
         val_metrics, val_step = validate(model, val_rows, config, device), step
         logger.log({"step": step, "epoch": epoch, **{f"val_{k}": v for k, v in val_metrics.items()}})
