@@ -83,9 +83,9 @@ def run(args: argparse.Namespace) -> int:
     model = clip_pacl.load(args.model, device=resolve_device(args.device)).eval()
     method = args.method or default_method(model)
     rule = resolve_background(model, class_names, background_choice(args), method)
-    log(f"background: {rule.describe()}")
     result = segment(model, image, class_names, templates=templates, background=rule,
                      sliding_window=args.sliding_window, method=method)
+    log(f"background: {rule.describe()}")
     mask_image(result.label_map).save(args.out)
     fractions = result.fractions()
     if args.overlay is not None:
