@@ -89,8 +89,8 @@ def main() -> None:
     for test, method, by, ratio in table:
         cal = f"{by['calibrated']['miou']:.3f}" if "calibrated" in by else "n/a"
         print(f"| {test} | {method} | {by['prompt']['miou']:.3f} | {cal} | {by['otsu']['miou']:.3f} | "
-              f"{by['zscore']['miou']:.3f} | {by['auto']['miou']:.3f} ({by['auto']['rule']}) | {by['val-best']['miou']:.3f} "
-              f"({by['val-best']['background_threshold']:g}) | {ratio:.2f} |")
+              f"{by['zscore']['miou']:.3f} | {by['auto']['miou']:.3f} ({by['auto']['rule']}) | "
+              f"{by['val-best']['miou']:.3f} ({by['val-best']['background_threshold']:g}) | {ratio:.2f} |")
 
 
 if __name__ == "__main__":

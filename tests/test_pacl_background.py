@@ -1,6 +1,9 @@
 """Background without labelled masks: the rules, the calibration saved with a PACL checkpoint, the CLI's report."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -148,3 +151,29 @@ def test_segment_library_reports_its_rule():
     assert segment(model, image, CLASSES, background="calibrated").background.name == "calibrated"
     assert segment(model, image, CLASSES, background_threshold=0.3).background == BackgroundRule("threshold", 0.3)
     assert segment(model, image, ["red", "blue"]).background.name == "none"
+
+
+def test_background_benchmark_and_flat_set_scripts_run(synthetic, tmp_path):
+    root = Path(__file__).resolve().parent.parent / "benchmarks"
+
+    def run(script, *args):
+        proc = subprocess.run([sys.executable, str(root / script), *map(str, args)], capture_output=True, text=True,
+                              timeout=240)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return proc.stdout
+
+    run("make_flat_objects.py", "--out", tmp_path / "flat", "--n", "3", "--seed", "1")
+    mask = np.asarray(Image.open(tmp_path / "flat" / "masks" / "000000.png"))
+    assert ((mask > 0) & (mask < 255)).any() and (mask == 0).any()  # an object and a background
+    model = PACL.from_clip(clip_pacl.load("tiny"), PACLConfig(hidden_dim=32, background_threshold=0.0))
+    model.save_checkpoint(tmp_path / "pacl")
+    out = tmp_path / "bg.jsonl"
+    stdout = run("pacl_background.py", "--pacl", tmp_path / "pacl", "--val", synthetic / "segmentation_colors",
+                 "--test", tmp_path / "flat", "--grid", "0.1", "0.2", "--limit", "3", "--out", out)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    settings = {(r["method"], r["setting"]) for r in rows}
+    assert ("pacl", "calibrated") in settings and ("patch", "calibrated") not in settings
+    assert {s for _, s in settings} == {"prompt", "calibrated", "zscore", "otsu", "auto", "val-best"}
+    assert all(r["rule"] == "zscore" for r in rows if r["setting"] == "auto")
+    assert {r["background_threshold"] for r in rows if r["setting"] == "val-best"} <= {0.1, 0.2}
+    assert sum("/flat | " in line for line in stdout.splitlines()) == 3  # the table: one line per method
