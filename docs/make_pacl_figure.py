@@ -66,7 +66,7 @@ def main() -> None:
         panels = [image.convert("RGB"), colourise(mask, colors, ignore)]
         for model, method in ((clip, "patch"), (clip, "maskclip"), (pacl, "pacl")):
             result = segment(model, image, names, templates=templates, method=method,
-                             background_threshold=thresholds[method])
+                             background_threshold=thresholds[method], background="prompt")  # none: the prompt
             panels.append(colourise(result.label_map, colors, ignore))
         rows.append([p.resize((p.width * SCALE, p.height * SCALE), Image.NEAREST) for p in panels])
     w, h = rows[0][0].size

@@ -96,7 +96,8 @@ def test_only_embedders_train_and_frozen_parts_stay_in_eval_mode(preset):
     patches, texts = model.loss_features(images, _tokens(2))
     grid = model.grid_size
     assert patches.shape == (2, grid * grid, model.embed_dim) and texts.shape == (2, model.embed_dim)
-    assert torch.allclose(patches.norm(dim=-1), torch.ones(2, grid * grid), atol=1e-5)
+    norm = torch.full((2, grid * grid), 1 / model.config.pool_temperature)  # the temperature rides on the patches
+    assert torch.allclose(patches.norm(dim=-1), norm, rtol=1e-5)
     pacl_loss(patches, texts, model.logit_scale).backward()
     assert all(p.grad is None for p in model.clip.parameters())
     assert model.vision_embedder.mlp[0].weight.grad is not None
@@ -135,7 +136,8 @@ def test_similarity_and_patch_similarity_are_phi_and_s():
         classes = model.encode_text(_tokens(4), normalize=True)
         patches = model.patch_embeddings(images)
         sim = model.similarity(images, classes)
-        ref = naive_logits(patches.double(), classes.double(), torch.tensor(0.0, dtype=torch.float64))
+        pooled = patches.double() / model.config.pool_temperature
+        ref = naive_logits(pooled, classes.double(), torch.tensor(0.0, dtype=torch.float64))
         per_patch = model.patch_similarity(images, classes)
     assert sim.shape == (2, 4) and (sim.double() - ref).abs().max() < 1e-5
     assert per_patch.shape == (2, 4, 8, 8)

@@ -145,7 +145,8 @@ def test_threshold_sweep_equals_one_evaluation_per_threshold(pacl_dir, seg_data)
     sweep = evaluate_segmentation_thresholds(model, seg_data, thresholds, batch_size=2, method="maskclip")
     assert [r["background_threshold"] for r in sweep] == thresholds
     for threshold, swept in zip(thresholds, sweep):
-        single = evaluate_segmentation(model, seg_data, method="maskclip", background_threshold=threshold)
+        single = evaluate_segmentation(model, seg_data, method="maskclip", background_threshold=threshold,
+                                       background="prompt")  # what None means in a sweep
         for key in ("miou", "pixel_accuracy", "per_class_iou", "num_images"):
             assert swept[key] == single[key]
     assert len({r["pixel_accuracy"] for r in sweep}) > 1  # the thresholds really label differently

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import clip_pacl
 from clip_pacl.cli.common import add_device_flag, add_json_flag, log, print_json, print_per_class, resolve_device
-from clip_pacl.cli.segment import add_segmentation_flags, resolve_segmentation_templates
+from clip_pacl.cli.segment import add_segmentation_flags, background_choice, resolve_segmentation_templates
 from clip_pacl.eval.segmentation import evaluate_segmentation
 
 COMMAND = "eval segmentation"
@@ -40,11 +40,12 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--limit must be at least 1, got {args.limit}")
     templates = None if args.templates is None and not args.template else resolve_segmentation_templates(args)
     model = clip_pacl.load(args.model, device=resolve_device(args.device)).eval()
-    result = evaluate_segmentation(model, args.data, method=args.method,
-                                   background_threshold=args.background_threshold, templates=templates,
+    result = evaluate_segmentation(model, args.data, method=args.method, background=background_choice(args),
+                                   templates=templates,
                                    batch_size=args.batch_size, sliding_window=args.sliding_window, limit=args.limit,
                                    progress=True)
     result = {"model": args.model, **result}
+    log(f"background: {result['background']['description']}")
     if result["skipped_images"]:
         log(f"warning: {result['skipped_images']} unreadable images were skipped")
     if args.json:

@@ -6,10 +6,11 @@ import argparse
 from pathlib import Path
 
 import clip_pacl
-from clip_pacl.cli.common import add_device_flag, add_json_flag, print_json, resolve_device
+from clip_pacl.cli.common import add_device_flag, add_json_flag, log, print_json, resolve_device
 from clip_pacl.data import load_image
+from clip_pacl.segmentation.background import resolve_background
 from clip_pacl.segmentation.overlay import mask_image, overlay_image
-from clip_pacl.segmentation.predict import DEFAULT_TEMPLATES, METHODS, NO_CLASS, segment
+from clip_pacl.segmentation.predict import DEFAULT_TEMPLATES, METHODS, NO_CLASS, default_method, segment
 from clip_pacl.zeroshot.templates import resolve_class_names, resolve_templates
 
 COMMAND = "segment"
@@ -27,10 +28,16 @@ def add_segmentation_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", choices=METHODS, default=None,
                         help="pacl: PACL's embedders; patch: raw CLIP patch tokens; maskclip: MaskCLIP's value-path "
                              "tokens (default: pacl for PACL checkpoints, patch otherwise)")
+    parser.add_argument("--background", default="auto", metavar="auto|calibrated|otsu|prompt|F",
+                        help="how pixels become background (the class named 'background' if listed, else "
+                             "unassigned): calibrated = the threshold a PACL checkpoint calibrated on its training "
+                             "captions; otsu = a per-image Otsu split of the best class scores; prompt = no "
+                             "threshold, the background prompt competes; F = a fixed cosine. auto: with a "
+                             "'background' class, otsu (for every method); without one, "
+                             "every pixel gets its best class")
     parser.add_argument("--background-threshold", type=float, default=None, metavar="F",
-                        help="pixels whose best class score (cosine) is below F become background (the class named "
-                             "'background' if listed, else unassigned); without it, a 'background' class competes "
-                             "through its prompt like any other")
+                        help="pixels whose best class score (cosine) is below F become background (the same as "
+                             "--background F)")
     parser.add_argument("--sliding-window", action="store_true",
                         help="slide overlapping crops of the model's input size over the image at its own "
                              "resolution and average their scores (for images larger than the model's input)")
@@ -39,6 +46,11 @@ def add_segmentation_flags(parser: argparse.ArgumentParser) -> None:
                              + " | ".join(DEFAULT_TEMPLATES) + ")")
     parser.add_argument("--templates", default=None, metavar="openai|simple|FILE",
                         help="a template set instead of the default: openai (80), simple or a file, one per line")
+
+
+def background_choice(args: argparse.Namespace) -> str | float:
+    """--background, or --background-threshold when given (it wins)."""
+    return args.background if args.background_threshold is None else args.background_threshold
 
 
 def resolve_segmentation_templates(args: argparse.Namespace) -> list[str]:
@@ -69,14 +81,17 @@ def run(args: argparse.Namespace) -> int:
         if path is not None and not path.parent.is_dir():
             raise FileNotFoundError(f"output folder {path.parent} does not exist")
     model = clip_pacl.load(args.model, device=resolve_device(args.device)).eval()
-    result = segment(model, image, class_names, templates=templates, background_threshold=args.background_threshold,
-                     sliding_window=args.sliding_window, method=args.method, keep_scores=False)
+    method = args.method or default_method(model)
+    rule = resolve_background(model, class_names, background_choice(args), method)
+    result = segment(model, image, class_names, templates=templates, background=rule,
+                     sliding_window=args.sliding_window, method=method, keep_scores=False)
+    log(f"background: {rule.describe()}")
     mask_image(result.label_map).save(args.out)
     fractions = result.fractions()
     if args.overlay is not None:
         overlay_image(image, result.label_map, class_names, fractions).save(args.overlay)
     unassigned = float((result.label_map == NO_CLASS).mean())
-    summary = {"image": str(args.image), "model": args.model, "method": args.method or _method_of(model),
+    summary = {"image": str(args.image), "model": args.model, "method": method, "background": rule.to_dict(),
                "mask": str(args.out), "overlay": str(args.overlay) if args.overlay else None,
                "size": [image.width, image.height], "fractions": fractions, "unassigned": unassigned}
     if args.json:
@@ -90,8 +105,3 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {'(unassigned)':<{width}}  {100 * unassigned:6.2f} %")
     return 0
 
-
-def _method_of(model) -> str:
-    from clip_pacl.segmentation.predict import default_method
-
-    return default_method(model)

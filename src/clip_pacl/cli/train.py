@@ -67,12 +67,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     arg("--pacl-unfreeze-blocks", type=int, metavar="N",
         help="PACL: also train the last N image-tower blocks (ViT blocks / ResNet stages); 0 keeps the CLIP frozen")
     arg("--pacl-pool-temperature", type=float, metavar="F",
-        help="PACL: pooling softmax temperature, a = softmax(s / F); the paper's 1.0, lower selects patches "
-             "(0.05 with maskclip tokens is what segments best on a small CLIP trained from scratch)")
+        help="PACL: pooling softmax temperature, a = softmax(s / F); lower selects patches; 0.05 "
+             "with maskclip tokens segments best (README); the paper's setting is 1.0 with tokens")
     arg("--pacl-patch-tokens", choices=["tokens", "maskclip"],
         help="PACL: CLIP patch tokens fed to the vision embedder: last block outputs (the paper's, for large "
-             "pretrained CLIPs) or MaskCLIP's value path, which keeps each token local when the last block's "
-             "attention mixes every patch with the whole image")
+             "pretrained CLIPs) or MaskCLIP's value path (the default), which keeps each token local when the last "
+             "block's attention mixes every patch with the whole image")
     group = p.add_argument_group("optimisation")
     arg("--steps", type=int, help="optimiser steps (or --epochs; neither: one epoch)", metavar="N")
     arg("--epochs", type=int, help="passes over the training data", metavar="N")

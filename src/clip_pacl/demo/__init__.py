@@ -102,11 +102,12 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     for labels in ("segmentation_colors", "segmentation"):
         per_method = {}
         for name, model in (("patch", clip), ("maskclip", clip), ("pacl", pacl)):
-            results = evaluate_segmentation_thresholds(model, test_dir / labels, thresholds, method=name,
-                                                       progress=cfg.progress)
+            *results, auto = evaluate_segmentation_thresholds(model, test_dir / labels, [*thresholds, "auto"],
+                                                              method=name, progress=cfg.progress)
             sweep = [{"background_threshold": r["background_threshold"], "miou": r["miou"],
                       "pixel_accuracy": r["pixel_accuracy"]} for r in results]
-            per_method[name] = {"best": max(sweep, key=lambda r: r["miou"]), "sweep": sweep}
+            per_method[name] = {"best": max(sweep, key=lambda r: r["miou"]), "sweep": sweep,
+                                "auto": {"background": auto["background"]["rule"], "miou": auto["miou"]}}
         seg[labels] = per_method
     summary["segmentation"] = seg
     best_pacl = seg["segmentation_colors"]["pacl"]["best"]["background_threshold"]
@@ -150,5 +151,10 @@ def format_summary(s: dict[str, Any]) -> str:
             f"  {title}: raw patches {best['patch']['miou']:.3f} (threshold {best['patch']['background_threshold']}), "
             f"MaskCLIP {best['maskclip']['miou']:.3f} (threshold {best['maskclip']['background_threshold']}), "
             f"PACL {best['pacl']['miou']:.3f} (threshold {best['pacl']['background_threshold']})  {ratio}")
+    lines.append("with the background found without labels (the default rule of segment / eval segmentation):")
+    for labels, title in (("segmentation_colors", "by colour"), ("segmentation", "by shape")):
+        auto = {method: result["auto"] for method, result in seg[labels].items()}
+        lines.append(f"  {title}: raw patches {auto['patch']['miou']:.3f}, MaskCLIP {auto['maskclip']['miou']:.3f}, "
+                     f"PACL {auto['pacl']['miou']:.3f} (rule {auto['pacl']['background']})")
     lines += [f"overlay: {s['overlay']}", f"total: {s['seconds']} s"]
     return "\n".join(lines)

@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from clip_pacl.data.segmentation import IGNORE_INDEX, open_segmentation_dataset
 from clip_pacl.errors import DataError
+from clip_pacl.segmentation.background import resolve_background
 from clip_pacl.segmentation.metrics import ConfusionMatrix
 from clip_pacl.segmentation.predict import (
     DEFAULT_TEMPLATES,
@@ -46,15 +47,19 @@ def evaluate_segmentation(
     sliding_window: bool = False,
     limit: int | None = None,
     progress: bool = False,
+    background: str = "auto",
 ) -> dict:
     """mIoU, pixel accuracy and per-class IoU of `model` on the segmentation dataset at `data`.
 
-    `background_threshold` turns low-scoring pixels into the dataset's background class (it needs one).
+    `background` decides which pixels are background without labels ("auto", "calibrated", "otsu", "prompt";
+    see `clip_pacl.segmentation.background`); a `background_threshold` (a cosine) overrides it. The result's
+    "background" entry says which rule was used.
     `templates=None` uses the dataset's own `templates.txt` (one prompt template per line) when it has one,
     else `DEFAULT_TEMPLATES`. Unreadable images are skipped and counted, not fatal.
     """
+    setting = background if background_threshold is None else background_threshold
     (result,) = evaluate_segmentation_thresholds(
-        model, data, [background_threshold], method=method, templates=templates, batch_size=batch_size,
+        model, data, [setting], method=method, templates=templates, batch_size=batch_size,
         sliding_window=sliding_window, limit=limit, progress=progress)
     return result
 
@@ -62,7 +67,7 @@ def evaluate_segmentation(
 def evaluate_segmentation_thresholds(
     model: torch.nn.Module,
     data: str | Path,
-    background_thresholds: Sequence[float | None],
+    background_thresholds: Sequence[float | str | None],
     method: str | None = None,
     templates: Sequence[str] | None = None,
     batch_size: int = 16,
@@ -70,7 +75,10 @@ def evaluate_segmentation_thresholds(
     limit: int | None = None,
     progress: bool = False,
 ) -> list[dict]:
-    """`evaluate_segmentation` at several background thresholds (None = by the background prompt) at once.
+    """`evaluate_segmentation` at several background settings at once.
+
+    Each entry is a cosine, a rule name ("auto", "calibrated", "otsu", "prompt") or None (no threshold: the
+    background prompt competes, the same as "prompt").
 
     Every image is encoded and scored once; only the labelling differs. One result dict per threshold,
     in the order given, each what `evaluate_segmentation` returns for that threshold.
@@ -80,12 +88,14 @@ def evaluate_segmentation_thresholds(
     if not background_thresholds:
         raise ValueError("no background thresholds given")
     dataset = open_segmentation_dataset(data)
-    if any(t is not None for t in background_thresholds) and dataset.background_index is None:
-        raise DataError(f"--background-threshold needs a 'background' class, and the {dataset.name} dataset "
+    method = method or default_method(model)
+    rules = [resolve_background(model, dataset.class_names, "prompt" if t is None else t, method)
+             for t in background_thresholds]
+    if any(r.name not in ("prompt", "none") for r in rules) and dataset.background_index is None:
+        raise DataError(f"a background threshold needs a 'background' class, and the {dataset.name} dataset "
                         "has none")
     if templates is None:
         templates = dataset_templates(data)
-    method = method or default_method(model)
     model.eval()
     text_features = class_embeddings(model, dataset.class_names, templates, method)  # (C, D)
     confusions = [ConfusionMatrix(len(dataset.class_names), IGNORE_INDEX) for _ in background_thresholds]
@@ -105,8 +115,8 @@ def evaluate_segmentation_thresholds(
             masks.append(mask)
         if images:
             for scores, mask in zip(score_maps(model, images, text_features, method, sliding_window), masks):
-                for confusion, threshold in zip(confusions, background_thresholds):
-                    confusion.update(labels_from_scores(scores, dataset.class_names, threshold), mask)
+                for confusion, rule in zip(confusions, rules):
+                    confusion.update(labels_from_scores(scores, dataset.class_names, rule), mask)
         bar.update(min(batch_size, n - first))
     bar.close()
     if len(skipped) == n:
@@ -118,9 +128,10 @@ def evaluate_segmentation_thresholds(
         "method": method,
         "num_images": n - len(skipped),
         "skipped_images": len(skipped),
-        "background_threshold": threshold,
+        "background_threshold": rule.threshold,
+        "background": rule.to_dict(),
         "sliding_window": sliding_window,
         "templates": list(templates),
         **confusion.compute(dataset.class_names).to_dict(),
         "seconds": seconds,
-    } for confusion, threshold in zip(confusions, background_thresholds)]
+    } for confusion, rule in zip(confusions, rules)]

@@ -21,12 +21,12 @@ from torch import nn
 from clip_pacl.errors import ConfigError
 from clip_pacl.models.clip import CLIP
 from clip_pacl.models.protocol import PatchScorer
+from clip_pacl.segmentation.background import BackgroundRule, background_index, resolve_background
 from clip_pacl.transforms import OPENAI_MEAN, OPENAI_STD
 from clip_pacl.zeroshot.classifier import build_classifier
 
 METHODS = ("pacl", "patch", "maskclip")
 DEFAULT_TEMPLATES = ("a photo of a {}.", "a photo of the {}.", "a photo of a small {}.", "a photo of a large {}.")
-BACKGROUND = "background"
 NO_CLASS = 255  # label of pixels left unassigned (below the threshold, no "background" class in the list)
 PROMPT_BATCH = 256  # prompts per text-tower call: 100 labels x 80 templates must not be one batch
 TILE_ELEMENTS = 2**24  # upsampled scores held at once when labelling by tiles (64 MB of float32)
@@ -39,6 +39,7 @@ class SegmentationResult:
     label_map: np.ndarray  # (H, W) int64, index into class_names (NO_CLASS when unassigned)
     scores: torch.Tensor | None  # (C, H, W) per-pixel similarity to each class; None unless asked for
     class_names: list[str]
+    background: BackgroundRule = BackgroundRule("prompt")  # how background pixels were decided
 
     def fractions(self) -> dict[str, float]:
         """Share of the image's pixels given to each class (unassigned pixels count for none)."""
@@ -159,23 +160,30 @@ def labels_at_size(
     patch_scores: torch.Tensor,
     size: tuple[int, int],
     class_names: Sequence[str],
-    background_threshold: float | None = None,
+    background_threshold: float | BackgroundRule | None = None,
 ) -> np.ndarray:
     """`labels_from_scores` of the (H, W) = `size` bilinear upsampling of (C, gh, gw) scores, computed by
     column tiles so that the (C, H, W) scores (100 classes x 40 MP = 16 GB) never exist at once.
 
     Bilinear upsampling is separable: the columns are interpolated once, (C, gh, W), then each tile of
-    columns along the rows alone, at the sampling positions of the whole (scores equal to ~1e-7).
+    columns along the rows alone, at the sampling positions of the whole (scores equal to ~1e-7). A background
+    rule is applied to the whole image's best-score map (H, W) afterwards, so per-image rules see every pixel.
     """
     height, width = size
+    rule = _as_rule(background_threshold)
     columns = _upsample(patch_scores, (patch_scores.shape[1], width))  # (C, gh, W)
     step = max(1, TILE_ELEMENTS // (patch_scores.shape[0] * height))
-    labels = np.empty((height, width), dtype=np.int64)
+    best = torch.empty(height, width)
+    labels = torch.empty(height, width, dtype=torch.long)
     for x in range(0, width, step):
-        tile = columns[:, :, x:x + step]  # (C, gh, w')
-        labels[:, x:x + step] = labels_from_scores(_upsample(tile, (height, tile.shape[2])), class_names,
-                                                   background_threshold)
-    return labels
+        tile = _upsample(columns[:, :, x:x + step], (height, min(step, width - x)))  # (C, H, w')
+        if rule is None:
+            labels[:, x:x + step] = tile.argmax(dim=0)
+        else:
+            best[:, x:x + step], labels[:, x:x + step] = _best_foreground(tile, class_names)
+    if rule is None:
+        return labels.numpy()
+    return _threshold(best, labels, class_names, rule)
 
 
 def _sliding_scores(
@@ -208,25 +216,48 @@ def _sliding_scores(
 
 
 def labels_from_scores(
-    scores: torch.Tensor, class_names: Sequence[str], background_threshold: float | None = None
+    scores: torch.Tensor, class_names: Sequence[str], background_threshold: float | BackgroundRule | None = None
 ) -> np.ndarray:
     """Argmax over classes (H, W). With a threshold, pixels whose best score is below it become background.
 
-    A class literally named "background" is then the label for those pixels and is left out of the
-    argmax (its prompt would only compete with the threshold); without one they get NO_CLASS.
+    `background_threshold` is a cosine or a `BackgroundRule` (which may set the threshold per image, see
+    `background.py`). A class literally named "background" is then the label for those pixels and is left
+    out of the argmax (its prompt would only compete with the threshold); without one they get NO_CLASS.
     Without a threshold, "background" is scored by its prompt like any other class.
     """
-    if background_threshold is None:
+    rule = _as_rule(background_threshold)
+    if rule is None:
         return scores.argmax(dim=0).cpu().numpy().astype(np.int64)
-    names = [n.strip().lower() for n in class_names]
-    bg = names.index(BACKGROUND) if BACKGROUND in names else None
-    fg_scores = scores.clone()
-    if bg is not None:
-        if len(class_names) == 1:
-            return np.full(scores.shape[1:], bg, dtype=np.int64)
-        fg_scores[bg] = float("-inf")
-    best, labels = fg_scores.max(dim=0)
-    labels[best < background_threshold] = bg if bg is not None else NO_CLASS
+    best, labels = _best_foreground(scores, class_names)
+    return _threshold(best, labels, class_names, rule)
+
+
+def _as_rule(background_threshold: float | BackgroundRule | None) -> BackgroundRule | None:
+    """The rule that thresholds, or None where every pixel simply takes its best class (prompt / none)."""
+    if background_threshold is None:
+        return None
+    if not isinstance(background_threshold, BackgroundRule):
+        return BackgroundRule("threshold", float(background_threshold))
+    return None if background_threshold.name in ("prompt", "none") else background_threshold
+
+
+def _best_foreground(scores: torch.Tensor, class_names: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(best score (H, W), its class (H, W)) over every class but "background" (kept out of the argmax)."""
+    bg = background_index(class_names)
+    if bg is not None and len(class_names) > 1:
+        scores = scores.clone()
+        scores[bg] = float("-inf")
+    return scores.max(dim=0)
+
+
+def _threshold(best: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str], rule: BackgroundRule
+               ) -> np.ndarray:
+    """Pixels whose best foreground score is under the rule's threshold for this image become background."""
+    bg = background_index(class_names)
+    if bg is not None and len(class_names) == 1:
+        return np.full(tuple(best.shape), bg, dtype=np.int64)
+    labels = labels.clone()
+    labels[best < rule.image_threshold(best)] = bg if bg is not None else NO_CLASS
     return labels.cpu().numpy().astype(np.int64)
 
 
@@ -240,21 +271,26 @@ def segment(
     method: str | None = None,
     text_features: torch.Tensor | None = None,
     keep_scores: bool = True,
+    background: str | float | BackgroundRule | None = "auto",
 ) -> SegmentationResult:
     """Segment one image into `class_names`. `method` defaults to "pacl" for PACL models, else "patch".
 
+    `background` is a rule name ("auto", "calibrated", "otsu", "prompt"; see `background.py`), a cosine or a
+    resolved `BackgroundRule`; a `background_threshold` overrides it. The result says which rule was used.
     Pass precomputed `text_features` (from `class_embeddings`) to segment many images with one prompt set.
     `keep_scores=False` labels by tiles (`labels_at_size`) and keeps no (C, H, W) scores: the same labels,
     in memory bounded by TILE_ELEMENTS whatever the image size and class count (not with `sliding_window`,
     which sums crops at full resolution).
     """
     method = method or default_method(model)
+    rule = background if isinstance(background, BackgroundRule) else resolve_background(
+        model, class_names, background if background_threshold is None else background_threshold, method)
     if text_features is None:
         text_features = class_embeddings(model, class_names, templates, method)
     if not keep_scores and not sliding_window:
         (patch_scores,) = patch_score_maps(model, [image], text_features, method)
-        labels = labels_at_size(patch_scores, (image.height, image.width), class_names, background_threshold)
-        return SegmentationResult(labels, None, list(class_names))
+        labels = labels_at_size(patch_scores, (image.height, image.width), class_names, rule)
+        return SegmentationResult(labels, None, list(class_names), rule)
     (scores,) = score_maps(model, [image], text_features, method, sliding_window)
-    labels = labels_from_scores(scores, class_names, background_threshold)
-    return SegmentationResult(labels, scores.cpu(), list(class_names))
+    labels = labels_from_scores(scores, class_names, rule)
+    return SegmentationResult(labels, scores.cpu(), list(class_names), rule)

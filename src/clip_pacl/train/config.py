@@ -39,8 +39,8 @@ class TrainConfig:
     lock_text: bool = False
     cache_features: bool = False  # PACL: encode the data with the frozen CLIP once (train/feature_cache.py)
     pacl_unfreeze_blocks: int = 0  # PACL: the new model's PACLConfig (an error when --model is a PACL checkpoint)
-    pacl_pool_temperature: float = 1.0
-    pacl_patch_tokens: str = "tokens"
+    pacl_pool_temperature: float = 0.05  # what segments best (README); the paper: 1.0 with "tokens"
+    pacl_patch_tokens: str = "maskclip"
     local_loss: bool = False
     resume: str | None = None  # "auto" or a checkpoint / run directory
     device: str | None = None

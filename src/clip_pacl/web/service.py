@@ -216,7 +216,8 @@ class WebService:
         fractions = result.fractions()
         overlay = overlay_image(work, result.label_map, labels, fractions)
         return {"method": method, "size": [image.width, image.height], "fractions": fractions,
-                "unassigned": float((result.label_map == NO_CLASS).mean()), "overlay": png_data_url(overlay)}
+                "unassigned": float((result.label_map == NO_CLASS).mean()), "background": result.background.to_dict(),
+                "overlay": png_data_url(overlay)}
 
 
 def relative_paths(paths: Sequence[str]) -> list[str]:
