@@ -12,10 +12,11 @@ from PIL import Image
 
 import clip_pacl
 from clip_pacl.checkpoint.io import save
+from clip_pacl.checkpoint.pacl import load_pacl
 from clip_pacl.cli.main import main
 from clip_pacl.data.synthetic import generate_synthetic
 from clip_pacl.errors import ConfigError
-from clip_pacl.models.pacl import PACL, PACLConfig, load_checkpoint
+from clip_pacl.models.pacl import PACL, PACLConfig
 from clip_pacl.segmentation.background import BackgroundRule, otsu_threshold, resolve_background
 from clip_pacl.segmentation.calibrate import calibrate_background, write_calibration
 from clip_pacl.segmentation.predict import NO_CLASS, labels_from_scores, segment
@@ -53,12 +54,12 @@ def test_zscore_threshold_is_one_std_above_the_mean():
 
 def test_auto_rule_depends_on_classes_model_and_calibration():
     clip = clip_pacl.load("tiny")
-    pacl = PACL.from_clip(clip, PACLConfig(hidden_dim=32))
+    pacl = PACL(clip, PACLConfig(hidden_dim=32))
     assert resolve_background(pacl, ["red", "blue"]).name == "none"  # no background class: plain argmax
     assert resolve_background(pacl, CLASSES) == BackgroundRule("zscore", note="auto")
     assert resolve_background(clip, CLASSES, method="maskclip") == BackgroundRule("zscore", note="auto")
     assert resolve_background(pacl, CLASSES, "otsu") == BackgroundRule("otsu")
-    calibrated = PACL.from_clip(clip, PACLConfig(hidden_dim=32, background_threshold=0.25))
+    calibrated = PACL(clip, PACLConfig(hidden_dim=32, background_threshold=0.25))
     assert resolve_background(calibrated, CLASSES).name == "zscore"  # the evidence's default, calibrated or not
     assert resolve_background(calibrated, CLASSES, "calibrated") == BackgroundRule("calibrated", 0.25)
     # the calibration is on PACL's embedders' scale: the baselines on its base CLIP cannot use it
@@ -75,12 +76,12 @@ def test_auto_rule_depends_on_classes_model_and_calibration():
 
 def test_old_configs_keep_the_settings_they_were_trained_with(tmp_path):
     assert PACLConfig().patch_tokens == "maskclip" and PACLConfig().pool_temperature == 0.05
-    PACL.from_clip(clip_pacl.load("tiny"), PACLConfig(hidden_dim=32)).save_checkpoint(tmp_path)
+    clip_pacl.save(PACL(clip_pacl.load("tiny"), PACLConfig(hidden_dim=32)), tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
     for key in ("pool_temperature", "patch_tokens", "background_threshold"):  # as a checkpoint from before them
         del cfg["pacl"][key]
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    old = load_checkpoint(tmp_path).config
+    old = load_pacl(tmp_path).config
     assert (old.pool_temperature, old.patch_tokens, old.background_threshold) == (1.0, "tokens", None)
     assert PACLConfig.paper() == PACLConfig(pool_temperature=1.0, patch_tokens="tokens")
 
@@ -93,17 +94,17 @@ def synthetic(tmp_path_factory):
 
 
 def test_calibration_is_saved_with_the_checkpoint_and_reloaded(synthetic, tmp_path):
-    model = PACL.from_clip(clip_pacl.load("tiny"), PACLConfig(hidden_dim=32))
-    model.save_checkpoint(tmp_path)
+    model = PACL(clip_pacl.load("tiny"), PACLConfig(hidden_dim=32))
+    clip_pacl.save(model, tmp_path)
     result = calibrate_background(model, synthetic / "captions.csv", limit=8)
     assert result["images"] == 8 and 0 < result["object_fraction"] < 1
     write_calibration(model, tmp_path, result["background_threshold"])
     assert model.config.background_threshold == result["background_threshold"]
-    assert load_checkpoint(tmp_path).config.background_threshold == result["background_threshold"]
+    assert load_pacl(tmp_path).config.background_threshold == result["background_threshold"]
 
 
 def test_calibrate_command_then_segment_and_eval_report_the_rule(synthetic, tmp_path, capsys):
-    PACL.from_clip(clip_pacl.load("tiny"), PACLConfig(hidden_dim=32)).save_checkpoint(tmp_path / "pacl")
+    clip_pacl.save(PACL(clip_pacl.load("tiny"), PACLConfig(hidden_dim=32)), tmp_path / "pacl")
     image = synthetic / "images" / "000000.png"
     classes = str(synthetic / "segmentation_colors" / "classes.txt")
     segment_args = ["segment", "--model", str(tmp_path / "pacl"), str(image), "--classes", classes,
@@ -145,7 +146,7 @@ def test_calibrate_command_errors_are_one_line(synthetic, tmp_path, capsys):
 
 
 def test_segment_library_reports_its_rule():
-    model = PACL.from_clip(clip_pacl.load("tiny"), PACLConfig(hidden_dim=32, background_threshold=0.1)).eval()
+    model = PACL(clip_pacl.load("tiny"), PACLConfig(hidden_dim=32, background_threshold=0.1)).eval()
     image = Image.fromarray(np.full((32, 32, 3), 128, dtype=np.uint8))
     assert segment(model, image, CLASSES).background.name == "zscore"
     assert segment(model, image, CLASSES, background="calibrated").background.name == "calibrated"
@@ -165,8 +166,8 @@ def test_background_benchmark_and_flat_set_scripts_run(synthetic, tmp_path):
     run("make_flat_objects.py", "--out", tmp_path / "flat", "--n", "3", "--seed", "1")
     mask = np.asarray(Image.open(tmp_path / "flat" / "masks" / "000000.png"))
     assert ((mask > 0) & (mask < 255)).any() and (mask == 0).any()  # an object and a background
-    model = PACL.from_clip(clip_pacl.load("tiny"), PACLConfig(hidden_dim=32, background_threshold=0.0))
-    model.save_checkpoint(tmp_path / "pacl")
+    model = PACL(clip_pacl.load("tiny"), PACLConfig(hidden_dim=32, background_threshold=0.0))
+    clip_pacl.save(model, tmp_path / "pacl")
     out = tmp_path / "bg.jsonl"
     stdout = run("pacl_background.py", "--pacl", tmp_path / "pacl", "--val", synthetic / "segmentation_colors",
                  "--test", tmp_path / "flat", "--grid", "0.1", "0.2", "--limit", "3", "--out", out)

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from clip_pacl.checkpoint.files import CONFIG_NAME, save_json
 from clip_pacl.data import load_image
 from clip_pacl.data.formats import read_caption_rows
 from clip_pacl.data.rows import CaptionRow
@@ -92,8 +93,6 @@ def calibrate_background(model: torch.nn.Module, data: str | Path, *, limit: int
 
 def write_calibration(model: torch.nn.Module, model_dir: str | Path, threshold: float) -> None:
     """Store `threshold` in the model's PACL config, in memory and in `model_dir/config.json` (nothing else changes)."""
-    from clip_pacl.checkpoint.io import CONFIG_NAME, _atomic_write
-
     path = Path(model_dir) / CONFIG_NAME
     try:
         cfg = json.loads(path.read_text())
@@ -102,6 +101,6 @@ def write_calibration(model: torch.nn.Module, model_dir: str | Path, threshold: 
     if cfg.get("model_type") != "pacl":
         raise CheckpointError(f"{model_dir} is not a PACL checkpoint (its {CONFIG_NAME} has no model_type 'pacl')")
     cfg.setdefault("pacl", {})["background_threshold"] = threshold
-    _atomic_write(path, lambda p: Path(p).write_text(json.dumps(cfg, indent=2) + "\n"))
+    save_json(cfg, path)
     model.config = replace(model.config, background_threshold=threshold)
 
