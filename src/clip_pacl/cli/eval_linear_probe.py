@@ -6,7 +6,8 @@ import argparse
 from pathlib import Path
 
 import clip_pacl
-from clip_pacl.cli.common import add_device_flag, add_json_flag, print_json, print_per_class, resolve_device
+from clip_pacl.cli.common import add_device_flag, add_json_flag, print_json, resolve_device
+from clip_pacl.cli.eval_zeroshot import print_classification
 from clip_pacl.data.imagefolder import read_labelled
 from clip_pacl.eval.linear_probe import DEFAULT_CS, evaluate_linear_probe
 
@@ -18,7 +19,6 @@ DESCRIPTION = (
     "refit on all of them and report top-1, top-5 and per-class recall on the test images."
 )
 ORDER = 42
-PER_CLASS_TABLE_MAX = 30
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,13 +51,5 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(f"linear probe  {args.test}  ({result['num_images']} test images, {result['num_classes']} classes, "
           f"{result['num_train_images']} training images, C = {result['C']:g})")
-    print(f"  top-1                  {100 * result['top1']:6.2f} %")
-    print(f"  top-{result['top5_k']}                  {100 * result['top5']:6.2f} %")
-    print(f"  mean per-class recall  {100 * result['mean_per_class_recall']:6.2f} %")
-    print_per_class("per-class recall", result["per_class_recall"], PER_CLASS_TABLE_MAX)
-    if result["skipped_rows"]:
-        print(f"  {result['skipped_rows']} test rows had labels no training image has and were left out")
-    if result["num_unreadable"]:
-        first = result["unreadable"][0]
-        print(f"  {result['num_unreadable']} unreadable images skipped (e.g. {first['path']}: {first['reason']})")
+    print_classification(result, "test rows had labels no training image has and were left out")
     return 0

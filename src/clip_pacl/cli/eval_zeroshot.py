@@ -64,15 +64,20 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(f"zero-shot  {args.data}  ({result['num_images']} images, {result['num_classes']} classes, "
           f"{result['num_templates']} templates)")
+    print_classification(result, "rows had labels outside --classes and were left out")
+    for png in result.get("plots", []):
+        print(f"  plot: {png}")
+    return 0
+
+
+def print_classification(result: dict, skipped: str) -> None:
+    """The accuracy lines shared by `eval zeroshot` and `eval linear-probe`; `skipped` says why rows were left out."""
     print(f"  top-1                  {100 * result['top1']:6.2f} %")
     print(f"  top-{result['top5_k']}                  {100 * result['top5']:6.2f} %")
     print(f"  mean per-class recall  {100 * result['mean_per_class_recall']:6.2f} %")
     print_per_class("per-class recall", result["per_class_recall"], PER_CLASS_TABLE_MAX)
     if result["skipped_rows"]:
-        print(f"  {result['skipped_rows']} rows had labels outside --classes and were left out")
+        print(f"  {result['skipped_rows']} {skipped}")
     if result["num_unreadable"]:
         first = result["unreadable"][0]
         print(f"  {result['num_unreadable']} unreadable images skipped (e.g. {first['path']}: {first['reason']})")
-    for png in result.get("plots", []):
-        print(f"  plot: {png}")
-    return 0
