@@ -80,7 +80,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     arg("--accum", type=int, help="micro-batches per step; the contrastive batch grows N-fold", metavar="N")
     arg("--lr", type=float, help="peak learning rate (AdamW)", metavar="F")
     arg("--wd", type=float, help="weight decay (not on biases, norms, embeddings, temperature)", metavar="F")
-    arg("--warmup", type=int, help="linear warmup steps before the cosine decay", metavar="N")
+    arg("--beta1", type=float, help="AdamW's first-moment decay", metavar="F")
+    arg("--beta2", type=float, help="AdamW's second-moment decay", metavar="F")
+    arg("--eps", type=float, help="AdamW's epsilon", metavar="F")
+    arg("--warmup", type=int, metavar="N",
+        help="linear warmup steps before the cosine decay (default: 10%% of the steps, at most 10000)")
     arg("--grad-clip", type=float, help="clip the gradient norm at F (0: no clipping)", metavar="F")
     arg("--precision", choices=["fp32", "bf16", "fp16"], help="autocast precision (fp16 uses a GradScaler)")
     arg("--local-loss", action="store_true",
