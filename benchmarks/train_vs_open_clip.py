@@ -74,8 +74,7 @@ def run_clip_pacl(args, train_dir: Path, workdir: Path) -> tuple[float, torch.nn
     shutil.rmtree(run_dir, ignore_errors=True)
     config = TrainConfig(data=str(train_dir / "captions.csv"), model=PRESET, out=str(run_dir),
                          epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, wd=args.wd, warmup=args.warmup,
-                         grad_clip=args.grad_clip, beta2=0.98, eps=1e-6,  # open_clip_train's ViT betas, as below
-                         seed=args.seed, workers=args.workers, device="cpu",
+                         grad_clip=args.grad_clip, seed=args.seed, workers=args.workers, device="cpu",
                          log_every=10, progress=False)
     start = time.perf_counter()
     result = train(config)

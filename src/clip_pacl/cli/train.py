@@ -83,8 +83,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     arg("--beta1", type=float, help="AdamW's first-moment decay", metavar="F")
     arg("--beta2", type=float, help="AdamW's second-moment decay", metavar="F")
     arg("--eps", type=float, help="AdamW's epsilon", metavar="F")
-    arg("--warmup", type=int, metavar="N",
-        help="linear warmup steps before the cosine decay (default: 10%% of the steps, at most 10000)")
+    arg("--warmup", type=int, help="linear warmup steps before the cosine decay", metavar="N")
     arg("--grad-clip", type=float, help="clip the gradient norm at F (0: no clipping)", metavar="F")
     arg("--precision", choices=["fp32", "bf16", "fp16"], help="autocast precision (fp16 uses a GradScaler)")
     arg("--local-loss", action="store_true",

@@ -41,7 +41,7 @@ from clip_pacl.train.distributed import (
 )
 from clip_pacl.train.logging import RunLogger, plot_loss
 from clip_pacl.train.optim import build_optimizer, clamp_logit_scale, lock_image_tower, lock_text_tower, set_train_mode
-from clip_pacl.train.schedule import WarmupCosine, default_warmup
+from clip_pacl.train.schedule import WarmupCosine
 from clip_pacl.train.setup import FeatureModel, build_datasets, build_model
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -109,8 +109,7 @@ def _train(config: TrainConfig, objective: Objective, info: DistInfo, device: to
         model.set_grad_checkpointing(True)
     model.to(device)
     optimizer = build_optimizer(model, config.lr, config.wd, (config.beta1, config.beta2), config.eps)
-    warmup = config.warmup if config.warmup is not None else default_warmup(total_steps)
-    schedule = WarmupCosine(optimizer, config.lr, warmup, total_steps)
+    schedule = WarmupCosine(optimizer, config.lr, config.warmup, total_steps)
     amp_dtype = AMP_DTYPES.get(config.precision)
     scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
     logger = RunLogger(run_dir, enabled=info.is_main)

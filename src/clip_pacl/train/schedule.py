@@ -7,12 +7,6 @@ import math
 import torch
 
 
-def default_warmup(total: int) -> int:
-    """Warmup steps when none is given: 10% of the run, at most open_clip's 10,000. A fixed count would be most of
-    a short run (50 of 100 steps) and nothing of a long one."""
-    return min(10_000, math.ceil(total / 10))
-
-
 def lr_at(step: int, base_lr: float, warmup: int, total: int) -> float:
     """Learning rate for optimiser step `step` (0-based), as open_clip's `cosine_lr`.
 
