@@ -64,3 +64,18 @@ def test_benchmark_scripts_report_a_missing_path_in_one_line(setup, tmp_path):
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
             f"error: segmentation data {missing} does not exist"]
+
+
+def test_recipes_benchmark_quick(tmp_path):
+    """benchmarks/recipes.py (the README's training-recipes table) runs every recipe end to end and reports it."""
+    out = tmp_path / "recipes.jsonl"
+    stdout = _run("recipes.py", "--quick", "--kinds", "patterns", "--jobs", "1", "--recipes", "clip-pacl",
+                  "clip-pacl:beta2=0.98,grad_clip=0", "open_clip_train", "plain", "--tag", "smoke",
+                  "--workdir", tmp_path / "work", "--out", out)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(r["recipe"] for r in rows) == ["clip-pacl", "clip-pacl:beta2=0.98,grad_clip=0", "open_clip_train",
+                                                 "plain"]
+    assert all(r["dataset"] == "patterns" and r["steps"] == 3 and 0 <= r["zeroshot_top1"] <= 1
+               and abs(r["chance"] - 1 / 6) < 1e-3 and r["heldout_images"] == 8 for r in rows)
+    assert stdout.count("| patterns (chance 0.167) |") == 4
+    assert _run("recipes.py", "--table", out, "--tag", "smoke") == stdout

@@ -1,5 +1,6 @@
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,6 +9,7 @@ from PIL import Image
 from clip_pacl.cli.main import main
 from clip_pacl.data import read_caption_rows, read_label_rows
 from clip_pacl.data.synthetic import COLORS, SHAPES, ShapeObject, caption_templates, generate_synthetic
+from clip_pacl.data.synthetic_kinds import COUNT_WORDS, KINDS, PATTERN_ADJECTIVES, PATTERNS, plural
 
 
 @pytest.fixture(scope="module")
@@ -145,3 +147,105 @@ def test_cli_json_and_bad_arguments(tmp_path, capsys):
     assert Image.open(tmp_path / "s" / "images" / "000003.png").size == (32, 32)
     assert main(["data", "synthetic", "--out", str(tmp_path / "t"), "--n", "0"]) == 2
     assert capsys.readouterr().err.strip() == "error: the synthetic set needs at least 1 image (got n=0)"
+
+
+# ---------------------------------------------------------------- other kinds (data/synthetic_kinds.py)
+def _kind_set(kind, tmp_path_factory):
+    out = tmp_path_factory.mktemp(kind)
+    return kind, out, generate_synthetic(out, n=30, seed=4, image_size=48, kind=kind, captions_per_image=2, heldout=10)
+
+
+@pytest.fixture(scope="module")
+def counts_set(tmp_path_factory):
+    return _kind_set("counts", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def patterns_set(tmp_path_factory):
+    return _kind_set("patterns", tmp_path_factory)
+
+
+@pytest.fixture(params=["counts", "patterns"])
+def kind_set(request):
+    return request.getfixturevalue(f"{request.param}_set")
+
+
+def _near(image, rgb, tol=40):
+    return np.abs(image.astype(int) - np.array(rgb)).max(-1) <= tol  # (H, W) bool
+
+
+def test_kinds_same_seed_same_bytes_and_sets_extend(tmp_path):
+    for kind in KINDS:
+        a = _all_files(generate_synthetic(tmp_path / f"{kind}a", n=5, seed=7, kind=kind, image_size=32).out_dir)
+        assert a == _all_files(generate_synthetic(tmp_path / f"{kind}b", n=5, seed=7, kind=kind,
+                                                  image_size=32).out_dir)
+        other = _all_files(generate_synthetic(tmp_path / f"{kind}c", n=5, seed=8, kind=kind, image_size=32).out_dir)
+        assert a[Path("images/000000.png")] != other[Path("images/000000.png")]
+        longer = generate_synthetic(tmp_path / f"{kind}d", n=3, heldout=4, seed=7, kind=kind, image_size=32).out_dir
+        for i in range(5):  # held-out images continue the same stream
+            assert (longer / f"images/{i:06d}.png").read_bytes() == a[Path(f"images/{i:06d}.png")]
+
+
+def test_kinds_heldout_split_and_zero_shot_files(kind_set):
+    kind, out, info = kind_set
+    classes = (out / "classes.txt").read_text().splitlines()
+    assert tuple(classes) == info.label_classes == KINDS[kind][1]
+    templates = (out / "templates.txt").read_text().splitlines()
+    assert len(templates) > 1 and all(t.count("{}") == 1 for t in templates)
+    train, held = read_caption_rows(info.captions), read_caption_rows(info.captions_heldout)
+    assert len(train) == 2 * 30 and len(held) == 2 * 10
+    assert {r.image.name for r in held} == {f"{i:06d}.png" for i in range(30, 40)}
+    assert not {r.image for r in train} & {r.image for r in held}
+    labels, held_labels = read_label_rows(info.labels), read_label_rows(info.labels_heldout)
+    assert len(labels) == 30 and len(held_labels) == 10 and {r.label for r in labels + held_labels} <= set(classes)
+    assert len({r.label for r in labels + held_labels}) > 1
+
+
+def test_counts_captions_match_what_is_drawn(counts_set):
+    _, out, _ = counts_set
+    from scipy import ndimage
+
+    for meta in _objects(out):
+        image = np.asarray(Image.open(out / meta["image"]))
+        word = COUNT_WORDS[meta["count"] - 2]
+        assert meta["label"] == word and len(meta["centers"]) == meta["count"]
+        for caption in meta["captions"]:
+            assert caption.split()[0 if not caption.startswith("a photo") else 3] == word
+            assert f"{meta['color']} {plural(meta['shape'])}" in caption
+        _, components = ndimage.label(_near(image, COLORS[meta["color"]]))
+        assert components == meta["count"], meta  # as many blobs of the caption's colour as the caption says
+
+
+def test_patterns_captions_match_what_is_drawn(patterns_set):
+    _, out, _ = patterns_set
+    for meta in _objects(out):
+        image = np.asarray(Image.open(out / meta["image"]))
+        fg, bg = _near(image, COLORS[meta["foreground"]]), _near(image, COLORS[meta["background"]])
+        assert (fg | bg).mean() > 0.75 and 0.1 < fg.mean() and 0.1 < bg.mean()  # two colours, both visible
+        assert abs(fg.mean() - meta["coverage"]) < 0.15
+        for caption in meta["captions"]:
+            assert meta["foreground"] in caption and meta["background"] in caption
+            assert meta["pattern"] in caption or PATTERN_ADJECTIVES[meta["pattern"]] in caption
+
+
+def test_shapes_heldout_keeps_the_training_files(tmp_path):
+    plain = generate_synthetic(tmp_path / "plain", n=8, seed=2)
+    split = generate_synthetic(tmp_path / "split", n=8, seed=2, heldout=3)
+    for name in ("captions.csv", "shapes.csv", "colors.csv"):
+        assert (plain.out_dir / name).read_bytes() == (split.out_dir / name).read_bytes()
+    assert not list(plain.out_dir.glob("*_heldout.csv"))
+    held = read_caption_rows(split.captions_heldout)
+    assert {r.image.name for r in held} == {"000008.png", "000009.png", "000010.png"}
+    assert split.labels_heldout == split.out_dir / "shapes_heldout.csv"
+
+
+def test_cli_kinds(tmp_path, capsys):
+    from clip_pacl.cli.data import KIND_NAMES
+
+    assert KIND_NAMES == ("shapes", *KINDS)
+    assert main(["data", "synthetic", "--kind", "patterns", "--out", str(tmp_path / "p"), "--n", "3", "--heldout",
+                 "2", "--image-size", "32", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["kind"] == "patterns" and result["n_heldout"] == 2 and result["label_classes"] == list(PATTERNS)
+    assert main(["data", "synthetic", "--out", str(tmp_path / "q"), "--n", "3", "--heldout", "-1"]) == 2
+    assert capsys.readouterr().err.strip() == "error: heldout must be >= 0 (got -1)"

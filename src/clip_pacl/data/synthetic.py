@@ -18,7 +18,11 @@ DIR/segmentation/templates.txt   prompt templates for those classes, "a red {}" 
                                  class prompt averages over colours like the captions describe objects
 DIR/segmentation_colors/         the same images, masks labelled by colour instead of shape (classes.txt:
                                  "background", then the colours; templates.txt: "a {} circle" ... per shape)
+DIR/{captions,shapes,colors}_heldout.csv   with heldout=N: the rows of N more images, kept out of the files above
 ```
+
+`kind="counts"` or `"patterns"` writes sets of other structure instead (data/synthetic_kinds.py): how many
+objects, or which two-colour pattern, with labels.csv + classes.txt + templates.txt for zero-shot.
 
 Two label sets because they ask different things of a model: an object's colour is visible in every one
 of its patches, its shape only across several. A small CLIP trained here localises colour long before shape.
@@ -140,13 +144,21 @@ class SyntheticInfo:
     image_size: int
     seed: int
     captions: Path
-    shapes: Path
-    colors: Path
+    shapes: Path | None  # None: the file is the shapes kind's only
+    colors: Path | None
     objects: Path
-    segmentation: Path
-    segmentation_colors: Path
+    segmentation: Path | None
+    segmentation_colors: Path | None
     classes: tuple[str, ...] = field(default_factory=tuple)
     color_names: tuple[str, ...] = field(default_factory=tuple)
+    # Zero-shot classification on this set: labels (shapes.csv here) with its class names and prompt templates
+    labels: Path | None = None
+    label_classes: tuple[str, ...] = field(default_factory=tuple)
+    templates: Path | None = None
+    kind: str = "shapes"
+    n_heldout: int = 0  # images written after the n training images, listed only in the *_heldout.csv files
+    captions_heldout: Path | None = None
+    labels_heldout: Path | None = None
 
     def to_dict(self) -> dict:
         return {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v)
@@ -256,19 +268,34 @@ def _coverage(obj: ShapeObject, size: int) -> tuple[slice, slice, np.ndarray]:
     return slice(y0, y1), slice(x0, x1), cov
 
 
-def _place(rng: np.random.Generator, size: int, sizes: list[str]) -> list[tuple[float, float, float, str]] | None:
-    placed: list[tuple[float, float, float, str]] = []
-    for size_name in sizes:
-        lo, hi = SIZES[size_name]
+def place_discs(rng: np.random.Generator, size: int, radii: Sequence[tuple[float, float]],
+                ) -> list[tuple[float, float, float]] | None:
+    """Non-overlapping discs (cx, cy, r) in the frame, 2 pixels apart; radius i drawn from radii[i] (fractions
+    of the side). None when 100 tries cannot fit one."""
+    placed: list[tuple[float, float, float]] = []
+    for lo, hi in radii:
         r = rng.uniform(lo, hi) * size
         for _ in range(100):
             cx, cy = rng.uniform(r + 1, size - r - 1, size=2)
-            if all(math.hypot(cx - px, cy - py) >= r + pr + 2 for px, py, pr, _ in placed):
-                placed.append((float(cx), float(cy), float(r), size_name))
+            if all(math.hypot(cx - px, cy - py) >= r + pr + 2 for px, py, pr in placed):
+                placed.append((float(cx), float(cy), float(r)))
                 break
         else:
             return None
     return placed
+
+
+def paint(canvas: np.ndarray, obj: ShapeObject) -> tuple[slice, slice, np.ndarray]:
+    """Draw the object (anti-aliased) onto canvas (H, W, 3) float in place; returns where and how much it covers."""
+    ys, xs, cov = _coverage(obj, canvas.shape[0])
+    region = canvas[ys, xs]
+    canvas[ys, xs] = region * (1 - cov[..., None]) + np.array(obj.rgb, dtype=np.float32) * cov[..., None]
+    return ys, xs, cov
+
+
+def jittered_rgb(rng: np.random.Generator, color: str) -> tuple[int, int, int]:
+    """The palette colour with a little per-object variation (+-12 per channel)."""
+    return tuple(int(v) for v in np.clip(np.array(COLORS[color]) + rng.integers(-12, 13, size=3), 0, 255))
 
 
 def make_sample(
@@ -287,24 +314,21 @@ def make_sample(
     n_obj = int(rng.choice(np.arange(1, max_objects + 1), p=probs / probs.sum()))
     size_names = list(SIZES)
     sizes = [size_names[int(i)] for i in rng.integers(0, len(size_names), size=n_obj)]
-    placed = _place(rng, image_size, sizes)
+    placed = place_discs(rng, image_size, [SIZES[s] for s in sizes])
     while placed is None:  # too crowded: shrink the largest object and retry (deterministically)
         largest = max(range(n_obj), key=lambda i: size_names.index(sizes[i]))
         sizes[largest] = size_names[max(size_names.index(sizes[largest]) - 1, 0)]
-        placed = _place(rng, image_size, sizes)
+        placed = place_discs(rng, image_size, [SIZES[s] for s in sizes])
     kind = list(BACKGROUNDS)[int(rng.integers(0, len(BACKGROUNDS)))]
     canvas = _background(rng, image_size, kind)  # (H, W, 3) float
     mask = np.zeros((image_size, image_size), dtype=np.uint8)
     color_mask = np.zeros((image_size, image_size), dtype=np.uint8)
     objects = []
-    for cx, cy, r, size_name in placed:
+    for (cx, cy, r), size_name in zip(placed, sizes):
         shape = shapes[int(rng.integers(0, len(shapes)))]
         color = colors[int(rng.integers(0, len(colors)))]
-        rgb = tuple(int(v) for v in np.clip(np.array(COLORS[color]) + rng.integers(-12, 13, size=3), 0, 255))
-        obj = ShapeObject(shape, color, size_name, (round(cx, 3), round(cy, 3)), round(r, 3), rgb)
-        ys, xs, cov = _coverage(obj, image_size)
-        region = canvas[ys, xs]
-        canvas[ys, xs] = region * (1 - cov[..., None]) + np.array(rgb, dtype=np.float32) * cov[..., None]
+        obj = ShapeObject(shape, color, size_name, (round(cx, 3), round(cy, 3)), round(r, 3), jittered_rgb(rng, color))
+        ys, xs, cov = paint(canvas, obj)
         for target, class_id in ((mask, list(shapes).index(shape) + 1), (color_mask, list(colors).index(color) + 1)):
             target[ys, xs] = np.where(cov >= 1.0, class_id, np.where(cov > 0, IGNORE_INDEX, target[ys, xs]))
         objects.append(obj)
@@ -324,19 +348,35 @@ def generate_synthetic(
     captions_per_image: int = 1,
     shapes: Sequence[str] | None = None,
     colors: Sequence[str] | None = None,
+    kind: str = "shapes",
+    heldout: int = 0,
     progress: bool = False,
 ) -> SyntheticInfo:
-    """Write `n` images with captions, labels and masks under `out_dir` (see the module docstring)."""
-    shapes = tuple(shapes or SHAPES)
-    colors = tuple(colors or COLORS)
+    """Write `n` training images (plus `heldout` held-out ones) with captions and labels under `out_dir`.
+
+    `kind` picks the set: "shapes" (this module: captions, labels and masks, see the module docstring) or one
+    of `synthetic_kinds.KINDS` (other structure: object counts, two-colour patterns). Held-out images are
+    images n .. n + heldout - 1 of the same stream, written to images/ like the rest but listed only in
+    captions_heldout.csv and the labels' *_heldout.csv files; heldout=0 writes exactly the files it always did."""
     if n < 1:
         raise DataError(f"the synthetic set needs at least 1 image (got n={n})")
+    if heldout < 0:
+        raise DataError(f"heldout must be >= 0 (got {heldout})")
     if image_size < 16:
         raise DataError(f"synthetic images must be at least 16 pixels wide (got {image_size})")
-    if not 1 <= max_objects <= 3:
-        raise DataError(f"max_objects must be 1, 2 or 3 (got {max_objects})")
     if captions_per_image < 1:
         raise DataError(f"captions_per_image must be at least 1 (got {captions_per_image})")
+    if kind != "shapes":
+        from clip_pacl.data.synthetic_kinds import KINDS, generate_kind
+
+        if kind not in KINDS:
+            raise DataError(f"unknown synthetic kind {kind!r} (known: shapes, {', '.join(KINDS)})")
+        return generate_kind(kind, out_dir, n, seed, image_size, captions_per_image=captions_per_image,
+                             heldout=heldout, progress=progress)
+    shapes = tuple(shapes or SHAPES)
+    colors = tuple(colors or COLORS)
+    if not 1 <= max_objects <= 3:
+        raise DataError(f"max_objects must be 1, 2 or 3 (got {max_objects})")
     for kind, chosen, known in (("shape", shapes, SHAPES), ("colour", colors, COLORS)):
         unknown = [c for c in chosen if c not in known]
         if unknown:
@@ -352,9 +392,10 @@ def generate_synthetic(
     (seg_colors / "classes.txt").write_text("\n".join(("background", *colors)) + "\n")
     (seg_colors / "templates.txt").write_text("".join(f"a {{}} {s}\n" for s in shapes))
 
-    caption_rows, shape_rows, color_rows = [], [], []
+    rows: dict[str, list[tuple[str, str]]] = {name: [] for name in ("captions", "shapes", "colors")}
+    held: dict[str, list[tuple[str, str]]] = {name: [] for name in rows}
     with open(out / "objects.jsonl", "w") as meta:
-        for i in tqdm(range(n), desc="synthetic", unit="img", disable=not progress):
+        for i in tqdm(range(n + heldout), desc="synthetic", unit="img", disable=not progress):
             sample = make_sample(seed, i, image_size, max_objects=max_objects, shapes=shapes, colors=colors,
                                  captions_per_image=captions_per_image)
             name = f"{i:06d}.png"
@@ -364,21 +405,27 @@ def generate_synthetic(
                 _link_or_copy(image_path, seg_dir / "images" / name)
                 Image.fromarray(seg_mask, mode="L").save(seg_dir / "masks" / name, compress_level=1)
             rel = f"images/{name}"
-            caption_rows.extend((rel, c) for c in sample.captions)
+            split = rows if i < n else held
+            split["captions"].extend((rel, c) for c in sample.captions)
             if len(sample.objects) == 1:
-                shape_rows.append((rel, sample.objects[0].shape))
-                color_rows.append((rel, sample.objects[0].color))
-            meta.write(json.dumps({"image": rel, "background": sample.background,
-                                   "objects": [asdict(o) for o in sample.objects],
-                                   "captions": list(sample.captions)}) + "\n")
+                split["shapes"].append((rel, sample.objects[0].shape))
+                split["colors"].append((rel, sample.objects[0].color))
+            record = {"image": rel, "background": sample.background, "objects": [asdict(o) for o in sample.objects],
+                      "captions": list(sample.captions)}
+            meta.write(json.dumps(record if i < n else {**record, "split": "heldout"}) + "\n")
 
-    _write_csv(out / "captions.csv", ("image", "caption"), caption_rows)
-    _write_csv(out / "shapes.csv", ("image", "label"), shape_rows)
-    _write_csv(out / "colors.csv", ("image", "label"), color_rows)
-    return SyntheticInfo(out_dir=out, n_images=n, n_single_object=len(shape_rows), image_size=image_size, seed=seed,
-                         captions=out / "captions.csv", shapes=out / "shapes.csv", colors=out / "colors.csv",
-                         objects=out / "objects.jsonl", segmentation=seg,
-                         segmentation_colors=seg_colors, classes=classes, color_names=colors)
+    for name, table in rows.items():
+        write_csv(out / f"{name}.csv", ("image", "caption" if name == "captions" else "label"), table)
+        if heldout:
+            write_csv(out / f"{name}_heldout.csv", ("image", "caption" if name == "captions" else "label"),
+                      held[name])
+    return SyntheticInfo(out_dir=out, n_images=n, n_single_object=len(rows["shapes"]), image_size=image_size,
+                         seed=seed, captions=out / "captions.csv", shapes=out / "shapes.csv",
+                         colors=out / "colors.csv", objects=out / "objects.jsonl", segmentation=seg,
+                         segmentation_colors=seg_colors, classes=classes, color_names=colors,
+                         labels=out / "shapes.csv", label_classes=shapes, templates=seg / "templates.txt",
+                         n_heldout=heldout, captions_heldout=out / "captions_heldout.csv" if heldout else None,
+                         labels_heldout=out / "shapes_heldout.csv" if heldout else None)
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -390,7 +437,7 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
-def _write_csv(path: Path, header: tuple[str, str], rows: list[tuple[str, str]]) -> None:
+def write_csv(path: Path, header: tuple[str, str], rows: list[tuple[str, str]]) -> None:
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(header)

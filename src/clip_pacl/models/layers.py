@@ -115,7 +115,8 @@ class Transformer(nn.Module):
         return x
 
     def init_weights(self) -> None:
-        """open_clip's initialisation (from OpenAI's CLIP), scaled by depth."""
+        """OpenAI's text-transformer initialisation (as open_clip's), scaled by depth. Only the text tower uses it:
+        open_clip leaves its ViT blocks at PyTorch's defaults."""
         proj_std = (self.width**-0.5) * ((2 * self.layers) ** -0.5)
         attn_std = self.width**-0.5
         fc_std = (2 * self.width) ** -0.5

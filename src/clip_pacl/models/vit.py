@@ -28,7 +28,8 @@ class VisionTransformer(nn.Module):
         self.transformer = Transformer(width, cfg.layers, cfg.heads, cfg.mlp_ratio, act)
         self.ln_post = LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
-        self.transformer.init_weights()
+        # The blocks keep PyTorch's default init, as open_clip's ViT does (OpenAI never defined one): the text
+        # tower's depth-scaled init trains a small ViT markedly worse (issue 10; tests/test_init.py).
 
     @property
     def output_dim(self) -> int:

@@ -245,7 +245,8 @@ def setup(config: TrainConfig, objective: Objective, info: DistInfo, device: tor
     if config.grad_checkpointing:
         model.set_grad_checkpointing(True)
     model.to(device)
-    optimizer = build_optimizer(model, config.lr, config.wd)  # after .to(device): the fused kernel is per device
+    # after .to(device): the fused kernel is per device
+    optimizer = build_optimizer(model, config.lr, config.wd, (config.beta1, config.beta2), config.eps)
     total_steps = config.steps or (config.epochs or 1) * steps_per_epoch
     feature_model: nn.Module = FeatureModel(model, from_cache=config.cache_features)
     if info.enabled:
