@@ -16,7 +16,8 @@ captions. Recipes:
 - `plain`: a plain PyTorch loop over `open_clip.CLIP` at PyTorch's defaults: `AdamW(model.parameters(), lr)`
   (betas (0.9, 0.999), eps 1e-8, wd 0.01 on every parameter), `OneCycleLR`, no augmentation, no clipping.
 
-    python benchmarks/recipes.py                    # the README's table (~40 min on 2 busy CPU cores)
+    python benchmarks/recipes.py --tag final --recipes clip-pacl clip-pacl:beta2=0.999,eps=1e-8,warmup=10 \
+        open_clip_train plain                   # the README's table (~60 min on 2 busy CPU cores)
     python benchmarks/recipes.py --quick --out /tmp/r.jsonl   # smoke test, seconds
     python benchmarks/recipes.py --table benchmarks/results/recipes.jsonl --tag final   # the table again
 
