@@ -358,14 +358,7 @@ def generate_synthetic(
     of `synthetic_kinds.KINDS` (other structure: object counts, two-colour patterns). Held-out images are
     images n .. n + heldout - 1 of the same stream, written to images/ like the rest but listed only in
     captions_heldout.csv and the labels' *_heldout.csv files; heldout=0 writes exactly the files it always did."""
-    if n < 1:
-        raise DataError(f"the synthetic set needs at least 1 image (got n={n})")
-    if heldout < 0:
-        raise DataError(f"heldout must be >= 0 (got {heldout})")
-    if image_size < 16:
-        raise DataError(f"synthetic images must be at least 16 pixels wide (got {image_size})")
-    if captions_per_image < 1:
-        raise DataError(f"captions_per_image must be at least 1 (got {captions_per_image})")
+    _check_sizes(n, heldout, image_size, captions_per_image)
     if kind != "shapes":
         from clip_pacl.data.synthetic_kinds import KINDS, generate_kind
 
@@ -384,13 +377,7 @@ def generate_synthetic(
 
     out = Path(out_dir)
     seg, seg_colors = out / "segmentation", out / "segmentation_colors"
-    for d in (out / "images", seg / "images", seg / "masks", seg_colors / "images", seg_colors / "masks"):
-        d.mkdir(parents=True, exist_ok=True)
-    classes = ("background", *shapes)
-    (seg / "classes.txt").write_text("\n".join(classes) + "\n")
-    (seg / "templates.txt").write_text("".join(f"{_article(c)} {c} {{}}\n" for c in colors))
-    (seg_colors / "classes.txt").write_text("\n".join(("background", *colors)) + "\n")
-    (seg_colors / "templates.txt").write_text("".join(f"a {{}} {s}\n" for s in shapes))
+    classes = _write_segmentation_dirs(out, seg, seg_colors, shapes, colors)
 
     rows: dict[str, list[tuple[str, str]]] = {name: [] for name in ("captions", "shapes", "colors")}
     held: dict[str, list[tuple[str, str]]] = {name: [] for name in rows}
@@ -426,6 +413,30 @@ def generate_synthetic(
                          labels=out / "shapes.csv", label_classes=shapes, templates=seg / "templates.txt",
                          n_heldout=heldout, captions_heldout=out / "captions_heldout.csv" if heldout else None,
                          labels_heldout=out / "shapes_heldout.csv" if heldout else None)
+
+
+def _check_sizes(n: int, heldout: int, image_size: int, captions_per_image: int) -> None:
+    if n < 1:
+        raise DataError(f"the synthetic set needs at least 1 image (got n={n})")
+    if heldout < 0:
+        raise DataError(f"heldout must be >= 0 (got {heldout})")
+    if image_size < 16:
+        raise DataError(f"synthetic images must be at least 16 pixels wide (got {image_size})")
+    if captions_per_image < 1:
+        raise DataError(f"captions_per_image must be at least 1 (got {captions_per_image})")
+
+
+def _write_segmentation_dirs(out: Path, seg: Path, seg_colors: Path, shapes: Sequence[str],
+                             colors: Sequence[str]) -> tuple[str, ...]:
+    """The folders, classes.txt and templates.txt of both segmentation sets; returns the shape set's classes."""
+    for d in (out / "images", seg / "images", seg / "masks", seg_colors / "images", seg_colors / "masks"):
+        d.mkdir(parents=True, exist_ok=True)
+    classes = ("background", *shapes)
+    (seg / "classes.txt").write_text("\n".join(classes) + "\n")
+    (seg / "templates.txt").write_text("".join(f"{_article(c)} {c} {{}}\n" for c in colors))
+    (seg_colors / "classes.txt").write_text("\n".join(("background", *colors)) + "\n")
+    (seg_colors / "templates.txt").write_text("".join(f"a {{}} {s}\n" for s in shapes))
+    return classes
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
