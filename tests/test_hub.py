@@ -73,7 +73,7 @@ def same_state(a, b) -> bool:
 def test_hf_repo_id_loads_from_the_cache(offline_cache, hf_repo_files):
     cache_repo(offline_cache, "acme/tiny-clip", directory_files(hf_repo_files))
     model, source = load_with_source("acme/tiny-clip")
-    assert source.format == "hf" and source.hub_id == "acme/tiny-clip"
+    assert source.format == "hf" and source.hub_id == "acme/tiny-clip" and source.revision == REVISION
     assert source.location.startswith(str(offline_cache))
     assert same_state(model, clip_pacl.load(hf_repo_files))
 
@@ -83,7 +83,7 @@ def test_open_clip_repo_with_hf_hub_prefix(offline_cache, tmp_path):
     export_open_clip(ours, tmp_path / "repo")  # open_clip_model.safetensors + open_clip_config.json
     cache_repo(offline_cache, "acme/tiny-rn-open-clip", directory_files(tmp_path / "repo"))
     model, source = load_with_source("hf-hub:acme/tiny-rn-open-clip")
-    assert source.format == "open_clip" and source.hub_id == "acme/tiny-rn-open-clip"
+    assert source.format == "open_clip" and source.hub_id == "acme/tiny-rn-open-clip" and source.revision == REVISION
     assert same_state(model, ours) and model.config.vision == ours.config.vision
 
 
@@ -95,7 +95,7 @@ def test_pretrained_tag_downloads_the_tags_repo(offline_cache, tmp_path, monkeyp
     cache_repo(offline_cache, "acme/tiny_clip.openai", directory_files(tmp_path / "repo"))
     monkeypatch.setitem(hub.OPENAI_REPOS, "tiny", "acme/tiny_clip.openai")  # as ViT-B-32 -> timm/vit_base_...
     model, source = load_with_source("tiny", pretrained="openai")
-    assert source.hub_id == "acme/tiny_clip.openai" and model.config.quick_gelu
+    assert source.hub_id == "acme/tiny_clip.openai" and source.revision == REVISION and model.config.quick_gelu
     assert same_state(model, ours)
 
 
@@ -142,3 +142,19 @@ def test_cli_in_a_real_process_uses_the_environment(tmp_path, hf_repo_files):
     lines = missing.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: 'acme/not-cached' is not a local file or directory, and "
                                                    "could not download 'acme/not-cached' (offline")
+
+
+def test_an_index_built_from_a_hub_model_records_its_revision(offline_cache, hf_repo_files, tmp_path):
+    """The index's fingerprint names the hub commit its weights came from (and a local model records none)."""
+    from PIL import Image
+
+    from clip_pacl.cli.main import main as cli_main
+
+    cache_repo(offline_cache, "acme/tiny-clip", directory_files(hf_repo_files))
+    (tmp_path / "photos").mkdir()
+    for i, colour in enumerate(("red", "blue")):
+        Image.new("RGB", (40, 40), colour).save(tmp_path / "photos" / f"{i}.png")
+    for model, idx, revision in (("acme/tiny-clip", "hub_idx", REVISION), (str(hf_repo_files), "local_idx", None)):
+        assert cli_main(["index", "build", "--model", model, "--images", str(tmp_path / "photos"),
+                         "--out", str(tmp_path / idx)]) == 0
+        assert json.loads((tmp_path / idx / "meta.json").read_text())["hub_revision"] == revision

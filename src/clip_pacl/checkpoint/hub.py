@@ -49,6 +49,11 @@ def pretrained_repo(model: str, tag: str) -> str:
     return repo.rstrip("/")
 
 
+def snapshot_revision(snapshot: Path) -> str | None:
+    """The commit a Hugging Face cache snapshot directory holds (`.../snapshots/<commit>/`), else None."""
+    return snapshot.name if snapshot.parent.name == "snapshots" else None
+
+
 def download(repo_id: str, revision: str | None = None) -> Path:
     """The local snapshot directory of `repo_id` with its config and one weights file (downloaded if needed)."""
     try:

@@ -48,6 +48,7 @@ class Source:
     format: str  # clip_pacl, pacl, backbone, hf, open_clip, openai, openai_torchscript, open_clip_config, preset
     location: str  # a path, or the preset name
     hub_id: str | None = None
+    revision: str | None = None  # the hub snapshot's commit, when the weights came from the hub
 
 
 # ---------------------------------------------------------------------------------------------- saving
@@ -107,19 +108,21 @@ def load_with_source(
             model, source = _load_file(Path(pretrained), config or text, quick_gelu)
         else:
             repo = hub.pretrained_repo(text, pretrained)
-            model, source = _load_dir(hub.download(repo), quick_gelu, device)
-            source = replace(source, hub_id=repo)
+            snapshot = hub.download(repo)
+            model, source = _load_dir(snapshot, quick_gelu, device)
+            source = replace(source, hub_id=repo, revision=hub.snapshot_revision(snapshot))
     elif text.startswith(hub.HF_HUB_PREFIX):
         repo = text.removeprefix(hub.HF_HUB_PREFIX)
-        model, source = _load_dir(hub.download(repo), quick_gelu, device)
-        source = replace(source, hub_id=repo)
+        snapshot = hub.download(repo)
+        model, source = _load_dir(snapshot, quick_gelu, device)
+        source = replace(source, hub_id=repo, revision=hub.snapshot_revision(snapshot))
     elif not Path(src).exists() and _looks_like_repo_id(text):
         try:
             snapshot = hub.download(text)
         except CheckpointError as e:  # it may just as well have been a mistyped local path
             raise CheckpointError(f"'{text}' is not a local file or directory, and {e}") from None
         model, source = _load_dir(snapshot, quick_gelu, device)
-        source = replace(source, hub_id=text)
+        source = replace(source, hub_id=text, revision=hub.snapshot_revision(snapshot))
     else:
         model, source = _load_local(Path(src), config, quick_gelu, device)
     if device is not None:

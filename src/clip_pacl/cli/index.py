@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import clip_pacl
+from clip_pacl.checkpoint import load_with_source
 from clip_pacl.cli.common import add_device_flag, add_json_flag, log, print_json, resolve_device
 from clip_pacl.retrieval.index import build_index, image_paths
 
@@ -37,10 +37,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     paths = image_paths(args.images, args.image_key)
-    model = clip_pacl.load(args.model, device=resolve_device(args.device))
+    model, source = load_with_source(args.model, device=resolve_device(args.device))
     images = {"source": str(args.images.resolve()), "image_key": args.image_key}
     index, unreadable = build_index(model, paths, args.batch_size, args.workers, model_source=args.model,
-                                    images=images)
+                                    images=images, hub_revision=source.revision)
     index.save(args.out)
     if not index.meta["model_has_weights"]:
         log(f"warning: '{args.model}' is randomly initialised; searching {args.out} will need --model")

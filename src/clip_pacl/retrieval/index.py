@@ -260,12 +260,14 @@ def build_index(
     progress: bool = True,
     images: dict[str, str] | None = None,
     reuse: ImageIndex | None = None,
+    hub_revision: str | None = None,
 ) -> tuple[ImageIndex, list[tuple[str, str]]]:
     """Embed `paths` with `model` into an ImageIndex; returns it and the unreadable images [(path, reason)].
 
     Duplicate paths are embedded once. `model_source` is recorded so that `search` can reload the model, and
     `images` ({"source": folder or table, "image_key": column}) so that `update` can list the images again.
     With `reuse` (an index of the same model), images whose size and mtime it recorded are not embedded again.
+    `hub_revision` (the commit of a hub model's snapshot) is recorded beside the weights' fingerprint.
     """
     unique = list(dict.fromkeys(Path(p).resolve() for p in paths))
     if not unique:
@@ -288,6 +290,7 @@ def build_index(
         "model": model_source_string(model_source) if model_source is not None else None,
         "model_has_weights": model_has_weights(model_source),
         "weights": weights_fingerprint(model),
+        "hub_revision": hub_revision,
         "preprocessing": preprocessing(model),
         "images": images,
         "embed_dim": int(model.embed_dim),
