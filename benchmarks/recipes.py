@@ -58,14 +58,13 @@ MODEL = {"embed_dim": 128, "quick_gelu": True,
 # ---------------------------------------------------------------------------------------------- data
 def make_data(workdir: Path, kind: str, n_train: int, n_heldout: int, image_size: int):
     """The generated set (data seed 0 for every run: seeds vary the training, not the data)."""
-    from clip_pacl.data.synthetic import generate_synthetic
+    from clip_pacl.data.synthetic_kinds import generate
 
     out = workdir / f"{kind}-{n_train}-{n_heldout}-{image_size}"
     done = out / "done.json"
     if not done.is_file():
         shutil.rmtree(out, ignore_errors=True)
-        info = generate_synthetic(out, n_train, seed=0, image_size=image_size, kind=kind, captions_per_image=2,
-                                  heldout=n_heldout)
+        info = generate(kind, out, n_train, seed=0, image_size=image_size, captions_per_image=2, heldout=n_heldout)
         done.write_text(json.dumps(info.to_dict()))
     return SimpleNamespace(**json.loads(done.read_text()))
 

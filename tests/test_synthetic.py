@@ -9,7 +9,7 @@ from PIL import Image
 from clip_pacl.cli.main import main
 from clip_pacl.data import read_caption_rows, read_label_rows
 from clip_pacl.data.synthetic import COLORS, SHAPES, ShapeObject, caption_templates, generate_synthetic
-from clip_pacl.data.synthetic_kinds import COUNT_WORDS, KINDS, PATTERN_ADJECTIVES, PATTERNS, plural
+from clip_pacl.data.synthetic_kinds import COUNT_WORDS, KINDS, PATTERN_ADJECTIVES, PATTERNS, generate, plural
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +152,7 @@ def test_cli_json_and_bad_arguments(tmp_path, capsys):
 # ---------------------------------------------------------------- other kinds (data/synthetic_kinds.py)
 def _kind_set(kind, tmp_path_factory):
     out = tmp_path_factory.mktemp(kind)
-    return kind, out, generate_synthetic(out, n=30, seed=4, image_size=48, kind=kind, captions_per_image=2, heldout=10)
+    return kind, out, generate(kind, out, n=30, seed=4, image_size=48, captions_per_image=2, heldout=10)
 
 
 @pytest.fixture(scope="module")
@@ -176,12 +176,12 @@ def _near(image, rgb, tol=40):
 
 def test_kinds_same_seed_same_bytes_and_sets_extend(tmp_path):
     for kind in KINDS:
-        a = _all_files(generate_synthetic(tmp_path / f"{kind}a", n=5, seed=7, kind=kind, image_size=32).out_dir)
-        assert a == _all_files(generate_synthetic(tmp_path / f"{kind}b", n=5, seed=7, kind=kind,
+        a = _all_files(generate(kind, tmp_path / f"{kind}a", n=5, seed=7, image_size=32).out_dir)
+        assert a == _all_files(generate(kind, tmp_path / f"{kind}b", n=5, seed=7,
                                                   image_size=32).out_dir)
-        other = _all_files(generate_synthetic(tmp_path / f"{kind}c", n=5, seed=8, kind=kind, image_size=32).out_dir)
+        other = _all_files(generate(kind, tmp_path / f"{kind}c", n=5, seed=8, image_size=32).out_dir)
         assert a[Path("images/000000.png")] != other[Path("images/000000.png")]
-        longer = generate_synthetic(tmp_path / f"{kind}d", n=3, heldout=4, seed=7, kind=kind, image_size=32).out_dir
+        longer = generate(kind, tmp_path / f"{kind}d", n=3, heldout=4, seed=7, image_size=32).out_dir
         for i in range(5):  # held-out images continue the same stream
             assert (longer / f"images/{i:06d}.png").read_bytes() == a[Path(f"images/{i:06d}.png")]
 

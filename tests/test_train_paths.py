@@ -175,7 +175,7 @@ def test_locking_a_tower_under_pacl_is_a_clear_error(synthetic, tmp_path, capsys
     assert err.startswith("error: ") and "do not apply to --objective pacl" in err and len(err.splitlines()) == 1
 
 
-@pytest.mark.parametrize(("flag", "value"), [("--pacl-pool-temperature", "0.5"), ("--pacl-patch-tokens", "maskclip"),
+@pytest.mark.parametrize(("flag", "value"), [("--pacl-pool-temperature", "0.5"), ("--pacl-patch-tokens", "tokens"),
                                              ("--pacl-unfreeze-blocks", "1")])
 def test_pacl_flags_on_a_pacl_checkpoint_are_an_error_not_ignored(synthetic, tmp_path, capsys, flag, value):
     torch.manual_seed(0)

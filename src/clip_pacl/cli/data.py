@@ -40,11 +40,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from clip_pacl.data.synthetic import generate_synthetic
+    from clip_pacl.data.synthetic_kinds import generate
 
-    info = generate_synthetic(args.out, args.n, seed=args.seed, image_size=args.image_size,
-                              max_objects=args.max_objects, captions_per_image=args.captions_per_image,
-                              kind=args.kind, heldout=args.heldout, progress=True)
+    options = {"max_objects": args.max_objects} if args.kind == "shapes" else {}
+    info = generate(args.kind, args.out, args.n, seed=args.seed, image_size=args.image_size,
+                    captions_per_image=args.captions_per_image, heldout=args.heldout, progress=True, **options)
     result = info.to_dict()
     if args.json:
         print_json(result)

@@ -348,24 +348,16 @@ def generate_synthetic(
     captions_per_image: int = 1,
     shapes: Sequence[str] | None = None,
     colors: Sequence[str] | None = None,
-    kind: str = "shapes",
     heldout: int = 0,
     progress: bool = False,
 ) -> SyntheticInfo:
     """Write `n` training images (plus `heldout` held-out ones) with captions and labels under `out_dir`.
 
-    `kind` picks the set: "shapes" (this module: captions, labels and masks, see the module docstring) or one
-    of `synthetic_kinds.KINDS` (other structure: object counts, two-colour patterns). Held-out images are
+    The shapes set (captions, labels and masks, see the module docstring); `synthetic_kinds.generate` writes
+    this or a set of another kind (object counts, two-colour patterns). Held-out images are
     images n .. n + heldout - 1 of the same stream, written to images/ like the rest but listed only in
     captions_heldout.csv and the labels' *_heldout.csv files; heldout=0 writes exactly the files it always did."""
-    _check_sizes(n, heldout, image_size, captions_per_image)
-    if kind != "shapes":
-        from clip_pacl.data.synthetic_kinds import KINDS, generate_kind
-
-        if kind not in KINDS:
-            raise DataError(f"unknown synthetic kind {kind!r} (known: shapes, {', '.join(KINDS)})")
-        return generate_kind(kind, out_dir, n, seed, image_size, captions_per_image=captions_per_image,
-                             heldout=heldout, progress=progress)
+    check_sizes(n, heldout, image_size, captions_per_image)
     shapes = tuple(shapes or SHAPES)
     colors = tuple(colors or COLORS)
     if not 1 <= max_objects <= 3:
@@ -415,7 +407,8 @@ def generate_synthetic(
                          labels_heldout=out / "shapes_heldout.csv" if heldout else None)
 
 
-def _check_sizes(n: int, heldout: int, image_size: int, captions_per_image: int) -> None:
+def check_sizes(n: int, heldout: int, image_size: int, captions_per_image: int) -> None:
+    """One-line DataErrors for sizes no generated set can have."""
     if n < 1:
         raise DataError(f"the synthetic set needs at least 1 image (got n={n})")
     if heldout < 0:

@@ -41,11 +41,14 @@ from clip_pacl.data.synthetic import (
     ShapeObject,
     SyntheticInfo,
     _background,
+    check_sizes,
+    generate_synthetic,
     jittered_rgb,
     paint,
     place_discs,
     write_csv,
 )
+from clip_pacl.errors import DataError
 
 COUNT_WORDS = ("two", "three", "four", "five")
 COUNT_RADIUS = (0.08, 0.12)  # fraction of the side: five fit in any frame
@@ -163,9 +166,23 @@ KINDS: dict[str, tuple[Callable[[int, int, int], KindSample], tuple[str, ...], C
 KINDS_SALT = {"counts": 1, "patterns": 2}
 
 
+def generate(kind: str, out_dir: str | Path, n: int, seed: int = 0, image_size: int = 64, *,
+             captions_per_image: int = 1, heldout: int = 0, progress: bool = False, **shape_options) -> SyntheticInfo:
+    """Write a generated set of any kind: "shapes" (`synthetic.generate_synthetic`, which alone takes
+    `shape_options` such as max_objects) or one of KINDS."""
+    if kind == "shapes":
+        return generate_synthetic(out_dir, n, seed, image_size, captions_per_image=captions_per_image,
+                                  heldout=heldout, progress=progress, **shape_options)
+    if kind not in KINDS:
+        raise DataError(f"unknown synthetic kind {kind!r} (known: shapes, {', '.join(KINDS)})")
+    check_sizes(n, heldout, image_size, captions_per_image)
+    return generate_kind(kind, out_dir, n, seed, image_size, captions_per_image=captions_per_image,
+                         heldout=heldout, progress=progress)
+
+
 def generate_kind(kind: str, out_dir: str | Path, n: int, seed: int, image_size: int, *, captions_per_image: int,
                   heldout: int, progress: bool) -> SyntheticInfo:
-    """Write a set of this kind (see the module docstring); arguments are checked by `generate_synthetic`."""
+    """Write a set of this kind (see the module docstring); arguments are checked by `generate`."""
     make, classes, templates = KINDS[kind]
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
