@@ -165,26 +165,45 @@ def test_local_loss_through_the_training_loop_scores_local_rows_and_trains_like_
 
 
 @pytest.mark.timeout(600)  # (includes the module's single-process run)
+def _process_tree(pid: int) -> list[int]:
+    """`pid` and all its descendants (Linux /proc), parents first."""
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        try:
+            children = Path(f"/proc/{current}/task/{current}/children").read_text().split()
+        except OSError:
+            continue
+        todo += [int(c) for c in children]
+    return tree
+
+
 def test_torchrun_sigkill_then_resume_auto_is_the_same_run(runs, tmp_path):
-    """Both ranks SIGKILLed after a checkpoint, then `torchrun ... --resume auto`: the run ends as if never stopped."""
+    """Both ranks SIGKILLed after a checkpoint, then `torchrun ... --resume auto`: the run ends as if never stopped.
+
+    Checkpoints every 3 steps with 2 steps an epoch: the one at step 3 is mid-epoch, so the resumed run must also
+    restore its position inside the epoch (with --save-every 2 every checkpoint fell on an epoch's end)."""
     import signal
     import time
 
     from clip_pacl.train import checkpointing
 
     out = tmp_path / "ddp"
-    proc = _torchrun(runs, out, "--save-every", "2", start_new_session=True)
+    proc = _torchrun(runs, out, "--save-every", "3", start_new_session=True)
     deadline = time.monotonic() + 500
     while checkpointing.latest_checkpoint(out) is None:
         assert proc.poll() is None, proc.stderr.read()[-3000:]
         assert time.monotonic() < deadline
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks, as when a node dies
+    for pid in _process_tree(proc.pid):  # the launcher and both ranks, as when a node dies (the ranks may run in
+        os.kill(pid, signal.SIGKILL)   # sessions of their own, which a killpg of the launcher's group would miss)
     proc.wait(30)
-    assert int(checkpointing.latest_checkpoint(out).name.split("_")[1]) < TRAIN_STEPS
-    resumed = _torchrun(runs, out, "--save-every", "2", "--resume", "auto")
+    assert int(checkpointing.latest_checkpoint(out).name.split("_")[1]) == 3  # mid-epoch
+    resumed = _torchrun(runs, out, "--save-every", "3", "--resume", "auto")
     assert resumed.wait(500) == 0, resumed.stderr.read()[-3000:]
-    assert "resuming from" in resumed.stderr.read()
+    err = resumed.stderr.read()
+    assert "resuming from" in err and "(step 3/" in err  # from the mid-epoch checkpoint, not a finished run
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, TRAIN_STEPS + 1))
     _assert_same_weights(out / "final", runs / "single" / "final")
