@@ -49,17 +49,9 @@ def main(argv: list[str] | None = None) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         to_image(pixels).save(args.out / "before.png")
         before = float(guidance.similarity(pixels)[0, 0])
-        pixels.requires_grad_(True)
-        optimizer = torch.optim.Adam([pixels], lr=args.lr)
-        for _ in range(args.steps):
-            loss = guidance(pixels)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            with torch.no_grad():
-                pixels.clamp_(0, 1)
-        after = float(guidance.similarity(pixels.detach())[0, 0])
-        to_image(pixels.detach()).save(args.out / "after.png")
+        pixels = guidance.optimize_pixels(pixels, args.steps, lr=args.lr)
+        after = float(guidance.similarity(pixels)[0, 0])
+        to_image(pixels).save(args.out / "after.png")
     except (ClipPaclError, OSError, ValueError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2

@@ -120,3 +120,19 @@ class CLIPGuidance(nn.Module):
         resized = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
         features = self.model.encode_image(normalize_pixels(self.model, resized), normalize=True)
         return features @ self.text_features.to(features).T
+
+    def optimize_pixels(self, pixels: torch.Tensor, steps: int, lr: float = 0.05) -> torch.Tensor:
+        """The simplest generator: Adam on the pixels themselves (B, 3, H, W) in [0, 1], clamped after each step;
+        returns the guided pixels (a new tensor; `pixels` is not changed)."""
+        if steps < 1:
+            raise ValueError(f"steps must be at least 1, got {steps}")
+        pixels = pixels.detach().clone().requires_grad_(True)
+        optimizer = torch.optim.Adam([pixels], lr=lr)
+        for _ in range(steps):
+            loss = self(pixels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            with torch.no_grad():
+                pixels.clamp_(0, 1)
+        return pixels.detach()
