@@ -81,6 +81,66 @@ def test_two_process_loss_matches_single_process(name, local_loss):
             assert torch.allclose(got, want, atol=1e-5)
 
 
+def _row_losses(name, img, txt):
+    """Per-row losses of one process's batch (clip: mean of the two cross-entropies; siglip: a row's sum)."""
+    objective = get_objective(name)
+    scale = torch.tensor(objective.init_logit_scale or math.log(1 / 0.07))
+    logits = objective.pair_logits(img, txt, scale, None if objective.init_logit_bias is None
+                                   else torch.tensor(objective.init_logit_bias))
+    labels = torch.arange(len(img))
+    if name == "siglip":
+        signs = 2 * torch.eye(len(img)) - 1
+        return -F.logsigmoid(signs * logits).sum(1)
+    return (F.cross_entropy(logits, labels, reduction="none") + F.cross_entropy(logits.T, labels, reduction="none")) / 2
+
+
+def _uneven_worker(rank, port, name, local_loss, rows, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        img, txt = _uneven_batch(name, sum(rows))
+        mine = slice(sum(rows[:rank]), sum(rows[: rank + 1]))
+        loss, grads = _loss_and_grads(name, img[mine], txt[mine], local_loss=local_loss, capacity=max(rows) + 1)
+        losses = [torch.zeros(()) for _ in range(WORLD)]
+        dist.all_gather(losses, loss)
+        out[rank] = {"loss": torch.stack(losses).mean(), "features": grads[:2]}
+    finally:
+        dist.destroy_process_group()
+
+
+def _uneven_batch(name, n):
+    g = torch.Generator().manual_seed(1)
+    image_shape = (n, 3, DIM) if name == "pacl" else (n, DIM)  # PACL's image side: patch embeddings
+    return torch.randn(*image_shape, generator=g), torch.randn(n, DIM, generator=g)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("name,local_loss", [("clip", False), ("siglip", False), ("pacl", False),
+                                             ("clip", True), ("siglip", True)])
+def test_ranks_with_different_row_counts_gather_padded_rows_and_match_one_process(name, local_loss):
+    """Rank 0 holds 4 rows, rank 1 holds 2 (it lost unreadable images); each pads to a capacity of 5, which no row
+    count exchange tells it: the padding must not leak into the loss or the gradients. Global loss: equal to one
+    process on the 6 rows. Local loss: each rank's loss is the mean over its own rows (DDP averages the ranks)."""
+    rows = (4, 2)
+    out = mp.Manager().dict()
+    mp.spawn(_uneven_worker, args=(_free_port(), name, local_loss, rows, out), nprocs=WORLD, join=True)
+    img, txt = _uneven_batch(name, sum(rows))
+    if not local_loss:
+        want, grads = _loss_and_grads(name, img, txt)
+    else:  # the mean over ranks of each rank's mean row loss, and its gradient w.r.t. the raw features
+        img, txt = img.requires_grad_(True), txt.requires_grad_(True)
+        per_row = _row_losses(name, F.normalize(img, dim=-1), F.normalize(txt, dim=-1))
+        want = torch.stack([per_row[: rows[0]].mean(), per_row[rows[0]:].mean()]).mean()
+        grads = torch.autograd.grad(want, [img, txt])
+    for rank in range(WORLD):
+        mine = slice(sum(rows[:rank]), sum(rows[: rank + 1]))
+        assert out[rank]["features"][0].shape[0] == rows[rank]
+        assert torch.allclose(out[rank]["loss"], want.detach(), atol=1e-5), (out[rank]["loss"], want)
+        assert torch.allclose(out[rank]["features"][0] / WORLD, grads[0][mine], atol=1e-6)
+        assert torch.allclose(out[rank]["features"][1] / WORLD, grads[1][mine], atol=1e-6)
+
+
 TRAIN_STEPS = 6
 
 
@@ -139,6 +199,7 @@ def test_torchrun_two_processes_train_like_one_with_the_same_global_batch(runs, 
 
 def _local_loss_worker(rank, port, runs, out, shapes):
     """One rank of a 2-process run through `clip_pacl.train.train`, recording the logits the loss sees."""
+    import clip_pacl.losses.distributed as distributed
     import clip_pacl.losses.objective as objective
     from clip_pacl.cli.main import main
 
@@ -147,11 +208,16 @@ def _local_loss_worker(rank, port, runs, out, shapes):
     torch.set_num_threads(1)
     real = objective.softmax_contrastive_loss
 
-    def recording(logits_per_image, logits_per_text, offset=0):
+    def recording(logits_per_image, logits_per_text, offset=0, *masks):
         shapes[rank] = [*shapes.get(rank, []), (tuple(logits_per_image.shape), offset)]
-        return real(logits_per_image, logits_per_text, offset)
+        return real(logits_per_image, logits_per_text, offset, *masks)
 
     objective.softmax_contrastive_loss = recording
+
+    def no_host_sync(*args):
+        raise AssertionError("the training loop gathered without its capacity: a row-count host sync every step")
+
+    distributed._largest_row_count = no_host_sync
     assert main(["train", *_train_args(runs, "--batch-size", "8", "--out", str(out), "--local-loss")]) == 0
 
 

@@ -19,14 +19,21 @@ def clip_logits(
 
 
 def softmax_contrastive_loss(
-    logits_per_image: torch.Tensor, logits_per_text: torch.Tensor, offset: int = 0
+    logits_per_image: torch.Tensor, logits_per_text: torch.Tensor, offset: int = 0,
+    column_valid: torch.Tensor | None = None, row_valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean of the two cross-entropies; row i's positive is column `offset + i`.
 
     Both are (b, G): b local rows against G candidates. `offset` is where this rank's rows sit
-    in the gathered batch (0 on one process), so the same code serves local-loss mode.
+    in the gathered batch (0 on one process), so the same code serves local-loss mode. Under DDP the
+    gathered batch holds padding: `column_valid` (G,) drops padded candidates, `row_valid` (b,) padded rows.
     """
     labels = torch.arange(logits_per_image.shape[0], device=logits_per_image.device) + offset
+    if column_valid is not None:
+        logits_per_image = logits_per_image.masked_fill(~column_valid, float("-inf"))
+        logits_per_text = logits_per_text.masked_fill(~column_valid, float("-inf"))
+    if row_valid is not None:
+        labels = labels.masked_fill(~row_valid, -100)  # cross_entropy's ignore_index: the mean skips them
     return (F.cross_entropy(logits_per_image.float(), labels) + F.cross_entropy(logits_per_text.float(), labels)) / 2
 
 

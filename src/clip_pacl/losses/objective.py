@@ -35,24 +35,25 @@ class Objective:
 
     def loss(
         self, image_side: torch.Tensor, text_side: torch.Tensor, logit_scale: torch.Tensor,
-        logit_bias: torch.Tensor | None = None, *, local_loss: bool = False, group=None,
+        logit_bias: torch.Tensor | None = None, *, local_loss: bool = False, capacity: int | None = None, group=None,
     ) -> torch.Tensor:
         """Loss of b matching pairs on this process, contrasted against the pairs of every process.
 
-        One process: the plain loss of the batch. Several: features are gathered with their gradients;
-        `local_loss` scores only this rank's rows against everything (b x G instead of G x G logits,
-        the same gradient after DDP's averaging).
+        One process: the plain loss of the batch. Several: features are gathered with their gradients, each
+        rank's block padded to `capacity` rows (its batch size; see `gather_with_grad`) and the padding masked
+        out; `local_loss` scores only this rank's rows against everything (b x G instead of G x G logits, the
+        same gradient after DDP's averaging).
         """
-        all_images, offset = gather_with_grad(image_side, group)
-        all_texts, _ = gather_with_grad(text_side, group)
-        if not local_loss:
-            offset = 0
-        rows_images = image_side if local_loss else all_images
-        logits_per_image = self.pair_logits(rows_images, all_texts, logit_scale, logit_bias)  # (b or G, G)
+        images = gather_with_grad(image_side, capacity, group)
+        texts = gather_with_grad(text_side, capacity, group)
+        offset = images.offset if local_loss else 0
+        row_valid = None if local_loss else images.valid  # local rows are all real
+        rows_images = image_side if local_loss else images.rows
+        logits_per_image = self.pair_logits(rows_images, texts.rows, logit_scale, logit_bias)  # (b or G, G)
         if self.kind == "sigmoid":
-            return sigmoid_pair_loss(logits_per_image, offset)
+            return sigmoid_pair_loss(logits_per_image, offset, images.valid, row_valid)
         if local_loss:
-            logits_per_text = self.pair_logits(all_images, text_side, logit_scale, logit_bias).T  # (b, G)
+            logits_per_text = self.pair_logits(images.rows, text_side, logit_scale, logit_bias).T  # (b, G)
         else:
             logits_per_text = logits_per_image.T
-        return softmax_contrastive_loss(logits_per_image, logits_per_text, offset)
+        return softmax_contrastive_loss(logits_per_image, logits_per_text, offset, images.valid, row_valid)

@@ -17,16 +17,25 @@ INIT_LOGIT_SCALE = math.log(10.0)
 INIT_LOGIT_BIAS = -10.0
 
 
-def sigmoid_pair_loss(logits: torch.Tensor, offset: int = 0) -> torch.Tensor:
+def sigmoid_pair_loss(
+    logits: torch.Tensor, offset: int = 0, column_valid: torch.Tensor | None = None,
+    row_valid: torch.Tensor | None = None,
+) -> torch.Tensor:
     """-sum log sigmoid(z_ij * logit_ij) / b for (b, G) logits; z = +1 on (i, offset + i), -1 elsewhere.
 
     Normalised by the number of rows (images), as in the paper, so per-rank losses average to the
-    global one when each rank holds b of the B rows.
+    global one when each rank holds b of the B rows. Padded columns (`column_valid`) and rows (`row_valid`)
+    of a gathered batch add nothing, and b counts the real rows.
     """
     b, g = logits.shape
     signs = -torch.ones(b, g, device=logits.device, dtype=torch.float32)
     signs[torch.arange(b, device=logits.device), torch.arange(b, device=logits.device) + offset] = 1.0
-    return -F.logsigmoid(signs * logits.float()).sum() / b
+    terms = -F.logsigmoid(signs * logits.float())  # (b, G)
+    if column_valid is not None:
+        terms = terms * column_valid[None, :]
+    if row_valid is None:
+        return terms.sum() / b
+    return (terms * row_valid[:, None]).sum() / row_valid.sum().clamp(min=1)
 
 
 def siglip_loss(

@@ -342,7 +342,7 @@ def optimizer_step(run: Run, micro: Micro) -> torch.Tensor:
     scaler's step (skipped when a gradient is inf/NaN), the temperature clamped. Returns the loss, on the device."""
     config = run.config
     loss = accumulate_gradients(run.feature_model, run.objective, micro, run.autocast, run.scaler.scale,
-                                config.local_loss)
+                                config.local_loss, capacity=config.batch_size * config.accum)
     if config.grad_clip:
         run.scaler.unscale_(run.optimizer)  # clip the true gradient, not the fp16-scaled one
         nn.utils.clip_grad_norm_(run.model.parameters(), config.grad_clip)
@@ -404,7 +404,7 @@ def _interrupted(run: Run, state: TrainState, checkpoint: Path | None) -> None:
 
 def accumulate_gradients(
     feature_model: nn.Module, objective: Objective, micro: list[tuple[torch.Tensor, torch.Tensor]],
-    autocast=contextlib.nullcontext, scale=lambda loss: loss, local_loss: bool = False,
+    autocast=contextlib.nullcontext, scale=lambda loss: loss, local_loss: bool = False, capacity: int | None = None,
 ) -> torch.Tensor:
     """Backpropagate the loss of all micro-batches as ONE contrastive batch; returns that loss.
 
@@ -413,11 +413,14 @@ def accumulate_gradients(
     the loss over the full set is backpropagated. Each backward gives the gradient through one slice,
     so their sum is exactly the gradient of the big batch, with the memory of one micro-batch. (open_clip
     adds the temperature's gradient once per micro-batch; here it is taken once, as in the big batch.)
+    `capacity`: the most rows a step can hold on one rank (batch size x accum), so the ranks gather without
+    exchanging row counts (no host sync; see `losses.distributed`).
     """
     if len(micro) == 1:
         with autocast():
             image_side, text_side, logit_scale, logit_bias = feature_model(*micro[0])
-            loss = objective.loss(image_side, text_side, logit_scale, logit_bias, local_loss=local_loss)
+            loss = objective.loss(image_side, text_side, logit_scale, logit_bias, local_loss=local_loss,
+                                  capacity=capacity)
         scale(loss).backward()
         return loss.detach()
     with torch.no_grad(), autocast():
@@ -432,7 +435,8 @@ def accumulate_gradients(
                 logit_bias = logit_bias.detach() if logit_bias is not None else None
             image_side = torch.cat([image_j if k == j else c[0] for k, c in enumerate(cached)])
             text_side = torch.cat([text_j if k == j else c[1] for k, c in enumerate(cached)])
-            loss = objective.loss(image_side, text_side, logit_scale, logit_bias, local_loss=local_loss)
+            loss = objective.loss(image_side, text_side, logit_scale, logit_bias, local_loss=local_loss,
+                                  capacity=capacity)
         scale(loss).backward()
     return loss.detach()
 
