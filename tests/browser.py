@@ -123,10 +123,10 @@ class Page:
                 if entry["level"] == "SEVERE" and EXPECTED_CONSOLE not in entry["message"]]
 
     def screenshot(self, path: Path) -> None:
-        """The whole page as a PNG at `path` (the viewport is grown to the document's height first)."""
-        width, height, extra = self.js("return [window.outerWidth, document.documentElement.scrollHeight, "
+        """The whole page as a PNG at `path` (the viewport is first sized to the page's content, grown or shrunk)."""
+        width, height, extra = self.js("return [window.outerWidth, Math.ceil(document.body.scrollHeight), "
                                        "window.outerHeight - window.innerHeight];")
         self.driver.set_window_size(width, height + extra)
-        self.wait_for("the window to resize", lambda: self.js("return window.innerHeight") >= height)
+        self.wait_for("the window to resize", lambda: self.js("return window.innerHeight") == height)
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         self.driver.save_screenshot(str(path))

@@ -183,6 +183,19 @@ def test_segment_shows_the_overlay_and_a_legend(site, page):
     assert re.fullmatch(r"method maskclip, 64×64 pixels", page.text("segment-message"))
 
 
+def test_unassigned_pixels_get_a_legend_row_without_a_colour(site, page):
+    page.open("/#segment")
+    page.choose_file("#segment-image", image(site))
+    page.fill("#segment-labels", "circle, square")
+    page.fill("#segment-form input[name=background_threshold]", "2")  # no cosine reaches 2: no pixel is assigned
+    page.submit("segment-form")
+    page.wait_for("the legend", lambda: page.find("#segment-result").is_displayed())
+    rows = [[cell.text for cell in r.find_elements("css selector", "td")] for r in page.all("#segment-legend tr")]
+    assert rows == [["", "circle", "", "0.0 %"], ["", "square", "", "0.0 %"],
+                    ["", "(unassigned, not tinted)", "", "100.0 %"]]
+    assert page.find("#segment-legend tr:last-child .swatch").get_attribute("class") == "swatch none"
+
+
 @pytest.mark.parametrize("tab, file_input, fields, form, message_id, result", [
     ("search", "#search-image", {}, "image-search-form", "search-message", "#results"),
     ("classify", "#classify-image", {"#classify-labels": "cat, dog"}, "classify-form", "classify-message",

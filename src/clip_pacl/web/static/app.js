@@ -179,7 +179,7 @@ function setUpSegment(health) {
       $("segment-overlay").src = body.overlay;
       const rows = body.labels.map((label) => [label, body.fractions[label], body.colors[label]]);
       rows.sort((a, b) => b[1] - a[1]);
-      if (body.unassigned > 0) rows.push(["(unassigned: the image itself)", body.unassigned, null]);
+      if (body.unassigned > 0) rows.push(["(unassigned, not tinted)", body.unassigned, null]);
       bars($("segment-legend"), rows, true);
       say("segment-message", `method ${body.method}, ${body.size[0]}×${body.size[1]} pixels`);
     });
