@@ -197,7 +197,7 @@ def test_unassigned_pixels_get_a_legend_row_without_a_colour(site, page):
 
 
 @pytest.mark.parametrize("tab, file_input, fields, form, message_id, result", [
-    ("search", "#search-image", {}, "image-search-form", "search-message", "#results"),
+    ("search", "#search-image", {}, "image-search-form", "search-message", "#results figure.hit"),
     ("classify", "#classify-image", {"#classify-labels": "cat, dog"}, "classify-form", "classify-message",
      "#classify-result"),
     ("segment", "#segment-image", {"#segment-labels": "cat, dog"}, "segment-form", "segment-message",
