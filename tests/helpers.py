@@ -80,6 +80,17 @@ def require(name: str) -> ModuleType:
         pytest.skip(f"{name} is not installed: {exc}", allow_module_level=True)
 
 
+def require_program(what: str, path: str | None, install: str) -> str:
+    """`path`, the caller's find of the program `what`; without one skip the calling test module, but fail in CI
+    (which installs it with `install`)."""
+    if path:
+        return path
+    message = f"{what} is not installed (install it with `{install}`)"
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{message}, and CI requires it", pytrace=False)
+    pytest.skip(message, allow_module_level=True)
+
+
 CAPTIONS = ["a photo of a cat", "a diagram of two dogs playing in the long grass near a river at sunset"]
 
 

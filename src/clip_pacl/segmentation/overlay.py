@@ -56,10 +56,12 @@ def overlay_image(
     class_names: Sequence[str],
     fractions: dict[str, float] | None = None,
     alpha: float = 0.55,
+    legend: bool = True,
 ) -> Image.Image:
     """The image blended with one colour per class, and a legend (colour, name, share of pixels) on the right.
 
-    Only classes present in the map are listed. Unassigned pixels keep the image's own colours.
+    Only classes present in the map are listed. Unassigned pixels keep the image's own colours. `legend=False`
+    gives the blended image alone (the web page draws its legend in HTML, from `class_colors`).
     """
     colors = np.array([*class_colors(class_names)], dtype=np.float32).reshape(-1, 3)
     rgb = np.asarray(image.convert("RGB"), dtype=np.float32)  # (H, W, 3)
@@ -70,23 +72,27 @@ def overlay_image(
     scale = max(1, -(-MIN_OVERLAY_SIDE // max(1, min(picture.size))))
     if scale > 1:
         picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
-
+    if not legend:
+        return picture
     present = [i for i in np.unique(label_map) if i != NO_CLASS and i < len(class_names)]
+    return _with_legend(picture, [(class_names[i], tuple(int(c) for c in colors[i])) for i in present], fractions)
+
+
+def _with_legend(picture: Image.Image, entries: list[tuple[str, tuple[int, ...]]],
+                 fractions: dict[str, float] | None) -> Image.Image:
+    """`picture` with a white column on its right listing (colour swatch, name, share) for each entry."""
     font = ImageFont.load_default()
     row, swatch, pad = 16, 12, 8
-    labels = []
-    for i in present:
-        share = f"  {100 * fractions[class_names[i]]:.1f}%" if fractions else ""
-        labels.append(f"{class_names[i]}{share}")
+    labels = [f"{name}  {100 * fractions[name]:.1f}%" if fractions else name for name, _ in entries]
     probe = ImageDraw.Draw(picture)
     text_w = max((probe.textlength(t, font=font) for t in labels), default=0)
     legend_w = int(pad * 3 + swatch + text_w)
-    height = max(picture.height, pad * 2 + row * len(present))
+    height = max(picture.height, pad * 2 + row * len(entries))
     canvas = Image.new("RGB", (picture.width + legend_w, height), (255, 255, 255))
     canvas.paste(picture, (0, 0))
     draw = ImageDraw.Draw(canvas)
-    for k, (i, text) in enumerate(zip(present, labels)):
+    for k, ((_, color), text) in enumerate(zip(entries, labels)):
         x, y = picture.width + pad, pad + k * row
-        draw.rectangle((x, y + 1, x + swatch, y + 1 + swatch), fill=tuple(int(c) for c in colors[i]), outline=(0, 0, 0))
+        draw.rectangle((x, y + 1, x + swatch, y + 1 + swatch), fill=color, outline=(0, 0, 0))
         draw.text((x + swatch + pad, y), text, fill=(0, 0, 0), font=font)
     return canvas

@@ -31,7 +31,7 @@ from clip_pacl.errors import ClipPaclError, DataError
 from clip_pacl.preprocess import model_transform
 from clip_pacl.retrieval.index import ImageIndex, SearchHit
 from clip_pacl.retrieval.search import search_image, search_text
-from clip_pacl.segmentation.overlay import overlay_image
+from clip_pacl.segmentation.overlay import class_colors, overlay_image
 from clip_pacl.segmentation.predict import DEFAULT_TEMPLATES, METHODS, NO_CLASS, _check_method, default_method, segment
 from clip_pacl.zeroshot.classifier import build_classifier, class_probabilities
 from clip_pacl.zeroshot.templates import OPENAI_IMAGENET_TEMPLATES, TEMPLATE_SETS, check_template
@@ -206,16 +206,18 @@ class WebService:
     # ------------------------------------------------------------------------------------------ segment
     def segment(self, image: Image.Image, labels: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES,
                 method: str | None = None, background_threshold: float | None = None) -> dict[str, Any]:
-        """Per-label pixel fractions and a PNG overlay (data URL) with a legend, as `clip-pacl segment` draws,
-        on the image shrunk to MAX_SEGMENT_SIDE (`size` is the upload's own)."""
+        """Per-label pixel fractions, colours (`#rrggbb`, for the page's legend) and a PNG overlay (data URL) in
+        those colours, as `clip-pacl segment` draws, on the image shrunk to MAX_SEGMENT_SIDE (`size` is the
+        upload's own)."""
         method = method or default_method(self.model)
         work = _shrunk(image, MAX_SEGMENT_SIDE)
         with self._inference, torch.inference_mode():
             result = segment(self.model, work, labels, templates=templates,
                              background_threshold=background_threshold, method=method, keep_scores=False)
         fractions = result.fractions()
-        overlay = overlay_image(work, result.label_map, labels, fractions)
-        return {"method": method, "size": [image.width, image.height], "fractions": fractions,
+        overlay = overlay_image(work, result.label_map, labels, legend=False)
+        colors = {label: "#{:02x}{:02x}{:02x}".format(*rgb) for label, rgb in zip(labels, class_colors(labels))}
+        return {"method": method, "size": [image.width, image.height], "fractions": fractions, "colors": colors,
                 "unassigned": float((result.label_map == NO_CLASS).mean()), "background": result.background.to_dict(),
                 "overlay": png_data_url(overlay)}
 

@@ -2,6 +2,7 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
+const TABS = ["search", "classify", "segment"];
 
 function el(tag, props = {}, children = []) {
   const node = Object.assign(document.createElement(tag), props);
@@ -15,25 +16,43 @@ function say(id, text, isError = false) {
   node.classList.toggle("error", isError);
 }
 
+// One tab shown at a time, chosen by the URL's #fragment (so a link or a reload opens the same tab).
+function showTab() {
+  const wanted = location.hash.slice(1);
+  const current = TABS.includes(wanted) ? wanted : TABS[0];
+  for (const name of TABS) {
+    $(`tab-${name}`).setAttribute("aria-selected", String(name === current));
+    $(`${name}-section`).hidden = name !== current;
+  }
+}
+
 // fetch + JSON; a non-2xx answer becomes an Error carrying the server's one-line message. Every request
 // carries X-Requested-With: the server refuses POSTs without it (a cross-site page cannot add it).
 async function api(url, options = {}) {
-  const response = await fetch(url, { ...options, headers: { "X-Requested-With": "clip-pacl" } });
+  let response;
+  try {
+    response = await fetch(url, { ...options, headers: { "X-Requested-With": "clip-pacl" } });
+  } catch (err) {
+    throw new Error(`the server did not answer (${err.message})`);
+  }
   let body = null;
   try { body = await response.json(); } catch (_) { /* not JSON: report the status below */ }
   if (!response.ok) throw new Error((body && body.error) || `${response.status} ${response.statusText}`);
   return body;
 }
 
-// Runs `work` with the form's button disabled, reporting errors under the form.
-async function busy(form, messageId, work) {
+// Runs `work` with the form's button disabled. A failure is reported under the form, and the tab's previous
+// result (`output`) is hidden so that it cannot be mistaken for the answer to this request.
+async function busy(form, messageId, output, work) {
   const button = form.querySelector("button");
   button.disabled = true;
   say(messageId, "working…");
   try {
     await work();
+    output.hidden = false;
   } catch (err) {
-    say(messageId, err.message, true);
+    output.hidden = true;
+    say(messageId, `Error: ${err.message}`, true);
   } finally {
     button.disabled = false;
   }
@@ -48,6 +67,16 @@ function formData(form) {
   return data;
 }
 
+// The chosen file as a data: URL (the page's CSP allows data: images), to show next to its result.
+function readAsDataURL(file) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result);
+    reader.onerror = () => reject(new Error(`cannot read ${file.name}`));
+    reader.readAsDataURL(file);
+  });
+}
+
 function baseName(path) {
   return path.split(/[\\/]/).pop();
 }
@@ -55,7 +84,7 @@ function baseName(path) {
 function showResults(results, what) {
   const grid = $("results");
   grid.replaceChildren(...results.map((hit) => el("figure", { className: "hit", title: hit.path }, [
-    el("img", { src: hit.thumbnail, alt: baseName(hit.path), loading: "lazy" }),
+    el("img", { src: hit.thumbnail, alt: baseName(hit.path) }),
     el("figcaption", {}, [
       el("span", { className: "name", textContent: baseName(hit.path) }),
       el("span", { className: "score", textContent: hit.score.toFixed(3) }),
@@ -67,22 +96,32 @@ function showResults(results, what) {
 async function searchText(query, k) {
   const params = new URLSearchParams({ q: query, k: String(k) });
   const body = await api(`/api/search?${params}`);
-  history.replaceState(null, "", `?${params}`);
+  history.replaceState(null, "", `?${params}${location.hash}`);
   showResults(body.results, `“${query}”`);
 }
 
-function bar(value) {
+function bar(value, color) {
   const node = el("div", { className: "bar" });
   node.style.width = `${(100 * value).toFixed(1)}%`;  // CSSOM, which the page's CSP allows (style attributes it would not)
+  if (color) node.style.background = color;
   return node;
 }
 
-function bars(table, rows) {
-  table.replaceChildren(...rows.map(([label, value]) => el("tr", {}, [
-    el("td", { textContent: label }),
-    el("td", { className: "bar-cell" }, [bar(value)]),
-    el("td", { className: "value", textContent: `${(100 * value).toFixed(1)} %` }),
-  ])));
+// A horizontal bar chart as a table: one row per [label, value in 0..1, colour or null], with an optional swatch.
+function bars(table, rows, withSwatch = false) {
+  table.replaceChildren(...rows.map(([label, value, color]) => {
+    const cells = [
+      el("td", { className: "label", textContent: label }),
+      el("td", { className: "bar-cell" }, [bar(value, color)]),
+      el("td", { className: "value", textContent: `${(100 * value).toFixed(1)} %` }),
+    ];
+    if (withSwatch) {
+      const swatch = el("span", { className: color ? "swatch" : "swatch none" });
+      if (color) swatch.style.background = color;
+      cells.unshift(el("td", { className: "swatch-cell" }, [swatch]));
+    }
+    return el("tr", {}, cells);
+  }));
 }
 
 function setUpSearch(health) {
@@ -92,33 +131,36 @@ function setUpSearch(health) {
     say("search-message", "No image index loaded: start the server with --index IDX to search.");
     return;
   }
+  const output = $("results");
   $("search-form").addEventListener("submit", (event) => {
     event.preventDefault();
-    busy(event.target, "search-message", () => searchText($("search-query").value, $("search-k").value));
+    busy(event.target, "search-message", output, () => searchText($("search-query").value, $("search-k").value));
   });
   $("image-search-form").addEventListener("submit", (event) => {
     event.preventDefault();
     const data = formData(event.target);
     data.set("k", $("search-k").value);
-    busy(event.target, "search-message", async () => {
+    busy(event.target, "search-message", output, async () => {
       const body = await api("/api/search", { method: "POST", body: data });
-      showResults(body.results, "the example image");
+      showResults(body.results, `the example image ${$("search-image").files[0].name}`);
     });
   });
   const params = new URLSearchParams(location.search);
   if (params.get("q")) {
     $("search-query").value = params.get("q");
     if (params.get("k")) $("search-k").value = params.get("k");
-    busy($("search-form"), "search-message", () => searchText($("search-query").value, $("search-k").value));
+    busy($("search-form"), "search-message", output,
+         () => searchText($("search-query").value, $("search-k").value));
   }
 }
 
 function setUpClassify() {
   $("classify-form").addEventListener("submit", (event) => {
     event.preventDefault();
-    busy(event.target, "classify-message", async () => {
+    busy(event.target, "classify-message", $("classify-result"), async () => {
       const body = await api("/api/classify", { method: "POST", body: formData(event.target) });
-      bars($("classify-results"), body.predictions.map((p) => [p.label, p.probability]));
+      $("classify-preview").src = await readAsDataURL($("classify-image").files[0]);
+      bars($("classify-results"), body.predictions.map((p) => [p.label, p.probability, null]));
       say("classify-message", `${body.labels.length} labels, ${body.num_templates} prompt templates each`);
     });
   });
@@ -132,19 +174,24 @@ function setUpSegment(health) {
   select.options[0].textContent = `default (${health.default_segment_method || "none"})`;
   $("segment-form").addEventListener("submit", (event) => {
     event.preventDefault();
-    busy(event.target, "segment-message", async () => {
+    busy(event.target, "segment-message", $("segment-result"), async () => {
       const body = await api("/api/segment", { method: "POST", body: formData(event.target) });
       $("segment-overlay").src = body.overlay;
-      const rows = Object.entries(body.fractions).sort((a, b) => b[1] - a[1]);
-      if (body.unassigned > 0) rows.push(["(unassigned)", body.unassigned]);
-      bars($("segment-fractions"), rows);
-      $("segment-result").hidden = false;
+      const rows = body.labels.map((label) => [label, body.fractions[label], body.colors[label]]);
+      rows.sort((a, b) => b[1] - a[1]);
+      if (body.unassigned > 0) rows.push(["(unassigned, not tinted)", body.unassigned, null]);
+      bars($("segment-legend"), rows, true);
       say("segment-message", `method ${body.method}, ${body.size[0]}×${body.size[1]} pixels`);
     });
   });
 }
 
 async function main() {
+  showTab();
+  window.addEventListener("hashchange", showTab);
+  // A bug in this script must show up on the page, not leave it silently half-working.
+  window.addEventListener("error", (event) => say("status", `page error: ${event.message}`, true));
+  window.addEventListener("unhandledrejection", (event) => say("status", `page error: ${event.reason}`, true));
   let health;
   try {
     health = await api("/api/health");
