@@ -220,3 +220,20 @@ def test_webdataset_shards_train_and_all_bad_shards_fail_instead_of_looping(tmp_
     assert "an epoch ended without a single step" in capsys.readouterr().err
     assert main(["train", "--data", str(tmp_path / "missing-{0..1}.tar"), "--out", str(tmp_path / "m"), *common]) == 2
     assert "shards do not exist" in capsys.readouterr().err
+
+
+def test_no_augment_trains_on_the_eval_transform_and_the_default_crops(synthetic):
+    """`--no-augment` feeds training the eval preprocess; without it, random resized crops (open_clip's scale)."""
+    from clip_pacl.cli.main import build_parser
+    from clip_pacl.cli.train import build_config
+    from clip_pacl.train.setup import build_datasets
+
+    model = clip_pacl.load("tiny")
+    base = ["train", "--data", str(synthetic), "--model", "tiny", "--out", "unused"]
+    for extra, crops in (([], True), (["--no-augment"], False)):
+        config = build_config(build_parser().parse_args(base + extra))
+        assert config.augment is crops
+        dataset, _ = build_datasets(config, model, 64)
+        image = Image.open(read_caption_rows(synthetic)[0].image).convert("RGB")
+        views = [dataset.transform(image) for _ in range(3)]
+        assert (not torch.equal(views[0], views[1])) is crops  # crops differ from call to call; eval is fixed

@@ -34,6 +34,7 @@ class TrainConfig:
     warmup: int = 50
     grad_clip: float | None = 1.0  # None or 0: no clipping
     image_size: int | None = None  # None: the model's own
+    augment: bool = True  # random resized crops (scale 0.9-1, open_clip's); False: the eval transform
     objective: str = "clip"
     precision: str = "fp32"
     accum: int = 1

@@ -93,7 +93,7 @@ def build_datasets(config: TrainConfig, model: nn.Module, image_size: int) -> tu
     keys = {"data_format": config.data_format, "image_key": config.image_key, "caption_key": config.caption_key,
             "images_dir": config.images_dir}
     train_ds, val_ds = build_caption_dataset(
-        config.data, transform=model_transform(model, train=True, image_size=image_size),
+        config.data, transform=model_transform(model, train=config.augment, image_size=image_size),
         tokenizer=model_tokenizer(model), val_fraction=config.val_fraction, seed=config.seed,
         val_transform=model_transform(model, image_size=image_size), **keys,
     )
