@@ -222,15 +222,15 @@ def test_webdataset_shards_train_and_all_bad_shards_fail_instead_of_looping(tmp_
     assert "shards do not exist" in capsys.readouterr().err
 
 
-def test_no_augment_trains_on_the_eval_transform_and_the_default_crops(synthetic):
-    """`--no-augment` feeds training the eval preprocess; without it, random resized crops (open_clip's scale)."""
+def test_augment_trains_on_random_crops_and_the_default_on_the_eval_transform(synthetic):
+    """`--augment`: random resized crops (open_clip's scale); by default (or `--no-augment`) the eval preprocess."""
     from clip_pacl.cli.main import build_parser
     from clip_pacl.cli.train import build_config
     from clip_pacl.train.setup import build_datasets
 
     model = clip_pacl.load("tiny")
     base = ["train", "--data", str(synthetic), "--model", "tiny", "--out", "unused"]
-    for extra, crops in (([], True), (["--no-augment"], False)):
+    for extra, crops in (([], False), (["--augment"], True), (["--no-augment"], False)):
         config = build_config(build_parser().parse_args(base + extra))
         assert config.augment is crops
         dataset, _ = build_datasets(config, model, 64)

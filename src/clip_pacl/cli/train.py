@@ -36,8 +36,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         dest = kw.pop("dest", names[0].lstrip("-").replace("-", "_"))
         default = _default(dest)
         shown = f" (default: {default})" if default is not None and default is not False else ""
-        if kw.get("action") == "store_false":  # a --no-X flag: its help says what it turns off
-            shown = ""
         group.add_argument(*names, dest=dest, default=argparse.SUPPRESS, help=help + shown, **kw)
 
     group = p.add_argument_group("data")
@@ -86,9 +84,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     arg("--beta2", type=float, help="AdamW's second-moment decay", metavar="F")
     arg("--eps", type=float, help="AdamW's epsilon", metavar="F")
     arg("--warmup", type=int, help="linear warmup steps before the cosine decay", metavar="N")
-    arg("--no-augment", dest="augment", action="store_false",
-        help="train on the eval preprocess (no random resized crops)")
-    arg("--grad-clip", type=float, help="clip the gradient norm at F (0: no clipping)", metavar="F")
+    arg("--augment", action=argparse.BooleanOptionalAction,
+        help="random resized crops (open_clip's scale 0.9-1) instead of the eval preprocess (default: off; "
+             "crops slowed learning in the recipes benchmark, README)")
+    arg("--grad-clip", type=float, help="clip the gradient norm at F (default: no clipping)", metavar="F")
     arg("--precision", choices=["fp32", "bf16", "fp16"], help="autocast precision (fp16 uses a GradScaler)")
     arg("--local-loss", action="store_true",
         help="with several processes, score only local rows against the gathered batch (less memory)")
