@@ -8,6 +8,7 @@ from pathlib import Path
 from clip_pacl.cli.common import add_device_flag, add_json_flag, print_json, resolve_device
 from clip_pacl.errors import DataError
 from clip_pacl.retrieval.index import ImageIndex, build_index, image_paths
+from clip_pacl.retrieval.metadata import attach_metadata, table_metadata
 from clip_pacl.retrieval.search import load_index_model
 
 COMMAND = "index update"
@@ -41,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
     updated, unreadable = build_index(model, paths, args.batch_size, args.workers,
                                       model_source=args.model or index.meta.get("model"), images=images,
                                       reuse=index, hub_revision=index.meta.get("hub_revision"))
+    attach_metadata(updated, table_metadata(images["source"], images.get("image_key", "image")))  # the table's now
     updated.save(args.index)
     summary = {"index": str(args.index), "count": len(updated), "embedded": len(updated) - updated.meta["reused"],
                "reused": updated.meta["reused"], "dropped": len(set(index.paths) - set(updated.paths)),
