@@ -96,8 +96,8 @@ def test_two_ranks_build_the_single_process_index(setup, tmp_path):
     summary = json.loads(proc.stdout)  # rank 0 alone prints the result
     assert summary["count"] == 20 and summary["unreadable_per_rank"] == [1, 1]
     assert sorted(Path(u["path"]).name for u in summary["unreadable"]) == ["broken.png", "missing.png"]
-    assert "rank 0/2: embedded 10 of 11 inputs, 1 unreadable" in proc.stderr
-    assert "rank 1/2: embedded 10 of 11 inputs, 1 unreadable" in proc.stderr
+    assert "rank 0/2: 11 inputs, 10 images embedded, 1 unreadable" in proc.stderr
+    assert "rank 1/2: 11 inputs, 10 images embedded, 1 unreadable" in proc.stderr
     assert not shard_dir(out).exists() and sorted(p.name for p in tmp_path.iterdir()) == ["idx"]
 
 

@@ -12,7 +12,8 @@ from clip_pacl.checkpoint import load_with_source
 from clip_pacl.cli.common import add_device_flag, add_json_flag, log, print_json, resolve_device
 from clip_pacl.retrieval.index import build_index, image_paths
 from clip_pacl.retrieval.metadata import attach_metadata, table_metadata
-from clip_pacl.retrieval.sharded import build_index_sharded, embed_files
+from clip_pacl.retrieval.sharded import build_index_sharded, embed_files, index_from_parts
+from clip_pacl.retrieval.wds_images import embed_shards, wds_shards, wds_source
 from clip_pacl.train.distributed import DistInfo, env_dist_info
 
 COMMAND = "index build"
@@ -34,8 +35,10 @@ ORDER = 50
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True,
                         help="checkpoint dir or model file (its path is recorded in meta.json)")
-    parser.add_argument("--images", required=True, type=Path, metavar="DIR|FILE",
-                        help="a folder of images (searched recursively) or a CSV/TSV/JSONL file with an image column")
+    parser.add_argument("--images", required=True, type=Path, metavar="DIR|FILE|SHARDS",
+                        help="a folder of images (searched recursively), a CSV/TSV/JSONL file with an image column, "
+                             "or local webdataset shards ('shards/{000000..000009}.tar', a .tar, or a folder of "
+                             ".tar files): each sample's image, named SHARD#KEY, with its txt/json as metadata")
     parser.add_argument("--out", required=True, type=Path, metavar="IDX", help="index directory to write")
     parser.add_argument("--image-key", default="image", help="image column when --images is a file")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
@@ -45,11 +48,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    paths = image_paths(args.images, args.image_key)
+    shards = wds_shards(args.images)
+    inputs = shards if shards is not None else image_paths(args.images, args.image_key)
     info = env_dist_info()
     model, source = load_with_source(args.model, device=_device(args.device, info))
-    images = {"source": str(args.images.resolve()), "image_key": args.image_key}
-    index, unreadable, per_rank = _build(args, model, paths, images, source.revision, info)
+    images = {"source": str(args.images.resolve()), "image_key": args.image_key} if shards is None else \
+        {"source": wds_source(args.images), "format": "wds"}
+    index, unreadable, per_rank = _build(args, model, inputs, shards is not None, images, source.revision, info)
     if index is None:
         return 0  # a sharded build's other ranks: rank 0 saves and reports
     attach_metadata(index, table_metadata(args.images, args.image_key))
@@ -78,14 +83,18 @@ def _device(name: str | None, info: DistInfo) -> torch.device:
     return device
 
 
-def _build(args: argparse.Namespace, model: torch.nn.Module, paths: list[Path], images: dict[str, str],
-           revision: str | None, info: DistInfo):
-    """(index or None on ranks other than 0, unreadable [(path, reason)], unreadable count per rank or None)."""
-    if not info.enabled:
-        index, unreadable = build_index(model, paths, args.batch_size, args.workers, model_source=args.model,
-                                        images=images, hub_revision=revision)
+def _build(args: argparse.Namespace, model: torch.nn.Module, inputs: list, webdataset: bool,
+           images: dict[str, str], revision: str | None, info: DistInfo):
+    """(index or None on ranks other than 0, unreadable [(path, reason)], unreadable count per rank or None).
+    `inputs`: image paths, or webdataset shards."""
+    meta = {"model_source": args.model, "images": images, "hub_revision": revision}
+    if not info.enabled and not webdataset:
+        index, unreadable = build_index(model, inputs, args.batch_size, args.workers, **meta)
         return index, unreadable, None
-    embed = partial(embed_files, model, batch_size=args.batch_size, workers=args.workers, progress=info.is_main)
-    built = build_index_sharded(model, paths, args.out, embed, model_source=args.model, images=images,
-                                hub_revision=revision)
+    embed = partial(embed_shards if webdataset else embed_files, model, batch_size=args.batch_size,
+                    workers=args.workers, progress=info.is_main)
+    if not info.enabled:
+        built = index_from_parts(model, [embed(inputs)], len(inputs), **meta)
+        return built.index, built.unreadable, None
+    built = build_index_sharded(model, inputs, args.out, embed, **meta)
     return built.index, built.unreadable, built.unreadable_per_rank

@@ -37,6 +37,8 @@ def table_metadata(source: str | Path, image_key: str = "image") -> dict[str, di
 
 
 def attach_metadata(index: ImageIndex, by_path: dict[str, dict[str, Any]] | None) -> ImageIndex:
-    """Give every row of `index` its metadata from `by_path` (None: the index keeps none). Returns `index`."""
-    index.metadata = None if by_path is None else [by_path.get(path, {}) for path in index.paths]
+    """Give every row of `index` its metadata from `by_path` (None: not a table; the index keeps what it has,
+    e.g. webdataset samples' own). Returns `index`."""
+    if by_path is not None:
+        index.metadata = [by_path.get(path, {}) for path in index.paths]
     return index

@@ -41,12 +41,14 @@ COLLECTIVE_TIMEOUT = timedelta(hours=12)
 
 @dataclass
 class Part:
-    """One rank's block: the readable images' embeddings, paths and file stats, and the unreadable ones."""
+    """One rank's block: the readable images' embeddings, paths and file stats (and metadata, for webdataset
+    samples), and the unreadable ones."""
 
     embeddings: torch.Tensor  # (M, D) float32, L2-normalised
     paths: list[str]
     stats: list[dict[str, int] | None]
     unreadable: list[tuple[str, str]] = field(default_factory=list)
+    metadata: list[dict[str, Any]] | None = None
 
 
 @dataclass
@@ -103,8 +105,8 @@ def build_index_sharded(
         try:
             part = embed(block)
             _write_part(folder, info.rank, part)
-            log(f"rank {info.rank}/{info.world_size}: embedded {len(part.paths)} of {len(block)} inputs"
-                + (f", {len(part.unreadable)} unreadable" if part.unreadable else ""))
+            log(f"rank {info.rank}/{info.world_size}: {len(block)} inputs, {len(part.paths)} images embedded, "
+                f"{len(part.unreadable)} unreadable")
         except Exception as e:  # still take part in the all-reduce below, or the other ranks would wait on it
             error = e
         failed = _failed_ranks(info, error is not None)
@@ -121,7 +123,8 @@ def build_index_sharded(
             parts = [_read_part(folder, rank) for rank in range(info.world_size)]
         finally:
             shutil.rmtree(folder, ignore_errors=True)
-        return _merge(model, parts, len(items), model_source=model_source, images=images, hub_revision=hub_revision)
+        return index_from_parts(model, parts, len(items), model_source=model_source, images=images,
+                                hub_revision=hub_revision)
     finally:
         if own_group:
             dist.destroy_process_group()
@@ -168,6 +171,8 @@ def _write_part(folder: Path, rank: int, part: Part) -> None:
 
     atomic_write(npy, write_npy)
     rows = [{"path": p, **(s or {})} for p, s in zip(part.paths, part.stats)]
+    for row, metadata in zip(rows, part.metadata or []):
+        row["metadata"] = metadata
     record = {"rank": rank, "count": len(rows), "rows": rows, "unreadable": [list(u) for u in part.unreadable]}
     atomic_write(meta, lambda tmp: Path(tmp).write_text(json.dumps(record, ensure_ascii=False) + "\n"))
 
@@ -183,12 +188,15 @@ def _read_part(folder: Path, rank: int) -> Part:
         raise DataError(f"rank {rank}'s block in {folder} is inconsistent ({len(embeddings)} embeddings, "
                         f"{record.get('count')} rows)")
     stats = [{"size": r["size"], "mtime_ns": r["mtime_ns"]} if "size" in r else None for r in record["rows"]]
+    metadata = [r.get("metadata", {}) for r in record["rows"]] if any("metadata" in r for r in record["rows"]) \
+        else None
     return Part(embeddings, [r["path"] for r in record["rows"]], stats,
-                [(p, reason) for p, reason in record["unreadable"]])
+                [(p, reason) for p, reason in record["unreadable"]], metadata)
 
 
-def _merge(model: torch.nn.Module, parts: list[Part], n_inputs: int, **meta: Any) -> ShardedBuild:
-    """The ranks' blocks, in rank order, as one index with the meta.json `build_index` writes."""
+def index_from_parts(model: torch.nn.Module, parts: list[Part], n_inputs: int, **meta: Any) -> ShardedBuild:
+    """Blocks (the ranks', in rank order) as one index with the meta.json `build_index` writes; `meta`: its
+    keyword arguments (model_source, images, hub_revision)."""
     unreadable = [u for part in parts for u in part.unreadable]
     paths = [p for part in parts for p in part.paths]
     if not paths:
@@ -196,6 +204,8 @@ def _merge(model: torch.nn.Module, parts: list[Part], n_inputs: int, **meta: Any
         raise DataError(f"none of the {n_inputs} inputs could be read{example}")
     embeddings = torch.cat([part.embeddings for part in parts if len(part.paths)]).float()  # (M, D)
     stats = [s for part in parts for s in part.stats]
+    with_metadata = [part for part in parts if part.paths and part.metadata is not None]
+    metadata = [m for part in parts for m in part.metadata or [{}] * len(part.paths)] if with_metadata else None
     index = ImageIndex(embeddings, paths, index_meta(model, len(paths), len(unreadable), **meta),
-                       stats if all(s is not None for s in stats) else None)
+                       stats if all(s is not None for s in stats) else None, metadata)
     return ShardedBuild(index, unreadable, [len(part.unreadable) for part in parts])

@@ -33,6 +33,7 @@ from clip_pacl.preprocess import model_transform
 from clip_pacl.retrieval.filters import check_prefix
 from clip_pacl.retrieval.index import ImageIndex, SearchHit
 from clip_pacl.retrieval.search import search_image, search_text
+from clip_pacl.retrieval.wds_images import read_sample_image
 from clip_pacl.segmentation.overlay import overlay_image
 from clip_pacl.segmentation.predict import DEFAULT_TEMPLATES, METHODS, NO_CLASS, _check_method, default_method, segment
 from clip_pacl.zeroshot.classifier import build_classifier, class_probabilities
@@ -208,7 +209,8 @@ class WebService:
         index = self.require_index()
         if not 0 <= image_id < len(index):
             raise NotFound(f"there is no indexed image {image_id} (the index holds {len(index)})")
-        return self._thumbnails.get(image_id, lambda: _jpeg_thumbnail(Path(index.paths[image_id]), image_id))
+        webdataset = (index.meta.get("images") or {}).get("format") == "wds"  # paths are SHARD#KEY
+        return self._thumbnails.get(image_id, lambda: _jpeg_thumbnail(index.paths[image_id], image_id, webdataset))
 
     # ------------------------------------------------------------------------------------------ classify
     def classify(self, image: Image.Image, labels: Sequence[str],
@@ -285,9 +287,9 @@ def _shrunk(image: Image.Image, side: int) -> Image.Image:
     return image.resize(size, Image.BICUBIC, reducing_gap=2.0)
 
 
-def _jpeg_thumbnail(path: Path, image_id: int) -> bytes:
+def _jpeg_thumbnail(path: str, image_id: int, webdataset: bool = False) -> bytes:
     try:
-        image = load_image(path)
+        image = read_sample_image(path) if webdataset else load_image(Path(path))
     except DataError:
         raise NotFound(f"indexed image {image_id} can no longer be read") from None
     image.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE), Image.BICUBIC)
