@@ -89,29 +89,47 @@ def test_damaged_metadata_is_a_checkpoint_error(setup, tmp_path):
         ImageIndex.load(tmp_path / "idx")
 
 
-def _random_index(n: int = 30, dim: int = 8) -> ImageIndex:
+def _random_index(n: int = 200, dim: int = 8) -> ImageIndex:
     g = torch.Generator().manual_seed(1)
     paths = [f"/img/{'a' if i % 3 else 'b'}/{i:03d}.png" for i in range(n)]
     return ImageIndex(F.normalize(torch.randn(n, dim, generator=g), dim=-1), paths,
                       metadata=[{"i": i} for i in range(n)])
 
 
-def test_the_prefix_filters_before_the_top_k():
+@pytest.mark.parametrize("prefix, expected_rows", [
+    ("/img/b/", list(range(0, 200, 3))),  # a third of the index: every row scored, the matching ones kept
+    ("/img/b/00", [0, 3, 6, 9]),  # a few rows: gathered, then scored
+])
+def test_the_prefix_filters_before_the_top_k(prefix, expected_rows):
     index = _random_index()
     queries = torch.randn(4, 8, generator=torch.Generator().manual_seed(2))
-    rows = prefix_rows(index.paths, "/img/b/")
-    assert rows == list(range(0, 30, 3))
-    scores = F.normalize(queries, dim=-1) @ index.embeddings.T  # (4, 30)
-    for q, hits in enumerate(search_prefix(index, queries, 5, "/img/b/")):
+    rows = prefix_rows(index, prefix)
+    assert rows == expected_rows
+    scores = F.normalize(queries, dim=-1) @ index.embeddings.T  # (4, 200)
+    for q, hits in enumerate(search_prefix(index, queries, 5, prefix)):
         expected = sorted(rows, key=lambda i: -float(scores[q, i]))[:5]
         assert [h.path for h in hits] == [index.paths[i] for i in expected]  # 5 under the prefix, not a top 5 filtered
         assert [h.metadata for h in hits] == [{"i": i} for i in expected]
         assert [h.score for h in hits] == pytest.approx([float(scores[q, i]) for i in expected], abs=1e-6)
-    assert [len(h) for h in search_prefix(index, queries, 50, "/img/b/")] == [10] * 4  # fewer match than k
+    assert [len(h) for h in search_prefix(index, queries, 100, prefix)] == [len(rows)] * 4  # fewer match than k
+    with pytest.raises(DataError, match="query features have shape"):
+        search_prefix(index, queries[:, :4], 5, prefix)
     assert search_prefix(index, queries, 5, "/img/c") == [[], [], [], []]
     assert search_rows(index, queries, 3, []) == [[], [], [], []]
     with pytest.raises(ValueError, match="k must be at least 1"):
         search_rows(index, queries, 0, rows)
+
+
+def test_prefix_rows_follow_the_paths():
+    index = _random_index(10)
+    assert prefix_rows(index, "/img/a/") == [1, 2, 4, 5, 7, 8] and prefix_rows(index, "/img/a/00") == [1, 2, 4, 5, 7, 8]
+    assert prefix_rows(index, "/img/a/005") == [5] and prefix_rows(index, "/img/a/005.png") == [5]
+    assert prefix_rows(index, "/img/a/005.png!") == [] and prefix_rows(index, "/img/") == list(range(10))
+    index.paths = [p.replace("/a/", "/c/") for p in index.paths]  # the sorted order kept for the old paths is dropped
+    assert prefix_rows(index, "/img/a/") == [] and prefix_rows(index, "/img/c/") == [1, 2, 4, 5, 7, 8]
+    top = chr(0x10FFFF)  # the largest character: no bumped bound exists
+    odd = ImageIndex(torch.eye(4), ["x" + top + "1", "x" + top, "y", "x"])
+    assert prefix_rows(odd, "x" + top) == [0, 1] and prefix_rows(odd, "x") == [0, 1, 3]
 
 
 @pytest.mark.parametrize("prefix, message", [

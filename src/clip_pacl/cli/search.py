@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print_json({"index": str(args.index), "query": args.query,
                     "image": str(args.image) if args.image else None, "prefix": prefix,
-                    "matched": len(index) if prefix is None else len(prefix_rows(index.paths, prefix)),
+                    "matched": len(index) if prefix is None else len(prefix_rows(index, prefix)),
                     "results": [_result(h) for h in hits]})
         return 0
     if not hits and prefix is not None:

@@ -66,6 +66,7 @@ class ImageIndex:
     stats: list[dict[str, int]] | None = None  # per row {"size", "mtime_ns"} when built: what `update` compares
     metadata: list[dict[str, Any]] | None = None  # per row, the table's other columns (`retrieval/metadata.py`)
     _faiss_index: Any = field(default=None, repr=False)
+    _path_order: Any = field(default=None, repr=False)  # the paths sorted, for prefix filters (`filters.py`)
 
     def __post_init__(self) -> None:
         if self.embeddings.ndim != 2 or len(self.embeddings) != len(self.paths):
