@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -33,7 +33,9 @@ from clip_pacl.console import log
 from clip_pacl.encode import encode_images
 from clip_pacl.errors import DataError
 from clip_pacl.retrieval.index import ImageIndex, file_stat, index_meta, weights_fingerprint
-from clip_pacl.train.distributed import DistInfo, env_dist_info, init_distributed
+
+if TYPE_CHECKING:
+    from clip_pacl.train.distributed import DistInfo
 
 # A collective waits this long for the slowest rank: ranks embed equal blocks, but nodes differ in speed.
 COLLECTIVE_TIMEOUT = timedelta(hours=12)
@@ -95,6 +97,8 @@ def build_index_sharded(
 
     Joins the process group (gloo, env:// as torchrun sets it) unless one exists, and leaves it when done.
     """
+    from clip_pacl.train.distributed import env_dist_info, init_distributed  # (the train package is heavy to load)
+
     own_group = not dist.is_initialized()
     info = init_distributed("cpu", timeout=COLLECTIVE_TIMEOUT) if own_group else env_dist_info()
     try:
