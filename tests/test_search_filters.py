@@ -232,3 +232,20 @@ def test_web_api_prefix_and_metadata(setup):
         assert by_image.status_code == 200
         results = by_image.json()["results"]
         assert results[0]["path"] == "dogs/" + Path(query).name and all(r["path"].startswith("dogs/") for r in results)
+
+
+def test_the_benchmark_script_runs(tmp_path):
+    """benchmarks/index_sharded.py's search part (its build part launches torchrun, as test_index_sharded does)."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "index_sharded.py"
+    out = tmp_path / "bench.jsonl"
+    proc = subprocess.run([sys.executable, str(script), "--skip-build", "--rows", "2000", "--dim", "16",
+                           "--fractions", "0.01", "0.5", "--repeats", "1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["prefix_fraction"] for r in rows] == ["none", 0.01, 0.5] and rows[0]["matched"] == 2000
+    assert 0 < rows[1]["matched"] < rows[2]["matched"] < 2000 and all(r["ms_per_batch"] > 0 for r in rows)
+    assert "search: prefix share" in proc.stdout
