@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import argparse
+from functools import partial
 from pathlib import Path
+
+import torch
 
 from clip_pacl.checkpoint import load_with_source
 from clip_pacl.cli.common import add_device_flag, add_json_flag, log, print_json, resolve_device
 from clip_pacl.retrieval.index import build_index, image_paths
+from clip_pacl.retrieval.metadata import attach_metadata, table_metadata
+from clip_pacl.retrieval.sharded import build_index_sharded, embed_files, index_from_parts
+from clip_pacl.retrieval.wds_images import embed_shards, wds_shards, wds_source
+from clip_pacl.train.distributed import DistInfo, env_dist_info
 
 COMMAND = "index build"
 GROUP_HELP = "image index commands"
@@ -17,7 +24,10 @@ DESCRIPTION = (
     "column, and write IDX/embeddings.npy (float32, normalised), IDX/paths.jsonl and IDX/meta.json "
     "(with a fingerprint of the weights and preprocessing, which queries must match). Unreadable images are "
     "skipped and counted. The index is written beside IDX and renamed into place: an existing index is "
-    "replaced whole or not at all."
+    "replaced whole or not at all. A table's other columns (caption, ...) are stored per image and come back "
+    "with search results. Launched by torchrun (`torchrun --nnodes N --nproc-per-node M -m clip_pacl.index "
+    "build ...`, same flags), each rank embeds a block of the images and rank 0 merges them into the same index, "
+    "in input order; IDX must then be on a filesystem every node sees."
 )
 ORDER = 50
 
@@ -25,8 +35,10 @@ ORDER = 50
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True,
                         help="checkpoint dir or model file (its path is recorded in meta.json)")
-    parser.add_argument("--images", required=True, type=Path, metavar="DIR|FILE",
-                        help="a folder of images (searched recursively) or a CSV/TSV/JSONL file with an image column")
+    parser.add_argument("--images", required=True, type=Path, metavar="DIR|FILE|SHARDS",
+                        help="a folder of images (searched recursively), a CSV/TSV/JSONL file with an image column, "
+                             "or local webdataset shards ('shards/{000000..000009}.tar', a .tar, or a folder of "
+                             ".tar files): each sample's image, named SHARD#KEY, with its txt/json as metadata")
     parser.add_argument("--out", required=True, type=Path, metavar="IDX", help="index directory to write")
     parser.add_argument("--image-key", default="image", help="image column when --images is a file")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
@@ -36,20 +48,53 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    paths = image_paths(args.images, args.image_key)
-    model, source = load_with_source(args.model, device=resolve_device(args.device))
-    images = {"source": str(args.images.resolve()), "image_key": args.image_key}
-    index, unreadable = build_index(model, paths, args.batch_size, args.workers, model_source=args.model,
-                                    images=images, hub_revision=source.revision)
+    shards = wds_shards(args.images)
+    inputs = shards if shards is not None else image_paths(args.images, args.image_key)
+    info = env_dist_info()
+    model, source = load_with_source(args.model, device=_device(args.device, info))
+    images = {"source": str(args.images.resolve()), "image_key": args.image_key} if shards is None else \
+        {"source": wds_source(args.images), "format": "wds"}
+    index, unreadable, per_rank = _build(args, model, inputs, shards is not None, images, source.revision, info)
+    if index is None:
+        return 0  # a sharded build's other ranks: rank 0 saves and reports
+    attach_metadata(index, table_metadata(args.images, args.image_key))
     index.save(args.out)
     if not index.meta["model_has_weights"]:
         log(f"warning: '{args.model}' is randomly initialised; searching {args.out} will need --model")
     summary = {"index": str(args.out), **index.meta,
                "unreadable": [{"path": p, "reason": r} for p, r in unreadable]}
+    if per_rank is not None:
+        summary["unreadable_per_rank"] = per_rank
     if args.json:
         print_json(summary)
         return 0
     print(f"indexed {len(index)} images ({index.embed_dim}-d) into {args.out}")
     if unreadable:
-        print(f"{len(unreadable)} unreadable images skipped (e.g. {unreadable[0][0]}: {unreadable[0][1]})")
+        print(f"{len(unreadable)} unreadable images skipped (e.g. {unreadable[0][0]}: {unreadable[0][1]})"
+              + (f"; per rank: {', '.join(map(str, per_rank))}" if per_rank is not None else ""))
     return 0
+
+
+def _device(name: str | None, info: DistInfo) -> torch.device:
+    """--device; under torchrun, `cuda` means this rank's own GPU (its local rank)."""
+    device = resolve_device(name)
+    if info.enabled and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", info.local_rank)
+    return device
+
+
+def _build(args: argparse.Namespace, model: torch.nn.Module, inputs: list, webdataset: bool,
+           images: dict[str, str], revision: str | None, info: DistInfo):
+    """(index or None on ranks other than 0, unreadable [(path, reason)], unreadable count per rank or None).
+    `inputs`: image paths, or webdataset shards."""
+    meta = {"model_source": args.model, "images": images, "hub_revision": revision}
+    if not info.enabled and not webdataset:
+        index, unreadable = build_index(model, inputs, args.batch_size, args.workers, **meta)
+        return index, unreadable, None
+    embed = partial(embed_shards if webdataset else embed_files, model, batch_size=args.batch_size,
+                    workers=args.workers, progress=info.is_main)
+    if not info.enabled:
+        built = index_from_parts(model, [embed(inputs)], len(inputs), **meta)
+        return built.index, built.unreadable, None
+    built = build_index_sharded(model, inputs, args.out, embed, **meta)
+    return built.index, built.unreadable, built.unreadable_per_rank

@@ -8,14 +8,18 @@ from pathlib import Path
 from clip_pacl.cli.common import add_device_flag, add_json_flag, print_json, resolve_device
 from clip_pacl.errors import DataError
 from clip_pacl.retrieval.index import ImageIndex, build_index, image_paths
+from clip_pacl.retrieval.metadata import attach_metadata, table_metadata
 from clip_pacl.retrieval.search import load_index_model
+from clip_pacl.retrieval.sharded import index_from_parts
+from clip_pacl.retrieval.wds_images import embed_shards, wds_shards
 
 COMMAND = "index update"
 HELP = "re-embed new and changed images of an index, drop deleted ones"
 DESCRIPTION = (
     "List the images of the folder or table the index was built from again; embed the new ones and those "
     "whose size or modification time changed, keep the others' embeddings, drop the deleted ones. The result "
-    "equals a fresh `index build` and replaces IDX atomically."
+    "equals a fresh `index build` and replaces IDX atomically. An index of webdataset shards is embedded again "
+    "whole (its shards are listed again from the recorded pattern)."
 )
 ORDER = 50
 
@@ -36,11 +40,18 @@ def run(args: argparse.Namespace) -> int:
     if not images or index.stats is None:
         raise DataError(f"{args.index} does not record the files it was built from (an older index); "
                         f"rebuild it with `clip-pacl index build`")
-    paths = image_paths(images["source"], images.get("image_key", "image"))
+    shards = wds_shards(images["source"]) if images.get("format") == "wds" else None
+    paths = image_paths(images["source"], images.get("image_key", "image")) if shards is None else None
     model = load_index_model(index, args.model, device=resolve_device(args.device))  # same weights, or refused
-    updated, unreadable = build_index(model, paths, args.batch_size, args.workers,
-                                      model_source=args.model or index.meta.get("model"), images=images,
-                                      reuse=index, hub_revision=index.meta.get("hub_revision"))
+    meta = {"model_source": args.model or index.meta.get("model"), "images": images,
+            "hub_revision": index.meta.get("hub_revision")}
+    if shards is None:
+        updated, unreadable = build_index(model, paths, args.batch_size, args.workers, reuse=index, **meta)
+    else:
+        built = index_from_parts(model, [embed_shards(model, shards, args.batch_size, args.workers)], len(shards),
+                                 **meta)
+        updated, unreadable = built.index, built.unreadable
+    attach_metadata(updated, table_metadata(images["source"], images.get("image_key", "image")))  # the table's now
     updated.save(args.index)
     summary = {"index": str(args.index), "count": len(updated), "embedded": len(updated) - updated.meta["reused"],
                "reused": updated.meta["reused"], "dropped": len(set(index.paths) - set(updated.paths)),

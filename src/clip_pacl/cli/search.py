@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 from pathlib import Path
+from typing import Any
 
 from clip_pacl.cli.common import add_device_flag, add_json_flag, print_json, resolve_device
 from clip_pacl.data import load_image
+from clip_pacl.retrieval.filters import check_prefix, prefix_rows
 from clip_pacl.retrieval.index import ImageIndex
 from clip_pacl.retrieval.search import load_index_model, search_image, search_text
 
@@ -14,7 +18,9 @@ COMMAND = "search"
 HELP = "search an image index by text or by example image"
 DESCRIPTION = (
     "Rank the images of an index (made by `clip-pacl index build`) by cosine similarity to a text query "
-    "or to an example image, with the model recorded in the index (or --model)."
+    "or to an example image, with the model recorded in the index (or --model). With --prefix, only the images "
+    "whose path starts with it are ranked (k of them come back when k match). An index built from a table shows "
+    "each image's other columns (caption, ...) under its line, and in --json as `metadata`."
 )
 ORDER = 51
 
@@ -26,6 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-k", "--top-k", dest="k", type=int, default=10, help="number of results")
     parser.add_argument("--model", default=None,
                         help="model to embed the query; none: the one recorded in the index's meta.json")
+    parser.add_argument("--prefix", default=None, metavar="PATH",
+                        help="rank only images whose indexed path starts with PATH (a relative PATH is taken from "
+                             "the current folder; end it with / for a folder, or it also matches e.g. DIR/sub2); "
+                             "exact search over the matching images")
     parser.add_argument("--faiss", action="store_true",
                         help="search with faiss (exact inner product; needs clip-pacl[faiss]); by default faiss "
                              "is used only for large indexes and when installed")
@@ -41,19 +51,45 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("give either a text query or --image FILE (exactly one)")
     if args.k < 1:
         raise ValueError(f"-k must be at least 1, got {args.k}")
+    prefix = absolute_prefix(check_prefix(args.prefix)) if args.prefix is not None else None
     index = ImageIndex.load(args.index)
     image = load_image(args.image) if args.image is not None else None  # a bad path fails before the model loads
     model = load_index_model(index, args.model, device=resolve_device(args.device), force=args.force)
     backend = "faiss" if args.faiss else "auto"
     if image is None:
-        hits = search_text(index, model, args.query, args.k, backend)[0]
+        hits = search_text(index, model, args.query, args.k, backend, prefix=prefix)[0]
     else:
-        hits = search_image(index, model, image, args.k, backend)
+        hits = search_image(index, model, image, args.k, backend, prefix=prefix)
     if args.json:
         print_json({"index": str(args.index), "query": args.query,
-                    "image": str(args.image) if args.image else None,
-                    "results": [{"path": h.path, "score": h.score} for h in hits]})
+                    "image": str(args.image) if args.image else None, "prefix": prefix,
+                    "matched": len(index) if prefix is None else len(prefix_rows(index, prefix)),
+                    "results": [_result(h) for h in hits]})
         return 0
+    if not hits and prefix is not None:
+        print(f"no results: none of the {len(index)} indexed images has a path starting with {prefix} "
+              f"(they look like {index.paths[0]})")
     for rank, hit in enumerate(hits, 1):
         print(f"{rank:3d}  {hit.score:7.4f}  {hit.path}")
+        if hit.metadata:
+            print(" " * 14 + "  ".join(f"{key}: {_cell(value)}" for key, value in hit.metadata.items()))
     return 0
+
+
+def absolute_prefix(prefix: str) -> str:
+    """A relative file-path prefix made absolute from the current folder, keeping a trailing separator (indexed
+    paths are absolute); a URL prefix (webdataset shards on a server) unchanged."""
+    if "://" in prefix or prefix.startswith("pipe:"):
+        return prefix
+    path = os.path.abspath(prefix)
+    return path + os.sep if prefix.endswith(("/", os.sep)) and not path.endswith(os.sep) else path
+
+
+def _result(hit) -> dict[str, Any]:
+    return {"path": hit.path, "score": hit.score, **({"metadata": hit.metadata} if hit.metadata is not None else {})}
+
+
+def _cell(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    text = " ".join(text.split())
+    return text[:200] + ("..." if len(text) > 200 else "")

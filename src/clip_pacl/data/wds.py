@@ -160,15 +160,40 @@ class WdsCaptionDataset(IterableDataset):
         return pixels, tokens_1d(self.tokenizer, caption)
 
 
+def split_member(name: str) -> tuple[str, str] | None:
+    """(sample key, extension) of a tar member's name, by webdataset's rule: the key ends at the basename's first
+    dot (`a/b.seg.png` -> (`a/b`, `seg.png`)); None for a name without one."""
+    match = _KEY_EXT.match(name)
+    return (match.group(1), match.group(2).lower()) if match else None
+
+
 def _count_samples(shard: Path) -> int:
     """Samples with an image in one tar, reading only the headers."""
     keys = set()
     with tarfile.open(shard) as tar:
         for member in tar:
-            match = _KEY_EXT.match(member.name)  # webdataset's rule: the key ends at the basename's first dot
-            if member.isfile() and match and match.group(2).lower() in IMAGE_KEYS:
-                keys.add(match.group(1))
+            split = split_member(member.name)
+            if member.isfile() and split and split[1] in IMAGE_KEYS:
+                keys.add(split[0])
     return len(keys)
+
+
+def tar_samples(shard: str | Path) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {extension: bytes}) for each sample of a local tar shard, in tar order, streamed (webdataset's
+    grouping: consecutive members that share a key). Raises tarfile.TarError or OSError on a damaged tar."""
+    key, members = None, {}
+    with tarfile.open(shard, mode="r|*") as tar:
+        for member in tar:
+            split = split_member(member.name) if member.isfile() else None
+            if split is None:
+                continue
+            if split[0] != key and members:
+                yield key, members
+                members = {}
+            key = split[0]
+            members[split[1]] = tar.extractfile(member).read()
+    if members:
+        yield key, members
 
 
 def build_wds_datasets(pattern: str, *, transform: Transform, tokenizer: Tokenizer, val_fraction: float = 0.0,

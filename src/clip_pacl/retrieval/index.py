@@ -5,6 +5,7 @@ Layout of an index directory (plain formats, so numpy or any other tool can read
 ```
 IDX/embeddings.npy   float32 (N, D), L2-normalised rows
 IDX/paths.jsonl      one {"path": "/absolute/path", "size": bytes, "mtime_ns": ns} per row, in the same order
+                     (+ "metadata": {column: value} when built from a table with columns besides the image's)
 IDX/meta.json        model source, weights fingerprint, preprocessing, image source, embed dim, count, ...
 ```
 
@@ -52,6 +53,7 @@ FAISS_AUTO_THRESHOLD = 200_000
 class SearchHit(NamedTuple):
     path: str
     score: float
+    metadata: dict[str, Any] | None = None  # the table row's other columns (caption, ...) when the index has them
 
 
 @dataclass
@@ -62,13 +64,17 @@ class ImageIndex:
     paths: list[str]
     meta: dict[str, Any] = field(default_factory=dict)
     stats: list[dict[str, int]] | None = None  # per row {"size", "mtime_ns"} when built: what `update` compares
+    metadata: list[dict[str, Any]] | None = None  # per row, the table's other columns (`retrieval/metadata.py`)
     _faiss_index: Any = field(default=None, repr=False)
+    _path_order: Any = field(default=None, repr=False)  # the paths sorted, for prefix filters (`filters.py`)
 
     def __post_init__(self) -> None:
         if self.embeddings.ndim != 2 or len(self.embeddings) != len(self.paths):
             raise DataError(f"index has {tuple(self.embeddings.shape)} embeddings for {len(self.paths)} paths")
         if self.stats is not None and len(self.stats) != len(self.paths):
             raise DataError(f"index has {len(self.stats)} file stats for {len(self.paths)} paths")
+        if self.metadata is not None and len(self.metadata) != len(self.paths):
+            raise DataError(f"index has {len(self.metadata)} metadata rows for {len(self.paths)} paths")
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -114,7 +120,10 @@ class ImageIndex:
             _flush(f)
         with open(folder / PATHS_NAME, "w", encoding="utf-8") as f:
             for i, path in enumerate(self.paths):
-                f.write(json.dumps({"path": path, **(self.stats[i] if self.stats else {})}, ensure_ascii=False) + "\n")
+                row = {"path": path, **(self.stats[i] if self.stats else {})}
+                if self.metadata is not None:
+                    row["metadata"] = self.metadata[i]
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
             _flush(f)
         with open(folder / META_NAME, "w", encoding="utf-8") as f:
             f.write(json.dumps(self.meta, indent=2) + "\n")
@@ -137,6 +146,7 @@ class ImageIndex:
             paths = [row["path"] for row in rows]
             stats = [{"size": row["size"], "mtime_ns": row["mtime_ns"]} for row in rows] \
                 if rows and all("size" in row for row in rows) else None
+            metadata = [_metadata_row(row) for row in rows] if any("metadata" in row for row in rows) else None
         except (ValueError, KeyError, TypeError, EOFError, OSError) as e:
             raise CheckpointError(f"{index_dir} is a damaged image index ({' '.join(str(e).split())[:200]})") from None
         if not isinstance(meta, dict):
@@ -148,7 +158,7 @@ class ImageIndex:
             if key in meta and meta[key] != value:
                 raise CheckpointError(f"{index_dir} is a damaged image index (meta.json says {key} {meta[key]}, "
                                       f"the files hold {value})")
-        return cls(embeddings, paths, meta, stats)
+        return cls(embeddings, paths, meta, stats, metadata)
 
     def search(self, queries: torch.Tensor, k: int = 10, backend: str = "auto") -> list[list[SearchHit]]:
         """The k best images for each query (Q, D) (normalised here), best first, by inner product."""
@@ -166,8 +176,12 @@ class ImageIndex:
             scores, indices = torch.from_numpy(scores), torch.from_numpy(indices)
         else:
             scores, indices = (queries @ self.embeddings.T).topk(k, dim=1)  # (Q, k) each
-        return [[SearchHit(self.paths[i], float(s)) for s, i in zip(row_s.tolist(), row_i.tolist())]
+        return [[self.hit(i, float(s)) for s, i in zip(row_s.tolist(), row_i.tolist())]
                 for row_s, row_i in zip(scores, indices)]
+
+    def hit(self, row: int, score: float) -> SearchHit:
+        """Row `row` as a search result: its path, `score` and its metadata (None when the index has none)."""
+        return SearchHit(self.paths[row], score, self.metadata[row] if self.metadata is not None else None)
 
     def _use_faiss(self, backend: str) -> bool:
         if backend == "torch":
@@ -195,6 +209,13 @@ class ImageIndex:
 
 
 INDEX_FILES = (EMBEDDINGS_NAME, PATHS_NAME, META_NAME)
+
+
+def _metadata_row(row: dict[str, Any]) -> dict[str, Any]:
+    metadata = row.get("metadata", {})
+    if not isinstance(metadata, dict):
+        raise TypeError(f"the metadata of {row['path']} is not a JSON object")
+    return metadata
 
 
 def _aside(out: Path) -> Path:
@@ -272,7 +293,7 @@ def build_index(
     unique = list(dict.fromkeys(Path(p).resolve() for p in paths))
     if not unique:
         raise DataError("no images to index")
-    stats = [_file_stat(p) for p in unique]
+    stats = [file_stat(p) for p in unique]
     known = {} if reuse is None or reuse.stats is None else {
         (path, stat["size"], stat["mtime_ns"]): row for row, (path, stat) in enumerate(zip(reuse.paths, reuse.stats))}
     reused = {i: known[(str(p), st["size"], st["mtime_ns"])] for i, (p, st) in enumerate(zip(unique, stats))
@@ -285,7 +306,17 @@ def build_index(
     kept = sorted(rows)
     if not kept:
         raise DataError(f"none of the {len(unique)} images could be read (e.g. {unreadable[0][0]}: {unreadable[0][1]})")
-    meta = {
+    meta = index_meta(model, len(kept), len(unreadable), model_source=model_source, images=images,
+                      hub_revision=hub_revision, reused=len(reused))
+    embeddings = torch.stack([rows[i] for i in kept]).float()  # (M, D)
+    return ImageIndex(embeddings, [str(unique[i]) for i in kept], meta, [stats[i] for i in kept]), unreadable
+
+
+def index_meta(model: torch.nn.Module, count: int, unreadable: int, *, model_source: str | None = None,
+               images: dict[str, str] | None = None, hub_revision: str | None = None,
+               reused: int = 0) -> dict[str, Any]:
+    """meta.json of an index of `count` images embedded by `model` (`build_index` and the sharded build)."""
+    return {
         "format_version": FORMAT_VERSION,
         "model": model_source_string(model_source) if model_source is not None else None,
         "model_has_weights": model_has_weights(model_source),
@@ -294,16 +325,15 @@ def build_index(
         "preprocessing": preprocessing(model),
         "images": images,
         "embed_dim": int(model.embed_dim),
-        "count": len(kept),
-        "unreadable": len(unreadable),
-        "reused": len(reused),
+        "count": count,
+        "unreadable": unreadable,
+        "reused": reused,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    embeddings = torch.stack([rows[i] for i in kept]).float()  # (M, D)
-    return ImageIndex(embeddings, [str(unique[i]) for i in kept], meta, [stats[i] for i in kept]), unreadable
 
 
-def _file_stat(path: Path) -> dict[str, int] | None:
+def file_stat(path: Path) -> dict[str, int] | None:
+    """{"size", "mtime_ns"} of a file (what `update` compares), or None when it cannot be read."""
     try:
         st = path.stat()
     except OSError:

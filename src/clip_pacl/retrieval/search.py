@@ -12,6 +12,7 @@ from clip_pacl.data import load_image
 from clip_pacl.encode import encode_texts, model_device
 from clip_pacl.errors import DataError
 from clip_pacl.preprocess import model_transform
+from clip_pacl.retrieval.filters import search_prefix
 from clip_pacl.retrieval.index import ImageIndex, SearchHit, check_model
 
 
@@ -41,19 +42,27 @@ def load_index_model(
 
 
 def search_text(index: ImageIndex, model: torch.nn.Module, queries: str | list[str], k: int = 10,
-                backend: str = "auto") -> list[list[SearchHit]]:
-    """The k best images for each text query, best first."""
+                backend: str = "auto", prefix: str | None = None) -> list[list[SearchHit]]:
+    """The k best images for each text query, best first; with `prefix`, the k best whose path starts with it."""
     queries = [queries] if isinstance(queries, str) else list(queries)
     if not all(q.strip() for q in queries):
         raise DataError("a text query is empty")
-    return index.search(encode_texts(model, queries), k, backend)
+    return _search(index, encode_texts(model, queries), k, backend, prefix)
 
 
 def search_image(index: ImageIndex, model: torch.nn.Module, image: str | Path | Image.Image, k: int = 10,
-                 backend: str = "auto") -> list[SearchHit]:
-    """The k images most similar to an example image (a path or a PIL image), best first."""
+                 backend: str = "auto", prefix: str | None = None) -> list[SearchHit]:
+    """The k images most similar to an example image (a path or a PIL image), best first (with `prefix`: among
+    the images whose path starts with it)."""
     pil = image if isinstance(image, Image.Image) else load_image(Path(image))
     pixels = model_transform(model)(pil.convert("RGB"))[None]  # (1, 3, H, W): the model's own preprocessing
     with torch.inference_mode():
         features = model.encode_image(pixels.to(model_device(model)), normalize=True)  # (1, D)
-    return index.search(features, k, backend)[0]
+    return _search(index, features, k, backend, prefix)[0]
+
+
+def _search(index: ImageIndex, features: torch.Tensor, k: int, backend: str,
+            prefix: str | None) -> list[list[SearchHit]]:
+    if prefix is None:
+        return index.search(features, k, backend)
+    return search_prefix(index, features, k, prefix)  # exact over the matching rows (`retrieval/filters.py`)

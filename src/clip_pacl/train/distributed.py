@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import NamedTuple
 
 import torch
@@ -41,8 +42,9 @@ def env_dist_info() -> DistInfo:
     return DistInfo()
 
 
-def init_distributed(device_type: str) -> DistInfo:
-    """Join the process group (env:// rendezvous) when launched as several processes; NCCL on GPUs, gloo on CPU."""
+def init_distributed(device_type: str, timeout: timedelta | None = None) -> DistInfo:
+    """Join the process group (env:// rendezvous) when launched as several processes; NCCL on GPUs, gloo on CPU.
+    `timeout`: how long a collective waits for the slowest rank (torch's default, 30 min for gloo, when None)."""
     info = env_dist_info()
     if not info.enabled or dist.is_initialized():
         return info
@@ -56,7 +58,7 @@ def init_distributed(device_type: str) -> DistInfo:
     env.setdefault("LOCAL_RANK", str(info.local_rank))
     if device_type == "cuda":
         torch.cuda.set_device(info.local_rank)
-    dist.init_process_group("nccl" if device_type == "cuda" else "gloo", init_method="env://")
+    dist.init_process_group("nccl" if device_type == "cuda" else "gloo", init_method="env://", timeout=timeout)
     return info
 
 

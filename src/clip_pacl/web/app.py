@@ -199,16 +199,16 @@ def create_app(service: WebService, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_B
         return {**service.health(), "max_upload_mb": float(_megabytes(max_upload_bytes))}
 
     @app.get("/api/search")
-    def search_by_text(q: Annotated[str, Query()], k: Annotated[int, Query()] = 12) -> dict:
-        if len(q) > MAX_QUERY_CHARS:
-            raise ClipPaclError(f"the search query is {len(q)} characters long; at most {MAX_QUERY_CHARS} are accepted")
-        return {"query": q, "results": service.search_text(q, k)}
+    def search_by_text(q: Annotated[str, Query()], k: Annotated[int, Query()] = 12,
+                       prefix: Annotated[str | None, Query()] = None) -> dict:
+        return {"query": _short_query(q), "prefix": prefix or None, "results": service.search_text(q, k, prefix)}
 
     @app.post("/api/search")
-    def search_by_image(image: Annotated[UploadFile, File()], k: Annotated[int, Form()] = 12) -> dict:
+    def search_by_image(image: Annotated[UploadFile, File()], k: Annotated[int, Form()] = 12,
+                        prefix: Annotated[str | None, Form()] = None) -> dict:
         service.require_index()  # no index: say so before decoding the upload
         picture = decode_upload(image.file.read(), image.filename or "upload")
-        return {"query": None, "results": service.search_image(picture, k)}
+        return {"query": None, "prefix": prefix or None, "results": service.search_image(picture, k, prefix)}
 
     @app.post("/api/classify")
     def classify(image: Annotated[UploadFile, File()], labels: Annotated[str, Form()],
@@ -246,6 +246,12 @@ def create_app(service: WebService, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_B
         return _static(name)
 
     return app
+
+
+def _short_query(q: str) -> str:
+    if len(q) > MAX_QUERY_CHARS:
+        raise ClipPaclError(f"the search query is {len(q)} characters long; at most {MAX_QUERY_CHARS} are accepted")
+    return q
 
 
 def _bad_method(method: str, methods: list[str]) -> ClipPaclError:

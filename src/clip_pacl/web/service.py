@@ -6,6 +6,7 @@ rules that make the server safe live in one place:
     file named by the request (the CLI's `--classes FILE` convenience would be a file-disclosure hole here);
   - images are served by index id only (`thumbnail(i)`), from the paths the operator indexed, and named
     by their path relative to the indexed folder: no answer carries an absolute path of the server's files;
+    a search's path prefix is one of those relative paths too (it only narrows the indexed images);
   - one inference at a time: torch already uses every core for one call, and the model is shared.
 """
 
@@ -29,8 +30,10 @@ from clip_pacl.data.images import decode_image_bytes, load_image
 from clip_pacl.encode import model_device
 from clip_pacl.errors import ClipPaclError, DataError
 from clip_pacl.preprocess import model_transform
+from clip_pacl.retrieval.filters import check_prefix
 from clip_pacl.retrieval.index import ImageIndex, SearchHit
 from clip_pacl.retrieval.search import search_image, search_text
+from clip_pacl.retrieval.wds_images import read_sample_image
 from clip_pacl.segmentation.overlay import class_colors, overlay_image
 from clip_pacl.segmentation.predict import DEFAULT_TEMPLATES, METHODS, NO_CLASS, _check_method, default_method, segment
 from clip_pacl.zeroshot.classifier import build_classifier, class_probabilities
@@ -40,6 +43,7 @@ MAX_LABELS = 100
 MAX_LABEL_CHARS = 100
 MAX_TEMPLATES = 100
 MAX_K = 100
+MAX_PREFIX_CHARS = 1000
 # Uploads are small files that may still decode to huge images (a 10 MB PNG of one colour can be 30k x 30k).
 MAX_UPLOAD_PIXELS = 40_000_000
 THUMBNAIL_SIDE = 256
@@ -129,6 +133,7 @@ class WebService:
         self.model_name = model_name
         self.index_name = index_name
         self._ids = {path: i for i, path in enumerate(index.paths)} if index is not None else {}
+        self._root = shown_root(index.paths) if index is not None else None
         self._shown_paths = relative_paths(index.paths) if index is not None else []
         self._transform = model_transform(model)
         self._inference = threading.Lock()
@@ -164,32 +169,48 @@ class WebService:
 
     def _results(self, hits: list[SearchHit]) -> list[dict[str, Any]]:
         ids = [self._ids[hit.path] for hit in hits]
-        return [{"id": i, "path": self._shown_paths[i], "score": hit.score, "thumbnail": f"/thumb/{i}"}
+        return [{"id": i, "path": self._shown_paths[i], "score": hit.score, "thumbnail": f"/thumb/{i}",
+                 **({"metadata": hit.metadata} if hit.metadata is not None else {})}
                 for i, hit in zip(ids, hits)]
 
-    def search_text(self, query: str, k: int) -> list[dict[str, Any]]:
+    def search_text(self, query: str, k: int, prefix: str | None = None) -> list[dict[str, Any]]:
+        """The k best images for `query`; with `prefix` (a shown, relative path prefix) among those under it."""
         index = self.require_index()
         query = (query or "").strip()
         if not query:
             raise DataError("the search query is empty")
         _check_k(k)
+        absolute = self._absolute_prefix(prefix)
         with self._inference:
-            hits = search_text(index, self.model, query, k, backend="torch")[0]
+            hits = search_text(index, self.model, query, k, backend="torch", prefix=absolute)[0]
         return self._results(hits)
 
-    def search_image(self, image: Image.Image, k: int) -> list[dict[str, Any]]:
+    def search_image(self, image: Image.Image, k: int, prefix: str | None = None) -> list[dict[str, Any]]:
         index = self.require_index()
         _check_k(k)
+        absolute = self._absolute_prefix(prefix)
         with self._inference:
-            hits = search_image(index, self.model, image, k, backend="torch")
+            hits = search_image(index, self.model, image, k, backend="torch", prefix=absolute)
         return self._results(hits)
+
+    def _absolute_prefix(self, prefix: str | None) -> str | None:
+        """A prefix of the shown (relative) paths as a prefix of the indexed ones; empty or None: no filter."""
+        if not prefix:
+            return None
+        if len(check_prefix(prefix)) > MAX_PREFIX_CHARS:
+            raise DataError(f"the path prefix is {len(prefix)} characters long; at most {MAX_PREFIX_CHARS} are "
+                            f"accepted")
+        if self._root is None:
+            raise DataError("this index's images have no common folder, so they cannot be filtered by path prefix")
+        return self._root.rstrip(os.sep) + os.sep + prefix  # shown path = indexed path less "ROOT/" (posix)
 
     def thumbnail(self, image_id: int) -> bytes:
         """A JPEG of at most THUMBNAIL_SIDE pixels a side of the `image_id`-th indexed image."""
         index = self.require_index()
         if not 0 <= image_id < len(index):
             raise NotFound(f"there is no indexed image {image_id} (the index holds {len(index)})")
-        return self._thumbnails.get(image_id, lambda: _jpeg_thumbnail(Path(index.paths[image_id]), image_id))
+        webdataset = (index.meta.get("images") or {}).get("format") == "wds"  # paths are SHARD#KEY
+        return self._thumbnails.get(image_id, lambda: _jpeg_thumbnail(index.paths[image_id], image_id, webdataset))
 
     # ------------------------------------------------------------------------------------------ classify
     def classify(self, image: Image.Image, labels: Sequence[str],
@@ -222,11 +243,19 @@ class WebService:
                 "overlay": png_data_url(overlay)}
 
 
-def relative_paths(paths: Sequence[str]) -> list[str]:
-    """Indexed paths relative to the deepest folder that holds them all, with '/' separators."""
+def shown_root(paths: Sequence[str]) -> str | None:
+    """The deepest folder that holds every indexed path (answers show paths relative to it), or None."""
     try:
-        root = os.path.commonpath([os.path.dirname(p) for p in paths])
-    except ValueError:  # no paths, or (Windows) paths on several drives: fall back to the file names
+        return os.path.commonpath([os.path.dirname(p) for p in paths])
+    except ValueError:  # no paths, or (Windows) paths on several drives
+        return None
+
+
+def relative_paths(paths: Sequence[str]) -> list[str]:
+    """Indexed paths relative to the deepest folder that holds them all, with '/' separators (without one: the
+    file names)."""
+    root = shown_root(paths)
+    if root is None:
         return [Path(p).name for p in paths]
     return [Path(os.path.relpath(p, root)).as_posix() for p in paths]
 
@@ -260,9 +289,9 @@ def _shrunk(image: Image.Image, side: int) -> Image.Image:
     return image.resize(size, Image.BICUBIC, reducing_gap=2.0)
 
 
-def _jpeg_thumbnail(path: Path, image_id: int) -> bytes:
+def _jpeg_thumbnail(path: str, image_id: int, webdataset: bool = False) -> bytes:
     try:
-        image = load_image(path)
+        image = read_sample_image(path) if webdataset else load_image(Path(path))
     except DataError:
         raise NotFound(f"indexed image {image_id} can no longer be read") from None
     image.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE), Image.BICUBIC)

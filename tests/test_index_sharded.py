@@ -1,0 +1,135 @@
+"""`torchrun -m clip_pacl.index build` (2 gloo processes on CPU): the merged index is the single-process one, and a
+failing rank (an error, a SIGKILL, ranks that disagree on the images or the weights) leaves the old index as it was."""
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import clip_pacl
+from clip_pacl.cli.main import main
+from clip_pacl.data.synthetic import generate_synthetic
+from clip_pacl.errors import DataError
+from clip_pacl.retrieval.index import ImageIndex
+from clip_pacl.retrieval.sharded import _read_part, rank_block, shard_dir
+
+# Runs `clip-pacl index ARGS` under torchrun with rank 1 made to fail in one way (argv[1]).
+FAIL_SCRIPT = """
+import os, signal, sys
+import torch
+import clip_pacl.cli.index as cli_index
+from clip_pacl.cli.main import main
+mode = sys.argv[1]
+if os.environ["RANK"] == "1":
+    if mode == "raise":
+        def embed(*args, **kwargs):
+            raise PermissionError(13, "Permission denied", "/nodes/1/scratch")
+        cli_index.embed_files = embed
+    elif mode == "die":
+        def embed(*args, **kwargs):
+            os.kill(os.getpid(), signal.SIGKILL)
+        cli_index.embed_files = embed
+    elif mode == "listing":
+        real_paths = cli_index.image_paths
+        cli_index.image_paths = lambda *args, **kwargs: real_paths(*args, **kwargs)[:-1]
+    elif mode == "weights":
+        real_load = cli_index.load_with_source
+        def load(*args, **kwargs):
+            model, source = real_load(*args, **kwargs)
+            with torch.no_grad():
+                next(model.parameters()).add_(1.0)
+            return model, source
+        cli_index.load_with_source = load
+sys.exit(main(["index", *sys.argv[2:]]))
+"""
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """20 images listed in reverse order by a table with two more columns, two unreadable rows (one in each rank's
+    block), one image listed twice; a saved tiny model; the single-process index of the table."""
+    root = tmp_path_factory.mktemp("sharded")
+    generate_synthetic(root / "data", n=20, seed=1, image_size=48)
+    images = sorted((root / "data" / "images").glob("*.png"), reverse=True)
+    (root / "broken.png").write_bytes(b"\x89PNG not really")
+    rows = [(f"data/images/{p.name}", f"caption {i}", i % 3) for i, p in enumerate(images)]
+    rows.insert(3, ("broken.png", "broken", 0))
+    rows.insert(15, ("missing.png", "missing", 1))
+    rows.append(rows[0][:1] + ("a second caption", 9))  # the image keeps its first row's columns
+    with open(root / "table.csv", "w", newline="") as f:
+        csv.writer(f).writerows([("image", "caption", "label"), *rows])
+    torch.manual_seed(0)
+    clip_pacl.save(clip_pacl.load("tiny"), root / "model")
+    assert main(["index", "build", "--model", str(root / "model"), "--images", str(root / "table.csv"),
+                 "--out", str(root / "single"), "--batch-size", "4", "--device", "cpu"]) == 0
+    return root
+
+
+def _torchrun(root: Path, out: Path, *target: str) -> subprocess.CompletedProcess:
+    args = ["build", "--model", str(root / "model"), "--images", str(root / "table.csv"), "--out", str(out),
+            "--batch-size", "4", "--device", "cpu", "--json"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *target, *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=280, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+@pytest.mark.timeout(300)
+def test_two_ranks_build_the_single_process_index(setup, tmp_path):
+    out = tmp_path / "idx"
+    proc = _torchrun(setup, out, "-m", "clip_pacl.index")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    single, merged = ImageIndex.load(setup / "single"), ImageIndex.load(out)
+    assert merged.paths == single.paths and len(merged) == 20  # the table's order (not the folder's), once each
+    assert merged.paths[0].endswith("000019.png")
+    assert float((merged.embeddings - single.embeddings).abs().max()) <= 1e-6
+    assert merged.stats == single.stats
+    assert merged.metadata == single.metadata and merged.metadata[0] == {"caption": "caption 0", "label": "0"}
+    assert (out / "paths.jsonl").read_bytes() == (setup / "single" / "paths.jsonl").read_bytes()
+    assert {**merged.meta, "created": None} == {**single.meta, "created": None}  # the fingerprint and the rest
+    assert merged.meta["unreadable"] == 2 and merged.meta["weights"].startswith("blake2b:")
+
+    summary = json.loads(proc.stdout)  # rank 0 alone prints the result
+    assert summary["count"] == 20 and summary["unreadable_per_rank"] == [1, 1]
+    assert sorted(Path(u["path"]).name for u in summary["unreadable"]) == ["broken.png", "missing.png"]
+    assert "rank 0/2: 11 inputs, 10 images embedded, 1 unreadable" in proc.stderr
+    assert "rank 1/2: 11 inputs, 10 images embedded, 1 unreadable" in proc.stderr
+    assert not shard_dir(out).exists() and sorted(p.name for p in tmp_path.iterdir()) == ["idx"]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("mode, message", [
+    ("raise", "rank 1 of 2 failed"),
+    ("die", None),
+    ("listing", "the 2 ranks list different images"),
+    ("weights", "the ranks loaded different weights"),
+])
+def test_a_failing_rank_leaves_the_old_index(setup, tmp_path, mode, message):
+    out = tmp_path / "idx"
+    shutil.copytree(setup / "single", out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    (tmp_path / "fail.py").write_text(FAIL_SCRIPT)
+    proc = _torchrun(setup, out, str(tmp_path / "fail.py"), mode)
+    assert proc.returncode != 0
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    if message is not None:
+        assert f"error: {message}" in proc.stderr, proc.stderr[-3000:]
+        assert not shard_dir(out).exists()  # a failure all ranks saw: the blocks written are removed
+    if mode == "raise":
+        assert "error: Permission denied: /nodes/1/scratch" in proc.stderr  # the failing rank's own error
+
+
+@pytest.mark.parametrize("n, world", [(0, 2), (1, 3), (7, 2), (20, 3), (5, 5)])
+def test_rank_blocks_cover_the_inputs_in_order(n, world):
+    blocks = [list(range(n))[rank_block(n, rank, world)] for rank in range(world)]
+    assert [i for block in blocks for i in block] == list(range(n))
+    assert max(map(len, blocks)) - min(map(len, blocks)) <= 1
+
+
+def test_a_missing_block_names_the_shared_filesystem(tmp_path):
+    with pytest.raises(DataError, match="rank 3's block .* filesystem every node sees"):
+        _read_part(tmp_path, 3)
