@@ -6,7 +6,9 @@ import argparse
 from pathlib import Path
 
 from clip_pacl.checkpoint import load_with_source
+from clip_pacl.cli.ann_flags import add_ann_flags, add_faiss_index_flag, build_options
 from clip_pacl.cli.common import add_device_flag, add_json_flag, log, print_json, resolve_device
+from clip_pacl.retrieval.ann import check_request
 from clip_pacl.retrieval.index import build_index, image_paths
 
 COMMAND = "index build"
@@ -17,7 +19,8 @@ DESCRIPTION = (
     "column, and write IDX/embeddings.npy (float32, normalised), IDX/paths.jsonl and IDX/meta.json "
     "(with a fingerprint of the weights and preprocessing, which queries must match). Unreadable images are "
     "skipped and counted. The index is written beside IDX and renamed into place: an existing index is "
-    "replaced whole or not at all."
+    "replaced whole or not at all. With --faiss-index, IDX/ann.faiss adds approximate search for large "
+    "collections (meta.json's \"ann\" records what was built)."
 )
 ORDER = 50
 
@@ -31,16 +34,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-key", default="image", help="image column when --images is a file")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     parser.add_argument("--workers", type=int, default=0, help="image-loading worker processes")
+    add_faiss_index_flag(parser)
+    add_ann_flags(parser, build=True)
     add_device_flag(parser)
     add_json_flag(parser)
 
 
 def run(args: argparse.Namespace) -> int:
+    ann_options = build_options(args)
+    if args.faiss_index is None and any(v is not None for v in ann_options.values()):
+        raise ValueError("--nprobe, --ef-search, --rerank and --faiss-train-size need --faiss-index")
     paths = image_paths(args.images, args.image_key)
     model, source = load_with_source(args.model, device=resolve_device(args.device))
+    if args.faiss_index is not None:
+        check_request(args.faiss_index, model.embed_dim, **ann_options)  # fail before minutes of embedding
     images = {"source": str(args.images.resolve()), "image_key": args.image_key}
     index, unreadable = build_index(model, paths, args.batch_size, args.workers, model_source=args.model,
                                     images=images, hub_revision=source.revision)
+    if args.faiss_index is not None:
+        log(f"building the faiss index '{args.faiss_index}' over {len(index)} embeddings")
+        index.build_ann(args.faiss_index, **ann_options)
     index.save(args.out)
     if not index.meta["model_has_weights"]:
         log(f"warning: '{args.model}' is randomly initialised; searching {args.out} will need --model")
@@ -50,6 +63,10 @@ def run(args: argparse.Namespace) -> int:
         print_json(summary)
         return 0
     print(f"indexed {len(index)} images ({index.embed_dim}-d) into {args.out}")
+    if index.meta.get("ann"):
+        ann = index.meta["ann"]
+        print(f"approximate search: faiss '{ann['factory']}' (rerank {ann['rerank']})" if ann["factory"] else
+              f"approximate search: none, '{ann['requested']}' chose exact search for {len(index)} images")
     if unreadable:
         print(f"{len(unreadable)} unreadable images skipped (e.g. {unreadable[0][0]}: {unreadable[0][1]})")
     return 0

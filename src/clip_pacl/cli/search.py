@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from clip_pacl.cli.ann_flags import add_ann_flags, query_settings
 from clip_pacl.cli.common import add_device_flag, add_json_flag, print_json, resolve_device
 from clip_pacl.data import load_image
 from clip_pacl.retrieval.index import ImageIndex
@@ -14,7 +15,9 @@ COMMAND = "search"
 HELP = "search an image index by text or by example image"
 DESCRIPTION = (
     "Rank the images of an index (made by `clip-pacl index build`) by cosine similarity to a text query "
-    "or to an example image, with the model recorded in the index (or --model)."
+    "or to an example image, with the model recorded in the index (or --model). An index built with "
+    "--faiss-index is searched approximately with its faiss index (--nprobe, --ef-search, --rerank tune it; "
+    "--exact does not use it)."
 )
 ORDER = 51
 
@@ -27,8 +30,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help="model to embed the query; none: the one recorded in the index's meta.json")
     parser.add_argument("--faiss", action="store_true",
-                        help="search with faiss (exact inner product; needs clip-pacl[faiss]); by default faiss "
-                             "is used only for large indexes and when installed")
+                        help="search exactly with faiss (inner product; needs clip-pacl[faiss]), not with the "
+                             "index's approximate faiss index; by default exact search uses faiss only for large "
+                             "indexes and when installed")
+    parser.add_argument("--exact", action="store_true",
+                        help="search exactly even when the index has an approximate faiss index")
+    add_ann_flags(parser)
     parser.add_argument("--force", action="store_true",
                         help="search even when --model's weights or preprocessing differ from those that built "
                              "the index (the scores then compare unlike embeddings)")
@@ -42,13 +49,15 @@ def run(args: argparse.Namespace) -> int:
     if args.k < 1:
         raise ValueError(f"-k must be at least 1, got {args.k}")
     index = ImageIndex.load(args.index)
+    backend = "faiss" if args.faiss else "torch" if args.exact else "auto"
+    settings = query_settings(args)
+    index.uses_ann(backend, **settings)  # settings that cannot apply fail before the model loads
     image = load_image(args.image) if args.image is not None else None  # a bad path fails before the model loads
     model = load_index_model(index, args.model, device=resolve_device(args.device), force=args.force)
-    backend = "faiss" if args.faiss else "auto"
     if image is None:
-        hits = search_text(index, model, args.query, args.k, backend)[0]
+        hits = search_text(index, model, args.query, args.k, backend, **settings)[0]
     else:
-        hits = search_image(index, model, image, args.k, backend)
+        hits = search_image(index, model, image, args.k, backend, **settings)
     if args.json:
         print_json({"index": str(args.index), "query": args.query,
                     "image": str(args.image) if args.image else None,

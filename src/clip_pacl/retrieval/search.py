@@ -41,19 +41,21 @@ def load_index_model(
 
 
 def search_text(index: ImageIndex, model: torch.nn.Module, queries: str | list[str], k: int = 10,
-                backend: str = "auto") -> list[list[SearchHit]]:
-    """The k best images for each text query, best first."""
+                backend: str = "auto", **ann_settings: int | None) -> list[list[SearchHit]]:
+    """The k best images for each text query, best first (`ann_settings`: nprobe, ef_search, rerank, as for
+    `ImageIndex.search`)."""
     queries = [queries] if isinstance(queries, str) else list(queries)
     if not all(q.strip() for q in queries):
         raise DataError("a text query is empty")
-    return index.search(encode_texts(model, queries), k, backend)
+    return index.search(encode_texts(model, queries), k, backend, **ann_settings)
 
 
 def search_image(index: ImageIndex, model: torch.nn.Module, image: str | Path | Image.Image, k: int = 10,
-                 backend: str = "auto") -> list[SearchHit]:
-    """The k images most similar to an example image (a path or a PIL image), best first."""
+                 backend: str = "auto", **ann_settings: int | None) -> list[SearchHit]:
+    """The k images most similar to an example image (a path or a PIL image), best first (`ann_settings` as for
+    `search_text`)."""
     pil = image if isinstance(image, Image.Image) else load_image(Path(image))
     pixels = model_transform(model)(pil.convert("RGB"))[None]  # (1, 3, H, W): the model's own preprocessing
     with torch.inference_mode():
         features = model.encode_image(pixels.to(model_device(model)), normalize=True)  # (1, D)
-    return index.search(features, k, backend)[0]
+    return index.search(features, k, backend, **ann_settings)[0]

@@ -120,10 +120,15 @@ class WebService:
     """One model (and optionally one image index), and the answers the web endpoints give."""
 
     def __init__(self, model: nn.Module, index: ImageIndex | None = None, model_name: str = "",
-                 index_name: str = ""):
+                 index_name: str = "", search_settings: dict[str, int | None] | None = None):
+        """`search_settings`: nprobe, ef_search, rerank for an index with an approximate faiss index (None: the
+        values saved with it)."""
         if index is not None and index.embed_dim != model.embed_dim:
             raise DataError(f"the model embeds into {model.embed_dim} dimensions but the index holds "
                             f"{index.embed_dim}-d embeddings (was it built with another model?)")
+        self.search_settings = search_settings or {}
+        if index is not None:
+            index.uses_ann("auto", **self.search_settings)  # settings that cannot apply fail at start
         self.model = model.eval()
         self.index = index
         self.model_name = model_name
@@ -174,14 +179,14 @@ class WebService:
             raise DataError("the search query is empty")
         _check_k(k)
         with self._inference:
-            hits = search_text(index, self.model, query, k, backend="torch")[0]
+            hits = search_text(index, self.model, query, k, **self.search_settings)[0]
         return self._results(hits)
 
     def search_image(self, image: Image.Image, k: int) -> list[dict[str, Any]]:
         index = self.require_index()
         _check_k(k)
         with self._inference:
-            hits = search_image(index, self.model, image, k, backend="torch")
+            hits = search_image(index, self.model, image, k, **self.search_settings)
         return self._results(hits)
 
     def thumbnail(self, image_id: int) -> bytes:
