@@ -118,7 +118,8 @@ def machine() -> dict:
     return {"cpu": model, "cpu_count": os.cpu_count(), "memory_gb": round(os.sysconf("SC_PHYS_PAGES")
             * os.sysconf("SC_PAGE_SIZE") / 2**30, 1), "torch": torch.__version__, "faiss": faiss.__version__,
             "torch_threads": torch.get_num_threads(), "faiss_threads": faiss.omp_get_max_threads(),
-            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "python": platform.python_version()}
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"), "python": platform.python_version()}
 
 
 def run_size(n: int, args: argparse.Namespace, env: dict, out) -> list[dict]:

@@ -71,11 +71,30 @@ def test_pq_candidates_are_reranked_exactly():
     assert [h.score for h in coarse[0]] == sorted((h.score for h in coarse[0]), reverse=True)
 
 
+def test_training_uses_a_seeded_sample_of_the_requested_size():
+    index = _index(2000)
+    index.build_ann("IVF8,Flat", train_size=500)
+    first = faiss.serialize_index(index.ann.index)
+    assert index.meta["ann"]["train_size"] == 500 and index.meta["ann"]["options"]["train_size"] == 500
+    index.build_ann("IVF8,Flat", train_size=500)
+    assert np.array_equal(faiss.serialize_index(index.ann.index), first)  # the same sample, the same lists
+    index.build_ann("IVF8,Flat", train_size=1000)
+    assert not np.array_equal(faiss.serialize_index(index.ann.index), first)
+    index.build_ann("IVF8,Flat")
+    assert index.meta["ann"]["train_size"] == 2000  # default: every embedding, up to MIN_TRAIN_SIZE
+
+
 def test_few_probed_lists_give_fewer_results_not_padding():
-    index = _index(400)
+    index, queries = _index(400), _queries(5)
     index.build_ann("IVF64,Flat", nprobe=1)
-    hits = index.search(_queries(5), k=100)
+    hits = index.search(queries, k=100)
     assert all(0 < len(h) < 100 for h in hits) and all(h.path.startswith("/img/") for r in hits for h in r)
+    scores, rows = index.ann.search(F.normalize(queries, dim=-1), 100, index.embeddings, rerank=4)
+    for row_scores, row_ids in zip(scores, rows):
+        found = int((row_ids >= 0).sum())
+        assert (row_ids[:found] >= 0).all() and (row_ids[found:] == -1).all()  # the padding comes last
+        assert np.isneginf(row_scores[found:]).all() and np.isfinite(row_scores[:found]).all()
+        assert list(row_scores[:found]) == sorted(row_scores[:found], reverse=True)
 
 
 def test_the_file_round_trips_and_is_faiss_format(tmp_path):
@@ -94,7 +113,7 @@ def test_the_file_round_trips_and_is_faiss_format(tmp_path):
     assert ImageIndex.load(tmp_path / "idx").search(queries, k=5) == before
 
 
-@pytest.mark.parametrize("damage", ["truncated", "missing", "other_index"])
+@pytest.mark.parametrize("damage", ["truncated", "missing", "other_index", "meta_not_object"])
 def test_a_damaged_ann_file_is_a_one_line_error(tmp_path, damage):
     index = _index()
     index.build_ann("IVF4,Flat")
@@ -104,6 +123,9 @@ def test_a_damaged_ann_file_is_a_one_line_error(tmp_path, damage):
         path.write_bytes(path.read_bytes()[:100])
     elif damage == "missing":
         path.unlink()
+    elif damage == "meta_not_object":
+        meta = json.loads((tmp_path / "idx" / "meta.json").read_text())
+        (tmp_path / "idx" / "meta.json").write_text(json.dumps({**meta, "ann": "IVF4,Flat"}))
     else:
         other = _index(50)
         other.build_ann("IVF4,Flat")

@@ -6,7 +6,7 @@ An index directory (`retrieval/index.py`) may hold, beside its exact embeddings,
 IDX/ann.faiss   faiss.write_index of the approximate index; its row i is row i of embeddings.npy
 IDX/meta.json   "ann": {"requested": "auto", "factory": "PQ256x4fs", "file": "ann.faiss", "nprobe": null,
                         "ef_search": null, "rerank": 40, "train_size": 65536, "options": {...the build flags...},
-                        "faiss_version": "1.15.1", "build_seconds": 9.4}
+                        "faiss_version": "1.15.1", "build_seconds": 31.1}
 ```
 
 A query asks faiss for `rerank` x k candidates and re-scores them exactly against the stored embeddings, so
@@ -17,8 +17,9 @@ scores are always true cosines and lossy codes (PQ) cost only the neighbours the
 `auto` follows what `benchmarks/search.py` measured on 512-d random unit vectors, the hardest data for every
 ANN structure (no clusters for IVF to exploit, no low intrinsic dimension for HNSW's graph): exact search below
 AUTO_MIN_VECTORS embeddings; above, an exhaustive 4-bit PQ fast scan of D/2 two-dimensional sub-vectors
-(D/4 bytes a vector: "PQ256x4fs" for 512-d) whose 40 x k best candidates are re-ranked exactly. IVF had to visit
-about half its lists and HNSW32 reached recall@10 0.75 at efSearch 1024 on 100k such vectors.
+(D/4 bytes a vector: "PQ256x4fs" for 512-d) whose 40 x k best candidates are re-ranked exactly: recall@10 0.986
+at 1M, 17 ms a query on one loaded core. On 100k such vectors IVF1024 reached recall@10 0.78 visiting half its
+lists, HNSW32 0.75 at efSearch 1024 (README, "Search at scale").
 
 Loading reads faiss's own format with faiss.read_index, nothing pickled.
 """
@@ -38,8 +39,8 @@ from clip_pacl.errors import CheckpointError, DataError, MissingDependencyError
 
 ANN_NAME = "ann.faiss"
 AUTO = "auto"
-AUTO_MIN_VECTORS = 100_000  # exact search below this many embeddings (about 12 ms a query on one core at 100k)
-AUTO_RERANK = 40  # candidates per result for the auto choice (recall@10 0.99 on 1M random vectors)
+AUTO_MIN_VECTORS = 100_000  # exact below this: at 100k, 13-50 ms a query on one loaded core (benchmarks/search.py)
+AUTO_RERANK = 40  # candidates per result for the auto choice: recall@10 0.986 on 1M random vectors
 MIN_TRAIN_SIZE = 65_536  # what faiss's k-means uses for 256 centroids (8-bit PQ) at most
 TRAIN_PER_LIST = 40  # IVF: faiss asks for at least 39 training vectors per list
 OPTIONS = ("nprobe", "ef_search", "rerank", "train_size")
@@ -121,6 +122,8 @@ def rebuild_request(info: dict[str, Any]) -> dict[str, Any]:
 def load_ann(folder: Path, info: dict[str, Any] | None, count: int, dim: int) -> AnnIndex | None:
     """The approximate index meta.json's "ann" record names, checked against the exact embeddings; None when there
     is none or faiss is not installed (search is then exact)."""
+    if info is not None and not isinstance(info, dict):
+        raise CheckpointError(f"{folder} is a damaged image index (meta.json's \"ann\" is not an object)")
     if not info or not info.get("file"):
         return None
     path = folder / ANN_NAME
@@ -179,24 +182,31 @@ class AnnIndex:
             self.hnsw.hnsw.efSearch = ef_search or self.info["ef_search"]
 
     def search(self, queries: torch.Tensor, k: int, embeddings: torch.Tensor, nprobe: int | None = None,
-               ef_search: int | None = None, rerank: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               ef_search: int | None = None, rerank: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(scores, rows), each (Q, k), best first: the best k of `rerank` x k faiss candidates for each normalised
         query (Q, D), scored exactly against `embeddings` (N, D). Row -1 (score -inf) pads a query that got fewer
-        than k candidates (an IVF index with few lists probed)."""
+        than k candidates (an IVF index with few lists probed).
+
+        The re-ranking is numpy's single-threaded einsum, not torch: torch and faiss each bring their own OpenMP
+        runtime, and with 2 threads on the busy 2-core machine a torch gather + einsum after each faiss search
+        took 44 ms a query instead of 0.08 (torch's spinning worker threads held the cores faiss's threads
+        waited for)."""
         self.check(nprobe, ef_search, rerank)
         candidates = min(self.ntotal, k * (rerank or self.info["rerank"]))
+        query_array = np.ascontiguousarray(queries.float().numpy())  # (Q, D)
         with self._lock:
             self.configure(nprobe, ef_search)
-            _, rows = self.index.search(np.ascontiguousarray(queries.float().numpy()), candidates)  # (Q, C)
-        rows = torch.from_numpy(rows)
-        scores = torch.empty(rows.shape)  # (Q, C)
-        step = max(1, 2**24 // (candidates * embeddings.shape[1]))  # queries per gather of (step, C, D) floats
+            _, rows = self.index.search(query_array, candidates)  # (Q, C)
+        vectors = embeddings.detach().float().cpu().numpy()  # (N, D): a view, not a copy
+        scores = np.empty(rows.shape, dtype=np.float32)  # (Q, C)
+        step = max(1, 2**24 // (candidates * vectors.shape[1]))  # queries per gather of (step, C, D) floats
         for s in range(0, len(rows), step):
-            gathered = embeddings[rows[s:s + step].clamp(min=0)]  # (step, C, D)
-            scores[s:s + step] = torch.einsum("qcd,qd->qc", gathered, queries[s:s + step])
-        scores = scores.masked_fill(rows < 0, float("-inf"))
-        top, at = scores.topk(min(k, candidates), dim=1)  # (Q, k)
-        return top, rows.gather(1, at).masked_fill(top == float("-inf"), -1)
+            gathered = vectors[np.maximum(rows[s:s + step], 0)]  # (step, C, D)
+            scores[s:s + step] = np.einsum("qcd,qd->qc", gathered, query_array[s:s + step])
+        scores[rows < 0] = -np.inf
+        best = np.argsort(-scores, axis=1, kind="stable")[:, :k]  # (Q, k)
+        top, top_rows = np.take_along_axis(scores, best, 1), np.take_along_axis(rows, best, 1)
+        return top, np.where(np.isneginf(top), -1, top_rows)
 
 
 def _find_ivf(index: Any) -> Any:
