@@ -79,3 +79,21 @@ def test_recipes_benchmark_quick(tmp_path):
                and abs(r["chance"] - 1 / 6) < 1e-3 and r["heldout_images"] == 8 for r in rows)
     assert stdout.count("| patterns (chance 0.167) |") == 4
     assert _run("recipes.py", "--table", out, "--tag", "smoke") == stdout
+
+
+def test_search_benchmark_quick(tmp_path):
+    """benchmarks/search.py (the README's search table) measures every method on the same queries."""
+    out = tmp_path / "search.jsonl"
+    stdout = _run("search.py", "--quick", "--out", out)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    got = {(r["factory"] or r["method"], r["setting"]): r for r in rows}
+    assert set(got) == {("torch", ""), ("faiss-flat", ""), ("PQ32x4fs", "rerank=4"), ("PQ32x4fs", "rerank=40"),
+                        ("IVF16,Flat", "nprobe=1"), ("IVF16,Flat", "nprobe=16"), ("HNSW16", "ef_search=64")}
+    for exact in (("torch", ""), ("faiss-flat", ""), ("IVF16,Flat", "nprobe=16")):
+        assert got[exact]["recall@10"] == 1.0, exact  # exact search, or every list probed
+    assert got[("IVF16,Flat", "nprobe=1")]["recall@10"] < 0.5  # one list of 16
+    assert got[("PQ32x4fs", "rerank=4")]["recall@10"] < got[("PQ32x4fs", "rerank=40")]["recall@10"]
+    assert got[("PQ32x4fs", "rerank=40")]["recall@10"] >= 0.95  # 400 candidates of 2,000 re-ranked exactly
+    assert all(r["size"] == 2000 and r["queries"] == 20 and r["faiss"] and r["torch"] and r["faiss_threads"] >= 1
+               and r["p50_ms"] <= r["p99_ms"] and r["index_mb"] > 0 for r in rows)
+    assert stdout.count("| 2,000 |") == 7

@@ -16,8 +16,10 @@ import clip_pacl
 from clip_pacl.cli.main import main
 from clip_pacl.data.synthetic import generate_synthetic
 from clip_pacl.errors import DataError
+from clip_pacl.retrieval.ann import ANN_NAME
 from clip_pacl.retrieval.index import ImageIndex
 from clip_pacl.retrieval.sharded import _read_part, rank_block, shard_dir
+from helpers import require
 
 # Runs `clip-pacl index ARGS` under torchrun with rank 1 made to fail in one way (argv[1]).
 FAIL_SCRIPT = """
@@ -71,9 +73,9 @@ def setup(tmp_path_factory):
     return root
 
 
-def _torchrun(root: Path, out: Path, *target: str) -> subprocess.CompletedProcess:
+def _torchrun(root: Path, out: Path, *target: str, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     args = ["build", "--model", str(root / "model"), "--images", str(root / "table.csv"), "--out", str(out),
-            "--batch-size", "4", "--device", "cpu", "--json"]
+            "--batch-size", "4", "--device", "cpu", "--json", *extra]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *target, *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=280, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
@@ -99,6 +101,30 @@ def test_two_ranks_build_the_single_process_index(setup, tmp_path):
     assert "rank 0/2: 11 inputs, 10 images embedded, 1 unreadable" in proc.stderr
     assert "rank 1/2: 11 inputs, 10 images embedded, 1 unreadable" in proc.stderr
     assert not shard_dir(out).exists() and sorted(p.name for p in tmp_path.iterdir()) == ["idx"]
+
+
+@pytest.mark.timeout(300)
+def test_two_ranks_build_the_approximate_index_after_the_merge(setup, tmp_path):
+    """--faiss-index under torchrun: rank 0 alone builds IDX/ann.faiss over the merged rows, the one a single
+    process builds (nprobe 2 of 4 lists, so the answers are approximate and come from it)."""
+    require("faiss")
+    ann_flags = ("--faiss-index", "IVF4,Flat", "--nprobe", "2")
+    assert main(["index", "build", "--model", str(setup / "model"), "--images", str(setup / "table.csv"),
+                 "--out", str(tmp_path / "single"), "--batch-size", "4", "--device", "cpu", *ann_flags]) == 0
+    out = tmp_path / "idx"
+    proc = _torchrun(setup, out, "-m", "clip_pacl.index", extra=ann_flags)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("building the faiss index 'IVF4,Flat' over 20 embeddings") == 1  # rank 0 only
+    single, merged = ImageIndex.load(tmp_path / "single"), ImageIndex.load(out)
+    assert (out / ANN_NAME).is_file() and merged.ann is not None and merged.ann.ntotal == 20
+    assert {**merged.meta["ann"], "build_seconds": 0} == {**single.meta["ann"], "build_seconds": 0}
+    assert merged.uses_ann("auto") and merged.paths == single.paths
+    own = merged.search(merged.embeddings, k=1)  # each merged row's nearest is itself: ann row i is row i
+    assert [hits[0].path for hits in own] == merged.paths
+    queries = torch.randn(12, merged.embed_dim, generator=torch.Generator().manual_seed(5))
+    got, expected = merged.search(queries, k=5), single.search(queries, k=5)
+    assert [[h.path for h in r] for r in got] == [[h.path for h in r] for r in expected]
+    assert [h.score for r in got for h in r] == pytest.approx([h.score for r in expected for h in r], abs=1e-5)
 
 
 @pytest.mark.timeout(300)

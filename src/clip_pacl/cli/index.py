@@ -9,7 +9,9 @@ from pathlib import Path
 import torch
 
 from clip_pacl.checkpoint import load_with_source
+from clip_pacl.cli.ann_flags import add_ann_flags, add_faiss_index_flag, build_options
 from clip_pacl.cli.common import add_device_flag, add_json_flag, log, print_json, resolve_device
+from clip_pacl.retrieval.ann import check_request
 from clip_pacl.retrieval.index import build_index, image_paths
 from clip_pacl.retrieval.metadata import attach_metadata, table_metadata
 from clip_pacl.retrieval.sharded import build_index_sharded, embed_files, index_from_parts
@@ -27,7 +29,9 @@ DESCRIPTION = (
     "replaced whole or not at all. A table's other columns (caption, ...) are stored per image and come back "
     "with search results. Launched by torchrun (`torchrun --nnodes N --nproc-per-node M -m clip_pacl.index "
     "build ...`, same flags), each rank embeds a block of the images and rank 0 merges them into the same index, "
-    "in input order; IDX must then be on a filesystem every node sees."
+    "in input order; IDX must then be on a filesystem every node sees. With --faiss-index, IDX/ann.faiss adds "
+    "approximate search for large collections (meta.json's \"ann\" records what was built; under torchrun rank 0 "
+    "builds it after the merge)."
 )
 ORDER = 50
 
@@ -43,21 +47,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-key", default="image", help="image column when --images is a file")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     parser.add_argument("--workers", type=int, default=0, help="image-loading worker processes")
+    add_faiss_index_flag(parser)
+    add_ann_flags(parser, build=True)
     add_device_flag(parser)
     add_json_flag(parser)
 
 
 def run(args: argparse.Namespace) -> int:
+    ann_options = build_options(args)
+    if args.faiss_index is None and any(v is not None for v in ann_options.values()):
+        raise ValueError("--nprobe, --ef-search, --rerank and --faiss-train-size need --faiss-index")
     shards = wds_shards(args.images)
     inputs = shards if shards is not None else image_paths(args.images, args.image_key)
     info = env_dist_info()
     model, source = load_with_source(args.model, device=_device(args.device, info))
+    if args.faiss_index is not None:
+        check_request(args.faiss_index, model.embed_dim, **ann_options)  # fail before minutes of embedding
     images = {"source": str(args.images.resolve()), "image_key": args.image_key} if shards is None else \
         {"source": wds_source(args.images), "format": "wds"}
     index, unreadable, per_rank = _build(args, model, inputs, shards is not None, images, source.revision, info)
     if index is None:
         return 0  # a sharded build's other ranks: rank 0 saves and reports
     attach_metadata(index, table_metadata(args.images, args.image_key))
+    if args.faiss_index is not None:  # after a sharded build's merge too: rank 0 builds it over every rank's rows
+        log(f"building the faiss index '{args.faiss_index}' over {len(index)} embeddings")
+        index.build_ann(args.faiss_index, **ann_options)
     index.save(args.out)
     if not index.meta["model_has_weights"]:
         log(f"warning: '{args.model}' is randomly initialised; searching {args.out} will need --model")
@@ -69,6 +83,10 @@ def run(args: argparse.Namespace) -> int:
         print_json(summary)
         return 0
     print(f"indexed {len(index)} images ({index.embed_dim}-d) into {args.out}")
+    if index.meta.get("ann"):
+        ann = index.meta["ann"]
+        print(f"approximate search: faiss '{ann['factory']}' (rerank {ann['rerank']})" if ann["factory"] else
+              f"approximate search: none, '{ann['requested']}' chose exact search for {len(index)} images")
     if unreadable:
         print(f"{len(unreadable)} unreadable images skipped (e.g. {unreadable[0][0]}: {unreadable[0][1]})"
               + (f"; per rank: {', '.join(map(str, per_rank))}" if per_rank is not None else ""))

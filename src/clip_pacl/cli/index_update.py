@@ -7,6 +7,7 @@ from pathlib import Path
 
 from clip_pacl.cli.common import add_device_flag, add_json_flag, print_json, resolve_device
 from clip_pacl.errors import DataError
+from clip_pacl.retrieval.ann import import_faiss, rebuild_request
 from clip_pacl.retrieval.index import ImageIndex, build_index, image_paths
 from clip_pacl.retrieval.metadata import attach_metadata, table_metadata
 from clip_pacl.retrieval.search import load_index_model
@@ -19,7 +20,8 @@ DESCRIPTION = (
     "List the images of the folder or table the index was built from again; embed the new ones and those "
     "whose size or modification time changed, keep the others' embeddings, drop the deleted ones. The result "
     "equals a fresh `index build` and replaces IDX atomically. An index of webdataset shards is embedded again "
-    "whole (its shards are listed again from the recorded pattern)."
+    "whole (its shards are listed again from the recorded pattern). An approximate faiss index (--faiss-index) is "
+    "built again, from the same factory string and settings, for the updated embeddings ('auto' chooses again)."
 )
 ORDER = 50
 
@@ -40,6 +42,9 @@ def run(args: argparse.Namespace) -> int:
     if not images or index.stats is None:
         raise DataError(f"{args.index} does not record the files it was built from (an older index); "
                         f"rebuild it with `clip-pacl index build`")
+    ann = index.meta.get("ann")
+    if ann and ann.get("factory"):
+        import_faiss("updating an index with an approximate faiss index")  # it must be built again
     shards = wds_shards(images["source"]) if images.get("format") == "wds" else None
     paths = image_paths(images["source"], images.get("image_key", "image")) if shards is None else None
     model = load_index_model(index, args.model, device=resolve_device(args.device))  # same weights, or refused
@@ -52,6 +57,8 @@ def run(args: argparse.Namespace) -> int:
                                  **meta)
         updated, unreadable = built.index, built.unreadable
     attach_metadata(updated, table_metadata(images["source"], images.get("image_key", "image")))  # the table's now
+    if ann:
+        updated.build_ann(**rebuild_request(ann))
     updated.save(args.index)
     summary = {"index": str(args.index), "count": len(updated), "embedded": len(updated) - updated.meta["reused"],
                "reused": updated.meta["reused"], "dropped": len(set(index.paths) - set(updated.paths)),

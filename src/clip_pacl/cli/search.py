@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from clip_pacl.cli.ann_flags import add_ann_flags, query_settings
 from clip_pacl.cli.common import add_device_flag, add_json_flag, print_json, resolve_device
 from clip_pacl.data import load_image
 from clip_pacl.retrieval.filters import check_prefix, prefix_rows
@@ -19,8 +20,10 @@ HELP = "search an image index by text or by example image"
 DESCRIPTION = (
     "Rank the images of an index (made by `clip-pacl index build`) by cosine similarity to a text query "
     "or to an example image, with the model recorded in the index (or --model). With --prefix, only the images "
-    "whose path starts with it are ranked (k of them come back when k match). An index built from a table shows "
-    "each image's other columns (caption, ...) under its line, and in --json as `metadata`."
+    "whose path starts with it are ranked, exactly (k of them come back when k match). An index built from a "
+    "table shows each image's other columns (caption, ...) under its line, and in --json as `metadata`. An index "
+    "built with --faiss-index is searched approximately with its faiss index (--nprobe, --ef-search, --rerank "
+    "tune it; --exact does not use it); a --prefix search never uses it."
 )
 ORDER = 51
 
@@ -35,10 +38,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefix", default=None, metavar="PATH",
                         help="rank only images whose indexed path starts with PATH (a relative PATH is taken from "
                              "the current folder; end it with / for a folder, or it also matches e.g. DIR/sub2); "
-                             "exact search over the matching images")
+                             "exact search over the matching images (not with --nprobe, --ef-search, --rerank)")
     parser.add_argument("--faiss", action="store_true",
-                        help="search with faiss (exact inner product; needs clip-pacl[faiss]); by default faiss "
-                             "is used only for large indexes and when installed")
+                        help="search exactly with faiss (inner product; needs clip-pacl[faiss]), not with the "
+                             "index's approximate faiss index; by default exact search uses faiss only for large "
+                             "indexes and when installed")
+    parser.add_argument("--exact", action="store_true",
+                        help="search exactly even when the index has an approximate faiss index")
+    add_ann_flags(parser)
     parser.add_argument("--force", action="store_true",
                         help="search even when --model's weights or preprocessing differ from those that built "
                              "the index (the scores then compare unlike embeddings)")
@@ -52,14 +59,19 @@ def run(args: argparse.Namespace) -> int:
     if args.k < 1:
         raise ValueError(f"-k must be at least 1, got {args.k}")
     prefix = absolute_prefix(check_prefix(args.prefix)) if args.prefix is not None else None
+    settings = query_settings(args)
+    if prefix is not None and any(v is not None for v in settings.values()):
+        raise ValueError("--nprobe, --ef-search and --rerank tune approximate search; a --prefix search is exact "
+                         "over the matching images (leave them out)")
     index = ImageIndex.load(args.index)
+    backend = "faiss" if args.faiss else "torch" if args.exact else "auto"
+    index.uses_ann(backend, **settings)  # settings that cannot apply fail before the model loads
     image = load_image(args.image) if args.image is not None else None  # a bad path fails before the model loads
     model = load_index_model(index, args.model, device=resolve_device(args.device), force=args.force)
-    backend = "faiss" if args.faiss else "auto"
     if image is None:
-        hits = search_text(index, model, args.query, args.k, backend, prefix=prefix)[0]
+        hits = search_text(index, model, args.query, args.k, backend, prefix=prefix, **settings)[0]
     else:
-        hits = search_image(index, model, image, args.k, backend, prefix=prefix)
+        hits = search_image(index, model, image, args.k, backend, prefix=prefix, **settings)
     if args.json:
         print_json({"index": str(args.index), "query": args.query,
                     "image": str(args.image) if args.image else None, "prefix": prefix,

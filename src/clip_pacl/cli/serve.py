@@ -7,6 +7,7 @@ import socket
 from pathlib import Path
 
 import clip_pacl
+from clip_pacl.cli.ann_flags import add_ann_flags, query_settings
 from clip_pacl.cli.common import add_device_flag, log, resolve_device
 from clip_pacl.errors import MissingDependencyError
 
@@ -16,7 +17,8 @@ DESCRIPTION = (
     "Load the model (and optionally an image index made by `clip-pacl index build`) once, then serve a page "
     "and a JSON API: GET /api/health, GET /api/search?q=TEXT&k=N, POST /api/search (image upload), "
     "POST /api/classify (image + labels), POST /api/segment (image + labels). Only the indexed images are "
-    "served, by index id. Binds to 127.0.0.1 unless told otherwise."
+    "served, by index id. Binds to 127.0.0.1 unless told otherwise. An index built with --faiss-index is searched "
+    "with its approximate faiss index (--nprobe, --ef-search, --rerank tune it)."
 )
 ORDER = 60
 
@@ -34,6 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true",
                         help="serve --index even when --model's weights or preprocessing differ from those that "
                              "built it")
+    add_ann_flags(parser)
     add_device_flag(parser)
 
 
@@ -56,6 +59,11 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("give --model (and optionally --index IDX)")
     _check_can_listen(args.host, args.port)  # fail in one line, before minutes of model loading
     index = ImageIndex.load(args.index) if args.index is not None else None
+    settings = query_settings(args)
+    if index is None and any(v is not None for v in settings.values()):
+        raise ValueError("--nprobe, --ef-search and --rerank need --index")
+    if index is not None:
+        index.uses_ann("auto", **settings)  # settings that cannot apply fail before the model loads
     device = resolve_device(args.device)
     if index is not None:
         model = load_index_model(index, args.model, device=device, force=args.force)
@@ -65,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         model = clip_pacl.load(args.model, device=device).eval()
     model_name = args.model or index.meta.get("model", "")
-    service = WebService(model, index, model_name=str(model_name), index_name=str(args.index or ""))
+    service = WebService(model, index, model_name=str(model_name), index_name=str(args.index or ""),
+                         search_settings=settings)
     app = create_app(service, max_upload_bytes=round(args.max_upload_mb * 2**20), host=args.host)
     if not is_loopback(args.host):
         log(f"warning: listening on {args.host}: anyone who can reach this machine can use the model and see "

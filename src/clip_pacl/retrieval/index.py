@@ -7,6 +7,7 @@ IDX/embeddings.npy   float32 (N, D), L2-normalised rows
 IDX/paths.jsonl      one {"path": "/absolute/path", "size": bytes, "mtime_ns": ns} per row, in the same order
                      (+ "metadata": {column: value} when built from a table with columns besides the image's)
 IDX/meta.json        model source, weights fingerprint, preprocessing, image source, embed dim, count, ...
+IDX/ann.faiss        only with `index build --faiss-index`: an approximate faiss index (`retrieval/ann.py`)
 ```
 
 Saving is atomic: the files are written and fsynced in a temporary directory beside IDX, which then
@@ -16,6 +17,7 @@ moved-aside old index and the next save puts it back first.
 
 Search is an exact matrix product in torch; faiss (`pip install 'clip-pacl[faiss]'`) does the same
 exact inner-product search faster on large indexes, and is used when asked or when the index is large.
+An index built with an approximate faiss index (`retrieval/ann.py`) is searched with it unless told otherwise.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from clip_pacl.data.tables import read_records, require_columns, resolve_image, 
 from clip_pacl.encode import encode_images
 from clip_pacl.errors import CheckpointError, DataError, MissingDependencyError
 from clip_pacl.preprocess import model_transform
+from clip_pacl.retrieval.ann import ANN_NAME, AnnIndex, build_ann, import_faiss, load_ann
 from clip_pacl.transforms import ImageTransform
 
 EMBEDDINGS_NAME = "embeddings.npy"
@@ -67,6 +70,7 @@ class ImageIndex:
     metadata: list[dict[str, Any]] | None = None  # per row, the table's other columns (`retrieval/metadata.py`)
     _faiss_index: Any = field(default=None, repr=False)
     _path_order: Any = field(default=None, repr=False)  # the paths sorted, for prefix filters (`filters.py`)
+    ann: AnnIndex | None = field(default=None, repr=False)  # approximate search, when built (`build_ann`)
 
     def __post_init__(self) -> None:
         if self.embeddings.ndim != 2 or len(self.embeddings) != len(self.paths):
@@ -82,6 +86,11 @@ class ImageIndex:
     @property
     def embed_dim(self) -> int:
         return self.embeddings.shape[1]
+
+    def build_ann(self, requested: str, **options: int | None) -> None:
+        """Build the approximate faiss index search will use (or, for "auto", none when exact is the better
+        choice) and record it in meta.json; `options`: nprobe, ef_search, rerank, train_size (`retrieval/ann.py`)."""
+        self.ann, self.meta["ann"] = build_ann(self.embeddings, requested, **options)
 
     def save(self, out_dir: str | Path) -> Path:
         """Write the index directory atomically, replacing an index already there (module docstring)."""
@@ -101,7 +110,7 @@ class ImageIndex:
             _fsync(tmp)
             if out.exists():
                 contents = [p.name for p in out.iterdir()]
-                if contents and (META_NAME not in contents or set(contents) - set(INDEX_FILES)):
+                if contents and (META_NAME not in contents or set(contents) - {*INDEX_FILES, ANN_NAME}):
                     raise DataError(f"{out} exists and is not an image index (it holds other files); "
                                     f"choose another --out")
                 shutil.rmtree(aside, ignore_errors=True)
@@ -115,6 +124,10 @@ class ImageIndex:
         return out
 
     def _write(self, folder: Path) -> None:
+        recorded = (self.meta.get("ann") or {}).get("file")
+        if bool(recorded) != (self.ann is not None) or (self.ann is not None and self.ann.ntotal != len(self)):
+            raise DataError("the index's approximate faiss index does not match its embeddings; build it again "
+                            "with `build_ann`")
         with open(folder / EMBEDDINGS_NAME, "wb") as f:
             np.save(f, self.embeddings.float().numpy())
             _flush(f)
@@ -128,6 +141,9 @@ class ImageIndex:
         with open(folder / META_NAME, "w", encoding="utf-8") as f:
             f.write(json.dumps(self.meta, indent=2) + "\n")
             _flush(f)
+        if self.ann is not None:
+            with open(self.ann.write(folder), "rb") as f:
+                _flush(f)
 
     @classmethod
     def load(cls, index_dir: str | Path) -> ImageIndex:
@@ -158,10 +174,16 @@ class ImageIndex:
             if key in meta and meta[key] != value:
                 raise CheckpointError(f"{index_dir} is a damaged image index (meta.json says {key} {meta[key]}, "
                                       f"the files hold {value})")
-        return cls(embeddings, paths, meta, stats, metadata)
+        return cls(embeddings, paths, meta, stats, metadata,
+                   ann=load_ann(root, meta.get("ann"), len(paths), embeddings.shape[1]))
 
-    def search(self, queries: torch.Tensor, k: int = 10, backend: str = "auto") -> list[list[SearchHit]]:
-        """The k best images for each query (Q, D) (normalised here), best first, by inner product."""
+    def search(self, queries: torch.Tensor, k: int = 10, backend: str = "auto", *, nprobe: int | None = None,
+               ef_search: int | None = None, rerank: int | None = None) -> list[list[SearchHit]]:
+        """The k best images for each query (Q, D) (normalised here), best first, by inner product.
+
+        backend: "auto" (the approximate index when the index has one, else exact), "torch" or "faiss" (exact),
+        "ann" (the approximate index). nprobe, ef_search, rerank: its query settings (None: the saved ones).
+        """
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
         queries = F.normalize(queries.float().cpu(), dim=-1)  # (Q, D)
@@ -171,37 +193,58 @@ class ImageIndex:
         k = min(k, len(self))
         if k == 0:
             return [[] for _ in range(len(queries))]
-        if self._use_faiss(backend):
+        if self.uses_ann(backend, nprobe, ef_search, rerank):
+            scores, indices = self.ann.search(queries, k, self.embeddings, nprobe, ef_search, rerank)  # (Q, k) each
+        elif self._use_faiss(backend):
             scores, indices = self._faiss().search(queries.numpy(), k)  # (Q, k) each
             scores, indices = torch.from_numpy(scores), torch.from_numpy(indices)
         else:
             scores, indices = (queries @ self.embeddings.T).topk(k, dim=1)  # (Q, k) each
-        return [[self.hit(i, float(s)) for s, i in zip(row_s.tolist(), row_i.tolist())]
+        return [[self.hit(i, float(s)) for s, i in zip(row_s.tolist(), row_i.tolist()) if i >= 0]
                 for row_s, row_i in zip(scores, indices)]
 
     def hit(self, row: int, score: float) -> SearchHit:
         """Row `row` as a search result: its path, `score` and its metadata (None when the index has none)."""
         return SearchHit(self.paths[row], score, self.metadata[row] if self.metadata is not None else None)
 
+    def uses_ann(self, backend: str, nprobe: int | None = None, ef_search: int | None = None,
+                 rerank: int | None = None) -> bool:
+        """Whether `search` with these arguments asks the approximate index; refuses settings that cannot apply."""
+        settings = (nprobe, ef_search, rerank)
+        if backend not in ("auto", "ann"):
+            if any(v is not None for v in settings):
+                raise ValueError("nprobe, ef_search and rerank apply to approximate search only, not to the "
+                                 f"'{backend}' backend")
+            return False
+        if self.ann is not None:
+            self.ann.check(nprobe, ef_search, rerank)
+            return True
+        if backend == "auto" and all(v is None for v in settings):
+            return False
+        if (self.meta.get("ann") or {}).get("file"):
+            import_faiss()  # recorded, but not loaded: faiss is missing
+        raise DataError("this index has no approximate faiss index (build one with `clip-pacl index build "
+                        "--faiss-index ...`); nprobe, ef_search and rerank apply only to one")
+
     def _use_faiss(self, backend: str) -> bool:
         if backend == "torch":
             return False
         if backend == "faiss":
-            _import_faiss()
+            import_faiss("faiss search")
             return True
         if backend != "auto":
-            raise ValueError(f"unknown search backend '{backend}' (auto, torch, faiss)")
+            raise ValueError(f"unknown search backend '{backend}' (auto, torch, faiss, ann)")
         if len(self) < FAISS_AUTO_THRESHOLD:
             return False
         try:
-            _import_faiss()
+            import_faiss("faiss search")
         except MissingDependencyError:
             return False
         return True
 
     def _faiss(self):
         if self._faiss_index is None:
-            faiss = _import_faiss()
+            faiss = import_faiss("faiss search")
             index = faiss.IndexFlatIP(self.embed_dim)  # exact inner product, like the torch path
             index.add(np.ascontiguousarray(self.embeddings.numpy()))
             self._faiss_index = index
@@ -234,14 +277,6 @@ def _fsync(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _import_faiss():
-    try:
-        import faiss
-    except ImportError:
-        raise MissingDependencyError("faiss-cpu", "faiss", "faiss search") from None
-    return faiss
 
 
 def list_image_files(directory: Path) -> list[Path]:

@@ -42,27 +42,31 @@ def load_index_model(
 
 
 def search_text(index: ImageIndex, model: torch.nn.Module, queries: str | list[str], k: int = 10,
-                backend: str = "auto", prefix: str | None = None) -> list[list[SearchHit]]:
-    """The k best images for each text query, best first; with `prefix`, the k best whose path starts with it."""
+                backend: str = "auto", prefix: str | None = None, **ann_settings: int | None) -> list[list[SearchHit]]:
+    """The k best images for each text query, best first; with `prefix`, the k best whose path starts with it.
+
+    `ann_settings`: nprobe, ef_search, rerank, as for `ImageIndex.search`. A `prefix` search is exact over the
+    matching rows (`retrieval/filters.py`): `backend` and `ann_settings` do not apply to it and are ignored.
+    """
     queries = [queries] if isinstance(queries, str) else list(queries)
     if not all(q.strip() for q in queries):
         raise DataError("a text query is empty")
-    return _search(index, encode_texts(model, queries), k, backend, prefix)
+    return _search(index, encode_texts(model, queries), k, backend, prefix, ann_settings)
 
 
 def search_image(index: ImageIndex, model: torch.nn.Module, image: str | Path | Image.Image, k: int = 10,
-                 backend: str = "auto", prefix: str | None = None) -> list[SearchHit]:
+                 backend: str = "auto", prefix: str | None = None, **ann_settings: int | None) -> list[SearchHit]:
     """The k images most similar to an example image (a path or a PIL image), best first (with `prefix`: among
-    the images whose path starts with it)."""
+    the images whose path starts with it, exactly; `ann_settings` as for `search_text`)."""
     pil = image if isinstance(image, Image.Image) else load_image(Path(image))
     pixels = model_transform(model)(pil.convert("RGB"))[None]  # (1, 3, H, W): the model's own preprocessing
     with torch.inference_mode():
         features = model.encode_image(pixels.to(model_device(model)), normalize=True)  # (1, D)
-    return _search(index, features, k, backend, prefix)[0]
+    return _search(index, features, k, backend, prefix, ann_settings)[0]
 
 
-def _search(index: ImageIndex, features: torch.Tensor, k: int, backend: str,
-            prefix: str | None) -> list[list[SearchHit]]:
+def _search(index: ImageIndex, features: torch.Tensor, k: int, backend: str, prefix: str | None,
+            ann_settings: dict[str, int | None]) -> list[list[SearchHit]]:
     if prefix is None:
-        return index.search(features, k, backend)
+        return index.search(features, k, backend, **ann_settings)
     return search_prefix(index, features, k, prefix)  # exact over the matching rows (`retrieval/filters.py`)

@@ -124,10 +124,15 @@ class WebService:
     """One model (and optionally one image index), and the answers the web endpoints give."""
 
     def __init__(self, model: nn.Module, index: ImageIndex | None = None, model_name: str = "",
-                 index_name: str = ""):
+                 index_name: str = "", search_settings: dict[str, int | None] | None = None):
+        """`search_settings`: nprobe, ef_search, rerank for an index with an approximate faiss index (None: the
+        values saved with it)."""
         if index is not None and index.embed_dim != model.embed_dim:
             raise DataError(f"the model embeds into {model.embed_dim} dimensions but the index holds "
                             f"{index.embed_dim}-d embeddings (was it built with another model?)")
+        self.search_settings = search_settings or {}
+        if index is not None:
+            index.uses_ann("auto", **self.search_settings)  # settings that cannot apply fail at start
         self.model = model.eval()
         self.index = index
         self.model_name = model_name
@@ -174,7 +179,8 @@ class WebService:
                 for i, hit in zip(ids, hits)]
 
     def search_text(self, query: str, k: int, prefix: str | None = None) -> list[dict[str, Any]]:
-        """The k best images for `query`; with `prefix` (a shown, relative path prefix) among those under it."""
+        """The k best images for `query`; with `prefix` (a shown, relative path prefix) among those under it, exactly
+        (`search_settings` apply to the searches without one)."""
         index = self.require_index()
         query = (query or "").strip()
         if not query:
@@ -182,7 +188,7 @@ class WebService:
         _check_k(k)
         absolute = self._absolute_prefix(prefix)
         with self._inference:
-            hits = search_text(index, self.model, query, k, backend="torch", prefix=absolute)[0]
+            hits = search_text(index, self.model, query, k, prefix=absolute, **self.search_settings)[0]
         return self._results(hits)
 
     def search_image(self, image: Image.Image, k: int, prefix: str | None = None) -> list[dict[str, Any]]:
@@ -190,7 +196,7 @@ class WebService:
         _check_k(k)
         absolute = self._absolute_prefix(prefix)
         with self._inference:
-            hits = search_image(index, self.model, image, k, backend="torch", prefix=absolute)
+            hits = search_image(index, self.model, image, k, prefix=absolute, **self.search_settings)
         return self._results(hits)
 
     def _absolute_prefix(self, prefix: str | None) -> str | None:
