@@ -157,7 +157,8 @@ def test_accum_run_equals_a_big_batch_run(synthetic, tmp_path):
     """End to end: --accum 2 --batch-size 8 sees the same pairs per step as --batch-size 16 and ends equal."""
     # eps 1e-6: Adam's first steps are ~lr * g / |g|, so with the default eps (1e-8) a gradient entry that is float
     # noise (~1e-9, summed in another order by the two runs) would move its weight by a full step either way.
-    common = ["train", "--data", str(synthetic), *FAST, "--steps", "2", "--lr", "1e-3", "--warmup", "1", "--eps", "1e-6"]
+    common = ["train", "--data", str(synthetic), *FAST, "--steps", "2", "--lr", "1e-3", "--warmup", "1",
+              "--eps", "1e-6"]
     assert main([*common, "--out", str(tmp_path / "acc"), "--batch-size", "8", "--accum", "2"]) == 0
     assert main([*common, "--out", str(tmp_path / "big"), "--batch-size", "16"]) == 0
     acc, big = clip_pacl.load(tmp_path / "acc" / "final"), clip_pacl.load(tmp_path / "big" / "final")
