@@ -6,7 +6,15 @@ import argparse
 from pathlib import Path
 
 from clip_pacl.checkpoint import load_with_source
-from clip_pacl.cli.common import add_device_flag, add_json_flag, log, print_json, resolve_device
+from clip_pacl.cli.common import (
+    add_device_flag,
+    add_int8_flag,
+    add_json_flag,
+    load_device,
+    log,
+    print_json,
+    quantization,
+)
 from clip_pacl.retrieval.index import build_index, image_paths
 
 COMMAND = "index build"
@@ -32,15 +40,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     parser.add_argument("--workers", type=int, default=0, help="image-loading worker processes")
     add_device_flag(parser)
+    add_int8_flag(parser)
     add_json_flag(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     paths = image_paths(args.images, args.image_key)
-    model, source = load_with_source(args.model, device=resolve_device(args.device))
+    model, source = load_with_source(args.model, device=load_device(args))
     images = {"source": str(args.images.resolve()), "image_key": args.image_key}
     index, unreadable = build_index(model, paths, args.batch_size, args.workers, model_source=args.model,
-                                    images=images, hub_revision=source.revision)
+                                    images=images, hub_revision=source.revision, quantize=quantization(args))
     index.save(args.out)
     if not index.meta["model_has_weights"]:
         log(f"warning: '{args.model}' is randomly initialised; searching {args.out} will need --model")

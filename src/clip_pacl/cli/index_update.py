@@ -40,7 +40,8 @@ def run(args: argparse.Namespace) -> int:
     model = load_index_model(index, args.model, device=resolve_device(args.device))  # same weights, or refused
     updated, unreadable = build_index(model, paths, args.batch_size, args.workers,
                                       model_source=args.model or index.meta.get("model"), images=images,
-                                      reuse=index, hub_revision=index.meta.get("hub_revision"))
+                                      reuse=index, hub_revision=index.meta.get("hub_revision"),
+                                      quantize=index.meta.get("quantize"))
     updated.save(args.index)
     summary = {"index": str(args.index), "count": len(updated), "embedded": len(updated) - updated.meta["reused"],
                "reused": updated.meta["reused"], "dropped": len(set(index.paths) - set(updated.paths)),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from clip_pacl.cli.common import add_device_flag, add_json_flag, print_json, resolve_device
+from clip_pacl.cli.common import add_device_flag, add_int8_flag, add_json_flag, load_device, print_json, quantization
 from clip_pacl.data import load_image
 from clip_pacl.retrieval.index import ImageIndex
 from clip_pacl.retrieval.search import load_index_model, search_image, search_text
@@ -33,6 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="search even when --model's weights or preprocessing differ from those that built "
                              "the index (the scores then compare unlike embeddings)")
     add_device_flag(parser)
+    add_int8_flag(parser)
     add_json_flag(parser)
 
 
@@ -43,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"-k must be at least 1, got {args.k}")
     index = ImageIndex.load(args.index)
     image = load_image(args.image) if args.image is not None else None  # a bad path fails before the model loads
-    model = load_index_model(index, args.model, device=resolve_device(args.device), force=args.force)
+    model = load_index_model(index, args.model, device=load_device(args), force=args.force,
+                             quantize=quantization(args))
     backend = "faiss" if args.faiss else "auto"
     if image is None:
         hits = search_text(index, model, args.query, args.k, backend)[0]

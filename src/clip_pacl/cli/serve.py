@@ -7,7 +7,7 @@ import socket
 from pathlib import Path
 
 import clip_pacl
-from clip_pacl.cli.common import add_device_flag, log, resolve_device
+from clip_pacl.cli.common import add_device_flag, add_int8_flag, load_device, log, quantization
 from clip_pacl.errors import MissingDependencyError
 
 COMMAND = "serve"
@@ -35,6 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="serve --index even when --model's weights or preprocessing differ from those that "
                              "built it")
     add_device_flag(parser)
+    add_int8_flag(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -56,14 +57,14 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("give --model (and optionally --index IDX)")
     _check_can_listen(args.host, args.port)  # fail in one line, before minutes of model loading
     index = ImageIndex.load(args.index) if args.index is not None else None
-    device = resolve_device(args.device)
+    device = load_device(args)
     if index is not None:
-        model = load_index_model(index, args.model, device=device, force=args.force)
+        model = load_index_model(index, args.model, device=device, force=args.force, quantize=quantization(args))
         recorded = index.meta.get("model")
         if args.model is not None and recorded and _source(args.model) != recorded:
             log(f"warning: the index was built with {recorded}; searching it with {args.model}")
     else:
-        model = clip_pacl.load(args.model, device=device).eval()
+        model = clip_pacl.load(args.model, device=device, quantize=quantization(args)).eval()
     model_name = args.model or index.meta.get("model", "")
     service = WebService(model, index, model_name=str(model_name), index_name=str(args.index or ""))
     app = create_app(service, max_upload_bytes=round(args.max_upload_mb * 2**20), host=args.host)

@@ -38,6 +38,7 @@ from clip_pacl.data.images import IMAGE_EXTENSIONS
 from clip_pacl.data.tables import read_records, require_columns, resolve_image, table_format
 from clip_pacl.encode import encode_images
 from clip_pacl.errors import CheckpointError, DataError, MissingDependencyError
+from clip_pacl.models.quantize import quantize as quantize_model
 from clip_pacl.preprocess import model_transform
 from clip_pacl.transforms import ImageTransform
 
@@ -261,6 +262,7 @@ def build_index(
     images: dict[str, str] | None = None,
     reuse: ImageIndex | None = None,
     hub_revision: str | None = None,
+    quantize: str | None = None,
 ) -> tuple[ImageIndex, list[tuple[str, str]]]:
     """Embed `paths` with `model` into an ImageIndex; returns it and the unreadable images [(path, reason)].
 
@@ -268,6 +270,8 @@ def build_index(
     `images` ({"source": folder or table, "image_key": column}) so that `update` can list the images again.
     With `reuse` (an index of the same model), images whose size and mtime it recorded are not embedded again.
     `hub_revision` (the commit of a hub model's snapshot) is recorded beside the weights' fingerprint.
+    `quantize="int8"` encodes with an int8 copy of `model`; the fingerprint stays that of `model`'s weights and
+    meta.json records the quantization (queries may be encoded either way: the embeddings stay comparable).
     """
     unique = list(dict.fromkeys(Path(p).resolve() for p in paths))
     if not unique:
@@ -278,7 +282,8 @@ def build_index(
     reused = {i: known[(str(p), st["size"], st["mtime_ns"])] for i, (p, st) in enumerate(zip(unique, stats))
               if st is not None and (str(p), st["size"], st["mtime_ns"]) in known}
     todo = [i for i in range(len(unique)) if i not in reused]
-    new_features, new_kept, unreadable = encode_images(model, [unique[i] for i in todo], batch_size, workers,
+    encoder = quantize_model(model, quantize) if todo else model
+    new_features, new_kept, unreadable = encode_images(encoder, [unique[i] for i in todo], batch_size, workers,
                                                        progress) if todo else (None, torch.empty(0), [])
     rows = {i: reuse.embeddings[row] for i, row in reused.items()}  # (D,) each
     rows.update({todo[j]: new_features[n] for n, j in enumerate(new_kept.tolist())})
@@ -291,6 +296,7 @@ def build_index(
         "model_has_weights": model_has_weights(model_source),
         "weights": weights_fingerprint(model),
         "hub_revision": hub_revision,
+        "quantize": quantize,
         "preprocessing": preprocessing(model),
         "images": images,
         "embed_dim": int(model.embed_dim),
