@@ -18,7 +18,7 @@ from clip_pacl.models import inference
 from clip_pacl.models.pacl import PACL
 from clip_pacl.models.quantize import Int8Attention, Int8Linear, is_quantized, quantize_int8
 from clip_pacl.retrieval.index import ImageIndex, weights_fingerprint
-from helpers import randomize_
+from helpers import randomize_, require
 from test_inference_paths import tokens_with_lengths
 
 COSINE = 0.99
@@ -189,8 +189,7 @@ def test_commands_encode_in_int8(data, capsys, quantized, command):
 
 
 def test_serve_int8_and_device_errors(data, capsys, monkeypatch, quantized):
-    pytest.importorskip("uvicorn")
-    import uvicorn
+    uvicorn = require("uvicorn")
 
     import clip_pacl.web.service as service_module
 
