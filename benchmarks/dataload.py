@@ -1,71 +1,115 @@
-"""Images per second of the training data loader alone (decode + train transform + tokenize + collate).
+"""Does the training data loader keep up with the training step? Images per second of each, and of both together.
 
-Runs on a synthetic set written to a temporary folder, for each worker count, and appends one JSON
-line per setting to benchmarks/results/dataload.jsonl. The first epoch includes starting the workers;
-the second reuses them (persistent workers), which is what a long training run sees. The machine's
-1-minute load average is recorded too: worker scaling means nothing on a machine that is already busy.
+On a synthetic set written to a temporary folder, for each --workers count:
 
-    python benchmarks/dataload.py --n 1024 --workers 0 1 2
+- `loader_images_per_s`: the loader alone (decode + train transform + tokenize + collate), second epoch (persistent
+  workers, what a long run sees; the first epoch, which starts the workers, is recorded too);
+- `step_images_per_s`: what clip-pacl's training step consumes (`--model` at the loader's image size and batch size,
+  forward + loss + backward + AdamW on one in-memory batch, as benchmarks/train_step.py times it); measured once;
+- `loop_images_per_s`: the loader feeding that step, batch after batch (the rate a run gets);
+- `loader_keeps_up`: loader alone >= step alone.
+
+The machine's 1-minute load average is recorded: worker scaling means nothing on a machine that is already busy.
+One JSON line per worker count is appended to benchmarks/results/dataload.jsonl and a table is printed.
+
+    python benchmarks/dataload.py --n 512 --model tiny --workers 0 1 2 --threads 2
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
+import statistics
 import sys
 import tempfile
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
+from clip_pacl.config import CLIPConfig
 from clip_pacl.data import build_caption_dataset, build_loader
 from clip_pacl.data.synthetic import generate_synthetic
 from clip_pacl.tokenizer import get_tokenizer
 from clip_pacl.transforms import image_transform
 
+sys.path.insert(0, str(Path(__file__).parent))
+from machine import machine_info  # noqa: E402
+from train_step import build_library  # noqa: E402
 
-def _epoch(loader) -> tuple[int, float]:
+
+def _epoch(loader, step=None) -> tuple[int, float]:
+    """(images, seconds) of one pass over the loader, calling `step(images, texts)` on each batch when given."""
     start = time.perf_counter()
-    n = sum(batch["images"].shape[0] for batch in loader)
+    n = 0
+    for batch in loader:
+        n += batch["images"].shape[0]
+        if step is not None:
+            step((batch["images"], batch["texts"]))
     return n, time.perf_counter() - start
+
+
+def step_rate(step, batch: tuple[torch.Tensor, torch.Tensor], repeats: int) -> float:
+    """Images per second the training step consumes (median of `repeats` after one warm-up step)."""
+    step(batch)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step(batch)
+        times.append(time.perf_counter() - start)
+    return batch[0].shape[0] / statistics.median(times)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, default=1024, help="images in the synthetic set")
+    parser.add_argument("--n", type=int, default=512, help="images in the synthetic set")
     parser.add_argument("--source-size", type=int, default=128, help="side of the synthetic PNGs")
-    parser.add_argument("--image-size", type=int, default=224, help="model input side (the transform's output)")
+    parser.add_argument("--model", default="tiny", help="preset whose training step consumes the batches")
+    parser.add_argument("--image-size", type=int, default=None, help="model input side (default: the model's)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of the training process")
+    parser.add_argument("--repeats", type=int, default=3, help="timed training steps for the step rate")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "dataload.jsonl"))
     args = parser.parse_args()
-
-    torch.set_num_threads(1)  # workers do the work; keep the main process from competing with them
+    torch.set_num_threads(args.threads)
+    image_size = args.image_size or CLIPConfig.from_name(args.model).vision.image_size
+    _, step = build_library("clip_pacl", args.model, torch.device("cpu"))
+    records = []
     with tempfile.TemporaryDirectory() as tmp:
         generate_synthetic(tmp, args.n, seed=0, image_size=args.source_size)
-        dataset, _ = build_caption_dataset(Path(tmp) / "captions.csv", transform=image_transform(args.image_size,
+        dataset, _ = build_caption_dataset(Path(tmp) / "captions.csv", transform=image_transform(image_size,
                                            train=True), tokenizer=get_tokenizer())
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        first = next(iter(build_loader(dataset, batch_size=args.batch_size, shuffle=False, workers=0, seed=0,
+                                       drop_last=True)))
+        step_images_per_s = step_rate(step, (first["images"], first["texts"]), args.repeats)
         for workers in args.workers:
             loader = build_loader(dataset, batch_size=args.batch_size, shuffle=True, workers=workers, seed=0,
-                                  drop_last=False)
+                                  drop_last=True)
             n_first, t_first = _epoch(loader)
             n_second, t_second = _epoch(loader)
-            record = {
-                "benchmark": "dataload", "workers": workers, "images": n_second, "batch_size": args.batch_size,
-                "source_size": args.source_size, "image_size": args.image_size,
+            n_loop, t_loop = _epoch(loader, step)
+            loader_rate = n_second / t_second
+            records.append({
+                "benchmark": "dataload", "model": args.model, "workers": workers, "images": n_second,
+                "batch_size": args.batch_size, "source_size": args.source_size, "image_size": image_size,
                 "first_epoch_images_per_s": round(n_first / t_first, 1),
-                "images_per_s": round(n_second / t_second, 1),
-                "cpu_count": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2),
-                "torch": torch.__version__, "python": platform.python_version(),
-                "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            }
-            print(json.dumps(record), file=sys.stdout, flush=True)
-            with open(args.out, "a") as f:
-                f.write(json.dumps(record) + "\n")
+                "loader_images_per_s": round(loader_rate, 1),
+                "step_images_per_s": round(step_images_per_s, 1),
+                "loop_images_per_s": round(n_loop / t_loop, 1),
+                "loader_keeps_up": loader_rate >= step_images_per_s,
+                **machine_info(), "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            })
+            print(json.dumps(records[-1]), flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out, "a") as f:
+        for record in records:
+            f.write(json.dumps(record) + "\n")
+    print(f"{'workers':>7} {'loader img/s':>12} {'step img/s':>10} {'loop img/s':>10} {'keeps up':>8}")
+    for r in records:
+        print(f"{r['workers']:>7} {r['loader_images_per_s']:>12} {r['step_images_per_s']:>10} "
+              f"{r['loop_images_per_s']:>10} {str(r['loader_keeps_up']):>8}")
 
 
 if __name__ == "__main__":

@@ -2,11 +2,23 @@
 
 For each model an open_clip model is created with random weights (BatchNorm statistics randomised so they matter),
 its state dict is converted to ours, and both encode the same batch: a random image batch at the model's resolution,
-or COCO-like captions (8-20 words, fixed seed) tokenized with context 77. Calls alternate between the two libraries
-(which one goes first alternates too), after warm-up; the median time per call gives images (or texts) per second.
-The outputs of both are compared in the same run. One JSON object per measurement is appended to --out.
+or COCO-like captions (8-20 words, fixed seed) tokenized with context 77. Calls alternate between the libraries
+(the order rotates), after warm-up; the median time per call gives images (or texts) per second. The outputs are
+compared in the same run. With --int8 a third contender runs in the same rotation: clip-pacl with the model
+int8-quantized (`clip_pacl.quantize_int8`), with its ratio to float32 clip-pacl and to open_clip and its cosine to the
+float32 features.
 
-    python benchmarks/encode.py --models ViT-B-32,RN50 --towers image,text --batch 16 --threads 2 --repeats 7
+Image rows also give the achieved rate in GFLOP/s of the model's nominal work (the plain forward's multiply-adds as
+torch.utils.flop_counter counts them, attention included; our one-row last block does less and counts as speed) and
+its share of the machine's float32 matmul peak, measured at the start of the run (2048^3 products by torch.mm and
+by oneDNN, best of 7; the larger is the peak; int8 rows can pass 100%: int8 products are not float32 ones).
+--rss runs each library in a child process that builds only its own model and encodes the batch --repeats times,
+and records its peak resident memory (ru_maxrss).
+
+    python benchmarks/encode.py --models ViT-B-32,ViT-B-16 --towers image --batch 16 --threads 1 --repeats 7 --int8
+    python benchmarks/encode.py --models ViT-B-32 --towers image --batch 16 --threads 1 --rss
+
+One JSON object per measurement is appended to --out; a table is printed at the end.
 """
 
 from __future__ import annotations
@@ -22,11 +34,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from clip_pacl.checkpoint.convert_open_clip import from_open_clip
 from clip_pacl.config import CLIPConfig
 from clip_pacl.models import CLIP
+from clip_pacl.models.quantize import quantize_int8
 from clip_pacl.tokenizer import tokenize
+
+sys.path.insert(0, str(Path(__file__).parent))
+from machine import current_rss_mb, machine_info, matmul_peak, peak_rss_mb, run_child  # noqa: E402
 
 SUBJECTS = ["a man", "a woman", "two dogs", "a cat", "a child", "a group of people", "a red bus", "a small boat",
             "an old train", "a brown horse", "a plate of food", "a skateboarder", "a giraffe", "three birds"]
@@ -67,54 +84,148 @@ def build_pair(name: str) -> tuple[torch.nn.Module, CLIP]:
     return theirs, ours.eval()
 
 
-def median_seconds(fn_ours, fn_theirs, repeats: int, warmup: int) -> dict[str, float]:
-    """Median wall-clock and process CPU seconds per call. CPU time is reported too because the machine may be
-    shared: other processes stretch wall time but barely change the CPU time our own threads need."""
+def median_seconds(fns: dict, repeats: int, warmup: int) -> dict[str, dict[str, float]]:
+    """Median wall-clock and process CPU seconds per call of each function, calls rotating between them. CPU time is
+    reported too because the machine may be shared: other processes stretch wall time but barely change the CPU
+    time our own threads need."""
     for _ in range(warmup):
-        fn_ours()
-        fn_theirs()
-    wall = {"ours": [], "theirs": []}
-    cpu = {"ours": [], "theirs": []}
-    for r in range(repeats):
-        order = [("ours", fn_ours), ("theirs", fn_theirs)]
-        for key, fn in order if r % 2 == 0 else order[::-1]:
-            start_wall, start_cpu = time.perf_counter(), time.process_time()
+        for fn in fns.values():
             fn()
+    names = list(fns)
+    wall: dict[str, list[float]] = {key: [] for key in names}
+    cpu: dict[str, list[float]] = {key: [] for key in names}
+    for r in range(repeats):
+        for key in names[r % len(names):] + names[:r % len(names)]:
+            start_wall, start_cpu = time.perf_counter(), time.process_time()
+            fns[key]()
             wall[key].append(time.perf_counter() - start_wall)
             cpu[key].append(time.process_time() - start_cpu)
-    return {f"{kind}_{key}": statistics.median(values[key]) for kind, values in (("wall", wall), ("cpu", cpu))
-            for key in ("ours", "theirs")}
+    return {"wall": {k: statistics.median(v) for k, v in wall.items()},
+            "cpu": {k: statistics.median(v) for k, v in cpu.items()}}
 
 
-def measure(name: str, tower: str, batch: int, repeats: int, warmup: int, threads: int) -> dict:
+def attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of the CPU attention kernel, which torch.utils.flop_counter does not count by itself."""
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(query, key, value)
+
+
+def nominal_gflops(model: CLIP, image: torch.Tensor) -> float:
+    """GFLOPs of the plain image tower (the textbook forward) on one image."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: attention_flops}
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+        model.visual(image[:1])
+    return counter.get_total_flops() / 1e9
+
+
+def contenders(name: str, tower: str, batch: int, int8: bool):
+    """(inputs, {contender: encode function}, our model): clip_pacl, open_clip and (with int8) clip_pacl_int8."""
     theirs, ours = build_pair(name)
     if tower == "image":
         size = ours.image_size
         inputs = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1))  # (B, 3, H, W)
-        run_ours, run_theirs = (lambda: ours.encode_image(inputs)), (lambda: theirs.encode_image(inputs))
+        fns = {"clip_pacl": lambda: ours.encode_image(inputs), "open_clip": lambda: theirs.encode_image(inputs)}
     else:
         inputs = tokenize(coco_like_captions(batch), context_length=ours.context_length)  # (B, 77)
-        run_ours, run_theirs = (lambda: ours.encode_text(inputs)), (lambda: theirs.encode_text(inputs))
+        fns = {"clip_pacl": lambda: ours.encode_text(inputs), "open_clip": lambda: theirs.encode_text(inputs)}
+    if int8:
+        quantized = quantize_int8(ours)
+        encode = quantized.encode_image if tower == "image" else quantized.encode_text
+        fns["clip_pacl_int8"] = lambda: encode(inputs)
+    return inputs, fns, ours
+
+
+def measure(name: str, tower: str, batch: int, repeats: int, warmup: int, int8: bool, peak: dict) -> dict:
+    inputs, fns, ours = contenders(name, tower, batch, int8)
     with torch.inference_mode():
-        max_abs_diff = float((run_ours() - run_theirs()).abs().max())
-        seconds = median_seconds(run_ours, run_theirs, repeats, warmup)
+        outputs = {key: fn() for key, fn in fns.items()}
+        seconds = median_seconds(fns, repeats, warmup)
+    wall, cpu = seconds["wall"], seconds["cpu"]
     record = {
-        "model": name,
-        "tower": tower,
-        "batch": batch,
-        "threads": threads,
-        "ours_per_s": round(batch / seconds["wall_ours"], 2),
-        "open_clip_per_s": round(batch / seconds["wall_theirs"], 2),
-        "ratio": round(seconds["wall_theirs"] / seconds["wall_ours"], 3),
-        "cpu_ratio": round(seconds["cpu_theirs"] / seconds["cpu_ours"], 3),
-        "max_abs_diff": max_abs_diff,
-        "repeats": repeats,
-        "torch": torch.__version__,
-        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model": name, "tower": tower, "batch": batch,
+        "ours_per_s": round(batch / wall["clip_pacl"], 2),
+        "open_clip_per_s": round(batch / wall["open_clip"], 2),
+        "ratio": round(wall["open_clip"] / wall["clip_pacl"], 3),
+        "cpu_ratio": round(cpu["open_clip"] / cpu["clip_pacl"], 3),
+        "max_abs_diff": float((outputs["clip_pacl"] - outputs["open_clip"]).abs().max()),
     }
-    if tower == "text":
+    if int8:
+        record.update({
+            "int8_per_s": round(batch / wall["clip_pacl_int8"], 2),
+            "int8_vs_fp32": round(wall["clip_pacl"] / wall["clip_pacl_int8"], 3),
+            "int8_vs_fp32_cpu": round(cpu["clip_pacl"] / cpu["clip_pacl_int8"], 3),
+            "int8_vs_open_clip": round(wall["open_clip"] / wall["clip_pacl_int8"], 3),
+            "int8_cosine_min": round(float(F.cosine_similarity(outputs["clip_pacl_int8"], outputs["clip_pacl"]).min()),
+                                     5),
+        })
+    if tower == "image":
+        gflops = nominal_gflops(ours, inputs)
+        record["gflops_per_image"] = round(gflops, 3)
+        for key, short in (("clip_pacl", "ours"), ("open_clip", "open_clip"), ("clip_pacl_int8", "int8")):
+            if key in wall:
+                rate = gflops * batch / wall[key]
+                record[f"{short}_gflop_s"] = round(rate, 1)
+                record[f"{short}_pct_of_fp32_peak"] = round(100 * rate / peak["peak_gflop_s"], 1)
+        record.update(peak)
+    else:
         record["max_tokens"] = int(inputs.argmax(-1).max()) + 1
     return record
+
+
+# ---------------------------------------------------------------------------------------------- peak memory
+def rss_child(library: str, name: str, batch: int, repeats: int) -> dict:
+    """In a child process: build one library's model, encode a batch `repeats` times, report memory."""
+    after_import = current_rss_mb()
+    if library == "open_clip":
+        import open_clip
+
+        logging.getLogger().setLevel(logging.ERROR)
+        model = open_clip.create_model(name).eval()
+    else:
+        model = CLIP(CLIPConfig.from_name(name)).eval()
+        if library == "clip_pacl_int8":
+            model = quantize_int8(model, inplace=True)
+    after_build = current_rss_mb()
+    size = model.visual.image_size if library == "open_clip" else model.image_size
+    size = size[0] if isinstance(size, tuple) else size
+    images = torch.randn(batch, 3, size, size)
+    with torch.inference_mode():
+        for _ in range(repeats):
+            model.encode_image(images)
+    return {"rss_after_import_mb": after_import, "rss_after_build_mb": after_build,
+            "rss_after_encode_mb": current_rss_mb(), "peak_rss_mb": peak_rss_mb()}
+
+
+def measure_rss(name: str, batch: int, repeats: int, threads: int, libraries: list[str]) -> list[dict]:
+    records = []
+    for library in libraries:
+        child = run_child([__file__, "--rss-child", library, "--models", name, "--batch", str(batch),
+                           "--repeats", str(repeats), "--threads", str(threads)])
+        records.append({"kind": "peak_rss", "model": name, "tower": "image", "batch": batch, "library": library,
+                        **child})
+    return records
+
+
+# ---------------------------------------------------------------------------------------------- output
+def print_table(records: list[dict]) -> None:
+    """Throughput rows, then memory rows, as aligned text."""
+    speed = [r for r in records if r.get("kind") != "peak_rss"]
+    if speed:
+        print(f"{'model':<10} {'tower':<6} {'batch':>5} {'thr':>3} {'clip-pacl/s':>11} {'open_clip/s':>11} "
+              f"{'ratio':>6} {'int8/s':>7} {'int8/fp32':>9} {'int8/oc':>7} {'cos':>7} {'GFLOP/s':>8} {'%peak':>6}")
+        for r in speed:
+            int8 = (f"{r['int8_per_s']:>7} {r['int8_vs_fp32']:>9} {r['int8_vs_open_clip']:>7} "
+                    f"{r['int8_cosine_min']:>7}" if "int8_per_s" in r else f"{'':>7} {'':>9} {'':>7} {'':>7}")
+            flops = f"{r['ours_gflop_s']:>8} {r['ours_pct_of_fp32_peak']:>6}" if "ours_gflop_s" in r else ""
+            print(f"{r['model']:<10} {r['tower']:<6} {r['batch']:>5} {r['threads']:>3} {r['ours_per_s']:>11} "
+                  f"{r['open_clip_per_s']:>11} {r['ratio']:>6} {int8} {flops}")
+    for r in records:
+        if r.get("kind") == "peak_rss":
+            print(f"peak RSS {r['model']} image batch {r['batch']}: {r['library']:<15} {r['peak_rss_mb']:>8} MiB "
+                  f"(after import {r['rss_after_import_mb']}, after build {r['rss_after_build_mb']})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,24 +234,44 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--towers", default="image,text", help="comma-separated: image, text")
     parser.add_argument("--batch", type=int, default=16, help="images (or texts) per call")
     parser.add_argument("--text-batch", type=int, default=None, help="texts per call (default: --batch)")
-    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads for both libraries")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads for every library")
     parser.add_argument("--repeats", type=int, default=7, help="timed calls per library (median reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls per library first")
+    parser.add_argument("--int8", action="store_true", help="also time clip-pacl with int8-quantized linear layers")
+    parser.add_argument("--rss", action="store_true",
+                        help="only measure peak memory of image encoding, one child process per library")
+    parser.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "encode.jsonl",
                         help="JSONL file the measurements are appended to")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    if args.rss_child:
+        print(json.dumps(rss_child(args.rss_child, models[0], args.batch, args.repeats)))
+        return 0
     towers = [t.strip() for t in args.towers.split(",") if t.strip()]
     if unknown := set(towers) - {"image", "text"}:
         parser.error(f"unknown tower(s) {sorted(unknown)} (image, text)")
+    common = {**machine_info(), "repeats": args.repeats,
+              "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    records = []
+    if args.rss:
+        libraries = ["clip_pacl", "open_clip"] + (["clip_pacl_int8"] if args.int8 else [])
+        records = [{**r, **common} for name in models
+                   for r in measure_rss(name, args.batch, args.repeats, args.threads, libraries)]
+    else:
+        peak = matmul_peak() if "image" in towers else {}
+        for name in models:
+            for tower in towers:
+                batch = args.text_batch or args.batch if tower == "text" else args.batch
+                record = {**measure(name, tower, batch, args.repeats, args.warmup, args.int8, peak), **common}
+                print(json.dumps(record), flush=True)
+                records.append(record)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    for name in [m.strip() for m in args.models.split(",") if m.strip()]:
-        for tower in towers:
-            batch = args.text_batch or args.batch if tower == "text" else args.batch
-            record = measure(name, tower, batch, args.repeats, args.warmup, args.threads)
-            print(json.dumps(record), flush=True)
-            with args.out.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+    with args.out.open("a") as f:
+        for record in records:
+            f.write(json.dumps(record) + "\n")
+    print_table(records)
     return 0
 
 

@@ -128,6 +128,50 @@ def test_two_ranks_build_the_approximate_index_after_the_merge(setup, tmp_path):
 
 
 @pytest.mark.timeout(300)
+def test_two_ranks_build_int8_with_an_approximate_index_and_update_keeps_both(setup, tmp_path):
+    """--int8 under torchrun: each rank encodes with its own int8 copy, quantized the same way (batches of one
+    image, whose int8 embeddings depend on that image alone, so the rows equal a single process's int8 build); the
+    merged meta.json records "quantize" and the float32 fingerprint; `index update` re-embeds in int8, re-reads the
+    table's columns and builds the faiss index again."""
+    require("faiss")
+    flags = ("--int8", "--faiss-index", "IVF4,Flat", "--nprobe", "2")
+    out = tmp_path / "idx"
+    proc = _torchrun(setup, out, "-m", "clip_pacl.index", extra=(*flags, "--batch-size", "1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert main(["index", "build", "--model", str(setup / "model"), "--images", str(setup / "table.csv"),
+                 "--out", str(tmp_path / "single"), "--batch-size", "1", "--device", "cpu", *flags]) == 0
+    fp32, single, merged = (ImageIndex.load(p) for p in (setup / "single", tmp_path / "single", out))
+    assert merged.meta["quantize"] == single.meta["quantize"] == "int8" and fp32.meta["quantize"] is None
+    assert merged.meta["weights"] == fp32.meta["weights"]  # the float32 weights' fingerprint
+    assert merged.paths == single.paths == fp32.paths
+    assert float((merged.embeddings - single.embeddings).abs().max()) <= 1e-6
+    assert 1e-5 < float((merged.embeddings - fp32.embeddings).abs().max()) < 0.1  # int8 ran, close to float32
+    assert merged.ann is not None and merged.meta["ann"]["factory"] == "IVF4,Flat"
+
+    with open(setup / "table.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    changed = Path(merged.paths[0])
+    rows[1][1] = "a new caption"  # the table's columns are read again
+    table = setup / "table-updated.csv"  # beside the images its rows name
+    with open(table, "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    meta = json.loads((out / "meta.json").read_text())
+    meta["images"]["source"] = str(table)
+    (out / "meta.json").write_text(json.dumps(meta))
+    os.utime(changed, ns=(changed.stat().st_atime_ns, changed.stat().st_mtime_ns + 10**9))  # re-embedded
+    try:
+        assert main(["index", "update", str(out), "--batch-size", "1", "--model", str(setup / "model")]) == 0
+    finally:
+        os.utime(changed, ns=(changed.stat().st_atime_ns, changed.stat().st_mtime_ns - 10**9))
+        table.unlink()
+    updated = ImageIndex.load(out)
+    assert updated.meta["quantize"] == "int8" and updated.meta["reused"] == 19
+    assert float((updated.embeddings - merged.embeddings).abs().max()) <= 1e-6  # int8 again, not float32
+    assert updated.metadata[0]["caption"] == "a new caption"
+    assert updated.ann is not None and updated.meta["ann"]["factory"] == "IVF4,Flat"
+
+
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize("mode, message", [
     ("raise", "rank 1 of 2 failed"),
     ("die", None),

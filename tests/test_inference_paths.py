@@ -3,8 +3,11 @@
 - ViT / text: the last block evaluates only the pooled row (class token, EOT), with attention from one query
   (`attend_one_query`); the text tower trims to the longest EOT and encodes groups of similar length separately.
 - ResNet: BatchNorm folded into the convolutions, cached until a weight changes; one-query attention pooling.
+- Transformer blocks: linear layers by oneDNN (`dense`), bias and exact GELU in the same pass.
 - `encode_*` takes them under no_grad in eval mode; `forward` (training) and autograd never do.
 """
+
+import dataclasses
 
 import pytest
 import torch
@@ -89,6 +92,36 @@ def test_vit_fast_path_equals_plain():
         expected = model.visual(images)
         assert (model.encode_image(images) - expected).abs().max() < TOL
         assert (model.encode_image_tokens(images)[:, 0] - expected).abs().max() < TOL
+
+
+@pytest.mark.parametrize("gelu", [False, True])
+def test_dense_equals_linear(gelu):
+    """Trick 5 (oneDNN's kernels where PyTorch has them): the same product, bias and exact GELU."""
+    x, weight, bias = torch.randn(2, 50, 96), torch.randn(384, 96) * 96**-0.5, torch.randn(384)
+    expected = F.linear(x, weight, bias)
+    expected = F.gelu(expected) if gelu else expected
+    with torch.inference_mode():
+        assert (inference.dense(x, weight, bias, gelu) - expected).abs().max() < TOL
+        assert (inference.dense(x[:, 0], weight[:8], None) - F.linear(x[:, 0], weight[:8])).abs().max() < TOL
+        assert inference.dense(x[:0], weight, bias).shape == (0, 50, 384)
+
+
+@pytest.mark.parametrize("quick_gelu", [False, True])
+def test_vit_tokens_fast_path_equals_plain(quick_gelu, monkeypatch):
+    """Every token (dense features, MaskCLIP) through trick 5's blocks; QuickGELU models keep their activation."""
+    config = clip_pacl.CLIPConfig.from_name("tiny")
+    model = clip_pacl.CLIP(dataclasses.replace(config, quick_gelu=quick_gelu)).eval()
+    images = torch.randn(2, 3, 64, 64)
+    calls = []
+    dense = inference.dense
+    monkeypatch.setattr(inference, "dense", lambda *a, **kw: calls.append(1) or dense(*a, **kw))
+    with torch.no_grad():
+        plain = {"tokens": model.visual.forward_tokens, "maskclip": model.visual.forward_maskclip}
+        for mode, plain_tokens in plain.items():
+            calls.clear()
+            assert (model.encode_image_tokens(images, mode) - plain_tokens(images)).abs().max() < TOL
+            assert len(calls) >= 4 * (model.config.vision.layers - 1)  # the blocks' linears went through trick 5
+        assert (model.encode_image(images) - model.visual(images)).abs().max() < TOL
 
 
 def test_encoders_take_the_fast_path_only_without_autograd_in_eval_mode(monkeypatch):

@@ -1,4 +1,5 @@
-"""Pieces of a training step: accumulation, parameter groups, the schedule, tower locking, the temperature clamp."""
+"""Pieces of a training step: accumulation, parameter groups, the schedule, tower locking, the temperature clamp,
+text padding trimmed on the host."""
 
 import math
 
@@ -6,11 +7,14 @@ import pytest
 import torch
 
 from clip_pacl import CLIPConfig
+from clip_pacl.data.synthetic import generate_synthetic
 from clip_pacl.losses import get_objective
 from clip_pacl.models import CLIP
-from clip_pacl.train import accumulate_gradients, optim
+from clip_pacl.models.pacl import PACL
+from clip_pacl.models.text import TextTransformer
+from clip_pacl.train import TrainConfig, accumulate_gradients, optim, train
 from clip_pacl.train.schedule import lr_at
-from clip_pacl.train.setup import FeatureModel
+from clip_pacl.train.setup import FeatureModel, trim_text_padding
 
 
 def _tiny(name: str = "tiny") -> CLIP:
@@ -139,3 +143,38 @@ def test_mixed_precision_step_gives_finite_gradients_close_to_fp32(dtype):
     grad = amp.text.text_projection.grad
     assert torch.isfinite(grad).all() and torch.nn.functional.cosine_similarity(
         grad.flatten(), ref.text.text_projection.grad.flatten(), dim=0) > 0.9
+
+
+def test_trimmed_text_padding_gives_the_same_loss_and_gradients():
+    """The loop cuts each host batch of token ids after its longest caption (`trim_text_padding`): exact for
+    clip-pacl's causal text tower pooled at EOT, so the step's loss and every gradient stay the same."""
+    images, texts = _batch(8)
+    texts[3, 6:12] = torch.tensor([320, 321, 322, 323, 324, 49407])  # one longer caption: EOT at position 11
+    full, cut = _tiny(), _tiny()
+    trimmed = trim_text_padding(cut, texts)
+    assert trimmed.shape == (8, 12) and torch.equal(trimmed, texts[:, :12])
+    obj = get_objective("clip")
+    loss_full = accumulate_gradients(FeatureModel(full), obj, [(images, texts)])
+    loss_cut = accumulate_gradients(FeatureModel(cut), obj, [(images, trimmed)])
+    assert torch.allclose(loss_full, loss_cut, atol=1e-6)
+    g_full, g_cut = _grads(full), _grads(cut)
+    assert g_full.keys() == g_cut.keys()
+    for name in g_full:
+        assert torch.allclose(g_full[name], g_cut[name], atol=1e-5, rtol=1e-4), name
+    assert g_full["text.positional_embedding"][12:].abs().max() == 0  # the cut positions never had a gradient
+    pacl = PACL(_tiny())
+    assert trim_text_padding(pacl, texts).shape == (8, 12)
+    features = torch.randn(8, 128)  # cached text features (PACL --cache-features) and other models pass unchanged
+    assert trim_text_padding(pacl, features) is features
+    assert trim_text_padding(torch.nn.Linear(2, 2), texts) is texts
+
+
+def test_the_loop_feeds_trimmed_text(tmp_path, monkeypatch):
+    generate_synthetic(tmp_path / "data", 8, seed=0, image_size=64)
+    lengths = []
+    forward = TextTransformer.forward
+    monkeypatch.setattr(TextTransformer, "forward", lambda self, text: lengths.append(text.shape[1]) or
+                        forward(self, text))
+    train(TrainConfig(data=str(tmp_path / "data" / "captions.csv"), model="tiny", out=str(tmp_path / "run"), steps=1,
+                      batch_size=4, device="cpu", progress=False))
+    assert lengths and max(lengths) < 40  # synthetic captions are short: not the 77-token context

@@ -16,6 +16,7 @@ from clip_pacl.checkpoint.files import atomic_write, save_json, save_weights
 from clip_pacl.checkpoint.io import OPEN_CLIP_CONFIG_NAME, WEIGHT_SUFFIXES, save
 from clip_pacl.errors import CheckpointError
 from clip_pacl.models.clip import CLIP
+from clip_pacl.models.quantize import check_not_quantized
 
 FORMATS = ("hf", "open_clip", "clip_pacl")
 
@@ -52,6 +53,7 @@ def export_open_clip(model: CLIP, out_path: str | Path) -> Path:
 
 def export(model: nn.Module, to: str, out: str | Path) -> Path:
     """Write `model` in format `to` (hf, open_clip, clip_pacl); what `clip-pacl convert` calls."""
+    check_not_quantized(model, "export")
     if to == "hf":
         return export_hf(model, out)
     if to == "open_clip":

@@ -33,6 +33,8 @@ from clip_pacl.config import CLIPConfig, available_presets
 from clip_pacl.errors import CheckpointError, ConfigError
 from clip_pacl.models.backbone import build_backbone
 from clip_pacl.models.clip import CLIP
+from clip_pacl.models.quantize import check_not_quantized, check_quantization
+from clip_pacl.models.quantize import quantize as quantize_model
 
 OPEN_CLIP_CONFIG_NAME = "open_clip_config.json"
 OPEN_CLIP_WEIGHT_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin", "open_clip_pytorch_model.pth")
@@ -58,6 +60,7 @@ def save(model: nn.Module, out_dir: str | Path, extra_config: dict[str, Any] | N
     Models that carry more than a CLIP (PACL heads, third-party backbones) have their own writer in
     `MODEL_TYPES` (by the model's `model_type`), and `load` dispatches back to its reader by `config.json`'s.
     """
+    check_not_quantized(model, "save")
     out = Path(out_dir)
     model_type = getattr(model, "model_type", "clip")
     if model_type in MODEL_TYPES:
@@ -76,15 +79,18 @@ def load(
     config: str | Path | CLIPConfig | None = None,
     quick_gelu: bool | None = None,
     device: str | torch.device | None = None,
+    quantize: str | None = None,
 ) -> nn.Module:
     """Load a model from any source clip-pacl reads (see ARCHITECTURE.md, "Contracts").
 
     `pretrained` names weights for a preset as open_clip does (`load("ViT-B-32", pretrained="openai")`)
     or is a weights file for it. `config` (a preset name, an open_clip JSON or a CLIPConfig) overrides the
     architecture inferred from a bare state dict. `quick_gelu`, when given, overrides the activation;
-    bare state dicts otherwise imply QuickGELU, OpenAI's convention.
+    bare state dicts otherwise imply QuickGELU, OpenAI's convention. `quantize="int8"` returns the model
+    int8-quantized for CPU inference, in eval mode (`models/quantize.py`).
     """
-    return load_with_source(src, pretrained=pretrained, config=config, quick_gelu=quick_gelu, device=device)[0]
+    return load_with_source(src, pretrained=pretrained, config=config, quick_gelu=quick_gelu, device=device,
+                            quantize=quantize)[0]
 
 
 def load_with_source(
@@ -94,8 +100,16 @@ def load_with_source(
     config: str | Path | CLIPConfig | None = None,
     quick_gelu: bool | None = None,
     device: str | torch.device | None = None,
+    quantize: str | None = None,
 ) -> tuple[nn.Module, Source]:
     """`load`, also saying where the weights came from (format, path, hub id)."""
+    check_quantization(quantize)  # before minutes of loading
+    model, source = _load_any(src, pretrained, config, quick_gelu, device)
+    return quantize_model(model, quantize, inplace=True), source
+
+
+def _load_any(src: str | Path, pretrained: str | None, config: str | Path | CLIPConfig | None,
+              quick_gelu: bool | None, device: str | torch.device | None) -> tuple[nn.Module, Source]:
     from clip_pacl.checkpoint import hub
 
     src = resolve_run_dir(src)  # a training run dir means its final/ (or newest) model

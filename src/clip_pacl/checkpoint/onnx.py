@@ -25,6 +25,7 @@ from torch import nn
 from clip_pacl.errors import CheckpointError, MissingDependencyError
 from clip_pacl.models import inference
 from clip_pacl.models.clip import CLIP
+from clip_pacl.models.quantize import check_not_quantized
 from clip_pacl.transforms import OPENAI_MEAN, OPENAI_STD
 
 IMAGE_ENCODER_NAME = "image_encoder.onnx"
@@ -64,6 +65,7 @@ def export_onnx(model: nn.Module, out_dir: str | Path, opset: int = DEFAULT_OPSE
     """
     if not isinstance(model, CLIP):
         raise CheckpointError(f"ONNX export handles CLIP models; this is a {type(model).__name__}")
+    check_not_quantized(model, "export")
     try:
         import onnx  # noqa: F401 (the exporter needs it)
     except ImportError:

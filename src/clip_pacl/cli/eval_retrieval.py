@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 import clip_pacl
-from clip_pacl.cli.common import add_device_flag, add_json_flag, print_json, resolve_device
+from clip_pacl.cli.common import add_device_flag, add_int8_flag, add_json_flag, load_device, print_json, quantization
 from clip_pacl.data import DATA_FORMATS, read_caption_rows
 from clip_pacl.eval.retrieval import evaluate_retrieval
 
@@ -34,13 +34,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plots", type=Path, default=None, metavar="DIR",
                         help="write retrieval_grid.png, captions with their top-5 images, into this folder")
     add_device_flag(parser)
+    add_int8_flag(parser)
     add_json_flag(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     rows = read_caption_rows(args.data, data_format=args.data_format, image_key=args.image_key,
                              caption_key=args.caption_key)
-    model = clip_pacl.load(args.model, device=resolve_device(args.device))
+    model = clip_pacl.load(args.model, device=load_device(args), quantize=quantization(args))
     result = evaluate_retrieval(model, rows, batch_size=args.batch_size, workers=args.workers, plots=args.plots)
     result = {"model": args.model, "data": str(args.data), **result}
     if args.json:

@@ -6,7 +6,15 @@ import argparse
 from pathlib import Path
 
 import clip_pacl
-from clip_pacl.cli.common import add_device_flag, add_json_flag, print_json, print_per_class, resolve_device
+from clip_pacl.cli.common import (
+    add_device_flag,
+    add_int8_flag,
+    add_json_flag,
+    load_device,
+    print_json,
+    print_per_class,
+    quantization,
+)
 from clip_pacl.data.imagefolder import read_labelled
 from clip_pacl.eval.zeroshot import evaluate_zeroshot
 from clip_pacl.zeroshot.templates import resolve_class_names, resolve_templates
@@ -48,6 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plots", type=Path, default=None, metavar="DIR",
                         help="write confusion_matrix.png (matplotlib) into this folder")
     add_device_flag(parser)
+    add_int8_flag(parser)
     add_json_flag(parser)
 
 
@@ -55,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     templates = resolve_templates(args.templates, args.template)
     class_names = resolve_class_names(args.classes) if args.classes is not None else None
     rows = read_labelled(args.data, class_names, image_key=args.image_key, label_key=args.label_key)
-    model = clip_pacl.load(args.model, device=resolve_device(args.device))
+    model = clip_pacl.load(args.model, device=load_device(args), quantize=quantization(args))
     result = evaluate_zeroshot(model, rows, templates, batch_size=args.batch_size, workers=args.workers,
                                class_names=class_names, plots=args.plots)
     result = {"model": args.model, "data": str(args.data), **result}

@@ -10,7 +10,16 @@ import torch
 
 from clip_pacl.checkpoint import load_with_source
 from clip_pacl.cli.ann_flags import add_ann_flags, add_faiss_index_flag, build_options
-from clip_pacl.cli.common import add_device_flag, add_json_flag, log, print_json, resolve_device
+from clip_pacl.cli.common import (
+    add_device_flag,
+    add_int8_flag,
+    add_json_flag,
+    load_device,
+    log,
+    print_json,
+    quantization,
+)
+from clip_pacl.models.quantize import quantize as quantize_model
 from clip_pacl.retrieval.ann import check_request
 from clip_pacl.retrieval.index import build_index, image_paths
 from clip_pacl.retrieval.metadata import attach_metadata, table_metadata
@@ -50,6 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_faiss_index_flag(parser)
     add_ann_flags(parser, build=True)
     add_device_flag(parser)
+    add_int8_flag(parser)
     add_json_flag(parser)
 
 
@@ -60,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     shards = wds_shards(args.images)
     inputs = shards if shards is not None else image_paths(args.images, args.image_key)
     info = env_dist_info()
-    model, source = load_with_source(args.model, device=_device(args.device, info))
+    model, source = load_with_source(args.model, device=_device(args, info))
     if args.faiss_index is not None:
         check_request(args.faiss_index, model.embed_dim, **ann_options)  # fail before minutes of embedding
     images = {"source": str(args.images.resolve()), "image_key": args.image_key} if shards is None else \
@@ -93,9 +103,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _device(name: str | None, info: DistInfo) -> torch.device:
-    """--device; under torchrun, `cuda` means this rank's own GPU (its local rank)."""
-    device = resolve_device(name)
+def _device(args: argparse.Namespace, info: DistInfo) -> torch.device:
+    """--device (the CPU under --int8); under torchrun, `cuda` means this rank's own GPU (its local rank)."""
+    device = load_device(args)
     if info.enabled and device.type == "cuda" and device.index is None:
         device = torch.device("cuda", info.local_rank)
     return device
@@ -105,11 +115,12 @@ def _build(args: argparse.Namespace, model: torch.nn.Module, inputs: list, webda
            images: dict[str, str], revision: str | None, info: DistInfo):
     """(index or None on ranks other than 0, unreadable [(path, reason)], unreadable count per rank or None).
     `inputs`: image paths, or webdataset shards."""
-    meta = {"model_source": args.model, "images": images, "hub_revision": revision}
+    meta = {"model_source": args.model, "images": images, "hub_revision": revision, "quantize": quantization(args)}
     if not info.enabled and not webdataset:
         index, unreadable = build_index(model, inputs, args.batch_size, args.workers, **meta)
         return index, unreadable, None
-    embed = partial(embed_shards if webdataset else embed_files, model, batch_size=args.batch_size,
+    encoder = quantize_model(model, meta["quantize"])  # every rank quantizes its float32 copy the same way
+    embed = partial(embed_shards if webdataset else embed_files, encoder, batch_size=args.batch_size,
                     workers=args.workers, progress=info.is_main)
     if not info.enabled:
         built = index_from_parts(model, [embed(inputs)], len(inputs), **meta)

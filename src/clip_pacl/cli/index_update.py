@@ -7,6 +7,7 @@ from pathlib import Path
 
 from clip_pacl.cli.common import add_device_flag, add_json_flag, print_json, resolve_device
 from clip_pacl.errors import DataError
+from clip_pacl.models.quantize import quantize as quantize_model
 from clip_pacl.retrieval.ann import import_faiss, rebuild_request
 from clip_pacl.retrieval.index import ImageIndex, build_index, image_paths
 from clip_pacl.retrieval.metadata import attach_metadata, table_metadata
@@ -47,13 +48,15 @@ def run(args: argparse.Namespace) -> int:
         import_faiss("updating an index with an approximate faiss index")  # it must be built again
     shards = wds_shards(images["source"]) if images.get("format") == "wds" else None
     paths = image_paths(images["source"], images.get("image_key", "image")) if shards is None else None
-    model = load_index_model(index, args.model, device=resolve_device(args.device))  # same weights, or refused
+    device = resolve_device(args.device or ("cpu" if index.meta.get("quantize") else None))  # int8: CPU only
+    model = load_index_model(index, args.model, device=device)  # same weights, or refused
     meta = {"model_source": args.model or index.meta.get("model"), "images": images,
-            "hub_revision": index.meta.get("hub_revision")}
+            "hub_revision": index.meta.get("hub_revision"), "quantize": index.meta.get("quantize")}
     if shards is None:
         updated, unreadable = build_index(model, paths, args.batch_size, args.workers, reuse=index, **meta)
     else:
-        built = index_from_parts(model, [embed_shards(model, shards, args.batch_size, args.workers)], len(shards),
+        encoder = quantize_model(model, meta["quantize"])  # embedded the way the index was built
+        built = index_from_parts(model, [embed_shards(encoder, shards, args.batch_size, args.workers)], len(shards),
                                  **meta)
         updated, unreadable = built.index, built.unreadable
     attach_metadata(updated, table_metadata(images["source"], images.get("image_key", "image")))  # the table's now

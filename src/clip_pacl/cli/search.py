@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from clip_pacl.cli.ann_flags import add_ann_flags, query_settings
-from clip_pacl.cli.common import add_device_flag, add_json_flag, print_json, resolve_device
+from clip_pacl.cli.common import add_device_flag, add_int8_flag, add_json_flag, load_device, print_json, quantization
 from clip_pacl.data import load_image
 from clip_pacl.retrieval.filters import check_prefix, prefix_rows
 from clip_pacl.retrieval.index import ImageIndex
@@ -50,6 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="search even when --model's weights or preprocessing differ from those that built "
                              "the index (the scores then compare unlike embeddings)")
     add_device_flag(parser)
+    add_int8_flag(parser)
     add_json_flag(parser)
 
 
@@ -67,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
     backend = "faiss" if args.faiss else "torch" if args.exact else "auto"
     index.uses_ann(backend, **settings)  # settings that cannot apply fail before the model loads
     image = load_image(args.image) if args.image is not None else None  # a bad path fails before the model loads
-    model = load_index_model(index, args.model, device=resolve_device(args.device), force=args.force)
+    model = load_index_model(index, args.model, device=load_device(args), force=args.force,
+                             quantize=quantization(args))
     if image is None:
         hits = search_text(index, model, args.query, args.k, backend, prefix=prefix, **settings)[0]
     else:

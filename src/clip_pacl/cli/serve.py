@@ -8,7 +8,7 @@ from pathlib import Path
 
 import clip_pacl
 from clip_pacl.cli.ann_flags import add_ann_flags, query_settings
-from clip_pacl.cli.common import add_device_flag, log, resolve_device
+from clip_pacl.cli.common import add_device_flag, add_int8_flag, load_device, log, quantization
 from clip_pacl.errors import MissingDependencyError
 
 COMMAND = "serve"
@@ -38,6 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "built it")
     add_ann_flags(parser)
     add_device_flag(parser)
+    add_int8_flag(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -64,14 +65,14 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--nprobe, --ef-search and --rerank need --index")
     if index is not None:
         index.uses_ann("auto", **settings)  # settings that cannot apply fail before the model loads
-    device = resolve_device(args.device)
+    device = load_device(args)
     if index is not None:
-        model = load_index_model(index, args.model, device=device, force=args.force)
+        model = load_index_model(index, args.model, device=device, force=args.force, quantize=quantization(args))
         recorded = index.meta.get("model")
         if args.model is not None and recorded and _source(args.model) != recorded:
             log(f"warning: the index was built with {recorded}; searching it with {args.model}")
     else:
-        model = clip_pacl.load(args.model, device=device).eval()
+        model = clip_pacl.load(args.model, device=device, quantize=quantization(args)).eval()
     model_name = args.model or index.meta.get("model", "")
     service = WebService(model, index, model_name=str(model_name), index_name=str(args.index or ""),
                          search_settings=settings)

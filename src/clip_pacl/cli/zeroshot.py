@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 import clip_pacl
-from clip_pacl.cli.common import add_device_flag, add_json_flag, print_json, resolve_device
+from clip_pacl.cli.common import add_device_flag, add_int8_flag, add_json_flag, load_device, print_json, quantization
 from clip_pacl.cli.eval_zeroshot import add_template_flags
 from clip_pacl.data import load_image
 from clip_pacl.data.folders import image_files
@@ -38,6 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=5, help="classes to show per image (capped at the class count)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     add_device_flag(parser)
+    add_int8_flag(parser)
     add_json_flag(parser)
 
 
@@ -52,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.images:
         raise DataError("the folders given hold no images")
     images = [load_image(path) for path in args.images]  # fail on a bad path before loading the model
-    model = clip_pacl.load(args.model, device=resolve_device(args.device)).eval()
+    model = clip_pacl.load(args.model, device=load_device(args), quantize=quantization(args)).eval()
     classifier = build_classifier(model, class_names, templates)  # (C, D)
     transform = model_transform(model)
     k = min(args.top_k, len(class_names))

@@ -24,6 +24,14 @@ export (`checkpoint/onnx.py`) uses the tricks that trace to a fixed graph (1 and
    model and rebuilt when any source tensor changes (an optimizer step, `load_state_dict`, `.to()` all change a
    tensor's version, storage or dtype); a model whose weights were created under `torch.inference_mode()` has no
    version counters, so it is folded afresh on every call instead.
+5. oneDNN linear layers (transformer blocks): `F.linear` on a float32 CPU tensor runs the BLAS sgemm PyTorch was
+   built with (MKL), which on AMD CPUs takes a generic code path; oneDNN's own JIT kernels
+   (`torch.ops.mkldnn._linear_pointwise`, what `torch.compile` uses for frozen CPU linears) run AVX-512 on any x86
+   CPU, about 2.2x MKL's rate on the AMD EPYC we measured (benchmarks/encode.py; on Intel CPUs the two are close),
+   and add the bias and the exact GELU in the same pass. Same products and sums in another order (1e-5). Not under
+   tracing (ONNX export keeps standard ops), not for other dtypes or devices. The blocks run as `_block` writes them
+   (the textbook block with these linears); an int8 model's layers (`models/quantize.py`) run as themselves, so
+   tricks 1-3 apply to int8 models too.
 """
 
 from __future__ import annotations
@@ -35,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clip_pacl.models.layers import Transformer
+from clip_pacl.models.layers import MLP, Attention, ResidualAttentionBlock, Transformer
 from clip_pacl.models.resnet import Bottleneck, ModifiedResNet
 from clip_pacl.models.text import TextTransformer
 from clip_pacl.models.vit import VisionTransformer
@@ -51,6 +59,59 @@ def fast_path_applies(tower: nn.Module) -> bool:
     """True when the speedups are exact and free: no autograd, eval mode (BatchNorm uses its running statistics),
     and not inside `torch.compile` (whose graph would break at the host syncs)."""
     return not torch.is_grad_enabled() and not tower.training and not torch.compiler.is_compiling()
+
+
+# ---------------------------------------------------------------------------------------------- 5. oneDNN linears
+ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool = False) -> torch.Tensor:
+    """`F.linear(x, weight, bias)` (then exact GELU): (..., in) -> (..., out), by oneDNN where it applies."""
+    if not (ONEDNN_LINEAR and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
+            and not torch.jit.is_tracing()):
+        y = F.linear(x, weight, bias)
+        return F.gelu(y) if gelu else y
+    y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), weight, bias, "gelu" if gelu else "none", [],
+                                           "none" if gelu else "")
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def linear(layer: nn.Module, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
+    """`layer(x)` (then exact GELU) for an `nn.Linear` (by `dense`) or an int8 layer (as itself)."""
+    if type(layer) is nn.Linear:
+        return dense(x, layer.weight, layer.bias, gelu)
+    y = layer(x)
+    return F.gelu(y) if gelu else y
+
+
+def _mlp(mlp: MLP, x: torch.Tensor) -> torch.Tensor:
+    if type(mlp.gelu) is nn.GELU and mlp.gelu.approximate == "none":
+        return linear(mlp.c_proj, linear(mlp.c_fc, x, gelu=True))
+    return linear(mlp.c_proj, mlp.gelu(linear(mlp.c_fc, x)))
+
+
+def _in_projection(attn: Attention, x: torch.Tensor) -> torch.Tensor:
+    if type(attn) is Attention:
+        return dense(x, attn.in_proj_weight, attn.in_proj_bias)
+    return attn.in_projection(x)
+
+
+def _block(block: ResidualAttentionBlock, x: torch.Tensor, causal: bool) -> torch.Tensor:
+    """`block(x, causal)` (B, N, D) -> (B, N, D) with trick 5's linears."""
+    attn = block.attn
+    b, n, d = x.shape
+    qkv = _in_projection(attn, block.ln_1(x)).view(b, n, 3, attn.heads, d // attn.heads)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, D/H) each
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    x = x + linear(attn.out_proj, out.transpose(1, 2).reshape(b, n, d))
+    return x + _mlp(block.mlp, block.ln_2(x))
+
+
+def run_blocks(transformer: Transformer, x: torch.Tensor, causal: bool, upto: int | None = None) -> torch.Tensor:
+    """`transformer(x, causal, upto)` (B, N, D) -> (B, N, D) with trick 5's linears."""
+    for block in transformer.resblocks[:upto]:
+        x = _block(block, x, causal)
+    return x
 
 
 # ---------------------------------------------------------------------------------------------- 1. one-row attention
@@ -74,17 +135,17 @@ def attend_one_query(q: torch.Tensor, x: torch.Tensor, k_weight: torch.Tensor, v
 
 def transformer_row(transformer: Transformer, x: torch.Tensor, rows: torch.Tensor, causal: bool) -> torch.Tensor:
     """`transformer(x, causal)[b, rows[b]]` (B, D) with the last block computed for that row only."""
-    x = transformer(x, causal=causal, upto=transformer.layers - 1)  # (B, N, D)
+    x = run_blocks(transformer, x, causal, upto=transformer.layers - 1)  # (B, N, D)
     block = transformer.resblocks[-1]
     b, n, d = x.shape
     batch = torch.arange(b, device=x.device)
     h = block.ln_1(x)
     weight, bias = block.attn.in_proj_weight, block.attn.in_proj_bias
-    q = F.linear(h[batch, rows], weight[:d], bias[:d])  # (B, D)
+    q = dense(h[batch, rows], weight[:d], bias[:d])  # (B, D)
     key_mask = torch.arange(n, device=x.device) <= rows[:, None] if causal else None  # (B, N)
     attended = attend_one_query(q, h, weight[d : 2 * d], weight[2 * d :], bias[2 * d :], block.attn.heads, key_mask)
-    y = x[batch, rows] + block.attn.out_proj(attended)  # (B, D)
-    return y + block.mlp(block.ln_2(y))
+    y = x[batch, rows] + linear(block.attn.out_proj, attended)  # (B, D)
+    return y + _mlp(block.mlp, block.ln_2(y))
 
 
 # ---------------------------------------------------------------------------------------------- 2, 3. text
@@ -223,10 +284,16 @@ def encode_image(visual: nn.Module, image: torch.Tensor) -> torch.Tensor:
     return visual(image)
 
 
-def image_tokens(visual: nn.Module, image: torch.Tensor, dense: str) -> torch.Tensor:
-    """`visual.forward_tokens(image)` or `visual.forward_maskclip(image)` (B, 1 + N, output_dim); the ResNet folds
-    BatchNorm (trick 4), the ViT needs every row and runs as written."""
+def image_tokens(visual: nn.Module, image: torch.Tensor, mode: str) -> torch.Tensor:
+    """`visual.forward_tokens(image)` or `visual.forward_maskclip(image)` (B, 1 + N, output_dim) (`mode` "tokens" or
+    "maskclip"); the ResNet folds BatchNorm (trick 4), the ViT needs every row and takes trick 5."""
     if isinstance(visual, ModifiedResNet):
         fmap = resnet_feature_map(visual, image)
-        return visual.attnpool.value_path(fmap) if dense == "maskclip" else visual.attnpool.forward_tokens(fmap)
-    return visual.forward_maskclip(image) if dense == "maskclip" else visual.forward_tokens(image)
+        return visual.attnpool.value_path(fmap) if mode == "maskclip" else visual.attnpool.forward_tokens(fmap)
+    if isinstance(visual, VisionTransformer):
+        layers = visual.transformer.layers
+        x = run_blocks(visual.transformer, visual.embed(image), False, upto=layers - 1 if mode == "maskclip" else None)
+        if mode == "maskclip":
+            x = visual.transformer.resblocks[-1].forward_value_path(x)
+        return visual.ln_post(x) @ visual.proj
+    return visual.forward_maskclip(image) if mode == "maskclip" else visual.forward_tokens(image)

@@ -42,10 +42,14 @@ class Attention(nn.Module):
         nn.init.xavier_uniform_(self.in_proj_weight)
         nn.init.zeros_(self.out_proj.bias)
 
+    def in_projection(self, x: torch.Tensor) -> torch.Tensor:
+        """Queries, keys and values side by side: (..., D) -> (..., 3D)."""
+        return F.linear(x, self.in_proj_weight, self.in_proj_bias)
+
     def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(B, N, D) -> three (B, H, N, D/H) tensors."""
         b, n, d = x.shape
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(b, n, 3, self.heads, d // self.heads)
+        qkv = self.in_projection(x).view(b, n, 3, self.heads, d // self.heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         return q, k, v
 

@@ -40,6 +40,13 @@ class TextTransformer(nn.Module):
         pos = self.positional_embedding[: text.shape[1]].to(self.token_embedding.weight.dtype)
         return self.token_embedding(text) + pos
 
+    @staticmethod
+    def trim_padding(text: torch.Tensor) -> torch.Tensor:
+        """(B, L) token ids cut to (B, L') one past the batch's last EOT: what follows is padding that no output
+        depends on (causal attention, pooled at EOT), so `forward` gives the same values and gradients. Meant for
+        host tensors (a training batch before it goes to the device): on a GPU the cut length is a sync."""
+        return text[:, : int(text.argmax(dim=-1).max()) + 1] if text.numel() else text
+
     def forward(self, text: torch.Tensor) -> torch.Tensor:
         """(B, L) token ids -> pooled embedding (B, output_dim): the output at each row's EOT token."""
         x = self.transformer(self.embed(text), causal=True)  # (B, L, width)

@@ -41,6 +41,7 @@ from clip_pacl.data.images import IMAGE_EXTENSIONS
 from clip_pacl.data.tables import read_records, require_columns, resolve_image, table_format
 from clip_pacl.encode import encode_images
 from clip_pacl.errors import CheckpointError, DataError, MissingDependencyError
+from clip_pacl.models.quantize import quantize as quantize_model
 from clip_pacl.preprocess import model_transform
 from clip_pacl.retrieval.ann import ANN_NAME, AnnIndex, build_ann, import_faiss, load_ann
 from clip_pacl.transforms import ImageTransform
@@ -317,6 +318,7 @@ def build_index(
     images: dict[str, str] | None = None,
     reuse: ImageIndex | None = None,
     hub_revision: str | None = None,
+    quantize: str | None = None,
 ) -> tuple[ImageIndex, list[tuple[str, str]]]:
     """Embed `paths` with `model` into an ImageIndex; returns it and the unreadable images [(path, reason)].
 
@@ -324,6 +326,8 @@ def build_index(
     `images` ({"source": folder or table, "image_key": column}) so that `update` can list the images again.
     With `reuse` (an index of the same model), images whose size and mtime it recorded are not embedded again.
     `hub_revision` (the commit of a hub model's snapshot) is recorded beside the weights' fingerprint.
+    `quantize="int8"` encodes with an int8 copy of `model`; the fingerprint stays that of `model`'s weights and
+    meta.json records the quantization (queries may be encoded either way: the embeddings stay comparable).
     """
     unique = list(dict.fromkeys(Path(p).resolve() for p in paths))
     if not unique:
@@ -334,7 +338,8 @@ def build_index(
     reused = {i: known[(str(p), st["size"], st["mtime_ns"])] for i, (p, st) in enumerate(zip(unique, stats))
               if st is not None and (str(p), st["size"], st["mtime_ns"]) in known}
     todo = [i for i in range(len(unique)) if i not in reused]
-    new_features, new_kept, unreadable = encode_images(model, [unique[i] for i in todo], batch_size, workers,
+    encoder = quantize_model(model, quantize) if todo else model
+    new_features, new_kept, unreadable = encode_images(encoder, [unique[i] for i in todo], batch_size, workers,
                                                        progress) if todo else (None, torch.empty(0), [])
     rows = {i: reuse.embeddings[row] for i, row in reused.items()}  # (D,) each
     rows.update({todo[j]: new_features[n] for n, j in enumerate(new_kept.tolist())})
@@ -342,21 +347,23 @@ def build_index(
     if not kept:
         raise DataError(f"none of the {len(unique)} images could be read (e.g. {unreadable[0][0]}: {unreadable[0][1]})")
     meta = index_meta(model, len(kept), len(unreadable), model_source=model_source, images=images,
-                      hub_revision=hub_revision, reused=len(reused))
+                      hub_revision=hub_revision, quantize=quantize, reused=len(reused))
     embeddings = torch.stack([rows[i] for i in kept]).float()  # (M, D)
     return ImageIndex(embeddings, [str(unique[i]) for i in kept], meta, [stats[i] for i in kept]), unreadable
 
 
 def index_meta(model: torch.nn.Module, count: int, unreadable: int, *, model_source: str | None = None,
                images: dict[str, str] | None = None, hub_revision: str | None = None,
-               reused: int = 0) -> dict[str, Any]:
-    """meta.json of an index of `count` images embedded by `model` (`build_index` and the sharded build)."""
+               quantize: str | None = None, reused: int = 0) -> dict[str, Any]:
+    """meta.json of an index of `count` images embedded by `model` (`build_index` and the sharded build);
+    `model` is the float32 one (its fingerprint), `quantize` how the images were encoded ("int8" or None)."""
     return {
         "format_version": FORMAT_VERSION,
         "model": model_source_string(model_source) if model_source is not None else None,
         "model_has_weights": model_has_weights(model_source),
         "weights": weights_fingerprint(model),
         "hub_revision": hub_revision,
+        "quantize": quantize,
         "preprocessing": preprocessing(model),
         "images": images,
         "embed_dim": int(model.embed_dim),

@@ -11,6 +11,7 @@ import clip_pacl
 from clip_pacl.data import load_image
 from clip_pacl.encode import encode_texts, model_device
 from clip_pacl.errors import DataError
+from clip_pacl.models.quantize import quantize as quantize_model
 from clip_pacl.preprocess import model_transform
 from clip_pacl.retrieval.filters import search_prefix
 from clip_pacl.retrieval.index import ImageIndex, SearchHit, check_model
@@ -18,11 +19,12 @@ from clip_pacl.retrieval.index import ImageIndex, SearchHit, check_model
 
 def load_index_model(
     index: ImageIndex, model: str | Path | None = None, device: str | torch.device | None = None,
-    force: bool = False,
+    force: bool = False, quantize: str | None = None,
 ) -> torch.nn.Module:
     """The model recorded in the index's meta.json, or `model` when given; checked against the index's dim
     and (unless `force`) against the weights and preprocessing that built it.
 
+    `quantize="int8"` returns it int8-quantized (checked as float32 first).
     An index built from a preset (random weights) cannot be searched by reloading the preset, which would
     draw new random weights: that case asks for `--model`.
     """
@@ -38,7 +40,7 @@ def load_index_model(
                         f"{index.embed_dim}-d embeddings")
     if not force:
         check_model(index, loaded)
-    return loaded
+    return quantize_model(loaded, quantize, inplace=True)
 
 
 def search_text(index: ImageIndex, model: torch.nn.Module, queries: str | list[str], k: int = 10,

@@ -48,7 +48,7 @@ from clip_pacl.train.distributed import (
 from clip_pacl.train.logging import RunLogger, plot_loss
 from clip_pacl.train.optim import build_optimizer, clamp_logit_scale, lock_image_tower, lock_text_tower, set_train_mode
 from clip_pacl.train.schedule import WarmupCosine
-from clip_pacl.train.setup import FeatureModel, build_datasets, build_model
+from clip_pacl.train.setup import FeatureModel, build_datasets, build_model, trim_text_padding
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 BAD_CHECK_MIN_SAMPLES = 1000  # mid-epoch, judge the bad-image fraction only on this many samples or more
@@ -321,8 +321,8 @@ def _epoch_steps(run: Run, state: TrainState) -> Iterator[Micro]:
         state.pending_seen += batch["n_total"]
         if len(batch["images"]) == 0:  # every image of this micro-batch was unreadable
             continue
-        micro.append((batch["images"].to(run.device, non_blocking=True),
-                      batch["texts"].to(run.device, non_blocking=True)))
+        texts = trim_text_padding(run.model, batch["texts"])  # on the host: no sync
+        micro.append((batch["images"].to(run.device, non_blocking=True), texts.to(run.device, non_blocking=True)))
         if len(micro) < run.config.accum:
             continue
         if run.sync_epoch_ends and not all_ranks_ready(run.info, True):  # another rank's shards ran out

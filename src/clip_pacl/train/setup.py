@@ -16,6 +16,8 @@ from torch.utils.data import Dataset
 from clip_pacl.checkpoint import load as load_model
 from clip_pacl.errors import ConfigError, DataError
 from clip_pacl.losses import Objective
+from clip_pacl.models.pacl import PACL
+from clip_pacl.models.text import TextTransformer
 from clip_pacl.train.config import TrainConfig
 
 
@@ -76,6 +78,16 @@ class FeatureModel(nn.Module):
         features = self.model.loss_features_from_cache if self.from_cache else self.model.loss_features
         image_side, text_side = features(images, texts)
         return image_side, text_side, self.model.logit_scale, getattr(self.model, "logit_bias", None)
+
+
+def trim_text_padding(model: nn.Module, texts: torch.Tensor) -> torch.Tensor:
+    """A host batch of token ids (B, 77) cut after its longest caption when `model` (a CLIP, or a PACL on one) has
+    clip-pacl's text tower (`TextTransformer.trim_padding`: exact); COCO-length captions need about 20 positions, so
+    the text tower does ~3.5x less work. Other models' ids and cached text features pass unchanged."""
+    clip = model.clip if isinstance(model, PACL) else model
+    if texts.is_floating_point() or not isinstance(getattr(clip, "text", None), TextTransformer):
+        return texts
+    return TextTransformer.trim_padding(texts)
 
 
 def build_datasets(config: TrainConfig, model: nn.Module, image_size: int) -> tuple[Dataset, list | None]:
