@@ -146,8 +146,11 @@ TRAIN_STEPS = 6
 
 def _train_args(runs: Path, *extra: str) -> list[str]:
     """32 images, global batch 16: 2 steps an epoch, so 6 steps cross epochs; every run starts from runs/init."""
+    # eps 1e-6: with the default 1e-8, a gradient entry that is float noise (summed in another order by 2 ranks)
+    # takes a full Adam step in either direction, and the runs could not be compared weight for weight.
     return ["--data", str(runs / "data" / "captions.csv"), "--model", str(runs / "init"), "--steps", str(TRAIN_STEPS),
-            "--lr", "1e-3", "--warmup", "1", "--device", "cpu", "--no-progress", "--log-every", "1", *extra]
+            "--lr", "1e-3", "--warmup", "1", "--eps", "1e-6", "--device", "cpu", "--no-progress", "--log-every", "1",
+            *extra]
 
 
 def _torchrun(runs: Path, out: Path, *extra: str, start_new_session: bool = False):
