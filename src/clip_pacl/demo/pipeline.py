@@ -71,6 +71,7 @@ class PhaseClock:
         yield
         self.phases[name] = {"seconds": round(time.perf_counter() - wall, 1),
                              "cpu_seconds": round(time.process_time() - cpu, 1)}
+        log(f"      {name}: {self.phases[name]['seconds']} s (CPU {self.phases[name]['cpu_seconds']} s)")
 
     def total(self) -> float:
         return round(time.perf_counter() - self.start, 1)
