@@ -8,6 +8,8 @@ import io
 import json
 import re
 import shlex
+import subprocess
+import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from clip_pacl.errors import ConfigError
 from clip_pacl.tokenizer import tokenize
 
 PNG = b"\x89PNG\r\n\x1a\n"
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -203,3 +206,16 @@ def test_demo_context_holds_every_synthetic_caption():
                       [ShapeObject(shape, color, size, (5.0 + 27 * i, 5.0), 4.0, (0, 0, 0)) for i in range(n)],
                       background, 64))
     assert 20 < longest <= DemoConfig().context_length
+
+
+def test_demo_time_benchmark_records_phases_and_metrics(tmp_path):
+    out = tmp_path / "demo_time.jsonl"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "demo_time.py"), "--quick", "--threads", "1",
+                           "--out", str(out), "--label", "test"], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (record,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert record["mode"] == "quick" and record["threads"] == 1 and record["label"] == "test"
+    assert record["clip_steps"] == 4 and record["wall_s"] >= record["demo_s"] > 0
+    assert set(record["phases"]) == {"data", "clip_train", "clip_eval", "pacl_train", "segmentation", "report"}
+    assert 0 <= record["metrics"]["miou_colour_pacl"] <= 1 and len(record["loadavg_before"]) == 3
+    assert proc.stdout.startswith("phase") and "clip_train" in proc.stdout and "\ntotal" in proc.stdout

@@ -15,7 +15,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from clip_pacl.segmentation.overlay import NAMED_COLORS, class_colors
-from clip_pacl.segmentation.predict import NO_CLASS, segment
+from clip_pacl.segmentation.predict import NO_CLASS, class_embeddings, segment
 
 SCALE = 3  # panels are enlarged (nearest) so 64-pixel images stay readable
 HEADER = 18
@@ -58,13 +58,15 @@ def comparison_figure(dataset, indices: Sequence[int], columns: Sequence[FigureC
     column titles, one row per image (image, ground truth, each column's segmentation), a legend of the classes."""
     names = list(dataset.class_names)
     colors, ignore = figure_colors(names)
+    prompts = [class_embeddings(c.model, names, templates, c.method) for c in columns]  # (C, D) each, once
     rows = []
     for i in indices:
         image, mask = dataset[i]
         panels = [image.convert("RGB"), colourise(mask, colors, ignore)]
-        for column in columns:
+        for column, text_features in zip(columns, prompts):
             result = segment(column.model, image, names, templates=templates, method=column.method,
-                             background_threshold=column.background_threshold, background="prompt")
+                             background_threshold=column.background_threshold, background="prompt",
+                             text_features=text_features)
             panels.append(colourise(result.label_map, colors, ignore))
         rows.append([p.resize((p.width * SCALE, p.height * SCALE), Image.NEAREST) for p in panels])
     return _compose(["image", "ground truth", *(c.heading for c in columns)], rows, names, colors)
