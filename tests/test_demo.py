@@ -1,27 +1,221 @@
+"""`clip-pacl demo`: the quick run writes the whole report (HTML self-contained, Markdown with its PNGs), the
+commands it prints work, and an existing output directory is replaced only when asked, and only if it is a demo's."""
+
+import base64
+import contextlib
+import html
+import io
 import json
+import re
+import shlex
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
 
-from clip_pacl.cli.main import main
-from clip_pacl.demo import format_summary
+import pytest
+from PIL import Image
+
+from clip_pacl.cli.main import build_parser, main
+from clip_pacl.data.synthetic import BACKGROUNDS, COLORS, SHAPES, SIZES, ShapeObject, caption_templates
+from clip_pacl.demo import SECTIONS, DemoConfig, format_summary, metric_rows, prepare_out_dir
+from clip_pacl.demo.pipeline import MARKER
+from clip_pacl.errors import ConfigError
+from clip_pacl.tokenizer import tokenize
+
+PNG = b"\x89PNG\r\n\x1a\n"
+ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_quick_demo_runs_end_to_end(tmp_path, capsys):
-    out = tmp_path / "demo"
-    assert main(["demo", "--quick", "--out", str(out), "--no-progress", "--json"]) == 0
-    summary = json.loads(capsys.readouterr().out)
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("demo") / "out"
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert main(["demo", "--quick", "--out", str(out), "--no-progress", "--json"]) == 0
+    return out, json.loads(stdout.getvalue())
+
+
+def test_quick_demo_runs_every_phase(demo):
+    out, summary = demo
     assert summary["clip_train"]["steps"] == 4 and summary["pacl_train"]["steps"] == 4
+    assert set(summary["phases"]) == {"data", "clip_train", "clip_eval", "pacl_train", "segmentation", "report"}
     assert set(summary["segmentation"]) == {"segmentation_colors", "segmentation"}
     for per_method in summary["segmentation"].values():
         assert set(per_method) == {"patch", "maskclip", "pacl"}
         for result in per_method.values():
             assert [r["background_threshold"] for r in result["sweep"]] == [None, 0.2, 0.3, 0.4, 0.5]
             assert result["best"]["miou"] == max(r["miou"] for r in result["sweep"])
-    assert "by colour: raw patches" in format_summary(summary)
     for task in ("shapes", "colors"):
         assert 0.0 <= summary["zeroshot"][task]["top1"] <= 1.0
-    assert (out / "pacl_overlay.png").stat().st_size > 0
+    scores = summary["clip_score"]
+    assert scores["n_images"] == 24 and 0 <= scores["mismatched"] <= 2.5 and 0 <= scores["matched"] <= 2.5
+    assert (out / "pacl_overlay.png").read_bytes()[:8] == PNG
     assert json.loads((out / "summary.json").read_text())["segmentation"] == summary["segmentation"]
+
+
+def _rows_in_report(summary: dict) -> list[tuple[str, str, str]]:
+    """The metric rows the report holds: all but the time of writing it, and the total, taken just before."""
+    return [row for row in metric_rows(summary) if row[0] not in ("time: writing the report", "time: total")]
+
+
+class _Attributes(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: list[tuple[str, dict]] = []
+
+    def handle_starttag(self, tag, attrs) -> None:
+        self.tags.append((tag, dict(attrs)))
+
+
+def test_html_report_is_complete_and_self_contained(demo):
+    out, summary = demo
+    text = (out / "report.html").read_text()
+    for section in SECTIONS:
+        assert f"<h2>{html.escape(section)}</h2>" in text
+    parser = _Attributes()
+    parser.feed(text)
+    images = [attrs for tag, attrs in parser.tags if tag == "img"]
+    assert len(images) == 7  # 2 loss curves, 2 confusion matrices, retrieval grid, segmentation figure, overlay
+    for tag, attrs in parser.tags:
+        assert "href" not in attrs and tag not in ("link", "script", "iframe")
+        if "src" in attrs:
+            assert attrs["src"].startswith("data:image/png;base64,")
+            png = base64.b64decode(attrs["src"].split(",", 1)[1])
+            assert png[:8] == PNG
+            with Image.open(io.BytesIO(png)) as image:
+                image.verify()
+    without_data = re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]*", "", text)
+    assert "url(" not in without_data and "http" not in without_data.lower()
+    for name, value, comparison in _rows_in_report(summary):
+        name, value, comparison = (html.escape(x) for x in (name, value, comparison))
+        assert f"<td>{name}</td><td class=num>{value}</td><td>{comparison}</td>" in text
+
+
+def test_markdown_report_links_its_figures(demo):
+    out, summary = demo
+    text = (out / "report.md").read_text()
+    for section in SECTIONS:
+        assert f"\n## {section}\n" in text
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+    assert len(links) == 7
+    for link in links:
+        assert not Path(link).is_absolute() and (out / link).read_bytes()[:8] == PNG
+    for name, value, comparison in _rows_in_report(summary):
+        assert f"| {name} | {value} | {comparison} |" in text
+    assert "| time: total |" in text
+    assert "CLIPScore" in text and f"{summary['clip_score']['matched']:.3f}" in text
+
+
+def test_printed_summary_has_table_report_and_commands(demo):
+    out, summary = demo
+    printed = format_summary(summary)
+    for name, value, _ in metric_rows(summary):
+        assert re.search(rf"{re.escape(name)}\s+{re.escape(value)}", printed)
+    assert f"report: {out / 'report.html'}" in printed
+    assert f"clip-pacl serve --model {out / 'clip'} --index {out / 'index'}" in printed
+    assert "time: writing the report" in printed and "time: total" in printed
+
+
+def test_printed_commands_run(demo, tmp_path, capsys):
+    """Every command the demo suggests parses, and the search, segment and both training commands run as printed
+    (training on the demo's own CSV in place of YOUR.csv)."""
+    out, summary = demo
+    commands = {step["what"]: shlex.split(step["command"]) for step in summary["next_steps"]}
+    for argv in commands.values():
+        assert argv[0] == "clip-pacl"
+        build_parser().parse_args(argv[1:])
+    serve, search, segment, train_clip, train_pacl = commands.values()
+    assert serve[1] == "serve"
+    assert main([*search[1:], "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["results"]) == 5
+    segment = [str(tmp_path / a) if a in ("mask.png", "overlay.png") else a for a in segment]
+    assert main(segment[1:]) == 0 and (tmp_path / "overlay.png").read_bytes()[:8] == PNG
+    csv = str(out / "data" / "train" / "captions.csv")
+    for argv in (train_clip, train_pacl):
+        argv = [csv if a == "YOUR.csv" else str(tmp_path / a) if a.startswith("runs/") else a for a in argv]
+        assert main([*argv[1:], "--no-progress"]) == 0
+    assert (tmp_path / "runs" / "pacl" / "final").is_dir()
+
+
+def test_rerun_into_existing_dir_needs_overwrite(demo, capsys):
+    out, _ = demo
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "--overwrite" in err and err.count("\n") == 1
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+
+
+@pytest.mark.parametrize("contents", [{"notes.txt": "mine"}, {"data/x.csv": "mine"}])
+def test_overwrite_refuses_a_directory_that_is_not_a_demo(tmp_path, capsys, contents):
+    for name, text in contents.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    if "notes.txt" in contents:
+        (tmp_path / MARKER).write_text("")  # even a marked directory keeps files the demo did not write
+    assert main(["demo", "--quick", "--overwrite", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --overwrite replaces only a demo's own output") and err.count("\n") == 1
+    for name, text in contents.items():
+        assert (tmp_path / name).read_text() == text
+
+
+def test_overwrite_empties_an_earlier_demo_dir(tmp_path):
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep.txt").write_text("mine")
+    (out / "clip" / "final").mkdir(parents=True)
+    (out / MARKER).write_text("")
+    (out / "clip" / "final" / "model.safetensors").write_bytes(b"old")
+    (out / "report.html").write_text("old")
+    (out / "figures").symlink_to(elsewhere)  # a link is removed, not followed
+    prepare_out_dir(out, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == [MARKER]
+    assert (elsewhere / "keep.txt").read_text() == "mine"
+    (out / "summary.json").write_text("{}")
+    with pytest.raises(ConfigError, match="--overwrite"):
+        prepare_out_dir(out, overwrite=False)
+
+
+def test_demo_needs_matplotlib_before_any_work(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else
+                        find_spec(name, *a))
+    assert main(["demo", "--quick", "--out", str(tmp_path / "out")]) == 2
+    assert "matplotlib" in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
 def test_demo_rejects_bad_steps(tmp_path, capsys):
     assert main(["demo", "--quick", "--out", str(tmp_path), "--clip-steps", "0"]) == 2
     assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_demo_context_holds_every_synthetic_caption():
+    """The demo's CLIP reads 32 tokens, not 77: the longest caption the generator can write must fit. BPE splits
+    words apart, so the longest caption takes the longest colour, shape and size words, spread along the top row
+    (relations "to the left of", the corner positions)."""
+    def tokens(text: str) -> int:
+        return int((tokenize([text]) != 0).sum())
+
+    color, shape, size = (max(names, key=tokens) for names in (COLORS, SHAPES, SIZES))
+    longest = max(tokens(caption) for background in BACKGROUNDS for n in (1, 2, 3)
+                  for caption in caption_templates(
+                      [ShapeObject(shape, color, size, (5.0 + 27 * i, 5.0), 4.0, (0, 0, 0)) for i in range(n)],
+                      background, 64))
+    assert 20 < longest <= DemoConfig().context_length
+
+
+def test_demo_time_benchmark_records_phases_and_metrics(tmp_path):
+    out = tmp_path / "demo_time.jsonl"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "demo_time.py"), "--quick", "--threads", "1",
+                           "--out", str(out), "--label", "test"], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (record,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert record["mode"] == "quick" and record["threads"] == 1 and record["label"] == "test"
+    assert record["clip_steps"] == 4 and record["wall_s"] >= record["demo_s"] > 0
+    assert set(record["phases"]) == {"data", "clip_train", "clip_eval", "pacl_train", "segmentation", "report"}
+    assert 0 <= record["metrics"]["miou_colour_pacl"] <= 1 and len(record["loadavg_before"]) == 3
+    assert proc.stdout.startswith("phase") and "clip_train" in proc.stdout and "\ntotal" in proc.stdout
