@@ -13,7 +13,7 @@ from clip_pacl.models import CLIP
 from clip_pacl.models.pacl import PACL
 from clip_pacl.models.text import TextTransformer
 from clip_pacl.train import TrainConfig, accumulate_gradients, optim, train
-from clip_pacl.train.schedule import lr_at
+from clip_pacl.train.schedule import WarmupCosine, default_warmup, lr_at, onecycle_at
 from clip_pacl.train.setup import FeatureModel, trim_text_padding
 
 
@@ -178,3 +178,33 @@ def test_the_loop_feeds_trimmed_text(tmp_path, monkeypatch):
     train(TrainConfig(data=str(tmp_path / "data" / "captions.csv"), model="tiny", out=str(tmp_path / "run"), steps=1,
                       batch_size=4, device="cpu", progress=False))
     assert lengths and max(lengths) < 40  # synthetic captions are short: not the 77-token context
+
+
+def test_default_warmup_is_30_percent_of_a_short_run_and_at_most_10000_steps():
+    assert [default_warmup(n) for n in (1, 10, 400, 1000, 33_334, 200_000)] == [1, 3, 120, 300, 10_000, 10_000]
+
+
+@pytest.mark.parametrize(("warmup", "beta1"), [(120, 0.9), (2, 0.9), (37, 0.8)])
+def test_onecycle_equals_pytorchs_one_cycle_lr_in_lr_and_beta1(warmup, beta1):
+    total = 400
+    reference_optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0, betas=(beta1, 0.999))
+    reference = torch.optim.lr_scheduler.OneCycleLR(reference_optimizer, max_lr=2e-3, total_steps=total,
+                                                    pct_start=warmup / total, base_momentum=beta1 - 0.05,
+                                                    max_momentum=beta1 + 0.05)
+    ours_optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0, betas=(beta1, 0.999))
+    ours = WarmupCosine(ours_optimizer, 2e-3, warmup, total, kind="onecycle")
+    for step in range(total):
+        lr = ours.apply(step)
+        group, expected = ours_optimizer.param_groups[0], reference_optimizer.param_groups[0]
+        assert lr == pytest.approx(expected["lr"], rel=1e-9, abs=1e-15), step
+        assert group["betas"][0] == pytest.approx(expected["betas"][0], rel=1e-9), step
+        assert group["betas"][1] == 0.999
+        reference_optimizer.step()
+        reference.step()
+
+
+@pytest.mark.parametrize("warmup", [0, 1])
+def test_onecycle_without_warmup_starts_at_the_peak(warmup):  # where PyTorch's OneCycleLR divides by zero
+    lr, beta1 = onecycle_at(0, 1e-3, warmup, 10, 0.9)
+    assert lr == pytest.approx(1e-3) and beta1 == pytest.approx(0.85)
+    assert onecycle_at(9, 1e-3, warmup, 10, 0.9) == pytest.approx((1e-3 / 25 / 1e4, 0.95))

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from clip_pacl.errors import ConfigError
+from clip_pacl.train.schedule import SCHEDULES
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -32,7 +33,8 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-8
-    warmup: int = 50
+    warmup: int | None = None  # None: schedule.default_warmup(total steps): 30% of the run, at most 10,000
+    schedule: str = "cosine"  # or "onecycle" (train/schedule.py)
     grad_clip: float | None = None  # None or 0: no clipping; open_clip's script does not clip either
     image_size: int | None = None  # None: the model's own
     augment: bool = False  # True: random resized crops (scale 0.9-1, open_clip's); False: the eval transform
@@ -75,11 +77,13 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, not {value}")
-        if self.lr <= 0 or self.wd < 0 or self.warmup < 0:
+        if self.lr <= 0 or self.wd < 0 or (self.warmup is not None and self.warmup < 0):
             raise ConfigError("--lr must be > 0, --wd >= 0 and --warmup >= 0")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1) or self.eps <= 0:
             raise ConfigError(f"--beta1 and --beta2 must be in [0, 1) and --eps > 0, not {self.beta1}, {self.beta2}, "
                               f"{self.eps}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"--schedule must be one of {', '.join(SCHEDULES)}, not '{self.schedule}'")
         if self.grad_clip is not None and self.grad_clip < 0:
             raise ConfigError(f"--grad-clip must be >= 0 (0: no clipping), not {self.grad_clip}")
         if self.precision not in PRECISIONS:
