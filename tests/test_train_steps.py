@@ -208,3 +208,16 @@ def test_onecycle_without_warmup_starts_at_the_peak(warmup):  # where PyTorch's 
     lr, beta1 = onecycle_at(0, 1e-3, warmup, 10, 0.9)
     assert lr == pytest.approx(1e-3) and beta1 == pytest.approx(0.85)
     assert onecycle_at(9, 1e-3, warmup, 10, 0.9) == pytest.approx((1e-3 / 25 / 1e4, 0.95))
+
+
+def test_a_compiled_run_trims_text_to_multiples_of_16_so_it_sees_few_lengths():
+    texts, model = torch.zeros(4, 77, dtype=torch.long), _tiny()
+    lengths = set()
+    for eot in range(1, 77):  # a batch whose longest caption ends at each position in turn
+        texts[0] = 0
+        texts[0, eot] = 49407
+        trimmed = trim_text_padding(model, texts, 16)
+        assert trimmed.shape[1] > eot and torch.equal(trimmed, texts[:, : trimmed.shape[1]])
+        lengths.add(trimmed.shape[1])
+    assert lengths == {16, 32, 48, 64, 77}
+    assert trim_text_padding(model, texts, 1).shape[1] == 77

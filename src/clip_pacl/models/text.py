@@ -41,11 +41,15 @@ class TextTransformer(nn.Module):
         return self.token_embedding(text) + pos
 
     @staticmethod
-    def trim_padding(text: torch.Tensor) -> torch.Tensor:
-        """(B, L) token ids cut to (B, L') one past the batch's last EOT: what follows is padding that no output
-        depends on (causal attention, pooled at EOT), so `forward` gives the same values and gradients. Meant for
-        host tensors (a training batch before it goes to the device): on a GPU the cut length is a sync."""
-        return text[:, : int(text.argmax(dim=-1).max()) + 1] if text.numel() else text
+    def trim_padding(text: torch.Tensor, multiple: int = 1) -> torch.Tensor:
+        """(B, L) token ids cut to (B, L') one past the batch's last EOT (rounded up to a multiple of `multiple`, at
+        most L): what follows is padding that no output depends on (causal attention, pooled at EOT), so `forward`
+        gives the same values and gradients. Meant for host tensors (a training batch before it goes to the device):
+        on a GPU the cut length is a sync. A compiled model wants few distinct lengths: `multiple` 16."""
+        if not text.numel():
+            return text
+        length = int(text.argmax(dim=-1).max()) + 1
+        return text[:, : min(-(-length // multiple) * multiple, text.shape[1])]
 
     def forward(self, text: torch.Tensor) -> torch.Tensor:
         """(B, L) token ids -> pooled embedding (B, output_dim): the output at each row's EOT token."""

@@ -80,14 +80,16 @@ class FeatureModel(nn.Module):
         return image_side, text_side, self.model.logit_scale, getattr(self.model, "logit_bias", None)
 
 
-def trim_text_padding(model: nn.Module, texts: torch.Tensor) -> torch.Tensor:
+def trim_text_padding(model: nn.Module, texts: torch.Tensor, multiple: int = 1) -> torch.Tensor:
     """A host batch of token ids (B, 77) cut after its longest caption when `model` (a CLIP, or a PACL on one) has
     clip-pacl's text tower (`TextTransformer.trim_padding`: exact); COCO-length captions need about 20 positions, so
-    the text tower does ~3.5x less work. Other models' ids and cached text features pass unchanged."""
+    the text tower does ~3.5x less work. Other models' ids and cached text features pass unchanged. With
+    `--compile` the length is rounded up to a multiple of 16, so a compiled model sees at most 5 text lengths
+    instead of recompiling for each new one."""
     clip = model.clip if isinstance(model, PACL) else model
     if texts.is_floating_point() or not isinstance(getattr(clip, "text", None), TextTransformer):
         return texts
-    return TextTransformer.trim_padding(texts)
+    return TextTransformer.trim_padding(texts, multiple)
 
 
 def build_datasets(config: TrainConfig, model: nn.Module, image_size: int) -> tuple[Dataset, list | None]:
