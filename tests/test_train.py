@@ -13,7 +13,7 @@ from clip_pacl.data import read_caption_rows, read_label_rows
 from clip_pacl.data.synthetic import generate_synthetic
 from clip_pacl.eval.retrieval import evaluate_retrieval
 from clip_pacl.eval.zeroshot import evaluate_zeroshot
-from clip_pacl.train.schedule import default_warmup, lr_at
+from clip_pacl.train.schedule import default_warmup, onecycle_at
 
 FAST = ["--model", "tiny", "--no-progress", "--log-every", "1"]
 
@@ -243,11 +243,11 @@ def test_augment_trains_on_random_crops_and_the_default_on_the_eval_transform(sy
         assert (not torch.equal(views[0], views[1])) is crops  # crops differ from call to call; eval is fixed
 
 
-def test_without_warmup_the_run_warms_up_over_30_percent_of_its_steps(synthetic, tmp_path):
+def test_by_default_the_run_is_one_cycle_warming_up_over_30_percent_of_its_steps(synthetic, tmp_path):
     out = tmp_path / "run"
     assert main(["train", "--data", str(synthetic), "--out", str(out), *FAST, "--steps", "10", "--batch-size", "4",
                  "--lr", "1e-3"]) == 0
     lrs = [r["lr"] for r in _records(out) if "lr" in r]
     assert default_warmup(10) == 3
-    assert lrs == pytest.approx([lr_at(step, 1e-3, 3, 10) for step in range(10)])
-    assert lrs[0] == pytest.approx(1e-3 / 3) and lrs[2] == pytest.approx(1e-3)
+    assert lrs == pytest.approx([onecycle_at(step, 1e-3, 3, 10, 0.9)[0] for step in range(10)])
+    assert lrs[0] == pytest.approx(1e-3 / 25) and lrs[2] == pytest.approx(1e-3)

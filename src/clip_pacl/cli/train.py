@@ -84,10 +84,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     arg("--beta2", type=float, help="AdamW's second-moment decay", metavar="F")
     arg("--eps", type=float, help="AdamW's epsilon", metavar="F")
     arg("--warmup", type=int, metavar="N",
-        help="linear warmup steps before the cosine decay (default: 30%% of the run's steps, at most 10,000)")
+        help="warmup steps before the decay (default: 30%% of the run's steps, at most 10,000)")
     arg("--schedule", choices=["cosine", "onecycle"],
-        help="cosine: linear warmup, cosine decay to zero (default); onecycle: PyTorch's OneCycleLR (cosine warmup from "
-             "lr/25, decay to lr/250,000, beta1 cycled +-0.05 against the lr)")
+        help="onecycle (default): PyTorch's OneCycleLR (cosine warmup from lr/25, decay to lr/250,000, beta1 cycled "
+             "+-0.05 against the lr); cosine: linear warmup, cosine decay to zero (open_clip's)")
     arg("--augment", action=argparse.BooleanOptionalAction,
         help="random resized crops (open_clip's scale 0.9-1) instead of the eval preprocess (default: off; "
              "crops slowed learning in the recipes benchmark, README)")
