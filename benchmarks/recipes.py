@@ -16,10 +16,13 @@ captions. Recipes:
 - `plain`: a plain PyTorch loop over `open_clip.CLIP` at PyTorch's defaults: `AdamW(model.parameters(), lr)`
   (betas (0.9, 0.999), eps 1e-8, wd 0.01 on every parameter), `OneCycleLR`, no augmentation, no clipping.
 
-    python benchmarks/recipes.py --tag final --recipes clip-pacl clip-pacl:beta2=0.999,eps=1e-8,warmup=10 \
-        open_clip_train plain                   # the README's table (~60 min on 2 busy CPU cores)
+    python benchmarks/recipes.py --steps 400 --n-train 3000 --tag final400 --seeds 0 1 2 3 4 \
+        --recipes clip-pacl plain open_clip_train    # the README's table (~25 min on 2 quiet CPU cores)
     python benchmarks/recipes.py --quick --out /tmp/r.jsonl   # smoke test, seconds
-    python benchmarks/recipes.py --table benchmarks/results/recipes.jsonl --tag final   # the table again
+    python benchmarks/recipes.py --table benchmarks/results/recipes.jsonl --tag final400   # the table again
+
+A record's `recipe` is read against today's defaults; where the defaults changed since a run, its record was
+relabelled with the explicit overrides that reproduce it (the original spec kept as `recipe_as_run`).
 
 Appends one JSON line per run to benchmarks/results/recipes.jsonl and prints mean +- std (min..max) per dataset
 and recipe.
