@@ -43,11 +43,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS for the demo")
     parser.add_argument("--out", type=Path, default=RESULTS, help="JSONL file to append the result to")
     parser.add_argument("--label", default="", help="a note stored with the result (commit, machine state)")
+    parser.add_argument("--keep", type=Path, default=None, metavar="DIR",
+                        help="run the demo into DIR (new or empty) and keep it, report included")
     args = parser.parse_args()
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="demo_time_") as tmp:
-        command = [sys.executable, "-m", "clip_pacl.cli.main", "demo", "--out", str(Path(tmp) / "demo"),
+        command = [sys.executable, "-m", "clip_pacl.cli.main", "demo", "--out", str(args.keep or Path(tmp) / "demo"),
                    "--no-progress", "--json", *(["--quick"] if args.quick else [])]
         start = time.perf_counter()
         proc = subprocess.run(command, env=env, capture_output=True, text=True)

@@ -13,10 +13,15 @@ torch.utils.flop_counter counts them, attention included; our one-row last block
 its share of the machine's float32 matmul peak, measured at the start of the run (2048^3 products by torch.mm and
 by oneDNN, best of 7; the larger is the peak; int8 rows can pass 100%: int8 products are not float32 ones).
 --rss runs each library in a child process that builds only its own model and encodes the batch --repeats times,
-and records its peak resident memory (ru_maxrss).
+and records its peak resident memory (ru_maxrss; on CUDA the allocator's peak, torch.cuda.max_memory_allocated).
+
+--device cuda runs both libraries on the GPU (timers read after torch.cuda.synchronize; the peak is torch.mm at
+8192^3); --amp bf16 encodes under torch.autocast(bfloat16) for both libraries (the peak is then bf16's).
+--int8 is CPU only.
 
     python benchmarks/encode.py --models ViT-B-32,ViT-B-16 --towers image --batch 16 --threads 1 --repeats 7 --int8
     python benchmarks/encode.py --models ViT-B-32 --towers image --batch 16 --threads 1 --rss
+    python benchmarks/encode.py --device cuda --models ViT-B-32 --towers image,text --batch 1024 --repeats 10
 
 One JSON object per measurement is appended to --out; a table is printed at the end.
 """
@@ -24,6 +29,8 @@ One JSON object per measurement is appended to --out; a table is printed at the 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import logging
 import random
@@ -43,7 +50,19 @@ from clip_pacl.models.quantize import quantize_int8
 from clip_pacl.tokenizer import tokenize
 
 sys.path.insert(0, str(Path(__file__).parent))
-from machine import current_rss_mb, machine_info, matmul_peak, peak_rss_mb, run_child  # noqa: E402
+from machine import (  # noqa: E402
+    current_rss_mb,
+    device_or_exit,
+    machine_info,
+    matmul_peak,
+    peak_memory_mib,
+    peak_rss_mb,
+    reset_peak_memory,
+    run_child,
+    synchronize,
+)
+
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16}
 
 SUBJECTS = ["a man", "a woman", "two dogs", "a cat", "a child", "a group of people", "a red bus", "a small boat",
             "an old train", "a brown horse", "a plate of food", "a skateboarder", "a giraffe", "three birds"]
@@ -67,13 +86,30 @@ def coco_like_captions(n: int, seed: int = 0) -> list[str]:
     return captions
 
 
-def build_pair(name: str) -> tuple[torch.nn.Module, CLIP]:
-    """(open_clip model, our model) with identical weights, both in eval mode."""
+def autocast(amp: str, device: torch.device):
+    """A factory of the context both libraries run in: torch.autocast in bfloat16, or nothing."""
+    if AMP_DTYPES[amp] is None:
+        return contextlib.nullcontext
+    return functools.partial(torch.autocast, device.type, dtype=AMP_DTYPES[amp])
+
+
+def open_clip_model(name: str) -> torch.nn.Module:
+    """open_clip's model `name` with random weights, in eval mode; a clip-pacl preset that open_clip does not know
+    (`tiny`, for quick runs) is built by open_clip from that preset's open_clip config."""
     import open_clip
 
     logging.getLogger().setLevel(logging.ERROR)
+    if name in open_clip.list_models():
+        return open_clip.create_model(name).eval()
+    cfg = CLIPConfig.from_name(name).to_open_clip_dict()
+    return open_clip.model.CLIP(cfg["embed_dim"], cfg["vision_cfg"], cfg["text_cfg"],
+                                quick_gelu=cfg["quick_gelu"]).eval()
+
+
+def build_pair(name: str, device: torch.device = torch.device("cpu")) -> tuple[torch.nn.Module, CLIP]:
+    """(open_clip model, our model) with identical weights, both in eval mode, on `device`."""
     torch.manual_seed(0)
-    theirs = open_clip.create_model(name).eval()
+    theirs = open_clip_model(name)
     for module in theirs.modules():
         if isinstance(module, torch.nn.BatchNorm2d):
             module.running_mean.normal_(0, 0.1)
@@ -81,13 +117,14 @@ def build_pair(name: str) -> tuple[torch.nn.Module, CLIP]:
             module.weight.data.normal_(1, 0.1)
     ours = CLIP(CLIPConfig.from_name(name))
     ours.load_state_dict(from_open_clip(theirs.state_dict()))
-    return theirs, ours.eval()
+    return theirs.to(device), ours.eval().to(device)
 
 
-def median_seconds(fns: dict, repeats: int, warmup: int) -> dict[str, dict[str, float]]:
-    """Median wall-clock and process CPU seconds per call of each function, calls rotating between them. CPU time is
-    reported too because the machine may be shared: other processes stretch wall time but barely change the CPU
-    time our own threads need."""
+def median_seconds(fns: dict, repeats: int, warmup: int, device: torch.device = torch.device("cpu")
+                   ) -> dict[str, dict[str, float]]:
+    """Median wall-clock and process CPU seconds per call of each function, calls rotating between them, each timed
+    from and to an idle device. CPU time is reported too because the machine may be shared: other processes stretch
+    wall time but barely change the CPU time our own threads need (on CUDA it counts the host's wait as well)."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -96,8 +133,10 @@ def median_seconds(fns: dict, repeats: int, warmup: int) -> dict[str, dict[str, 
     cpu: dict[str, list[float]] = {key: [] for key in names}
     for r in range(repeats):
         for key in names[r % len(names):] + names[:r % len(names)]:
+            synchronize(device)
             start_wall, start_cpu = time.perf_counter(), time.process_time()
             fns[key]()
+            synchronize(device)
             wall[key].append(time.perf_counter() - start_wall)
             cpu[key].append(time.process_time() - start_cpu)
     return {"wall": {k: statistics.median(v) for k, v in wall.items()},
@@ -111,26 +150,40 @@ def attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
     return sdpa_flop_count(query, key, value)
 
 
-def nominal_gflops(model: CLIP, image: torch.Tensor) -> float:
-    """GFLOPs of the plain image tower (the textbook forward) on one image."""
+def counted_flops(fn) -> int:
+    """FLOPs of `fn()` (no autograd) as torch.utils.flop_counter counts them, attention included on CPU and CUDA."""
     from torch.utils.flop_counter import FlopCounterMode
 
     mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: attention_flops}
     with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=mapping) as counter:
-        model.visual(image[:1])
-    return counter.get_total_flops() / 1e9
+        fn()
+    return counter.get_total_flops()
 
 
-def contenders(name: str, tower: str, batch: int, int8: bool):
+def nominal_gflops(model: CLIP, image: torch.Tensor) -> float:
+    """GFLOPs of the plain image tower (the textbook forward) on one image."""
+    return counted_flops(lambda: model.visual(image[:1])) / 1e9
+
+
+def contenders(name: str, tower: str, batch: int, int8: bool, device: torch.device = torch.device("cpu"),
+               amp: str = "none"):
     """(inputs, {contender: encode function}, our model): clip_pacl, open_clip and (with int8) clip_pacl_int8."""
-    theirs, ours = build_pair(name)
+    theirs, ours = build_pair(name, device)
+    context = autocast(amp, device)
     if tower == "image":
         size = ours.image_size
         inputs = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1))  # (B, 3, H, W)
-        fns = {"clip_pacl": lambda: ours.encode_image(inputs), "open_clip": lambda: theirs.encode_image(inputs)}
+        encoders = {"clip_pacl": ours.encode_image, "open_clip": theirs.encode_image}
     else:
         inputs = tokenize(coco_like_captions(batch), context_length=ours.context_length)  # (B, 77)
-        fns = {"clip_pacl": lambda: ours.encode_text(inputs), "open_clip": lambda: theirs.encode_text(inputs)}
+        encoders = {"clip_pacl": ours.encode_text, "open_clip": theirs.encode_text}
+    inputs = inputs.to(device)
+
+    def run(encode):
+        with context():
+            return encode(inputs)
+
+    fns = {key: functools.partial(run, encode) for key, encode in encoders.items()}
     if int8:
         quantized = quantize_int8(ours)
         encode = quantized.encode_image if tower == "image" else quantized.encode_text
@@ -138,14 +191,15 @@ def contenders(name: str, tower: str, batch: int, int8: bool):
     return inputs, fns, ours
 
 
-def measure(name: str, tower: str, batch: int, repeats: int, warmup: int, int8: bool, peak: dict) -> dict:
-    inputs, fns, ours = contenders(name, tower, batch, int8)
+def measure(name: str, tower: str, batch: int, repeats: int, warmup: int, int8: bool, peak: dict,
+            device: torch.device = torch.device("cpu"), amp: str = "none") -> dict:
+    inputs, fns, ours = contenders(name, tower, batch, int8, device, amp)
     with torch.inference_mode():
-        outputs = {key: fn() for key, fn in fns.items()}
-        seconds = median_seconds(fns, repeats, warmup)
+        outputs = {key: fn().float() for key, fn in fns.items()}
+        seconds = median_seconds(fns, repeats, warmup, device)
     wall, cpu = seconds["wall"], seconds["cpu"]
     record = {
-        "model": name, "tower": tower, "batch": batch,
+        "model": name, "tower": tower, "batch": batch, "amp": amp,
         "ours_per_s": round(batch / wall["clip_pacl"], 2),
         "open_clip_per_s": round(batch / wall["open_clip"], 2),
         "ratio": round(wall["open_clip"] / wall["clip_pacl"], 3),
@@ -168,22 +222,26 @@ def measure(name: str, tower: str, batch: int, repeats: int, warmup: int, int8: 
             if key in wall:
                 rate = gflops * batch / wall[key]
                 record[f"{short}_gflop_s"] = round(rate, 1)
-                record[f"{short}_pct_of_fp32_peak"] = round(100 * rate / peak["peak_gflop_s"], 1)
+                record[f"{short}_pct_of_{peak_label(peak)}_peak"] = round(100 * rate / peak["peak_gflop_s"], 1)
         record.update(peak)
     else:
         record["max_tokens"] = int(inputs.argmax(-1).max()) + 1
     return record
 
 
+def peak_label(peak: dict) -> str:
+    """"fp32" or "bf16": the dtype of the measured matmul peak, as the record's field names carry it."""
+    return {"float32": "fp32", "bfloat16": "bf16"}[peak["peak_dtype"]]
+
+
 # ---------------------------------------------------------------------------------------------- peak memory
-def rss_child(library: str, name: str, batch: int, repeats: int) -> dict:
-    """In a child process: build one library's model, encode a batch `repeats` times, report memory."""
+def rss_child(library: str, name: str, batch: int, repeats: int, device: torch.device = torch.device("cpu"),
+              amp: str = "none") -> dict:
+    """In a child process: build one library's model, encode a batch `repeats` times, report memory (on CUDA also the
+    allocator's peak, weights included)."""
     after_import = current_rss_mb()
     if library == "open_clip":
-        import open_clip
-
-        logging.getLogger().setLevel(logging.ERROR)
-        model = open_clip.create_model(name).eval()
+        model = open_clip_model(name)
     else:
         model = CLIP(CLIPConfig.from_name(name)).eval()
         if library == "clip_pacl_int8":
@@ -191,21 +249,26 @@ def rss_child(library: str, name: str, batch: int, repeats: int) -> dict:
     after_build = current_rss_mb()
     size = model.visual.image_size if library == "open_clip" else model.image_size
     size = size[0] if isinstance(size, tuple) else size
-    images = torch.randn(batch, 3, size, size)
-    with torch.inference_mode():
+    reset_peak_memory(device)
+    model.to(device)
+    images = torch.randn(batch, 3, size, size, device=device)
+    with torch.inference_mode(), autocast(amp, device)():
         for _ in range(repeats):
             model.encode_image(images)
+    synchronize(device)
+    memory = {"peak_cuda_mib": peak_memory_mib(device)} if device.type == "cuda" else {}
     return {"rss_after_import_mb": after_import, "rss_after_build_mb": after_build,
-            "rss_after_encode_mb": current_rss_mb(), "peak_rss_mb": peak_rss_mb()}
+            "rss_after_encode_mb": current_rss_mb(), "peak_rss_mb": peak_rss_mb(), **memory}
 
 
-def measure_rss(name: str, batch: int, repeats: int, threads: int, libraries: list[str]) -> list[dict]:
+def measure_rss(name: str, batch: int, repeats: int, threads: int, libraries: list[str], device: str = "cpu",
+                amp: str = "none") -> list[dict]:
     records = []
     for library in libraries:
         child = run_child([__file__, "--rss-child", library, "--models", name, "--batch", str(batch),
-                           "--repeats", str(repeats), "--threads", str(threads)])
+                           "--repeats", str(repeats), "--threads", str(threads), "--device", device, "--amp", amp])
         records.append({"kind": "peak_rss", "model": name, "tower": "image", "batch": batch, "library": library,
-                        **child})
+                        "amp": amp, **child})
     return records
 
 
@@ -219,52 +282,64 @@ def print_table(records: list[dict]) -> None:
         for r in speed:
             int8 = (f"{r['int8_per_s']:>7} {r['int8_vs_fp32']:>9} {r['int8_vs_open_clip']:>7} "
                     f"{r['int8_cosine_min']:>7}" if "int8_per_s" in r else f"{'':>7} {'':>9} {'':>7} {'':>7}")
-            flops = f"{r['ours_gflop_s']:>8} {r['ours_pct_of_fp32_peak']:>6}" if "ours_gflop_s" in r else ""
+            flops = (f"{r['ours_gflop_s']:>8} {r[f'ours_pct_of_{peak_label(r)}_peak']:>6} ({r['peak_dtype']})"
+                     if "ours_gflop_s" in r else "")
             print(f"{r['model']:<10} {r['tower']:<6} {r['batch']:>5} {r['threads']:>3} {r['ours_per_s']:>11} "
                   f"{r['open_clip_per_s']:>11} {r['ratio']:>6} {int8} {flops}")
     for r in records:
         if r.get("kind") == "peak_rss":
+            cuda = f", CUDA peak {r['peak_cuda_mib']} MiB" if "peak_cuda_mib" in r else ""
             print(f"peak RSS {r['model']} image batch {r['batch']}: {r['library']:<15} {r['peak_rss_mb']:>8} MiB "
-                  f"(after import {r['rss_after_import_mb']}, after build {r['rss_after_build_mb']})")
+                  f"(after import {r['rss_after_import_mb']}, after build {r['rss_after_build_mb']}{cuda})")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="ViT-B-32,RN50", help="comma-separated open_clip model names")
+    parser.add_argument("--models", default="ViT-B-32,RN50",
+                        help="comma-separated open_clip model names (or clip-pacl presets such as tiny)")
     parser.add_argument("--towers", default="image,text", help="comma-separated: image, text")
     parser.add_argument("--batch", type=int, default=16, help="images (or texts) per call")
     parser.add_argument("--text-batch", type=int, default=None, help="texts per call (default: --batch)")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads for every library")
     parser.add_argument("--repeats", type=int, default=7, help="timed calls per library (median reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls per library first")
-    parser.add_argument("--int8", action="store_true", help="also time clip-pacl with int8-quantized linear layers")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where both libraries run")
+    parser.add_argument("--amp", choices=list(AMP_DTYPES), default="none",
+                        help="bf16: both libraries encode under torch.autocast(bfloat16)")
+    parser.add_argument("--int8", action="store_true",
+                        help="also time clip-pacl with int8-quantized linear layers (CPU only)")
     parser.add_argument("--rss", action="store_true",
                         help="only measure peak memory of image encoding, one child process per library")
     parser.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "encode.jsonl",
                         help="JSONL file the measurements are appended to")
     args = parser.parse_args(argv)
+    if args.int8 and args.device != "cpu":
+        parser.error("--int8 is CPU only (PyTorch's dynamic int8 kernels have no CUDA implementation)")
     torch.set_num_threads(args.threads)
+    device = device_or_exit(args.device)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     if args.rss_child:
-        print(json.dumps(rss_child(args.rss_child, models[0], args.batch, args.repeats)))
+        print(json.dumps(rss_child(args.rss_child, models[0], args.batch, args.repeats, device, args.amp)))
         return 0
     towers = [t.strip() for t in args.towers.split(",") if t.strip()]
     if unknown := set(towers) - {"image", "text"}:
         parser.error(f"unknown tower(s) {sorted(unknown)} (image, text)")
-    common = {**machine_info(), "repeats": args.repeats,
+    common = {**machine_info(device), "repeats": args.repeats,
               "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     records = []
     if args.rss:
         libraries = ["clip_pacl", "open_clip"] + (["clip_pacl_int8"] if args.int8 else [])
         records = [{**r, **common} for name in models
-                   for r in measure_rss(name, args.batch, args.repeats, args.threads, libraries)]
+                   for r in measure_rss(name, args.batch, args.repeats, args.threads, libraries, args.device,
+                                         args.amp)]
     else:
-        peak = matmul_peak() if "image" in towers else {}
+        peak = matmul_peak(device, AMP_DTYPES[args.amp] or torch.float32) if "image" in towers else {}
         for name in models:
             for tower in towers:
                 batch = args.text_batch or args.batch if tower == "text" else args.batch
-                record = {**measure(name, tower, batch, args.repeats, args.warmup, args.int8, peak), **common}
+                record = {**measure(name, tower, batch, args.repeats, args.warmup, args.int8, peak, device, args.amp),
+                          **common}
                 print(json.dumps(record), flush=True)
                 records.append(record)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,8 @@ quantization (no trained structure in the weights).
     python benchmarks/int8_accuracy.py --workdir /tmp/clip_pacl_int8 --n 2000 --heldout 300 --steps 200 --threads 2
 
 One JSON line per (model, metric) is appended to benchmarks/results/int8_accuracy.jsonl and a table is printed.
+CPU only: int8 inference runs on PyTorch's dynamic-quantization kernels (fbgemm, qnnpack), which have no CUDA
+implementation; --device cuda is refused.
 """
 
 from __future__ import annotations
@@ -81,6 +83,8 @@ def cosines(model: torch.nn.Module, int8: torch.nn.Module, data: Path) -> dict[s
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="cpu only: int8 inference has no CUDA kernels (cuda is refused with an error)")
     parser.add_argument("--model", type=Path, default=None, help="a trained model (default: train tiny here)")
     parser.add_argument("--data", type=Path, default=None, help="with --model: the synthetic set's folder")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/clip_pacl_int8"))
@@ -93,6 +97,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "int8_accuracy.jsonl")
     args = parser.parse_args()
+    if args.device != "cpu":
+        parser.exit(2, "error: int8_accuracy.py is CPU only: PyTorch's dynamic int8 kernels (fbgemm, qnnpack) have "
+                       "no CUDA implementation\n")
     torch.set_num_threads(args.threads)
     data = args.data or args.workdir / "data"
     if args.model is None:

@@ -1,6 +1,7 @@
-"""What the benchmarks record about the machine they ran on, its measured matmul peak, and peak memory of a child.
+"""What the benchmarks record about the machine they ran on (GPU included), its measured matmul peak, device timing
+and peak memory (RSS on CPU, the CUDA caching allocator's peak on a GPU).
 
-Imported by encode.py, train_step.py and dataload.py (`sys.path` holds this folder when they run as scripts).
+Imported by the benchmark scripts (`sys.path` holds this folder when they run as scripts).
 """
 
 from __future__ import annotations
@@ -28,32 +29,85 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def machine_info() -> dict:
-    """Fields every benchmark record carries: CPU, cores, load, torch, threads."""
-    return {"machine": platform.machine(), "cpu": cpu_model(), "cpu_count": os.cpu_count(),
+def device_or_exit(name: str) -> torch.device:
+    """`--device NAME` as a torch.device; a one-line error (exit 1) when CUDA is asked for and absent."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device cuda, but torch {torch.__version__} sees no CUDA device "
+                         f"(built for CUDA {torch.version.cuda})")
+    return torch.device(name)
+
+
+def machine_info(device: str | torch.device = "cpu") -> dict:
+    """Fields every benchmark record carries: CPU, cores, load, torch, threads, the device; on CUDA the GPU's name,
+    memory, compute capability, count and the CUDA version torch was built with."""
+    device = torch.device(device)
+    info = {"machine": platform.machine(), "cpu": cpu_model(), "cpu_count": os.cpu_count(),
             "load_avg_1m": round(os.getloadavg()[0], 2), "torch": torch.__version__,
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "device": device.type}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update({"gpu": props.name, "gpu_memory_gib": round(props.total_memory / 2**30, 1),
+                     "gpu_capability": f"{props.major}.{props.minor}", "gpu_count": torch.cuda.device_count(),
+                     "cuda": torch.version.cuda})
+    return info
 
 
-def matmul_peak(size: int = 2048, repeats: int = 7) -> dict[str, float]:
-    """The float32 matmul rate this machine reaches, in GFLOP/s (the best of `repeats`: a ceiling, which other jobs
-    on the machine can only lower): `torch.mm` (the BLAS PyTorch was built with) and oneDNN's kernel
-    (`clip_pacl.models.inference.dense`), on size x size matrices."""
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously: read a timer only after this)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak for `peak_memory_mib` (CUDA only: a process's peak RSS cannot be reset)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def allocated_mib(device: torch.device) -> float:
+    """Tensor memory held now, in MiB: the CUDA caching allocator's allocated bytes, or the process's RSS on CPU."""
+    return torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else current_rss_mb()
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """Peak tensor memory since `reset_peak_memory` (CUDA: max_memory_allocated), or the process's peak RSS."""
+    return round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else peak_rss_mb()
+
+
+def _best_seconds(fn, device: torch.device, repeats: int, calls: int) -> float:
+    """The fastest of `repeats` timings of `calls` back-to-back calls, per call (one warm-up round first)."""
+    times = []
+    for _ in range(repeats + 1):
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        synchronize(device)
+        times.append((time.perf_counter() - start) / calls)
+    return min(times[1:])
+
+
+def matmul_peak(device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32,
+                size: int | None = None, repeats: int = 7) -> dict:
+    """The matmul rate this machine reaches in `dtype`, in GFLOP/s (the best of `repeats`: a ceiling, which other
+    jobs on the machine can only lower), on size x size matrices (default 2048 on CPU, 8192 on a GPU, where
+    ten products run back to back per timing). `torch.mm` (the BLAS PyTorch was built with) everywhere; on CPU in
+    float32 also oneDNN's kernel (`clip_pacl.models.inference.dense`). `peak_gflop_s` is the larger."""
     from clip_pacl.models.inference import dense
 
-    a, b = torch.randn(size, size), torch.randn(size, size)
+    size = size or (8192 if device.type == "cuda" else 2048)
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    fns = {"mm": lambda: torch.mm(a, b)}
+    if device.type == "cpu" and dtype == torch.float32:
+        fns["onednn"] = lambda: dense(a, b, None)
     rates = {}
     with torch.inference_mode():
-        for name, fn in (("mm", lambda: torch.mm(a, b)), ("onednn", lambda: dense(a, b, None))):
-            fn()
-            times = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - start)
-            rates[f"peak_{name}_gflop_s"] = round(2 * size**3 / min(times) / 1e9, 1)
-    rates["peak_gflop_s"] = max(rates.values())
-    return rates
+        for name, fn in fns.items():
+            seconds = _best_seconds(fn, device, repeats, 10 if device.type == "cuda" else 1)
+            rates[f"peak_{name}_gflop_s"] = round(2 * size**3 / seconds / 1e9, 1)
+    return {**rates, "peak_gflop_s": max(rates.values()), "peak_dtype": str(dtype).removeprefix("torch."),
+            "peak_size": size}
 
 
 def peak_rss_mb() -> float:

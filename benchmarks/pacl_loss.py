@@ -1,30 +1,36 @@
-"""PACL loss: our exact all-pairs formula against the naive ones, time and peak memory, forward + backward, CPU.
+"""PACL loss: our exact all-pairs formula against the naive ones, time and peak memory, forward + backward.
 
     python benchmarks/pacl_loss.py [--batch 64 128 256 512] [--patches 49] [--dim 512] [--out FILE]
+    python benchmarks/pacl_loss.py --device cuda --batch 256 --patches 196 --impls exact materialised
 
 Implementations (all give the same loss and gradients, see tests/test_pacl.py):
   exact         clip_pacl.losses.pacl.pacl_loss: <p, t> = sum_i a_i s_i, |p|^2 = a^T G a; largest tensor (B, B, N)
   materialised  the direct vectorisation: pool p for every pair as a (B, B, D) tensor, then the cosine
   loop          one (image, text) pair at a time in Python (run only up to --loop-max-batch: it is O(B^2)
                 Python calls; bigger batches are reported as skipped, not estimated)
-Each measurement runs in a fresh subprocess; peak memory is the growth of the process's peak RSS
-(ru_maxrss) over its level once the inputs exist, so it counts every allocation of forward and backward.
-Results go to benchmarks/results/pacl_loss.jsonl, one JSON object per (implementation, batch).
+Each measurement runs in a fresh subprocess: one untimed call, then the fastest of --repeats. On CPU, peak memory
+is the growth of the process's peak RSS (ru_maxrss) over its level once the inputs exist, so it counts every
+allocation of forward and backward; on CUDA (--device cuda) it is torch.cuda.max_memory_allocated over the memory
+allocated once the inputs exist, and the timer is read after torch.cuda.synchronize.
+Results go to benchmarks/results/pacl_loss.jsonl, one JSON object per (implementation, batch), with the machine,
+torch version and threads; a table is printed.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
-import resource
 import subprocess
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).parent))
+from machine import device_or_exit, machine_info, peak_rss_mb, synchronize  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "pacl_loss.jsonl"
 
@@ -34,7 +40,7 @@ def materialised_loss(patch_emb: torch.Tensor, text_emb: torch.Tensor, logit_sca
     a = s.softmax(dim=-1)
     pooled = torch.einsum("bcn,bnd->bcd", a, patch_emb)  # (B, B, D): the tensor the exact formula avoids
     logits = logit_scale.exp() * F.cosine_similarity(pooled, text_emb[None], dim=-1)  # (B, B)
-    labels = torch.arange(len(logits))
+    labels = torch.arange(len(logits), device=logits.device)
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
 
@@ -47,34 +53,57 @@ def loop_loss(patch_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torc
             row.append(F.cosine_similarity(a @ v, t, dim=0))
         rows.append(torch.stack(row))
     logits = logit_scale.exp() * torch.stack(rows)
-    labels = torch.arange(len(logits))
+    labels = torch.arange(len(logits), device=logits.device)
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
 
-def _peak_rss_bytes() -> int:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if platform.system() == "Darwin" else peak * 1024  # Linux reports KiB
+def _peak_mib(device: torch.device) -> float:
+    """The peak the worker reports against: CUDA's max_memory_allocated, or the process's peak RSS, in MiB."""
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else peak_rss_mb()
 
 
-def worker(impl: str, batch: int, patches: int, dim: int, repeats: int) -> dict:
+def worker(impl: str, batch: int, patches: int, dim: int, repeats: int, device: torch.device) -> dict:
     from clip_pacl.losses.pacl import pacl_loss
 
     fn = {"exact": pacl_loss, "materialised": materialised_loss, "loop": loop_loss}[impl]
     torch.manual_seed(0)
-    patch_emb = F.normalize(torch.randn(batch, patches, dim), dim=-1).requires_grad_()
-    text_emb = F.normalize(torch.randn(batch, dim), dim=-1).requires_grad_()
-    scale = torch.tensor(2.659, requires_grad=True)
-    base = _peak_rss_bytes()
+    patch_emb = F.normalize(torch.randn(batch, patches, dim, device=device), dim=-1).requires_grad_()  # (B, N, D)
+    text_emb = F.normalize(torch.randn(batch, dim, device=device), dim=-1).requires_grad_()  # (B, D)
+    scale = torch.tensor(2.659, device=device, requires_grad=True)
+    synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device) / 2**20
+    else:
+        base = peak_rss_mb()
     times = []
-    for _ in range(repeats):
+    for _ in range(repeats + 1):  # the first call warms up (kernels, allocator) and is not timed
+        synchronize(device)
         start = time.perf_counter()
         loss = fn(patch_emb, text_emb, scale)
         loss.backward()
+        synchronize(device)
         times.append(time.perf_counter() - start)
         patch_emb.grad = text_emb.grad = scale.grad = None
     return {"impl": impl, "batch": batch, "patches": patches, "dim": dim, "loss": loss.item(),
-            "seconds_fwd_bwd": min(times), "peak_extra_mib": (_peak_rss_bytes() - base) / 2**20,
-            "threads": torch.get_num_threads(), "torch": torch.__version__}
+            "seconds_fwd_bwd": min(times[1:]), "peak_extra_mib": round(_peak_mib(device) - base, 2),
+            "memory": "cuda_max_allocated" if device.type == "cuda" else "peak_rss", **machine_info(device)}
+
+
+def print_table(records: list[dict]) -> None:
+    """One row per measurement, with time and memory relative to the exact formula at the same size."""
+    exact = {(r["batch"], r["patches"], r["dim"]): r for r in records if r["impl"] == "exact" and "skipped" not in r}
+    print(f"{'impl':<13} {'B':>5} {'N':>4} {'D':>5} {'fwd+bwd ms':>11} {'peak MiB':>9} {'time/exact':>10} "
+          f"{'mem/exact':>9}")
+    for r in records:
+        if "skipped" in r:
+            print(f"{r['impl']:<13} {r['batch']:>5} {r['patches']:>4} {r['dim']:>5} skipped: {r['skipped']}")
+            continue
+        ref = exact.get((r["batch"], r["patches"], r["dim"]))
+        time_ratio = f"{r['seconds_fwd_bwd'] / ref['seconds_fwd_bwd']:.2f}x" if ref else ""
+        mem_ratio = f"{r['peak_extra_mib'] / ref['peak_extra_mib']:.2f}x" if ref and ref["peak_extra_mib"] > 0 else ""
+        print(f"{r['impl']:<13} {r['batch']:>5} {r['patches']:>4} {r['dim']:>5} {1000 * r['seconds_fwd_bwd']:>11.2f} "
+              f"{r['peak_extra_mib']:>9.1f} {time_ratio:>10} {mem_ratio:>9}")
 
 
 def main() -> None:
@@ -85,13 +114,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--loop-max-batch", type=int, default=64)
     parser.add_argument("--impls", nargs="+", default=["exact", "materialised", "loop"])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--worker", nargs=2, metavar=("IMPL", "BATCH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    device = device_or_exit(args.device)
     if args.worker:
-        print(json.dumps(worker(args.worker[0], int(args.worker[1]), args.patches, args.dim, args.repeats)))
+        print(json.dumps(worker(args.worker[0], int(args.worker[1]), args.patches, args.dim, args.repeats, device)))
         return
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    records = []
     with open(args.out, "a") as f:
         for batch in args.batch:
             for impl in args.impls:
@@ -101,11 +133,16 @@ def main() -> None:
                 else:
                     repeats = 1 if impl == "loop" else args.repeats
                     cmd = [sys.executable, __file__, "--worker", impl, str(batch), "--patches", str(args.patches),
-                           "--dim", str(args.dim), "--repeats", str(repeats)]
-                    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-                    record = json.loads(out.strip().splitlines()[-1])
+                           "--dim", str(args.dim), "--repeats", str(repeats), "--device", args.device]
+                    proc = subprocess.run(cmd, capture_output=True, text=True)
+                    if proc.returncode != 0:
+                        sys.exit(f"error: {impl} at batch {batch} failed:\n{proc.stderr[-2000:]}")
+                    record = json.loads(proc.stdout.strip().splitlines()[-1])
+                record["time"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
                 print(json.dumps(record), flush=True)
                 f.write(json.dumps(record) + "\n")
+                records.append(record)
+    print_table(records)
 
 
 if __name__ == "__main__":

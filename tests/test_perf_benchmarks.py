@@ -6,6 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 from helpers import require
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,10 +34,20 @@ def test_train_step_benchmark_steps_and_memory(tmp_path):
     steps = {r["library"]: r for r in rows if r["mode"] == "step"}
     assert set(steps) == {"clip_pacl", "open_clip"} and steps["open_clip"]["speedup_vs_open_clip"] == 1.0
     assert all(r["steps_per_s"] > 0 and r["preset"] == "tiny" and r["cpu"] for r in steps.values())
+    for r in steps.values():  # the GPU script's fields: samples/s, MFU against the peak measured in the same run
+        assert r["device"] == "cpu" and r["amp"] == "none" and r["compile"] is None and r["threads"] == 1
+        assert r["samples_per_s"] == pytest.approx(4 * r["steps_per_s"], rel=0.01)
+        assert r["peak_dtype"] == "float32" and r["peak_gflop_s"] >= r["peak_mm_gflop_s"] > 0
+        assert r["mfu_pct"] > 0 and r["warmup_excess_s"] == 0  # --warmup 0: no warm-up steps
+        assert r["mfu_pct"] == pytest.approx(100 * r["achieved_gflop_s"] / r["peak_gflop_s"], rel=0.01)
+    # one sample's forward (both towers, 77 tokens) counted on the model, x3: the same for both libraries
+    assert steps["clip_pacl"]["train_flops_per_sample"] == steps["open_clip"]["train_flops_per_sample"] > 1e8
     memory = {r["library"]: r for r in rows if r["mode"] == "rss"}
     assert set(memory) == {"clip_pacl", "open_clip"}
     assert all(r["peak_rss_mb"] > r["rss_after_import_mb"] > 0 for r in memory.values())
-    assert "vs open_clip" in stdout and "peak" in stdout
+    assert "vs open_clip" in stdout and "peak" in stdout and "MFU" in stdout
+    summary = _run("gpu_summary.py", "--train", out)
+    assert "| train tiny b4 64px (amp none, compile off) |" in summary and ">= 1.3x" in summary
 
 
 def test_dataload_benchmark_compares_loader_and_step(tmp_path):
@@ -61,3 +74,39 @@ def test_int8_accuracy_benchmark(tmp_path):
     assert rows["image_cosine_min (random weights)"]["int8"] >= 0.99
     assert rows["text_cosine_min (trained weights)"]["int8"] >= 0.99
     assert "diff (points)" in stdout
+
+
+def test_encode_and_pacl_loss_benchmarks_feed_the_gpu_summary(tmp_path):
+    """The CPU side of benchmarks/gpu.sh's encode and PACL-loss steps at tiny sizes, and its summary of them."""
+    require("open_clip")
+    encode, pacl = tmp_path / "encode.jsonl", tmp_path / "pacl.jsonl"
+    stdout = _run("encode.py", "--device", "cpu", "--amp", "bf16", "--models", "tiny", "--towers", "image,text",
+                  "--batch", "2", "--repeats", "1", "--warmup", "0", "--threads", "1", "--out", encode)
+    rows = {r["tower"]: r for r in _rows(encode)}
+    assert set(rows) == {"image", "text"} and all(r["amp"] == "bf16" and r["device"] == "cpu" for r in rows.values())
+    assert rows["image"]["peak_dtype"] == "bfloat16" and rows["image"]["ours_pct_of_bf16_peak"] > 0
+    assert all(0 < r["max_abs_diff"] < 0.1 for r in rows.values())  # bf16 on one side or both, same weights
+    assert "(bfloat16)" in stdout
+    stdout = _run("pacl_loss.py", "--device", "cpu", "--batch", "8", "--patches", "4", "--dim", "16", "--repeats", "1",
+                  "--loop-max-batch", "4", "--out", pacl)
+    rows = {r["impl"]: r for r in _rows(pacl)}
+    assert rows["exact"]["loss"] == pytest.approx(rows["materialised"]["loss"], rel=1e-5)
+    assert all(rows[k]["seconds_fwd_bwd"] > 0 and rows[k]["memory"] == "peak_rss" and rows[k]["device"] == "cpu"
+               and rows[k]["threads"] >= 1 and rows[k]["torch"] for k in ("exact", "materialised"))
+    assert "skipped" in rows["loop"] and "time/exact" in stdout
+    summary = _run("gpu_summary.py", "--encode", encode, "--pacl", pacl, "--train", tmp_path / "missing.jsonl")
+    assert "| encode tiny image b2 (amp bf16) |" in summary and "| encode tiny text b2 (amp bf16) |" in summary
+    assert "| PACL loss B=8 N=4 D=16 (fwd+bwd) |" in summary and "train" not in summary.split("|---|")[1]
+
+
+def test_gpu_only_and_cpu_only_options_fail_in_one_line():
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "int8_accuracy.py"), "--device", "cuda"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "error: int8_accuracy.py is CPU only: PyTorch's dynamic int8 kernels (fbgemm, qnnpack) have no CUDA "
+        "implementation"]
+    if not torch.cuda.is_available():
+        proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "pacl_loss.py"), "--device", "cuda"],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1
+        assert proc.stderr.startswith("error: --device cuda, but torch")

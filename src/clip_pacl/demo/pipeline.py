@@ -172,7 +172,8 @@ def clip_train_config(cfg: DemoConfig, train_dir: Path, test_dir: Path, out: Pat
         data=str(train_dir / "captions.csv"), model=str(model_file), out=str(out / "clip"), steps=cfg.clip_steps,
         batch_size=cfg.batch_size, lr=1e-3, seed=cfg.seed, device=cfg.device,  # the default schedule
         image_size=cfg.image_size, val_data=str(test_dir / "captions.csv"),
-        val_every=max(1, cfg.clip_steps // cfg.validations), progress=cfg.progress)
+        val_every=max(1, cfg.clip_steps // cfg.validations), log_every=_log_every(cfg.clip_steps),
+        progress=cfg.progress)
 
 
 def pacl_train_config(cfg: DemoConfig, train_dir: Path, out: Path):
@@ -183,7 +184,13 @@ def pacl_train_config(cfg: DemoConfig, train_dir: Path, out: Path):
         data=str(train_dir / "captions.csv"), model=str(out / "clip" / "final"), out=str(out / "pacl"),
         objective="pacl", cache_features=True, steps=cfg.pacl_steps, batch_size=cfg.pacl_batch_size, lr=1e-3, wd=0.01,
         warmup=min(50, cfg.pacl_steps // 10), seed=cfg.seed, device=cfg.device, progress=cfg.progress,
-        pacl_patch_tokens=cfg.pacl_patch_tokens, pacl_pool_temperature=cfg.pacl_pool_temperature)
+        pacl_patch_tokens=cfg.pacl_patch_tokens, pacl_pool_temperature=cfg.pacl_pool_temperature,
+        log_every=_log_every(cfg.pacl_steps))
+
+
+def _log_every(steps: int) -> int:
+    """Every 10 steps (the default), or often enough that a short run's loss curve still has 20 points."""
+    return max(1, min(10, steps // 20))
 
 
 def _environment() -> dict[str, Any]:
