@@ -27,10 +27,9 @@ def _default(name: str) -> Any:
     return None if f.default is MISSING else f.default
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    # Every flag defaults to "absent" so that --config values apply unless the flag is given; the real
-    # defaults are TrainConfig's and are shown in the help.
-    group: Any = p
+def _flag_adder(group: Any):
+    """`arg(*names, help=..., **kw)` adding a flag to `group`. Every flag defaults to "absent" so that --config
+    values apply unless the flag is given; the real defaults are TrainConfig's and are shown in the help."""
 
     def arg(*names: str, help: str, **kw: Any) -> None:
         dest = kw.pop("dest", names[0].lstrip("-").replace("-", "_"))
@@ -38,7 +37,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         shown = f" (default: {default})" if default is not None and default is not False else ""
         group.add_argument(*names, dest=dest, default=argparse.SUPPRESS, help=help + shown, **kw)
 
-    group = p.add_argument_group("data")
+    return arg
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    arg = _flag_adder(p.add_argument_group("data"))
     arg("--data", help="training data: CSV/TSV/JSONL of image,caption rows, or a directory holding one",
         metavar="FILE|DIR")
     arg("--data-format", help="csv, tsv or jsonl when the file extension does not say", metavar="F")
@@ -52,7 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     arg("--workers", type=int, help="data loading processes", metavar="N")
     arg("--max-bad-fraction", type=float, help="stop when more than this fraction of images cannot be read",
         metavar="F")
-    group = p.add_argument_group("model and objective")
+    arg = _flag_adder(p.add_argument_group("model and objective"))
     arg("--model", help="preset name (tiny, ViT-B-32, ...), open_clip model-config JSON, or checkpoint dir",
         metavar="PRESET|JSON|CKPT")
     arg("--objective", choices=_objectives(), help="loss: CLIP InfoNCE, SigLIP sigmoid, or PACL")
@@ -73,7 +76,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="PACL: CLIP patch tokens fed to the vision embedder: last block outputs (the paper's, for large "
              "pretrained CLIPs) or MaskCLIP's value path (the default), which keeps each token local when the last "
              "block's attention mixes every patch with the whole image")
-    group = p.add_argument_group("optimisation")
+    _add_optimisation_flags(_flag_adder(p.add_argument_group("optimisation")))
+    arg = _flag_adder(p.add_argument_group("output"))
+    arg("--out", help="run directory", metavar="DIR")
+    arg("--resume", help="'auto' (newest checkpoint in --out, if any) or a checkpoint / run directory",
+        metavar="auto|DIR")
+    arg("--save-every", type=int, help="checkpoint every N steps (always at the end)", metavar="N")
+    arg("--keep", type=int, help="keep the newest K checkpoints", metavar="K")
+    arg("--val-every", type=int, help="validation recall@1 every N steps (always at the end)", metavar="N")
+    arg("--log-every", type=int, help="metrics.jsonl line every N steps", metavar="N")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=argparse.SUPPRESS,
+                   help="no progress bar")
+    p.add_argument("--config", default=None, metavar="FILE", help="JSON object of flag values (flags win)")
+    add_json_flag(p)
+
+
+def _add_optimisation_flags(arg) -> None:
     arg("--steps", type=int, help="optimiser steps (or --epochs; neither: one epoch)", metavar="N")
     arg("--epochs", type=int, help="passes over the training data", metavar="N")
     arg("--batch-size", type=int, help="pairs per process per micro-batch", metavar="N")
@@ -86,7 +104,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     arg("--warmup", type=int, metavar="N",
         help="warmup steps before the decay (default: 30%% of the run's steps, at most 10,000)")
     arg("--schedule", choices=["cosine", "onecycle"],
-        help="onecycle (default): PyTorch's OneCycleLR (cosine warmup from lr/25, decay to lr/250,000, beta1 cycled "
+        help="onecycle: PyTorch's OneCycleLR (cosine warmup from lr/25, decay to lr/250,000, beta1 cycled "
              "+-0.05 against the lr); cosine: linear warmup, cosine decay to zero (open_clip's)")
     arg("--augment", action=argparse.BooleanOptionalAction,
         help="random resized crops (open_clip's scale 0.9-1) instead of the eval preprocess (default: off; "
@@ -99,18 +117,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     arg("--compile", action="store_true", help="torch.compile the model")
     arg("--seed", type=int, help="seed for initialisation, data order and augmentation", metavar="N")
     arg("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
-    group = p.add_argument_group("output")
-    arg("--out", help="run directory", metavar="DIR")
-    arg("--resume", help="'auto' (newest checkpoint in --out, if any) or a checkpoint / run directory",
-        metavar="auto|DIR")
-    arg("--save-every", type=int, help="checkpoint every N steps (always at the end)", metavar="N")
-    arg("--keep", type=int, help="keep the newest K checkpoints", metavar="K")
-    arg("--val-every", type=int, help="validation recall@1 every N steps (always at the end)", metavar="N")
-    arg("--log-every", type=int, help="metrics.jsonl line every N steps", metavar="N")
-    p.add_argument("--no-progress", dest="progress", action="store_false", default=argparse.SUPPRESS,
-                   help="no progress bar")
-    p.add_argument("--config", default=None, metavar="FILE", help="JSON object of flag values (flags win)")
-    add_json_flag(p)
 
 
 def _objectives() -> list[str]:
