@@ -11,7 +11,6 @@ import math
 
 import torch
 
-
 # The default warmup: a short run warms up over 30% of its steps (PyTorch's OneCycleLR, the plain loop that learned
 # best in benchmarks/recipes.py, where a 50-step warmup of a 400-step run trailed it); a long run stops at open_clip's
 # 10,000 steps (its script's default, used for its LAION runs).
