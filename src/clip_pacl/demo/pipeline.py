@@ -29,11 +29,12 @@ class DemoConfig:
     out: str = "demo_out"
     n_train: int = 6000
     n_test: int = 600
-    # 1,000 steps took 12.5 minutes on 2 cores; 600 leave the demo 2 minutes under 10 (benchmarks/demo_time.py).
-    # lr 2e-3 for 700 steps gave better zero-shot but worse patch features (PACL and MaskCLIP both fell).
-    clip_steps: int = 600
+    # 1,000 steps took 12.5 minutes on 2 cores, 600 (+ 400 PACL) 9.2; 550 + 300 leave a margin under 10
+    # (benchmarks/demo_time.py). lr 2e-3 for 700 steps gave better zero-shot but worse patch features (PACL and
+    # MaskCLIP both fell).
+    clip_steps: int = 550
     clip_lr: float = 1e-3
-    pacl_steps: int = 400
+    pacl_steps: int = 300
     batch_size: int = 128
     pacl_batch_size: int = 256
     # the synthetic captions are at most 26 tokens long: a 32-token context (CLIP's is 77) halves a CLIP step's
