@@ -167,9 +167,19 @@ def _state(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _assert_same_weights(a: Path, b: Path, atol: float = 2e-5) -> None:
+    """Every weight within `atol`, except the attention key biases, within 5 x `atol`: their true gradient is exactly
+    zero (a key bias adds the same score to every key of a query: softmax ignores it), so what they get is float
+    noise, summed in another order by 2 ranks, and Adam turns noise into steps of up to lr (seen: 2.1e-5 after 6
+    steps). A broken gather or a wrong offset moves every other weight by far more."""
     sa, sb = _state(a), _state(b)
     for name in sa:
-        assert torch.allclose(sa[name], sb[name], atol=atol), name
+        if name.endswith("attn.in_proj_bias"):
+            q, k, v = sa[name].chunk(3)
+            q_ref, k_ref, v_ref = sb[name].chunk(3)
+            assert torch.allclose(torch.cat([q, v]), torch.cat([q_ref, v_ref]), atol=atol), name
+            assert torch.allclose(k, k_ref, atol=5 * atol), f"{name} (keys)"
+        else:
+            assert torch.allclose(sa[name], sb[name], atol=atol), name
 
 
 @pytest.fixture(scope="module")
