@@ -29,7 +29,8 @@ class DemoConfig:
     out: str = "demo_out"
     n_train: int = 6000
     n_test: int = 600
-    # 1,000 steps took 12.5 minutes on 2 cores, 600 (+ 400 PACL) 9.2; 550 + 300 leave a margin under 10
+    # 1,000 steps would take 10-11 minutes for the CLIP alone (0.60-0.68 s a step measured); 600 (+ 400 PACL)
+    # took 9.2 minutes in all; 550 + 300 leave a margin under 10
     # (benchmarks/demo_time.py). lr 2e-3 for 700 steps gave better zero-shot but worse patch features (PACL and
     # MaskCLIP both fell).
     clip_steps: int = 550
