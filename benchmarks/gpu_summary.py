@@ -92,9 +92,9 @@ def main() -> None:
     parser.add_argument("--encode", type=Path, help="encode.py's JSONL of this run")
     parser.add_argument("--pacl", type=Path, help="pacl_loss.py's JSONL of this run")
     args = parser.parse_args()
-    rows = train_rows(read(args.train)) + encode_rows(read(args.encode)) + pacl_rows(read(args.pacl))
-    device = next((r.get("gpu") or r.get("cpu") for path in (args.train, args.encode, args.pacl)
-                   for r in read(path)), "no measurements")
+    train, encode, pacl = read(args.train), read(args.encode), read(args.pacl)
+    rows = train_rows(train) + encode_rows(encode) + pacl_rows(pacl)
+    device = next((r.get("gpu") or r.get("cpu") for r in train + encode + pacl), "no measurements")
     print(f"\nissue #13 targets on {device}")
     header = ["measurement", "clip-pacl", "open_clip / reference", "ratio", "goal", "met", "notes"]
     print("| " + " | ".join(header) + " |")

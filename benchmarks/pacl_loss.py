@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from machine import device_or_exit, machine_info, peak_rss_mb, synchronize  # noqa: E402
+from machine import device_or_exit, machine_info, peak_memory_mib, reset_peak_memory, synchronize  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "pacl_loss.jsonl"
 
@@ -57,11 +57,6 @@ def loop_loss(patch_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torc
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
 
-def _peak_mib(device: torch.device) -> float:
-    """The peak the worker reports against: CUDA's max_memory_allocated, or the process's peak RSS, in MiB."""
-    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else peak_rss_mb()
-
-
 def worker(impl: str, batch: int, patches: int, dim: int, repeats: int, device: torch.device) -> dict:
     from clip_pacl.losses.pacl import pacl_loss
 
@@ -71,11 +66,8 @@ def worker(impl: str, batch: int, patches: int, dim: int, repeats: int, device: 
     text_emb = F.normalize(torch.randn(batch, dim, device=device), dim=-1).requires_grad_()  # (B, D)
     scale = torch.tensor(2.659, device=device, requires_grad=True)
     synchronize(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device) / 2**20
-    else:
-        base = peak_rss_mb()
+    reset_peak_memory(device)
+    base = peak_memory_mib(device)  # CUDA: what the inputs hold; CPU: the peak RSS so far
     times = []
     for _ in range(repeats + 1):  # the first call warms up (kernels, allocator) and is not timed
         synchronize(device)
@@ -86,7 +78,7 @@ def worker(impl: str, batch: int, patches: int, dim: int, repeats: int, device: 
         times.append(time.perf_counter() - start)
         patch_emb.grad = text_emb.grad = scale.grad = None
     return {"impl": impl, "batch": batch, "patches": patches, "dim": dim, "loss": loss.item(),
-            "seconds_fwd_bwd": min(times[1:]), "peak_extra_mib": round(_peak_mib(device) - base, 2),
+            "seconds_fwd_bwd": min(times[1:]), "peak_extra_mib": round(peak_memory_mib(device) - base, 2),
             "memory": "cuda_max_allocated" if device.type == "cuda" else "peak_rss", **machine_info(device)}
 
 
