@@ -13,6 +13,7 @@ reference loop. Needs the `[lightning]` extra.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from clip_pacl.errors import MissingDependencyError
+from clip_pacl.errors import ConfigError, MissingDependencyError
 
 try:
     import lightning as L
@@ -29,8 +30,12 @@ except ImportError:  # pragma: no cover - exercised only without the extra
 
 from clip_pacl.data import build_caption_dataset, build_loader
 from clip_pacl.losses import get_objective
+from clip_pacl.train.config import TrainConfig
 from clip_pacl.train.optim import build_optimizer, clamp_logit_scale
-from clip_pacl.train.schedule import lr_at
+from clip_pacl.train.schedule import SCHEDULES, WarmupCosine, default_warmup
+
+# `clip-pacl train`'s recipe defaults, read from its config so that the two paths cannot drift apart
+_TRAIN = {field.name: field.default for field in dataclasses.fields(TrainConfig)}
 
 
 class CLIPLightningModule(L.LightningModule):
@@ -41,12 +46,21 @@ class CLIPLightningModule(L.LightningModule):
     every rank with their gradients, so the contrastive batch is the global batch, as in CLIP.
     """
 
-    def __init__(self, model: nn.Module, *, objective: str = "clip", lr: float = 5e-4, weight_decay: float = 0.2,
-                 warmup_steps: int = 0, betas: tuple[float, float] = (0.9, 0.98), eps: float = 1e-6):
+    def __init__(self, model: nn.Module, *, objective: str = "clip", lr: float = _TRAIN["lr"],
+                 weight_decay: float = _TRAIN["wd"], warmup_steps: int | None = _TRAIN["warmup"],
+                 betas: tuple[float, float] = (_TRAIN["beta1"], _TRAIN["beta2"]), eps: float = _TRAIN["eps"],
+                 schedule: str = _TRAIN["schedule"]):
+        """`warmup_steps=None`: 30% of the run, at most 10,000 steps (`clip-pacl train`'s default). `schedule`:
+        "onecycle" or "cosine" (train/schedule.py). A run with no step or epoch limit has no end to schedule
+        towards: it warms up over `warmup_steps` (0 when None) and then keeps the peak lr."""
         super().__init__()
+        if schedule not in SCHEDULES:
+            raise ConfigError(f"schedule must be one of {', '.join(SCHEDULES)}, not '{schedule}'")
         self.model = model
         self.objective = get_objective(objective)
         self.lr, self.weight_decay, self.warmup_steps, self.betas, self.eps = lr, weight_decay, warmup_steps, betas, eps
+        self.schedule_kind = schedule
+        self.lr_schedule: WarmupCosine | None = None  # set by configure_optimizers once the run's length is known
         self.save_hyperparameters(ignore=["model"])
 
     def forward(self, images: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
@@ -72,33 +86,41 @@ class CLIPLightningModule(L.LightningModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         return self._step(batch, "val")
 
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """The lr (one-cycle: and beta1) for the coming optimiser step, a pure function of the step as in
+        `clip-pacl train`, so a resumed run continues its schedule."""
+        step = self.trainer.global_step
+        if self.lr_schedule is not None:
+            self.lr_schedule.apply(step)
+            return
+        warmup = self.warmup_steps or 0
+        for group in self.trainer.optimizers[0].param_groups:
+            group["lr"] = self.lr * min(1.0, (step + 1) / warmup) if warmup else self.lr
+
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         clamp_logit_scale(self.model)  # after the optimiser step, as CLIP does
 
-    def configure_optimizers(self) -> dict[str, Any]:
+    def configure_optimizers(self) -> torch.optim.Optimizer:
         optimizer = build_optimizer(self.model, self.lr, self.weight_decay, self.betas, self.eps)
         estimated = self.trainer.estimated_stepping_batches  # inf when the run has no step or epoch limit
-        total = max(int(estimated), 1) if math.isfinite(estimated) else None
-        warmup = self.warmup_steps
-
-        def factor(step: int) -> float:  # warmup then cosine to zero; warmup then constant without a known end
-            if total is None:
-                return min(1.0, (step + 1) / warmup) if warmup else 1.0
-            return lr_at(step, 1.0, warmup, total)
-
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        if math.isfinite(estimated):
+            total = max(int(estimated), 1)
+            warmup = default_warmup(total) if self.warmup_steps is None else self.warmup_steps
+            self.lr_schedule = WarmupCosine(optimizer, self.lr, warmup, total, kind=self.schedule_kind)
+        return optimizer
 
 
 class CaptionDataModule(L.LightningDataModule):
     """Any caption data `clip-pacl train --data` reads, with the model's preprocessing.
 
     `transform` / `val_transform` / `tokenizer` default to clip-pacl's CLIP transforms and BPE tokenizer;
-    pass a backbone model's `image_transform(True)`, `image_transform(False)` and `get_tokenizer()` for it.
+    pass a backbone model's `image_transform(augment)`, `image_transform(False)` and `get_tokenizer()` for it.
+    `augment=True`: random resized crops (scale 0.9-1, `clip-pacl train --augment`); by default the training images
+    get the evaluation transform, as in `clip-pacl train`.
     """
 
     def __init__(self, data: str | Path, *, image_size: int = 224, batch_size: int = 64, workers: int = 0,
-                 val_fraction: float = 0.0, seed: int = 0, data_format: str | None = None,
+                 val_fraction: float = 0.0, seed: int = 0, data_format: str | None = None, augment: bool = False,
                  image_key: str = "image", caption_key: str = "caption", context_length: int = 77,
                  transform=None, val_transform=None, tokenizer=None):
         super().__init__()
@@ -109,7 +131,7 @@ class CaptionDataModule(L.LightningDataModule):
             from clip_pacl.tokenizer import get_tokenizer
             from clip_pacl.transforms import image_transform
 
-            transform = transform or image_transform(image_size, train=True)
+            transform = transform or image_transform(image_size, train=augment)
             val_transform = val_transform or image_transform(image_size)
             tokenizer = tokenizer or get_tokenizer(context_length)
         self.transform, self.val_transform, self.tokenizer = transform, val_transform, tokenizer
