@@ -20,6 +20,8 @@ captions. Recipes:
         --recipes clip-pacl plain open_clip_train    # the README's table (~25 min on 2 quiet CPU cores)
     python benchmarks/recipes.py --quick --out /tmp/r.jsonl   # smoke test, seconds
     python benchmarks/recipes.py --table benchmarks/results/recipes.jsonl --tag final400   # the table again
+    python benchmarks/recipes.py --table benchmarks/results/recipes.jsonl --tag final400 --compare clip-pacl
+        # ... and clip-pacl minus each alternative, seed by seed, with 95% intervals
 
 A record's `recipe` is read against today's defaults; where the defaults changed since a run, its record was
 relabelled with the explicit overrides that reproduce it (the original spec kept as `recipe_as_run`).
@@ -267,6 +269,45 @@ def table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# two-sided 95% Student t quantiles by degrees of freedom (1..30); beyond, the normal's 1.96 is within 2%
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+METRICS = (("zeroshot_top1", "zero-shot top-1"), ("t2i_R@1", "text->image R@1"))
+
+
+def paired_interval(diffs: list[float]) -> tuple[float, float, float]:
+    """(mean, low, high): the mean of per-seed differences and its 95% t-interval (seeds are the pairing: the same
+    data order, crops and evaluation for both recipes)."""
+    mean = statistics.fmean(diffs)
+    if len(diffs) < 2:
+        return mean, float("-inf"), float("inf")
+    half = T975[min(len(diffs) - 1, len(T975)) - 1] * statistics.stdev(diffs) / math.sqrt(len(diffs))
+    return mean, mean - half, mean + half
+
+
+def compare(records: list[dict], ours: str) -> str:
+    """Markdown: per dataset and other base recipe, `ours` minus it over their common seeds, mean and 95% interval.
+    An interval above 0 is a win, one below 0 a loss, one across 0 a difference these seeds cannot resolve."""
+    by_key = {(r["dataset"], r["recipe"], r["seed"]): r for r in records}
+    lines = [f"| dataset | {ours} minus | seeds | zero-shot top-1 (95% interval) | text->image R@1 (95% interval) |",
+             "|---|---|---|---|---|"]
+    for kind in KINDS:
+        for other in RECIPES:
+            if other == ours:
+                continue
+            seeds = sorted(seed for (k, recipe, seed) in by_key if k == kind and recipe == ours
+                           and (kind, other, seed) in by_key)
+            if not seeds:
+                continue
+            cells = []
+            for key, _ in METRICS:
+                diffs = [by_key[(kind, ours, s)][key] - by_key[(kind, other, s)][key] for s in seeds]
+                mean, low, high = paired_interval(diffs)
+                cells.append(f"{mean:+.3f} ({low:+.3f}..{high:+.3f})")
+            lines.append(f"| {kind} | {other} | {len(seeds)} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
@@ -282,6 +323,8 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="a seconds-long smoke run (tiny data, 3 steps, 1 seed)")
     p.add_argument("--tag", default="", help="a label stored with every record")
     p.add_argument("--table", type=Path, metavar="JSONL", help="only print the table of JSONL's records (--tag)")
+    p.add_argument("--compare", metavar="RECIPE", help="with --table: also RECIPE minus each base recipe over their "
+                   "common seeds, mean and 95%% interval of the paired differences")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/clip_pacl_recipes"))
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args()
@@ -289,7 +332,11 @@ def main() -> None:
         if not args.table.is_file():
             raise SystemExit(f"error: {args.table} does not exist")
         records = [json.loads(line) for line in args.table.read_text().splitlines() if line.strip()]
-        print(table([r for r in records if r.get("tag", "") == args.tag]))
+        records = [r for r in records if r.get("tag", "") == args.tag]
+        print(table(records))
+        if args.compare:
+            print()
+            print(compare(records, args.compare))
         return
     if args.quick:
         args.seeds, args.steps, args.batch_size, args.n_train, args.n_heldout = args.seeds[:1], 3, 8, 16, 8

@@ -81,6 +81,22 @@ def test_recipes_benchmark_quick(tmp_path):
     assert _run("recipes.py", "--table", out, "--tag", "smoke") == stdout
 
 
+def test_recipes_compare_pairs_runs_by_seed(tmp_path):
+    """--compare: our recipe minus each other one over the seeds both ran, mean and 95% t-interval."""
+    runs = [("shapes", "clip-pacl", 0, 0.30, 0.20), ("shapes", "clip-pacl", 1, 0.40, 0.20),
+            ("shapes", "clip-pacl", 2, 0.50, 0.20), ("shapes", "plain", 0, 0.29, 0.30), ("shapes", "plain", 1, 0.38,
+            0.30), ("shapes", "plain", 2, 0.47, 0.30), ("shapes", "plain", 3, 0.99, 0.99),  # seed 3: plain only
+            ("shapes", "clip-pacl:wd=0.1", 0, 0.9, 0.9), ("counts", "open_clip_train", 0, 0.5, 0.5)]
+    out = tmp_path / "r.jsonl"
+    out.write_text("".join(json.dumps({"tag": "t", "dataset": d, "recipe": r, "seed": s, "zeroshot_top1": z,
+                                       "t2i_R@1": t, "seconds": 1.0}) + "\n" for d, r, s, z, t in runs))
+    stdout = _run("recipes.py", "--table", out, "--tag", "t", "--compare", "clip-pacl")
+    rows = [line for line in stdout.split("minus")[1].splitlines() if line.startswith("| shapes | plain |")]
+    # differences 0.01, 0.02, 0.03: mean 0.02, sd 0.01, 95% half-width 4.303 * 0.01 / sqrt(3) = 0.0248
+    assert rows == ["| shapes | plain | 3 | +0.020 (-0.005..+0.045) | -0.100 (-0.100..-0.100) |"]
+    assert "| counts |" not in stdout.split("minus")[1]  # no clip-pacl run there to pair with
+
+
 def test_search_benchmark_quick(tmp_path):
     """benchmarks/search.py (the README's search table) measures every method on the same queries."""
     out = tmp_path / "search.jsonl"

@@ -13,7 +13,7 @@ from clip_pacl.models import CLIP
 from clip_pacl.models.pacl import PACL
 from clip_pacl.models.text import TextTransformer
 from clip_pacl.train import TrainConfig, accumulate_gradients, optim, train
-from clip_pacl.train.schedule import WarmupCosine, default_warmup, lr_at, onecycle_at
+from clip_pacl.train.schedule import StepSchedule, default_warmup, lr_at, onecycle_at
 from clip_pacl.train.setup import FeatureModel, trim_text_padding
 
 
@@ -192,7 +192,7 @@ def test_onecycle_equals_pytorchs_one_cycle_lr_in_lr_and_beta1(warmup, beta1):
                                                     pct_start=warmup / total, base_momentum=beta1 - 0.05,
                                                     max_momentum=beta1 + 0.05)
     ours_optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0, betas=(beta1, 0.999))
-    ours = WarmupCosine(ours_optimizer, 2e-3, warmup, total, kind="onecycle")
+    ours = StepSchedule(ours_optimizer, 2e-3, warmup, total, kind="onecycle")
     for step in range(total):
         lr = ours.apply(step)
         group, expected = ours_optimizer.param_groups[0], reference_optimizer.param_groups[0]

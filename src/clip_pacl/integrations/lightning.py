@@ -32,7 +32,7 @@ from clip_pacl.data import build_caption_dataset, build_loader
 from clip_pacl.losses import get_objective
 from clip_pacl.train.config import TrainConfig
 from clip_pacl.train.optim import build_optimizer, clamp_logit_scale
-from clip_pacl.train.schedule import SCHEDULES, WarmupCosine, default_warmup
+from clip_pacl.train.schedule import SCHEDULES, StepSchedule, default_warmup
 
 # `clip-pacl train`'s recipe defaults, read from its config so that the two paths cannot drift apart
 _TRAIN = {field.name: field.default for field in dataclasses.fields(TrainConfig)}
@@ -60,7 +60,7 @@ class CLIPLightningModule(L.LightningModule):
         self.objective = get_objective(objective)
         self.lr, self.weight_decay, self.warmup_steps, self.betas, self.eps = lr, weight_decay, warmup_steps, betas, eps
         self.schedule_kind = schedule
-        self.lr_schedule: WarmupCosine | None = None  # set by configure_optimizers once the run's length is known
+        self.lr_schedule: StepSchedule | None = None  # set by configure_optimizers once the run's length is known
         self.save_hyperparameters(ignore=["model"])
 
     def forward(self, images: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
@@ -106,7 +106,7 @@ class CLIPLightningModule(L.LightningModule):
         if math.isfinite(estimated):
             total = max(int(estimated), 1)
             warmup = default_warmup(total) if self.warmup_steps is None else self.warmup_steps
-            self.lr_schedule = WarmupCosine(optimizer, self.lr, warmup, total, kind=self.schedule_kind)
+            self.lr_schedule = StepSchedule(optimizer, self.lr, warmup, total, kind=self.schedule_kind)
         return optimizer
 
 

@@ -47,7 +47,7 @@ from clip_pacl.train.distributed import (
 )
 from clip_pacl.train.logging import RunLogger, plot_loss
 from clip_pacl.train.optim import build_optimizer, clamp_logit_scale, lock_image_tower, lock_text_tower, set_train_mode
-from clip_pacl.train.schedule import WarmupCosine, default_warmup
+from clip_pacl.train.schedule import StepSchedule, default_warmup
 from clip_pacl.train.setup import FeatureModel, build_datasets, build_model, trim_text_padding
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -102,7 +102,7 @@ class Run:
     loader: DataLoader
     val_rows: list | None
     optimizer: torch.optim.Optimizer
-    schedule: WarmupCosine
+    schedule: StepSchedule
     scaler: torch.amp.GradScaler
     logger: RunLogger
     steps_per_epoch: int
@@ -256,7 +256,7 @@ def setup(config: TrainConfig, objective: Objective, info: DistInfo, device: tor
         feature_model = torch.compile(feature_model)
     return Run(config=config, objective=objective, info=info, device=device, model=model,
                feature_model=feature_model, loader=loader, val_rows=val_rows, optimizer=optimizer,
-               schedule=WarmupCosine(optimizer, config.lr, default_warmup(total_steps) if config.warmup is None
+               schedule=StepSchedule(optimizer, config.lr, default_warmup(total_steps) if config.warmup is None
                                      else config.warmup, total_steps, kind=config.schedule),
                scaler=torch.amp.GradScaler(device.type, enabled=config.precision == "fp16"),
                logger=RunLogger(run_dir, enabled=info.is_main), steps_per_epoch=steps_per_epoch,

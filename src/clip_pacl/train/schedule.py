@@ -56,9 +56,9 @@ def onecycle_at(step: int, base_lr: float, warmup: int, total: int, beta1: float
     return _cos_anneal(base_lr, initial / ONECYCLE_FINAL_DIV, pct), _cos_anneal(low, high, pct)
 
 
-class WarmupCosine:
-    """Sets each param group's lr (and for one-cycle beta1) from the step; its whole state is the step, saved with
-    checkpoints."""
+class StepSchedule:
+    """Either schedule (`kind`: "cosine" or "onecycle") applied to an optimiser: sets each param group's lr (and for
+    one-cycle beta1) from the step; its whole state is the step, saved with checkpoints."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, base_lr: float, warmup: int, total: int,
                  kind: str = "cosine"):
