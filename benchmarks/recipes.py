@@ -60,6 +60,12 @@ MODEL = {"embed_dim": 128, "quick_gelu": True,
          "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 2}}
 
 
+def model_dict(image_size: int, layers: int) -> dict:
+    """MODEL at another input size and depth (both towers); issue 10's own model is `--image-size 64 --layers 3`."""
+    return {**MODEL, "vision_cfg": {**MODEL["vision_cfg"], "image_size": image_size, "layers": layers},
+            "text_cfg": {**MODEL["text_cfg"], "layers": layers}}
+
+
 # ---------------------------------------------------------------------------------------------- data
 def make_data(workdir: Path, kind: str, n_train: int, n_heldout: int, image_size: int):
     """The generated set (data seed 0 for every run: seeds vary the training, not the data)."""
@@ -147,14 +153,16 @@ def run_clip_pacl(data, args, seed: int, overrides: dict, run_dir: Path) -> tupl
     import clip_pacl
     from clip_pacl.train import TrainConfig, train
 
-    model_json = run_dir.parent / "model.json"
-    model_json.write_text(json.dumps(MODEL))
+    model_json = run_dir.parent / f"{run_dir.name}.model.json"  # beside the run: `out` must start empty
+    model_json.write_text(json.dumps(args.model))
     config = TrainConfig(data=str(data.captions), model=str(model_json), out=str(run_dir), steps=args.steps,
                          batch_size=args.batch_size, lr=args.lr, seed=seed, device="cpu", log_every=50,
                          progress=False, **overrides)
     start = time.perf_counter()
     result = train(config)
-    return time.perf_counter() - start, clip_pacl.load(result.final_model)
+    seconds = time.perf_counter() - start
+    model_json.unlink()
+    return seconds, clip_pacl.load(result.final_model)
 
 
 def _open_clip_model(config, seed: int):
@@ -228,7 +236,7 @@ def one_run(job: tuple) -> dict:
     torch.set_num_threads(1)
     from clip_pacl.config import CLIPConfig
 
-    config = CLIPConfig.from_open_clip_dict(MODEL)
+    config = CLIPConfig.from_open_clip_dict(args.model)
     name, overrides = parse_recipe(spec)
     run_dir = args.workdir / "runs" / f"{kind}-{seed}-{spec.replace(':', '_').replace(',', '_')}"
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -243,7 +251,8 @@ def one_run(job: tuple) -> dict:
     shutil.rmtree(run_dir, ignore_errors=True)
     return {"tag": args.tag, "dataset": kind, "recipe": spec, "seed": seed, "seconds": round(seconds, 2), **metrics,
             "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "n_train": args.n_train,
-            "n_heldout": args.n_heldout, "model": MODEL, "threads": 1, "jobs": args.jobs, "torch": torch.__version__,
+            "n_heldout": args.n_heldout, "model": args.model, "threads": 1, "jobs": args.jobs,
+            "torch": torch.__version__,
             "machine": platform.machine(), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 
@@ -318,6 +327,9 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--n-train", type=int, default=1500, help="training images (2 captions each)")
     p.add_argument("--n-heldout", type=int, default=300, help="held-out images for the evaluation")
+    p.add_argument("--image-size", type=int, default=MODEL["vision_cfg"]["image_size"],
+                   help="image size of the data and the model (patch 8)")
+    p.add_argument("--layers", type=int, default=MODEL["vision_cfg"]["layers"], help="layers of each tower")
     p.add_argument("--oc-warmup-fraction", type=float, default=0.1, help="open_clip_train's warmup, as a fraction")
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel (one thread each)")
     p.add_argument("--quick", action="store_true", help="a seconds-long smoke run (tiny data, 3 steps, 1 seed)")
@@ -341,7 +353,8 @@ def main() -> None:
     if args.quick:
         args.seeds, args.steps, args.batch_size, args.n_train, args.n_heldout = args.seeds[:1], 3, 8, 16, 8
 
-    datas = {kind: make_data(args.workdir, kind, args.n_train, args.n_heldout, MODEL["vision_cfg"]["image_size"])
+    args.model = model_dict(args.image_size, args.layers)
+    datas = {kind: make_data(args.workdir, kind, args.n_train, args.n_heldout, args.image_size)
              for kind in args.kinds}
     jobs = [(kind, seed, spec, datas[kind], args) for seed in args.seeds for kind in args.kinds
             for spec in args.recipes]
