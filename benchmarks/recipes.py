@@ -248,6 +248,8 @@ def one_run(job: tuple) -> dict:
     else:
         seconds, model = run_plain(data, args, seed, config)
     metrics = held_out(model, data)
+    metrics["trained"] = {"image_size": model.config.vision.image_size, "layers": [model.config.vision.layers,
+                          model.config.text.layers], "params": sum(p.numel() for p in model.parameters())}
     shutil.rmtree(run_dir, ignore_errors=True)
     return {"tag": args.tag, "dataset": kind, "recipe": spec, "seed": seed, "seconds": round(seconds, 2), **metrics,
             "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "n_train": args.n_train,

@@ -81,6 +81,21 @@ def test_recipes_benchmark_quick(tmp_path):
     assert _run("recipes.py", "--table", out, "--tag", "smoke") == stdout
 
 
+def test_recipes_benchmark_at_another_model_size(tmp_path):
+    """--image-size / --layers change the data and both libraries' models (issue 10's own: 64 px, 3 layers)."""
+    out = tmp_path / "recipes.jsonl"
+    _run("recipes.py", "--quick", "--kinds", "counts", "--jobs", "1", "--recipes", "clip-pacl", "plain",
+         "--image-size", "16", "--layers", "1", "--workdir", tmp_path / "work", "--out", out)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 2 and all(r["model"]["vision_cfg"]["image_size"] == 16 and r["model"]["vision_cfg"]["layers"]
+                                  == 1 and r["model"]["text_cfg"]["layers"] == 1 for r in rows)
+    assert [r["trained"]["image_size"] for r in rows] == [16, 16]  # what each run really trained
+    assert [r["trained"]["layers"] for r in rows] == [[1, 1], [1, 1]]
+    assert rows[0]["trained"]["params"] == rows[1]["trained"]["params"]
+    assert {p.name for p in (tmp_path / "work").iterdir()} == {"counts-16-8-16", "runs"}
+    assert not list((tmp_path / "work" / "runs").iterdir())  # every run's directory and model file cleaned up
+
+
 def test_recipes_compare_pairs_runs_by_seed(tmp_path):
     """--compare: our recipe minus each other one over the seeds both ran, mean and 95% t-interval."""
     runs = [("shapes", "clip-pacl", 0, 0.30, 0.20), ("shapes", "clip-pacl", 1, 0.40, 0.20),
