@@ -98,6 +98,23 @@ def test_the_cosine_schedule_and_an_explicit_warmup_are_followed(synthetic, tmp_
     assert set(recorder.beta1s) == {module.betas[0]}  # only one-cycle moves beta1
 
 
+def test_a_run_with_no_known_end_warms_up_then_holds_the_peak():
+    """No step or epoch limit (Lightning estimates inf steps): nothing to decay towards, so warmup then constant."""
+    from types import SimpleNamespace
+
+    module = CLIPLightningModule(clip_pacl.load("tiny"), lr=1e-3, warmup_steps=4)
+    fake = SimpleNamespace(estimated_stepping_batches=float("inf"), global_step=0, optimizers=[])
+    module._trainer = fake  # what Lightning attaches during fit
+    fake.optimizers.append(module.configure_optimizers())
+    assert module.lr_schedule is None
+    lrs = []
+    for step in range(7):
+        fake.global_step = step
+        module.on_train_batch_start(None, 0)
+        lrs.append(fake.optimizers[0].param_groups[0]["lr"])
+    assert lrs == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3, 1e-3])
+
+
 def test_training_images_are_not_cropped_unless_asked(synthetic):
     """`clip-pacl train`'s default: the training images get the evaluation transform; `augment=True` crops."""
     from clip_pacl.data.images import load_image
