@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import MISSING, fields
 from typing import Any
 
 from clip_pacl.cli.common import add_json_flag, log, print_json
@@ -21,10 +20,9 @@ ORDER = 10
 
 
 def _default(name: str) -> Any:
-    from clip_pacl.train import TrainConfig
+    from clip_pacl.train.config import train_defaults
 
-    f = next(f for f in fields(TrainConfig) if f.name == name)
-    return None if f.default is MISSING else f.default
+    return train_defaults()[name]
 
 
 def _flag_adder(group: Any):

@@ -98,9 +98,9 @@ def format_summary(s: dict[str, Any]) -> str:
 def train_command(config, **values: str) -> str:
     """The `clip-pacl train` command line of a TrainConfig: every option that differs from the default, with
     `values` (data=..., out=...) in place of the config's own."""
-    from clip_pacl.train import TrainConfig
+    from clip_pacl.train.config import train_defaults
 
-    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    defaults = train_defaults()
     args = ["clip-pacl", "train"]
     for name in ("data", "model", "out"):
         args += [f"--{name}", str(values.get(name, getattr(config, name)))]

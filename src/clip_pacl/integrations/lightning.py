@@ -2,8 +2,9 @@
 
 For people whose infrastructure is Lightning (loggers, callbacks, multi-node launchers). The model,
 the objectives, the optimiser groups, the temperature clamp and the learning-rate schedule are the
-same pieces `clip-pacl train` uses, so both paths train the same way; `clip-pacl train` stays the
-reference loop. Needs the `[lightning]` extra.
+same pieces `clip-pacl train` uses, with its defaults (TrainConfig's lr, weight decay and AdamW moments, the
+one-cycle schedule warming up over 30% of the run, no crop augmentation), so both paths train the same way;
+`clip-pacl train` stays the reference loop. Needs the `[lightning]` extra.
 
     import lightning as L
     module = CLIPLightningModule(clip_pacl.load("tiny"), objective="clip", lr=5e-4)
@@ -13,7 +14,6 @@ reference loop. Needs the `[lightning]` extra.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from pathlib import Path
 from typing import Any
@@ -30,12 +30,12 @@ except ImportError:  # pragma: no cover - exercised only without the extra
 
 from clip_pacl.data import build_caption_dataset, build_loader
 from clip_pacl.losses import get_objective
-from clip_pacl.train.config import TrainConfig
+from clip_pacl.train.config import train_defaults
 from clip_pacl.train.optim import build_optimizer, clamp_logit_scale
 from clip_pacl.train.schedule import SCHEDULES, StepSchedule, default_warmup
 
 # `clip-pacl train`'s recipe defaults, read from its config so that the two paths cannot drift apart
-_TRAIN = {field.name: field.default for field in dataclasses.fields(TrainConfig)}
+_TRAIN = train_defaults()
 
 
 class CLIPLightningModule(L.LightningModule):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -133,3 +133,8 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{p} must hold a JSON object of flag values")
     return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def train_defaults() -> dict[str, Any]:
+    """TrainConfig's default of every field by name; the required fields (data, model, out) map to None."""
+    return {f.name: None if f.default is MISSING else f.default for f in fields(TrainConfig)}

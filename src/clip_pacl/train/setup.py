@@ -6,7 +6,7 @@ column, a dataset smaller than one batch) fail before any work starts.
 
 from __future__ import annotations
 
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -18,7 +18,7 @@ from clip_pacl.errors import ConfigError, DataError
 from clip_pacl.losses import Objective
 from clip_pacl.models.pacl import PACL
 from clip_pacl.models.text import TextTransformer
-from clip_pacl.train.config import TrainConfig
+from clip_pacl.train.config import TrainConfig, train_defaults
 
 
 def build_model(config: TrainConfig, objective: Objective) -> nn.Module:
@@ -52,7 +52,7 @@ def build_model(config: TrainConfig, objective: Objective) -> nn.Module:
 
 def _check_no_pacl_flags(config: TrainConfig, saved) -> None:
     """A PACL checkpoint brings its own PACLConfig: a --pacl-* flag asking for another value would be ignored."""
-    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    defaults = train_defaults()
     for flag, key in (("pacl_unfreeze_blocks", "unfreeze_last_n_blocks"), ("pacl_pool_temperature", "pool_temperature"),
                       ("pacl_patch_tokens", "patch_tokens")):
         value = getattr(config, flag)
