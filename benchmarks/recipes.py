@@ -159,10 +159,11 @@ def run_clip_pacl(data, args, seed: int, overrides: dict, run_dir: Path) -> tupl
                          batch_size=args.batch_size, lr=args.lr, seed=seed, device="cpu", log_every=50,
                          progress=False, **overrides)
     start = time.perf_counter()
-    result = train(config)
-    seconds = time.perf_counter() - start
-    model_json.unlink()
-    return seconds, clip_pacl.load(result.final_model)
+    try:
+        result = train(config)
+    finally:
+        model_json.unlink()
+    return time.perf_counter() - start, clip_pacl.load(result.final_model)
 
 
 def _open_clip_model(config, seed: int):
@@ -259,6 +260,9 @@ def one_run(job: tuple) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- report
+METRICS = (("zeroshot_top1", "zero-shot top-1"), ("t2i_R@1", "text->image R@1"))  # (record key, column name)
+
+
 def _spread(values: list[float]) -> str:
     mean = statistics.fmean(values)
     std = statistics.stdev(values) if len(values) > 1 else 0.0
@@ -271,19 +275,19 @@ def table(records: list[dict]) -> str:
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in records:
         groups.setdefault((r["dataset"], r["recipe"]), []).append(r)
-    lines = ["| dataset | recipe | seeds | zero-shot top-1 (held out) | text->image R@1 (held out) | train s |",
-             "|---|---|---|---|---|---|"]
+    columns = " | ".join(f"{name} (held out)" for _, name in METRICS)
+    lines = [f"| dataset | recipe | seeds | {columns} | train s |", "|---|---|---|---|---|---|"]
     for (kind, recipe), rs in sorted(groups.items(), key=lambda item: (KINDS.index(item[0][0]), item[0][1])):
         chance = f" (chance {rs[0]['chance']:.3f})" if rs[0].get("chance") else ""
-        lines.append(f"| {kind}{chance} | {recipe} | {len(rs)} | {_spread([r['zeroshot_top1'] for r in rs])} | "
-                     f"{_spread([r['t2i_R@1'] for r in rs])} | {statistics.fmean(r['seconds'] for r in rs):.0f} |")
+        spreads = " | ".join(_spread([r[key] for r in rs]) for key, _ in METRICS)
+        lines.append(f"| {kind}{chance} | {recipe} | {len(rs)} | {spreads} | "
+                     f"{statistics.fmean(r['seconds'] for r in rs):.0f} |")
     return "\n".join(lines)
 
 
 # two-sided 95% Student t quantiles by degrees of freedom (1..30); beyond, the normal's 1.96 is within 2%
 T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
-METRICS = (("zeroshot_top1", "zero-shot top-1"), ("t2i_R@1", "text->image R@1"))
 
 
 def paired_interval(diffs: list[float]) -> tuple[float, float, float]:
@@ -300,8 +304,8 @@ def compare(records: list[dict], ours: str) -> str:
     """Markdown: per dataset and other base recipe, `ours` minus it over their common seeds, mean and 95% interval.
     An interval above 0 is a win, one below 0 a loss, one across 0 a difference these seeds cannot resolve."""
     by_key = {(r["dataset"], r["recipe"], r["seed"]): r for r in records}
-    lines = [f"| dataset | {ours} minus | seeds | zero-shot top-1 (95% interval) | text->image R@1 (95% interval) |",
-             "|---|---|---|---|---|"]
+    columns = " | ".join(f"{name} (95% interval)" for _, name in METRICS)
+    lines = [f"| dataset | {ours} minus | seeds | {columns} |", "|---|---|---|---|---|"]
     for kind in KINDS:
         for other in RECIPES:
             if other == ours:
@@ -315,7 +319,7 @@ def compare(records: list[dict], ours: str) -> str:
                 diffs = [by_key[(kind, ours, s)][key] - by_key[(kind, other, s)][key] for s in seeds]
                 mean, low, high = paired_interval(diffs)
                 cells.append(f"{mean:+.3f} ({low:+.3f}..{high:+.3f})")
-            lines.append(f"| {kind} | {other} | {len(seeds)} | {cells[0]} | {cells[1]} |")
+            lines.append(f"| {kind} | {other} | {len(seeds)} | {' | '.join(cells)} |")
     return "\n".join(lines)
 
 
