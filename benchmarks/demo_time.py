@@ -24,6 +24,9 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import append_jsonl  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results" / "demo_time.jsonl"
 
 
@@ -66,9 +69,7 @@ def main() -> None:
               "loadavg_after": [round(x, 2) for x in os.getloadavg()], "cpus": os.cpu_count(),
               "torch": torch.__version__, "machine": platform.machine(), "label": args.label,
               "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    append_jsonl(args.out, [record])
     print(f"{'phase':<14}{'wall s':>9}{'CPU s':>9}")
     for name, t in summary["phases"].items():
         print(f"{name:<14}{t['seconds']:>9.1f}{t['cpu_seconds']:>9.1f}")

@@ -15,7 +15,6 @@ Appends one JSON line per setting to benchmarks/results/index_sharded.jsonl and 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import subprocess
@@ -32,6 +31,9 @@ import clip_pacl
 from clip_pacl.data.synthetic import generate_synthetic
 from clip_pacl.retrieval.filters import search_prefix
 from clip_pacl.retrieval.index import ImageIndex
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import append_jsonl  # noqa: E402
 
 
 def _record(**fields) -> dict:
@@ -117,9 +119,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             rows += build_runs(args, Path(tmp))
     rows += search_runs(args)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "a") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
+    append_jsonl(args.out, rows)
     print(f"{'build: processes':<24}{'seconds':>9}{'images/s':>10}{'max |diff|':>12}")
     for r in (r for r in rows if r["benchmark"] == "index_sharded_build"):
         print(f"{r['processes']:<24}{r['seconds']:>9}{r['images_per_s']:>10}{r['max_abs_diff_vs_first']:>12.1e}")

@@ -29,6 +29,20 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+# The flags that decide which kernels run fast: vector width (AVX2, AVX-512), native bfloat16 (AVX-512 BF16, AMX)
+# and int8 (VNNI, AMX).
+FLAGS_THAT_MATTER = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_tile", "amx_bf16",
+                     "amx_int8", "amx_fp16")
+
+
+def cpu_flags_that_matter() -> list[str]:
+    """Which of `FLAGS_THAT_MATTER` this CPU has (Linux's /proc/cpuinfo), in that order."""
+    from clip_pacl.device import cpu_flags
+
+    flags = cpu_flags()
+    return [flag for flag in FLAGS_THAT_MATTER if flag in flags]
+
+
 def device_or_exit(name: str) -> torch.device:
     """`--device NAME` as a torch.device; a one-line error (exit 1) when CUDA is asked for and absent."""
     if name == "cuda" and not torch.cuda.is_available():
@@ -41,9 +55,10 @@ def machine_info(device: str | torch.device = "cpu") -> dict:
     """Fields every benchmark record carries: CPU, cores, load, torch, threads, the device; on CUDA the GPU's name,
     memory, compute capability, count and the CUDA version torch was built with."""
     device = torch.device(device)
-    info = {"machine": platform.machine(), "cpu": cpu_model(), "cpu_count": os.cpu_count(),
-            "load_avg_1m": round(os.getloadavg()[0], 2), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "device": device.type}
+    info = {"machine": platform.machine(), "cpu": cpu_model(), "cpu_flags": cpu_flags_that_matter(),
+            "cpu_count": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2), "torch": torch.__version__,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
+            "device": device.type}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         info.update({"gpu": props.name, "gpu_memory_gib": round(props.total_memory / 2**30, 1),
@@ -131,3 +146,18 @@ def run_child(args: list[str], timeout: float = 900) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"child {' '.join(args)} failed:\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def with_machine(record: dict) -> dict:
+    """`record` with the machine's fields (`machine_info` on the CPU) added where it does not already set them."""
+    return {**machine_info(), **record}
+
+
+def append_jsonl(path, records) -> None:
+    """Append `records` to the JSONL file `path`, each carrying where it ran (`with_machine`)."""
+    from pathlib import Path
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        for record in records:
+            f.write(json.dumps(with_machine(record)) + "\n")

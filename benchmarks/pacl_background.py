@@ -18,8 +18,7 @@ and reports auto / val-best (the goal: at least 0.9). Rows go to benchmarks/resu
 from __future__ import annotations
 
 import argparse
-import json
-import platform
+import sys
 import time
 from pathlib import Path
 
@@ -28,6 +27,9 @@ import torch
 import clip_pacl
 from clip_pacl.errors import ClipPaclError
 from clip_pacl.eval.segmentation import evaluate_segmentation_thresholds
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import append_jsonl  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "pacl_background.jsonl"
 GRID = [0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.7]
@@ -72,10 +74,8 @@ def main() -> None:
     for val, test in zip(args.val, args.test):
         for method in args.methods:
             rows = compare(pacl if method == "pacl" else pacl.clip, method, val, test, args.grid, args.limit)
-            with open(args.out, "a") as f:
-                for row in rows:
-                    f.write(json.dumps({"run": run_id, "model": args.pacl, "val": val, "test": test, "method": method,
-                                        **row, "torch": torch.__version__, "machine": platform.machine()}) + "\n")
+            append_jsonl(args.out, [{"run": run_id, "model": args.pacl, "val": val, "test": test, "method": method,
+                                     **row} for row in rows])
             by = {r["setting"]: r for r in rows}
             ratio = by["auto"]["miou"] / by["val-best"]["miou"] if by["val-best"]["miou"] > 0 else float("nan")
             table.append((test, method, by, ratio))

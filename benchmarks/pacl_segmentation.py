@@ -20,8 +20,8 @@ Results go to benchmarks/results/pacl_segmentation.jsonl, one JSON object per (d
 from __future__ import annotations
 
 import argparse
-import json
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -30,6 +30,9 @@ import torch
 import clip_pacl
 from clip_pacl.errors import ClipPaclError
 from clip_pacl.eval.segmentation import evaluate_segmentation_thresholds
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import append_jsonl  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "pacl_segmentation.jsonl"
 
@@ -71,8 +74,7 @@ def main() -> None:
                                          for k, v in r["per_class_iou"].items()},
                        "num_images": r["num_images"], "templates": r["templates"], "torch": torch.__version__,
                        "machine": platform.machine()}
-                with open(args.out, "a") as f:
-                    f.write(json.dumps(row) + "\n")
+                append_jsonl(args.out, [row])
                 print(f"{Path(data).name:22s} {method:9s} threshold {thr!s:5s} mIoU {r['miou']:.3f}  "
                       f"pixel acc {r['pixel_accuracy']:.3f}", flush=True)
                 if method not in best or r["miou"] > best[method][0]:

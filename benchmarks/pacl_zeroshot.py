@@ -14,8 +14,8 @@ Results go to benchmarks/results/pacl_zeroshot.jsonl, one JSON object per (datas
 from __future__ import annotations
 
 import argparse
-import json
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -26,6 +26,9 @@ from clip_pacl.data.imagefolder import read_labelled
 from clip_pacl.errors import ClipPaclError
 from clip_pacl.eval.zeroshot import evaluate_zeroshot
 from clip_pacl.zeroshot.templates import resolve_templates
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import append_jsonl  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "pacl_zeroshot.jsonl"
 
@@ -58,8 +61,7 @@ def main() -> None:
                    "top5": round(r["top5"], 4), "mean_per_class_recall": round(r["mean_per_class_recall"], 4),
                    "num_images": r["num_images"], "num_classes": r["num_classes"], "num_templates": len(templates),
                    "torch": torch.__version__, "machine": platform.machine()}
-            with open(args.out, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            append_jsonl(args.out, [row])
         print(f"{data}: top-1 CLIP {top1['clip']:.3f}, PACL {top1['pacl']:.3f} "
               f"({r['num_images']} images, {r['num_classes']} classes)", flush=True)
 

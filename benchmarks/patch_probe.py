@@ -19,7 +19,7 @@ Results are appended to benchmarks/results/patch_probe.jsonl. ViT models only.
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 import time
 from pathlib import Path
 
@@ -31,6 +31,9 @@ import clip_pacl
 from clip_pacl.data.segmentation import IGNORE_INDEX, open_segmentation_dataset
 from clip_pacl.errors import ClipPaclError
 from clip_pacl.segmentation.predict import _to_tensor
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import append_jsonl  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "patch_probe.jsonl"
 
@@ -121,10 +124,9 @@ def main() -> None:
         for name in train_feats:
             acc, fg = probe(train_feats[name], train_labels, test_feats[name], test_labels, n_classes)
             print(f"{Path(test_dir).name:22s} {name:9s} accuracy {acc:.3f}  foreground accuracy {fg:.3f}", flush=True)
-            with open(args.out, "a") as f:
-                f.write(json.dumps({"run": run_id, "model": args.model, "train": train_dir, "test": test_dir,
-                                    "source": name, "accuracy": round(acc, 4), "foreground_accuracy": round(fg, 4),
-                                    "n_train": len(train_images), "n_test": len(test_images)}) + "\n")
+            append_jsonl(args.out, [{"run": run_id, "model": args.model, "train": train_dir, "test": test_dir,
+                                     "source": name, "accuracy": round(acc, 4), "foreground_accuracy": round(fg, 4),
+                                     "n_train": len(train_images), "n_test": len(test_images)}])
 
 
 if __name__ == "__main__":

@@ -49,6 +49,9 @@ from types import SimpleNamespace
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import append_jsonl  # noqa: E402
+
 RESULTS = Path(__file__).parent / "results" / "recipes.jsonl"
 KINDS = ("shapes", "counts", "patterns")
 RECIPES = ("clip-pacl", "open_clip_train", "plain")
@@ -371,8 +374,7 @@ def main() -> None:
     with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
         for record in pool.imap_unordered(one_run, jobs):
             records.append(record)
-            with open(args.out, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_jsonl(args.out, [record])
             print(f"{record['dataset']:9s} {record['recipe']:20s} seed {record['seed']}: zero-shot "
                   f"{record['zeroshot_top1']:.3f} R@1 {record['t2i_R@1']:.3f} {record['seconds']:.0f}s",
                   file=sys.stderr, flush=True)

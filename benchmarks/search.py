@@ -31,6 +31,9 @@ from clip_pacl.errors import ClipPaclError
 from clip_pacl.retrieval.ann import import_faiss
 from clip_pacl.retrieval.index import ImageIndex
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import with_machine  # noqa: E402
+
 RESULTS = Path(__file__).parent / "results" / "search.jsonl"
 
 
@@ -147,7 +150,7 @@ def run_size(n: int, args: argparse.Namespace, env: dict, out) -> list[dict]:
                       "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
             records.append(record)
             print(json.dumps(record), file=sys.stderr, flush=True)
-            out.write(json.dumps(record) + "\n")
+            out.write(json.dumps(with_machine(record)) + "\n")
             out.flush()
         del index
     return records

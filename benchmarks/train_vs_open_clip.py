@@ -20,6 +20,7 @@ import argparse
 import json
 import platform
 import shutil
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -37,6 +38,9 @@ from clip_pacl.eval.zeroshot import evaluate_zeroshot
 from clip_pacl.tokenizer import get_tokenizer
 from clip_pacl.train import TrainConfig, train
 from clip_pacl.transforms import image_transform
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import append_jsonl  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "train_vs_open_clip.jsonl"
 PRESET = "tiny"
@@ -176,10 +180,7 @@ def main() -> None:
     acc_keys = ("text_to_image_R@1", "image_to_text_R@1", "zeroshot_shapes_top1", "zeroshot_colors_top1")
     records.append({"trainer": "ratio clip_pacl/open_clip", "time_ratio": round(ours_seconds / oc_seconds, 3),
                     **{f"{k}_diff": round(ours_metrics[k] - oc_metrics[k], 4) for k in acc_keys}, **common})
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "a") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
+    append_jsonl(args.out, records)
     for r in records:
         print(json.dumps(r))
 

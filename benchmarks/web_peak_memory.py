@@ -26,6 +26,9 @@ from clip_pacl.data.images import MAX_ASPECT_RATIO  # noqa: E402
 from clip_pacl.web.service import MAX_LABELS, MAX_TEMPLATES, MAX_UPLOAD_PIXELS  # noqa: E402
 from webserver import HEADERS, rss_bytes, serve_process  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import append_jsonl  # noqa: E402
+
 RESULTS = Path(__file__).parent / "results" / "web_peak_memory.jsonl"
 
 
@@ -66,11 +69,10 @@ def main() -> None:
                                 "status": response.status_code, "seconds": round(time.perf_counter() - start, 1),
                                 "peak_rss_mb": rss_bytes(proc.pid, "VmHWM") / 2**20})
     RESULTS.parent.mkdir(exist_ok=True)
-    with open(RESULTS, "a") as f:
-        for record in records:
-            record = {"model": args.model, **record, "peak_rss_mb": round(record["peak_rss_mb"], 1)}
-            print(json.dumps(record))
-            f.write(json.dumps(record) + "\n")
+    records = [{"model": args.model, **record, "peak_rss_mb": round(record["peak_rss_mb"], 1)} for record in records]
+    for record in records:
+        print(json.dumps(record))
+    append_jsonl(RESULTS, records)
 
 
 if __name__ == "__main__":
