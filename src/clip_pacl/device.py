@@ -22,7 +22,6 @@ def resolve_device(name: str | None) -> torch.device:
 
 # ---------------------------------------------------------------------------------------------- precision
 PRECISIONS = ("fp32", "bf16", "auto")
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # The CPU features that give bfloat16 matrix products their own instructions: AMX tiles (Intel Sapphire Rapids and
 # later) or AVX-512 BF16 (Intel Cooper Lake, AMD Zen 4 and later). Without them oneDNN emulates bfloat16 through
 # float32 conversions, which is slower than plain float32.
@@ -47,6 +46,8 @@ def cpu_has_fast_bf16() -> bool:
     flags = cpu_flags()
     if flags:
         return any(flag in flags for flag in BF16_CPU_FLAGS)
+    import torch
+
     probe = getattr(torch, "cpu", None)
     return bool(probe and (getattr(probe, "_is_amx_tile_supported", lambda: False)()
                            or getattr(probe, "_is_avx512_bf16_supported", lambda: False)()))
@@ -56,6 +57,8 @@ def resolve_precision(name: str | None, device: torch.device | str = "cpu") -> s
     """`fp32`, `bf16` or `auto` (None = fp32) as the precision that will run on `device`: `auto` is bf16 on a CPU
     with native bfloat16 matrix units (`cpu_has_fast_bf16`) or on a CUDA GPU that supports bfloat16, else fp32.
     An explicit bf16 runs wherever PyTorch supports it, slowly on CPUs without those units."""
+    import torch
+
     name = name or "fp32"
     if name not in PRECISIONS:
         raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, not {name!r}")
@@ -71,4 +74,6 @@ def resolve_precision(name: str | None, device: torch.device | str = "cpu") -> s
 
 def precision_dtype(name: str) -> torch.dtype:
     """The weights' dtype for a resolved precision (`resolve_precision`'s answer)."""
-    return _DTYPES[name]
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
