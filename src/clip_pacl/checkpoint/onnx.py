@@ -5,9 +5,10 @@ features), `text_encoder.onnx` ((B, context) int64 token ids -> (B, D) L2-normal
 `clip_onnx.json` with what a caller needs to prepare inputs (size, mean/std, context length, logit scale).
 
 The graphs use the towers' inference paths (`fast=True`, `models/layers.py`), whose tricks trace to a fixed graph:
-one-row attention in the last block and folded BatchNorm (oneDNN linears fall back to standard ops under tracing). The text graph runs the whole context (no EOT trimming, whose length the trace
-would freeze at the example's): the causal mask makes every position before EOT independent of what follows, so
-the pooled output is identical for any caption length.
+one-row attention in the last block and folded BatchNorm (oneDNN linears fall back to standard ops under tracing).
+The text graph runs the whole context (no EOT trimming, whose length the trace would freeze at the example's):
+the causal mask makes every position before EOT independent of what follows, so the pooled output is identical
+for any caption length.
 """
 
 from __future__ import annotations
