@@ -32,7 +32,7 @@ def build_optimizer(
         raise ConfigError("nothing to train: every parameter is frozen (check --lock-image / --lock-text)")
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
-    try:  # the fused kernel is ~10x faster than the default on CPU (tiny models spend much of a step here)
+    try:  # the fused kernel updates every tensor of a group in one pass (tiny models spend much of a step here)
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True)
     except (RuntimeError, TypeError):  # older torch, or a device without the fused kernel
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
