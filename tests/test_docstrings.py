@@ -1,10 +1,9 @@
 """Public classes in src/ say what they are: at least MIN_SHARE of them have a docstring.
 
-`python tests/test_docstrings.py` prints the share and the public classes without one.
+`python tests/test_docstrings.py` prints the count and the public classes without one.
 """
 
 import ast
-import sys
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "clip_pacl"
