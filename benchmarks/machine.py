@@ -107,8 +107,8 @@ def matmul_peak(device: torch.device = torch.device("cpu"), dtype: torch.dtype =
     """The matmul rate this machine reaches in `dtype`, in GFLOP/s (the best of `repeats`: a ceiling, which other
     jobs on the machine can only lower), on size x size matrices (default 2048 on CPU, 8192 on a GPU, where
     ten products run back to back per timing). `torch.mm` (the BLAS PyTorch was built with) everywhere; on CPU in
-    float32 also oneDNN's kernel (`clip_pacl.models.inference.dense`). `peak_gflop_s` is the larger."""
-    from clip_pacl.models.inference import dense
+    float32 also oneDNN's kernel (`clip_pacl.models.layers.dense`). `peak_gflop_s` is the larger."""
+    from clip_pacl.models.layers import dense
 
     size = size or (8192 if device.type == "cuda" else 2048)
     a = torch.randn(size, size, device=device, dtype=dtype)

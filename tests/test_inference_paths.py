@@ -1,9 +1,11 @@
-"""The inference speedups (`clip_pacl.models.inference`) compute the same function as the towers' plain forward.
+"""The towers' inference paths (`fast=True`) compute the same function as their plain forward.
 
 - ViT / text: the last block evaluates only the pooled row (class token, EOT), with attention from one query
-  (`attend_one_query`); the text tower trims to the longest EOT and encodes groups of similar length separately.
-- ResNet: BatchNorm folded into the convolutions, cached until a weight changes; one-query attention pooling.
-- Transformer blocks: linear layers by oneDNN (`dense`), bias and exact GELU in the same pass.
+  (`attend_one_query`, `Transformer.forward_row`); the text tower trims to the longest EOT and encodes groups of
+  similar length separately (`models/text.py`).
+- ResNet: BatchNorm folded into the convolutions, cached per module until a weight changes; one-query attention
+  pooling (`models/resnet.py`).
+- Transformer blocks: linear layers by oneDNN (`dense`), bias and exact GELU in the same pass (`models/layers.py`).
 - `encode_*` takes them under no_grad in eval mode; `forward` (training) and autograd never do.
 """
 
@@ -15,8 +17,9 @@ import torch.nn.functional as F
 
 import clip_pacl
 from clip_pacl.checkpoint.onnx import TextEncoder
-from clip_pacl.models import inference
-from clip_pacl.models.inference import attend_one_query, length_groups
+from clip_pacl.models import layers
+from clip_pacl.models.layers import attend_one_query
+from clip_pacl.models.text import length_groups
 
 TOL = 1e-5
 
@@ -101,9 +104,9 @@ def test_dense_equals_linear(gelu):
     expected = F.linear(x, weight, bias)
     expected = F.gelu(expected) if gelu else expected
     with torch.inference_mode():
-        assert (inference.dense(x, weight, bias, gelu) - expected).abs().max() < TOL
-        assert (inference.dense(x[:, 0], weight[:8], None) - F.linear(x[:, 0], weight[:8])).abs().max() < TOL
-        assert inference.dense(x[:0], weight, bias).shape == (0, 50, 384)
+        assert (layers.dense(x, weight, bias, gelu) - expected).abs().max() < TOL
+        assert (layers.dense(x[:, 0], weight[:8], None) - F.linear(x[:, 0], weight[:8])).abs().max() < TOL
+        assert layers.dense(x[:0], weight, bias).shape == (0, 50, 384)
 
 
 @pytest.mark.parametrize("quick_gelu", [False, True])
@@ -113,8 +116,8 @@ def test_vit_tokens_fast_path_equals_plain(quick_gelu, monkeypatch):
     model = clip_pacl.CLIP(dataclasses.replace(config, quick_gelu=quick_gelu)).eval()
     images = torch.randn(2, 3, 64, 64)
     calls = []
-    dense = inference.dense
-    monkeypatch.setattr(inference, "dense", lambda *a, **kw: calls.append(1) or dense(*a, **kw))
+    dense = layers.dense
+    monkeypatch.setattr(layers, "dense", lambda *a, **kw: calls.append(1) or dense(*a, **kw))
     with torch.no_grad():
         plain = {"tokens": model.visual.forward_tokens, "maskclip": model.visual.forward_maskclip}
         for mode, plain_tokens in plain.items():
@@ -124,11 +127,17 @@ def test_vit_tokens_fast_path_equals_plain(quick_gelu, monkeypatch):
         assert (model.encode_image(images) - model.visual(images)).abs().max() < TOL
 
 
+def record_fast_calls(monkeypatch, tower, name: str, calls: list) -> None:
+    """Record `name` in `calls` each time `tower` runs with fast=True."""
+    forward = tower.forward
+    monkeypatch.setattr(tower, "forward", lambda x, fast=False: (fast and calls.append(name)) or forward(x, fast=fast))
+
+
 def test_encoders_take_the_fast_path_only_without_autograd_in_eval_mode(monkeypatch):
     model = clip_pacl.load("tiny")
     calls = []
-    monkeypatch.setattr(inference, "encode_text", lambda tower, text: calls.append("text") or tower(text))
-    monkeypatch.setattr(inference, "encode_image", lambda tower, image: calls.append("image") or tower(image))
+    record_fast_calls(monkeypatch, model.text, "text", calls)
+    record_fast_calls(monkeypatch, model.visual, "image", calls)
     images, tokens = torch.randn(2, 3, 64, 64), tokens_with_lengths([5, 9])
     model.eval()
     model.encode_image(images), model.encode_text(tokens)  # autograd on
@@ -167,7 +176,8 @@ def test_resnet_fast_path_equals_plain(resnet):
         assert (resnet.encode_image(images) - plain(resnet, images)).abs().max() < TOL
         for dense, method in (("tokens", resnet.visual.forward_tokens), ("maskclip", resnet.visual.forward_maskclip)):
             assert (resnet.encode_image_tokens(images, dense) - method(images)).abs().max() < TOL
-    assert resnet.visual in inference._FOLDED  # the folded path ran
+    folded = [resnet.visual.folded, *(block.folded for block in resnet.visual.modules() if hasattr(block, "folded"))]
+    assert all(f.weights for f in folded)  # the folded path ran in the stem and every bottleneck
 
 
 def test_resnet_tokens_are_the_attention_pool_at_every_position(resnet):

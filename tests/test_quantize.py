@@ -14,12 +14,11 @@ from clip_pacl.checkpoint.export import export
 from clip_pacl.cli.main import main
 from clip_pacl.data.synthetic import generate_synthetic
 from clip_pacl.errors import CheckpointError, ConfigError
-from clip_pacl.models import inference
 from clip_pacl.models.pacl import PACL
 from clip_pacl.models.quantize import Int8Attention, Int8Linear, is_quantized, quantize_int8
 from clip_pacl.retrieval.index import ImageIndex, weights_fingerprint
 from helpers import randomize_, require
-from test_inference_paths import tokens_with_lengths
+from test_inference_paths import record_fast_calls, tokens_with_lengths
 
 COSINE = 0.99
 
@@ -62,8 +61,7 @@ def test_fast_paths_apply_to_int8_models_and_run_int8_layers(models, monkeypatch
     for name, layer in layers.items():
         monkeypatch.setattr(layer, "forward", lambda x, f=layer.forward, name=name: calls.append(name) or f(x))
     taken = []
-    fast = inference.encode_image
-    monkeypatch.setattr(inference, "encode_image", lambda tower, image: taken.append(1) or fast(tower, image))
+    record_fast_calls(monkeypatch, int8.visual, 1, taken)
     images = torch.randn(3, 3, 64, 64)
     with torch.inference_mode():
         fast_features = int8.encode_image(images)

@@ -110,10 +110,10 @@ def test_lock_image_keeps_only_the_last_groups_trainable():
 
 def test_locked_resnet_batchnorm_stays_in_eval_mode():
     model = _tiny("tiny-rn")
-    optim.lock_image_tower(model, unlocked_groups=1)  # only attnpool trainable
+    optim.lock_image_tower(model, unlocked_groups=1)  # only layer4 and attnpool trainable
     optim.set_train_mode(model)
-    assert not model.visual.bn1.training and not model.visual.layer4[0].bn1.training
-    assert model.visual.attnpool.training and model.text.training
+    assert not model.visual.bn1.training and not model.visual.layer3[0].bn1.training
+    assert model.visual.layer4[0].bn1.training and model.visual.attnpool.training and model.text.training
     running = model.visual.bn1.running_mean.clone()
     model.encode_image(torch.randn(2, 3, 64, 64))
     assert torch.equal(running, model.visual.bn1.running_mean)

@@ -49,7 +49,8 @@ def encode_texts(
 
     Tokenized by the model's own tokenizer; `model.encode_text(tokens, normalize=True)` is the text side of every
     model here (a PACL model returns its text embedder's output), so classifiers and retrieval work for all of them.
-    Runs in eval mode under inference_mode, so CLIP takes its exact inference speedups (`models/inference.py`).
+    Runs in eval mode under inference_mode, so CLIP takes its towers' exact inference paths (`fast=True`,
+    `models/layers.py`).
     """
     if not texts:
         raise DataError("no texts to encode")

@@ -4,10 +4,11 @@ Writes `image_encoder.onnx` ((B, 3, H, W) float32 pixels, CLIP-normalised -> (B,
 features), `text_encoder.onnx` ((B, context) int64 token ids -> (B, D) L2-normalised features), and
 `clip_onnx.json` with what a caller needs to prepare inputs (size, mean/std, context length, logit scale).
 
-The graphs use the inference speedups of `models/inference.py` that trace to a fixed graph: one-row attention in
-the last block and folded BatchNorm. The text graph runs the whole context (no EOT trimming, whose length the trace
-would freeze at the example's): the causal mask makes every position before EOT independent of what follows, so
-the pooled output is identical for any caption length.
+The graphs use the towers' inference paths (`fast=True`, `models/layers.py`), whose tricks trace to a fixed graph:
+one-row attention in the last block and folded BatchNorm (oneDNN linears fall back to standard ops under tracing).
+The text graph runs the whole context (no EOT trimming, whose length the trace would freeze at the example's):
+the causal mask makes every position before EOT independent of what follows, so the pooled output is identical
+for any caption length.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from clip_pacl.errors import CheckpointError, MissingDependencyError
-from clip_pacl.models import inference
 from clip_pacl.models.clip import CLIP
 from clip_pacl.models.quantize import check_not_quantized
 from clip_pacl.transforms import OPENAI_MEAN, OPENAI_STD
@@ -42,7 +42,7 @@ class ImageEncoder(nn.Module):
         self.visual = model.visual
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return F.normalize(inference.encode_image(self.visual, image), dim=-1)  # (B, D)
+        return F.normalize(self.visual(image, fast=True), dim=-1)  # (B, D)
 
 
 class TextEncoder(nn.Module):
@@ -54,7 +54,7 @@ class TextEncoder(nn.Module):
         self.text = model.text
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return F.normalize(inference.encode_text(self.text, tokens, trim=False), dim=-1)  # (B, D)
+        return F.normalize(self.text(tokens, fast=True, trim=False), dim=-1)  # (B, D)
 
 
 def export_onnx(model: nn.Module, out_dir: str | Path, opset: int = DEFAULT_OPSET,

@@ -24,6 +24,9 @@ MAX_EXAMPLES = 10
 
 @dataclass
 class DataReport:
+    """What `clip-pacl data check` found in a caption dataset: its size, unreadable images, caption
+    statistics and the first problems, one sentence each (`to_dict` for --json)."""
+
     source: str
     format: str
     rows: int  # (image, caption) pairs; for webdataset shards, samples

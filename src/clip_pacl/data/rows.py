@@ -11,12 +11,16 @@ from typing import TypeVar
 
 @dataclass(frozen=True)
 class CaptionRow:
+    """One (image file, caption) pair of a caption dataset; an image with several captions has several rows."""
+
     image: Path
     caption: str
 
 
 @dataclass(frozen=True)
 class LabelRow:
+    """One (image file, class name) pair of a labelled dataset (zero-shot and linear-probe evaluation)."""
+
     image: Path
     label: str
 

@@ -116,6 +116,9 @@ SHAPES: dict[str, np.ndarray | None] = {
 
 @dataclass(frozen=True)
 class ShapeObject:
+    """One drawn shape of a synthetic image: its class, colour and size words, where it is (pixels) and the
+    RGB it was painted with."""
+
     shape: str
     color: str
     size: str
@@ -126,6 +129,9 @@ class ShapeObject:
 
 @dataclass(frozen=True)
 class SyntheticSample:
+    """One generated image with its segmentation masks (shape and colour classes), the shapes drawn on it,
+    the background's name and the captions that describe it."""
+
     image: np.ndarray  # (H, W, 3) uint8
     mask: np.ndarray  # (H, W) uint8: shape class id, 0 background, 255 ignore
     color_mask: np.ndarray  # (H, W) uint8: colour class id (index in `colors` + 1), same 0 and 255 pixels

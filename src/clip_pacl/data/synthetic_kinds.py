@@ -63,6 +63,9 @@ def plural(shape: str) -> str:
 
 @dataclass(frozen=True)
 class KindSample:
+    """One generated image of a task kind (`KINDS`): its class label, every caption phrasing that fits it, and
+    the kind's own details (`meta`, written to the dataset's table)."""
+
     image: np.ndarray  # (H, W, 3) uint8
     label: str
     captions: tuple[str, ...]  # every phrasing; the writer picks captions_per_image of them

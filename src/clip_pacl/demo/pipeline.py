@@ -26,13 +26,15 @@ ENTRIES = frozenset({MARKER, "data", "clip_model.json", "clip", "pacl", "index",
 
 @dataclass(frozen=True)
 class DemoConfig:
+    """The walkthrough's settings (`clip-pacl demo`): output folder, dataset sizes, the CLIP and PACL
+    training budgets and the evaluation's; the default step counts are sized to keep the whole run under ten
+    minutes on a CPU (`benchmarks/demo_time.py` measures it)."""
+
     out: str = "demo_out"
     n_train: int = 6000
     n_test: int = 600
-    # 1,000 steps would take 10-11 minutes for the CLIP alone (0.60-0.68 s a step measured); 600 (+ 400 PACL)
-    # took 9.2 minutes in all; 550 + 300 leave a margin under 10
-    # (benchmarks/demo_time.py). lr 2e-3 for 700 steps gave better zero-shot but worse patch features (PACL and
-    # MaskCLIP both fell).
+    # The step counts keep the run under ten minutes with a margin (benchmarks/demo_time.py measures a step); a
+    # higher lr gave better zero-shot but worse patch features (PACL and MaskCLIP both fell).
     clip_steps: int = 550
     clip_lr: float = 1e-3
     pacl_steps: int = 300

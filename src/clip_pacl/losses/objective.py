@@ -23,6 +23,9 @@ PairLogits = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor |
 
 @dataclass(frozen=True)
 class Objective:
+    """A training objective: how one rank's pairs are scored against every rank's (`pair_logits`), whether
+    the loss is a softmax (InfoNCE) or a sigmoid (SigLIP), and the logit scale and bias a model starts with for it."""
+
     name: str
     pair_logits: PairLogits
     kind: str = "softmax"  # "softmax": symmetric InfoNCE; "sigmoid": SigLIP

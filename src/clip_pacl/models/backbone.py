@@ -345,6 +345,11 @@ class BackboneCLIP(nn.Module):
         """Normalised (B, D) image and text features: what the contrastive losses consume."""
         return self.encode_image(images, normalize=True), self.encode_text(texts, normalize=True)
 
+    def image_layer_groups(self) -> list[list[nn.Module]]:
+        """The timm image tower's top-level child modules that hold parameters, input to output, one group each
+        (LiT locking unlocks the last N)."""
+        return [[child] for child in self.visual.children() if any(True for _ in child.parameters())]
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Gradient checkpointing in both towers (where the text model supports it)."""
         self.visual.set_grad_checkpointing(enable)

@@ -10,8 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clip_pacl.config import CLIPConfig
-from clip_pacl.models import inference
-from clip_pacl.models.layers import activation
+from clip_pacl.models.layers import activation, fast_path_applies
 from clip_pacl.models.resnet import ModifiedResNet
 from clip_pacl.models.text import TextTransformer
 from clip_pacl.models.vit import VisionTransformer
@@ -87,17 +86,16 @@ class CLIP(nn.Module):
         return image_transform(image_size or self.image_size, train=train)
 
     # ------------------------------------------------------------------ encoders
-    # Under no_grad in eval mode the encoders take the exact speedups of `models/inference.py`; otherwise (and in
-    # `forward`) the towers' plain definitions.
+    # Under no_grad in eval mode the encoders take the towers' exact inference paths (`fast=True`, see
+    # `models/layers.py`); otherwise (and in `forward`) the towers' plain definitions.
     def encode_image(self, image: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         """(B, 3, H, W) normalised pixels -> (B, D)."""
-        fast = inference.fast_path_applies(self.visual)
-        x = inference.encode_image(self.visual, image) if fast else self.visual(image)
+        x = self.visual(image, fast=fast_path_applies(self.visual))
         return F.normalize(x, dim=-1) if normalize else x
 
     def encode_text(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         """(B, L) token ids -> (B, D)."""
-        x = inference.encode_text(self.text, text) if inference.fast_path_applies(self.text) else self.text(text)
+        x = self.text(text, fast=fast_path_applies(self.text))
         return F.normalize(x, dim=-1) if normalize else x
 
     def encode_image_tokens(self, image: torch.Tensor, dense: str = "tokens") -> torch.Tensor:
@@ -107,9 +105,10 @@ class CLIP(nn.Module):
         query). `dense="maskclip"`: the last attention replaced by its value path, which keeps each token local."""
         if dense not in ("tokens", "maskclip"):
             raise ValueError(f"unknown dense mode '{dense}' (tokens, maskclip)")
-        if inference.fast_path_applies(self.visual):
-            return inference.image_tokens(self.visual, image, dense)
-        return self.visual.forward_maskclip(image) if dense == "maskclip" else self.visual.forward_tokens(image)
+        fast = fast_path_applies(self.visual)
+        if dense == "maskclip":
+            return self.visual.forward_maskclip(image, fast=fast)
+        return self.visual.forward_tokens(image, fast=fast)
 
     def forward(self, image: torch.Tensor | None = None, text: torch.Tensor | None = None) -> CLIPOutput:
         """Normalised image (B, D) and text (B, D) features with exp(logit_scale) (and the bias), by the plain
@@ -135,9 +134,12 @@ class CLIP(nn.Module):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block's (stage's) activations in the backward pass to save memory."""
-        for tower in (self.visual, self.text):
-            target = getattr(tower, "transformer", tower)
-            target.grad_checkpointing = enable
+        self.visual.set_grad_checkpointing(enable)
+        self.text.set_grad_checkpointing(enable)
+
+    def image_layer_groups(self) -> list[list[nn.Module | nn.Parameter]]:
+        """The image tower's layer groups, input to output (`layer_groups` of the ViT or ResNet)."""
+        return self.visual.layer_groups()
 
     def loss_features(self, images: torch.Tensor, texts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """What the contrastive losses consume: normalised (B, D) image and text features.

@@ -30,7 +30,6 @@ from torch.utils.checkpoint import checkpoint
 
 from clip_pacl.errors import ConfigError
 from clip_pacl.models.clip import CLIP
-from clip_pacl.models.vit import VisionTransformer
 from clip_pacl.tokenizer import Tokenizer
 
 
@@ -38,8 +37,8 @@ from clip_pacl.tokenizer import Tokenizer
 class PACLConfig:
     """The trainable part of PACL. `None` dims follow the CLIP embed dim (hidden: 4x it).
 
-    The defaults are what segments best on the evidence (README "Measured results": MaskCLIP tokens with pool
-    temperature 0.05 score 0.579 mIoU against the paper's 0.348 on a small CLIP trained from scratch). The
+    The defaults are what segments best on the evidence (README "Measured results": MaskCLIP tokens with a low pool
+    temperature segment markedly better than the paper's settings on a small CLIP trained from scratch). The
     paper's settings are `PACLConfig.paper()`. Configs saved before a field existed are read with the value
     they were trained with (`LEGACY_DEFAULTS`), not today's default.
     """
@@ -159,25 +158,18 @@ class PACL(nn.Module):
 
     # ------------------------------------------------------------------ freezing
     def _unfreeze(self, n: int) -> list[nn.Module]:
-        """Freeze the CLIP, then unfreeze the last `n` image-tower blocks and what maps them to patch tokens."""
+        """Freeze the CLIP, then unfreeze the image tower's last `n` layer groups (`image_layer_groups`: the last ViT
+        blocks or ResNet stages, the last with the head that maps them to patch tokens)."""
         self.clip.requires_grad_(False)
         if n <= 0:
             return []
-        visual = self.clip.visual
-        if isinstance(visual, VisionTransformer):  # ViT: resblocks, then ln_post and proj (a bare Parameter)
-            blocks = list(visual.transformer.resblocks)
-            if n > len(blocks):
-                raise ConfigError(f"unfreeze_last_n_blocks={n} but the image tower has {len(blocks)} blocks")
-            modules = [*blocks[-n:], visual.ln_post]
-            visual.proj.requires_grad_(True)
-        else:  # ResNet: layer1..layer4, then the attention pool that gives the patch tokens
-            layers = [visual.layer1, visual.layer2, visual.layer3, visual.layer4]
-            if n > len(layers):
-                raise ConfigError(f"unfreeze_last_n_blocks={n} but the ResNet has {len(layers)} stages")
-            modules = [*layers[-n:], visual.attnpool]
-        for m in modules:
-            m.requires_grad_(True)
-        return modules
+        groups = self.clip.image_layer_groups()[1:]  # the stem is not a block
+        if n > len(groups):
+            raise ConfigError(f"unfreeze_last_n_blocks={n} but the image tower has {len(groups)} blocks")
+        items = [item for group in groups[-n:] for item in group]
+        for item in items:
+            item.requires_grad_(True)
+        return [m for m in items if isinstance(m, nn.Module)]
 
     def train(self, mode: bool = True) -> PACL:
         """Frozen CLIP parts stay in eval mode (no dropout, frozen BatchNorm statistics)."""

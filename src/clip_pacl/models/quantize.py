@@ -28,10 +28,11 @@ import warnings
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from clip_pacl.errors import CheckpointError, ConfigError
-from clip_pacl.models.layers import Attention
+from clip_pacl.models.layers import Attention, Linear
 from clip_pacl.models.resnet import ModifiedResNet
 
 QUANTIZATIONS = ("int8",)
@@ -88,6 +89,11 @@ class Int8Linear(nn.Module):
                               "torch.inference_mode(), and train (or differentiate) the float32 model instead")
         return torch.ops.quantized.linear_dynamic(x, self._packed, self.reduce_range)
 
+    def forward_fast(self, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
+        """The inference path's call (`models/layers.py`): `self(x)` in int8, then exact GELU when `gelu`."""
+        y = self(x)
+        return F.gelu(y) if gelu else y
+
     @property
     def weight(self) -> torch.Tensor:
         """The int8 weights as float32 (out, in): what the layer multiplies by."""
@@ -111,7 +117,7 @@ class Int8Linear(nn.Module):
 
 class Int8Attention(Attention):
     """`Attention` with int8 q/k/v and output projections; `in_proj_weight` / `in_proj_bias` read back the
-    dequantized values (the one-row attention of `models/inference.py` multiplies by them)."""
+    dequantized values (the one-row attention, `Attention.forward_row`, multiplies by them)."""
 
     def __init__(self, attn: Attention, engine: str):
         nn.Module.__init__(self)  # not Attention.__init__: no float32 parameters to allocate
@@ -119,8 +125,8 @@ class Int8Attention(Attention):
         self.in_proj = Int8Linear(attn.in_proj_weight, attn.in_proj_bias, engine)
         self.out_proj = Int8Linear.from_linear(attn.out_proj, engine)
 
-    def in_projection(self, x: torch.Tensor) -> torch.Tensor:
-        """(..., D) -> (..., 3D), in int8."""
+    def in_projection(self, x: torch.Tensor, fast: bool = False) -> torch.Tensor:
+        """(..., D) -> (..., 3D), in int8 on either path."""
         return self.in_proj(x)
 
     @property
@@ -152,9 +158,11 @@ def quantize_int8(model: nn.Module, inplace: bool = False) -> nn.Module:
 
 def _swap(module: nn.Module, engine: str) -> None:
     for name, child in module.named_children():
-        if type(child) is nn.Linear:
+        # Exact types, as quantize_dynamic: other nn.Linear subclasses (NonDynamicallyQuantizableLinear) are read as
+        # weights by their parents, not called.
+        if type(child) in (nn.Linear, Linear):
             setattr(module, name, Int8Linear.from_linear(child, engine))
-        elif type(child) is Attention:
+        elif isinstance(child, Attention):
             setattr(module, name, Int8Attention(child, engine))
         elif not isinstance(child, ModifiedResNet):
             _swap(child, engine)

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from clip_pacl.config import VisionConfig
-from clip_pacl.models.layers import LayerNorm, Transformer
+from clip_pacl.models.layers import LayerNorm, Transformer, resize_grid_embedding
 
 
 class VisionTransformer(nn.Module):
     """Patchify (conv1), prepend a class token, add positions, transformer, then ln_post and the projection.
 
-    `forward` (B, 3, H, W) -> (B, output_dim) pools at the class token; `forward_tokens` keeps every token.
+    `forward` (B, 3, H, W) -> (B, output_dim) pools at the class token; `forward_tokens` keeps every token. With
+    `fast=True` (inference, see `models/layers.py`) the blocks' linears run by oneDNN and `forward` computes the last
+    block for the class token only.
     """
 
     def __init__(self, cfg: VisionConfig, output_dim: int, act: type[nn.Module]):
@@ -37,14 +38,9 @@ class VisionTransformer(nn.Module):
         return self.proj.shape[1]
 
     def pos_embed(self, grid_h: int, grid_w: int) -> torch.Tensor:
-        """Positional embedding for a (grid_h, grid_w) patch grid, bicubically resized when it differs."""
-        pos = self.positional_embedding
-        n = self.cfg.grid_size
-        if (grid_h, grid_w) == (n, n):
-            return pos
-        patch_pos = pos[1:].reshape(1, n, n, -1).permute(0, 3, 1, 2)
-        patch_pos = F.interpolate(patch_pos, size=(grid_h, grid_w), mode="bicubic", align_corners=False)
-        return torch.cat([pos[:1], patch_pos.permute(0, 2, 3, 1).reshape(grid_h * grid_w, -1)])
+        """Positional embedding (1 + grid_h * grid_w, width) for a (grid_h, grid_w) patch grid, bicubically resized
+        when it differs from the trained one."""
+        return resize_grid_embedding(self.positional_embedding, self.cfg.grid_size, (grid_h, grid_w))
 
     def embed(self, image: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, 1 + N, width): class token then patches, after ln_pre."""
@@ -55,18 +51,34 @@ class VisionTransformer(nn.Module):
         x = torch.cat([cls, x], dim=1) + self.pos_embed(gh, gw).to(x.dtype)
         return self.ln_pre(x)
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
+    def forward(self, image: torch.Tensor, fast: bool = False) -> torch.Tensor:
         """Pooled embedding (B, output_dim): the class token through ln_post and the projection."""
-        x = self.transformer(self.embed(image))  # (B, 1 + N, width)
+        x = self.embed(image)  # (B, 1 + N, width)
+        if fast:  # the last block for the class token only
+            cls = self.transformer.forward_row(x, torch.zeros(x.shape[0], dtype=torch.long, device=x.device))
+            return self.ln_post(cls) @ self.proj
+        x = self.transformer(x)
         return self.ln_post(x[:, 0]) @ self.proj
 
-    def forward_tokens(self, image: torch.Tensor) -> torch.Tensor:
+    def forward_tokens(self, image: torch.Tensor, fast: bool = False) -> torch.Tensor:
         """Every token in the joint space (B, 1 + N, output_dim); index 0 is the pooled embedding."""
-        x = self.transformer(self.embed(image))
+        x = self.transformer(self.embed(image), fast=fast)
         return self.ln_post(x) @ self.proj
 
-    def forward_maskclip(self, image: torch.Tensor) -> torch.Tensor:
+    def forward_maskclip(self, image: torch.Tensor, fast: bool = False) -> torch.Tensor:
         """MaskCLIP dense tokens (B, 1 + N, output_dim): the last block's attention replaced by its value path."""
-        x = self.transformer(self.embed(image), upto=self.cfg.layers - 1)
+        x = self.transformer(self.embed(image), upto=self.cfg.layers - 1, fast=fast)
         x = self.transformer.resblocks[-1].forward_value_path(x)  # (B, 1 + N, width)
         return self.ln_post(x) @ self.proj
+
+    def layer_groups(self) -> list[list[nn.Module | nn.Parameter]]:
+        """The tower from input to output in groups (LiT locking unlocks the last N; PACL's unfreeze_last_n_blocks
+        trains the last N): [stem (conv1, embeddings, ln_pre), block 0, ..., block n-2, block n-1 + head (ln_post,
+        proj)]."""
+        blocks = list(self.transformer.resblocks)
+        stem = [self.conv1, self.class_embedding, self.positional_embedding, self.ln_pre]
+        return [stem, *[[b] for b in blocks[:-1]], [blocks[-1], self.ln_post, self.proj]]
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass (training only) to save memory."""
+        self.transformer.set_grad_checkpointing(enable)

@@ -39,8 +39,8 @@ from clip_pacl.errors import CheckpointError, DataError, MissingDependencyError
 
 ANN_NAME = "ann.faiss"
 AUTO = "auto"
-AUTO_MIN_VECTORS = 100_000  # exact below this: at 100k, 13-50 ms a query on one loaded core (benchmarks/search.py)
-AUTO_RERANK = 40  # candidates per result for the auto choice: recall@10 0.986 on 1M random vectors
+AUTO_MIN_VECTORS = 100_000  # exact below this (query times by size: README "Search at scale", benchmarks/search.py)
+AUTO_RERANK = 40  # candidates per result for the auto choice (its recall: README "Search at scale")
 MIN_TRAIN_SIZE = 65_536  # what faiss's k-means uses for 256 centroids (8-bit PQ) at most
 TRAIN_PER_LIST = 40  # IVF: faiss asks for at least 39 training vectors per list
 OPTIONS = ("nprobe", "ef_search", "rerank", "train_size")

@@ -63,6 +63,9 @@ class ConfusionMatrix:
 
 @dataclass
 class SegmentationMetrics:
+    """Scores of predicted label maps against ground truth: mean IoU, pixel accuracy, IoU per class and the
+    labelled pixels counted."""
+
     miou: float  # mean IoU over classes present in the ground truth or the predictions
     pixel_accuracy: float  # correct / labelled pixels
     per_class_iou: dict[str, float | None]  # None: class absent from both, excluded from the mean

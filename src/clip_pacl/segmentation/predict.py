@@ -36,6 +36,9 @@ _STD = torch.tensor(OPENAI_STD).view(3, 1, 1)
 
 @dataclass
 class SegmentationResult:
+    """What `segment` returns for one image: the label map at the image's size, optionally the per-class
+    scores it was the argmax of, the class names, and how background was decided."""
+
     label_map: np.ndarray  # (H, W) int64, index into class_names (NO_CLASS when unassigned)
     scores: torch.Tensor | None  # (C, H, W) per-pixel similarity to each class; None unless asked for
     class_names: list[str]

@@ -27,10 +27,9 @@ class TrainConfig:
     batch_size: int = 64
     lr: float = 5e-4
     wd: float = 0.01  # PyTorch's AdamW default (open_clip's script: 0.2), on weights only (train/optim.py)
-    # The recipe defaults come from benchmarks/recipes.py (README, "Training recipes", 3 generated sets x 5 seeds):
-    # against open_clip's script ((0.9, 0.98), eps 1e-6, wd 0.2, crops, short linear warmup) and a plain AdamW +
-    # OneCycleLR loop, PyTorch's AdamW moments, no clipping, no crops, a one-cycle schedule warming up over 30% of
-    # the run and wd 0.01 learned best; a 50-step linear warmup trailed on every set.
+    # The recipe defaults are what learned best in benchmarks/recipes.py's comparison against open_clip's training
+    # script and a plain AdamW + OneCycleLR loop: PyTorch's AdamW moments, no clipping, no crops, a one-cycle
+    # schedule with a long warmup (README "Training recipes" has the settings compared, the commands and results).
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-8

@@ -19,6 +19,9 @@ from clip_pacl.errors import ConfigError
 
 @dataclass(frozen=True)
 class DistInfo:
+    """This process's place in a distributed run: global rank, number of processes and rank on its machine
+    (one process: 0, 1, 0)."""
+
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
@@ -68,6 +71,8 @@ def cleanup_distributed() -> None:
 
 
 class StepStats(NamedTuple):
+    """What `reduce_step_stats` agrees on across ranks at a logging or checkpoint step."""
+
     loss: float | None  # mean over ranks of the last step's loss: the global batch's loss (None: no loss given)
     finite: bool  # every rank's every loss since the last log was finite
     n_bad: int  # unreadable images since the last sync, all ranks

@@ -57,6 +57,9 @@ Micro = list[tuple[torch.Tensor, torch.Tensor]]  # one step's micro-batches: (im
 
 @dataclass(frozen=True)
 class TrainResult:
+    """What `train` returns: how far it got (steps, epoch, seconds), the last loss and validation metrics,
+    where the checkpoints and the final model are, and how many images were unreadable."""
+
     steps: int
     epoch: int
     seconds: float

@@ -32,7 +32,7 @@ def build_optimizer(
         raise ConfigError("nothing to train: every parameter is frozen (check --lock-image / --lock-text)")
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
-    try:  # the fused kernel is ~10x faster than the default on CPU (tiny models spend much of a step here)
+    try:  # the fused kernel updates every tensor of a group in one pass (tiny models spend much of a step here)
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True)
     except (RuntimeError, TypeError):  # older torch, or a device without the fused kernel
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
@@ -46,26 +46,6 @@ def clamp_logit_scale(model: nn.Module) -> None:
         scale.clamp_(0, MAX_LOGIT_SCALE)
 
 
-def _tower_groups(tower: nn.Module) -> list[list[nn.Module | nn.Parameter]]:
-    """The image tower in layer groups from input to output; `--lock-image-unlocked-groups N` unlocks the last N.
-
-    ViT: [stem (conv1, embeddings, ln_pre), block 0, ..., block n-2, block n-1 + head (ln_post, proj)].
-    ResNet (as open_clip): [stem, layer1, layer2, layer3, layer4, attnpool].
-    Any other tower (a timm backbone): its top-level child modules that hold parameters, in order.
-    """
-    if hasattr(tower, "transformer") and hasattr(tower, "proj"):
-        blocks = list(tower.transformer.resblocks)
-        stem = [tower.conv1, tower.class_embedding, tower.positional_embedding, tower.ln_pre]
-        return [stem, *[[b] for b in blocks[:-1]], [blocks[-1], tower.ln_post, tower.proj]]
-    if hasattr(tower, "layer4") and hasattr(tower, "attnpool"):
-        stem = [tower.conv1, tower.bn1, tower.conv2, tower.bn2, tower.conv3, tower.bn3]
-        return [stem, [tower.layer1], [tower.layer2], [tower.layer3], [tower.layer4], [tower.attnpool]]
-    groups = [[child] for child in tower.children() if any(True for _ in child.parameters())]
-    if not groups:
-        raise ConfigError(f"do not know how to lock a {type(tower).__name__} image tower")
-    return groups
-
-
 def _group_parameters(group: list[nn.Module | nn.Parameter]) -> list[nn.Parameter]:
     return [p for item in group for p in ([item] if isinstance(item, nn.Parameter) else item.parameters())]
 
@@ -77,8 +57,10 @@ def freeze(module: nn.Module) -> None:
 
 
 def lock_image_tower(model: nn.Module, unlocked_groups: int = 0) -> None:
-    """LiT: freeze the image tower except its last `unlocked_groups` layer groups (ViT: the last blocks + head)."""
-    groups = _tower_groups(model.visual)
+    """LiT: freeze the image tower except its last `unlocked_groups` layer groups, as the model's
+    `image_layer_groups()` gives them (ViT: stem, blocks, the last with the head; ResNet: stem, stages, the last
+    with the attention pool; a timm backbone: its top-level children)."""
+    groups = model.image_layer_groups()
     if not 0 <= unlocked_groups <= len(groups):
         raise ConfigError(f"--lock-image-unlocked-groups must be between 0 and {len(groups)}, not {unlocked_groups}")
     freeze(model.visual)
