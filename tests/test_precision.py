@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import clip_pacl
 from clip_pacl import device as dev
 from clip_pacl.errors import ConfigError
 
@@ -62,3 +63,77 @@ def test_every_benchmark_record_carries_the_machine():
             continue
         names = {n.id for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Name)}
         assert names & {"append_jsonl", "with_machine", "machine_info"}, f"{path.name} writes rows without the machine"
+
+
+# ---------------------------------------------------------------------------------------------- bf16 inference
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return torch.nn.functional.cosine_similarity(a.flatten(1).float(), b.flatten(1).float(), dim=-1).min().item()
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-rn"])
+def test_bf16_towers_match_fp32(preset, one_thread):
+    """Every tensor randomised; bf16 towers give float32 features within a cosine of 0.999 of fp32's, through the
+    fast paths (no_grad, eval) and the plain ones, pooled and per token."""
+    from clip_pacl.checkpoint.io import set_precision
+    from helpers import randomize_
+
+    model = randomize_(clip_pacl_load(preset)).eval()
+    images = torch.randn(3, 3, model.image_size, model.image_size)
+    texts = model.get_tokenizer()(["a red circle", "two blue squares and a green star", "x"])
+    with torch.no_grad():
+        ref = model.encode_image(images), model.encode_text(texts), model.encode_image_tokens(images)
+        assert set_precision(model, "bf16") is model and model.precision == "bf16"
+        assert model.tower_dtype is torch.bfloat16 and model.logit_scale.dtype is torch.float32
+        got = model.encode_image(images), model.encode_text(texts), model.encode_image_tokens(images)
+    plain = model.encode_image(images)  # autograd on: the towers' plain definitions (eval-mode BatchNorm)
+    for a, b in zip(ref, got):
+        assert b.dtype is torch.float32 and b.shape == a.shape
+        assert _cosine(a, b) >= 0.999
+    assert _cosine(ref[0], plain) >= 0.999
+
+
+def test_fp32_is_the_default_and_unchanged(one_thread):
+    model = clip_pacl_load("tiny").eval()
+    assert model.precision == "fp32" and model.tower_dtype is torch.float32
+    images = torch.randn(2, 3, model.image_size, model.image_size)
+    with torch.no_grad():
+        assert torch.equal(model.encode_image(images), model.visual(images, fast=True))
+
+
+def test_pacl_bf16_keeps_its_embedders_fp32(one_thread):
+    from clip_pacl.checkpoint.io import set_precision
+    from clip_pacl.models.pacl import PACL
+    from helpers import randomize_
+
+    model = randomize_(PACL(clip_pacl_load("tiny"))).eval()
+    images = torch.randn(2, 3, model.image_size, model.image_size)
+    texts = model.clip.get_tokenizer()(["a red circle", "a blue star"])
+    with torch.no_grad():
+        ref = model.patch_similarity(images, model.encode_text(texts))
+        set_precision(model, "bf16")
+        got = model.patch_similarity(images, model.encode_text(texts))
+    assert model.clip.tower_dtype is torch.bfloat16
+    assert next(model.vision_embedder.parameters()).dtype is torch.float32
+    assert got.dtype is torch.float32 and (got - ref).abs().max().item() < 0.02  # cosines in [-1, 1]
+
+
+def test_bf16_refusals(tmp_path):
+    model = clip_pacl_load("tiny", precision="bf16")
+    assert model.precision == "bf16"
+    with pytest.raises(ConfigError, match="load it at fp32"):
+        clip_pacl.save(model, tmp_path / "out")
+    with pytest.raises(ConfigError, match="pick one"):
+        clip_pacl_load("tiny", quantize="int8", precision="bf16")
+    with pytest.raises(ConfigError, match="fp32, bf16, auto"):
+        clip_pacl_load("tiny", precision="half")
+    assert clip_pacl_load("tiny", quantize="int8", precision="auto").precision == "fp32"
+
+
+def clip_pacl_load(name, **kwargs):
+    """A preset with random weights, asked for explicitly (and quietly: the tests know the weights are random)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return clip_pacl.load(name, **kwargs)
+

@@ -315,14 +315,15 @@ class BackboneCLIP(nn.Module):
     # ------------------------------------------------------------------ encoders
     def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         """(B, 3, H, W) normalised pixels -> (B, D)."""
-        x = self.image_head(self.visual(images))  # (B, D)
+        dtype = next(self.visual.parameters()).dtype  # float32, or bfloat16 after `set_tower_dtype`
+        x = self.image_head(self.visual(images.to(dtype)).float())  # (B, D)
         return F.normalize(x, dim=-1) if normalize else x
 
     def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         """(B, L) token ids from `tokenize` -> (B, D)."""
         mask = tokens.ne(self.pad_id).long()  # (B, L)
         mask[:, 0] = 1  # a pad id that is also the first token (no special tokens) must not empty the row
-        hidden = self.text(input_ids=tokens, attention_mask=mask).last_hidden_state  # (B, L, H)
+        hidden = self.text(input_ids=tokens, attention_mask=mask).last_hidden_state.float()  # (B, L, H)
         if self.config.pool == "cls":
             pooled = hidden[:, 0]  # (B, H)
         else:
@@ -340,6 +341,13 @@ class BackboneCLIP(nn.Module):
     def similarity(self, images: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
         """Cosine similarity (B, C) of images to normalised text features (C, D)."""
         return self.encode_image(images, normalize=True) @ text_features.T
+
+    def set_tower_dtype(self, dtype: torch.dtype) -> BackboneCLIP:
+        """Cast the timm and transformers towers to `dtype` for inference; the heads and the features they return
+        stay float32 (as `CLIP.set_tower_dtype`)."""
+        self.visual.to(dtype)
+        self.text.to(dtype)
+        return self
 
     def loss_features(self, images: torch.Tensor, texts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised (B, D) image and text features: what the contrastive losses consume."""

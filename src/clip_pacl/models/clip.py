@@ -85,17 +85,31 @@ class CLIP(nn.Module):
         """CLIP's preprocess (or training augmentation) at `image_size` (default: the model's)."""
         return image_transform(image_size or self.image_size, train=train)
 
+    # ------------------------------------------------------------------ precision
+    @property
+    def tower_dtype(self) -> torch.dtype:
+        """The towers' weight dtype: float32, or bfloat16 after `set_tower_dtype` (`load(..., precision="bf16")`)."""
+        return self.text.token_embedding.weight.dtype
+
+    def set_tower_dtype(self, dtype: torch.dtype) -> CLIP:
+        """Cast both towers' weights to `dtype` for inference (bfloat16 runs on the CPU's bf16 units or a GPU's).
+        The encoders cast their pixels to it and return float32 features; the temperature and everything after
+        the encoders stay float32. Training keeps float32 weights (autocast does the casting there)."""
+        self.visual.to(dtype)
+        self.text.to(dtype)
+        return self
+
     # ------------------------------------------------------------------ encoders
     # Under no_grad in eval mode the encoders take the towers' exact inference paths (`fast=True`, see
     # `models/layers.py`); otherwise (and in `forward`) the towers' plain definitions.
     def encode_image(self, image: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         """(B, 3, H, W) normalised pixels -> (B, D)."""
-        x = self.visual(image, fast=fast_path_applies(self.visual))
+        x = self.visual(image.to(self.tower_dtype), fast=fast_path_applies(self.visual)).float()
         return F.normalize(x, dim=-1) if normalize else x
 
     def encode_text(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         """(B, L) token ids -> (B, D)."""
-        x = self.text(text, fast=fast_path_applies(self.text))
+        x = self.text(text, fast=fast_path_applies(self.text)).float()
         return F.normalize(x, dim=-1) if normalize else x
 
     def encode_image_tokens(self, image: torch.Tensor, dense: str = "tokens") -> torch.Tensor:
@@ -105,10 +119,10 @@ class CLIP(nn.Module):
         query). `dense="maskclip"`: the last attention replaced by its value path, which keeps each token local."""
         if dense not in ("tokens", "maskclip"):
             raise ValueError(f"unknown dense mode '{dense}' (tokens, maskclip)")
-        fast = fast_path_applies(self.visual)
+        fast, image = fast_path_applies(self.visual), image.to(self.tower_dtype)
         if dense == "maskclip":
-            return self.visual.forward_maskclip(image, fast=fast)
-        return self.visual.forward_tokens(image, fast=fast)
+            return self.visual.forward_maskclip(image, fast=fast).float()
+        return self.visual.forward_tokens(image, fast=fast).float()
 
     def forward(self, image: torch.Tensor | None = None, text: torch.Tensor | None = None) -> CLIPOutput:
         """Normalised image (B, D) and text (B, D) features with exp(logit_scale) (and the bias), by the plain

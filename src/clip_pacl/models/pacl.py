@@ -238,6 +238,11 @@ class PACL(nn.Module):
         with torch.no_grad():
             return self.clip.encode_text(tokens)
 
+    def set_tower_dtype(self, dtype: torch.dtype) -> PACL:
+        """The frozen CLIP's towers in `dtype` for inference (`CLIP.set_tower_dtype`); the embedders stay float32."""
+        self.clip.set_tower_dtype(dtype)
+        return self
+
     # ------------------------------------------------------------------ encoders
     def embed_patches(self, patch_tokens: torch.Tensor) -> torch.Tensor:
         """Normalised e_v (B, N, D) of CLIP patch tokens (B, N, D_clip)."""
