@@ -137,3 +137,24 @@ def clip_pacl_load(name, **kwargs):
         warnings.simplefilter("ignore")
         return clip_pacl.load(name, **kwargs)
 
+
+
+@pytest.mark.parametrize("flags, expected", [({"avx2"}, "fp32"), ({"avx2", "amx_bf16"}, "bf16")])
+def test_train_auto_precision_resolves_once_and_says_so(flags, expected, monkeypatch, tmp_path, capsys, one_thread):
+    from clip_pacl.data.synthetic import generate_synthetic
+    from clip_pacl.train import TrainConfig, train
+
+    monkeypatch.setattr(dev, "cpu_flags", lambda: flags)
+    data = generate_synthetic(tmp_path / "data", n=16, seed=0, image_size=32)
+    seen = []
+    real_autocast = torch.autocast
+
+    def spy(device_type, dtype=None, enabled=True, **kwargs):
+        seen.append(dtype if enabled else None)
+        return real_autocast(device_type, dtype=dtype, enabled=enabled, **kwargs)
+
+    monkeypatch.setattr(torch, "autocast", spy)
+    train(TrainConfig(data=str(data.captions), model="tiny", out=str(tmp_path / "run"), steps=2, batch_size=8,
+                      device="cpu", progress=False, precision="auto"))
+    assert f"precision: {expected}" in capsys.readouterr().err
+    assert seen and set(seen) == {torch.bfloat16 if expected == "bf16" else None}

@@ -108,7 +108,9 @@ def _add_optimisation_flags(arg) -> None:
         help="random resized crops (open_clip's scale 0.9-1) instead of the eval preprocess (default: off; "
              "crops slowed learning in the recipes benchmark, README)")
     arg("--grad-clip", type=float, help="clip the gradient norm at F (default: no clipping)", metavar="F")
-    arg("--precision", choices=["fp32", "bf16", "fp16"], help="autocast precision (fp16 uses a GradScaler)")
+    arg("--precision", choices=["fp32", "bf16", "fp16", "auto"],
+        help="autocast precision (fp16 uses a GradScaler); auto: bf16 where the CPU has AMX or AVX-512 BF16 or the "
+             "GPU supports bf16, else fp32; the run logs which it used")
     arg("--local-loss", action="store_true",
         help="with several processes, score only local rows against the gathered batch (less memory)")
     arg("--grad-checkpointing", action="store_true", help="recompute activations in backward to save memory")

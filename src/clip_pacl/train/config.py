@@ -10,7 +10,7 @@ from typing import Any
 from clip_pacl.errors import ConfigError
 from clip_pacl.train.schedule import SCHEDULES
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("fp32", "bf16", "fp16", "auto")  # auto: bf16 where the CPU or GPU has native bf16 (device.py)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,8 @@ from tqdm import tqdm
 from clip_pacl.checkpoint import load as load_model
 from clip_pacl.checkpoint import save as save_model
 from clip_pacl.data import build_loader, set_loader_epoch
-from clip_pacl.device import resolve_device
+from clip_pacl.console import log
+from clip_pacl.device import resolve_device, resolve_precision
 from clip_pacl.errors import ConfigError, DataError
 from clip_pacl.losses import Objective, get_objective
 from clip_pacl.train import checkpointing as ckpt
@@ -153,8 +154,12 @@ class LogWindow:
 def train(config: TrainConfig) -> TrainResult:
     """Train as `config` says; under torchrun (or SLURM) each process runs this and they form one DDP job."""
     device = resolve_device(config.device)
+    if config.precision == "auto":  # one answer for the whole run (and every rank): bf16 autocast or fp32
+        config = replace(config, precision=resolve_precision("auto", device))
     objective = get_objective(config.objective)
     info = init_distributed(device.type)
+    if info.is_main:
+        log(f"precision: {config.precision}" + (" (autocast)" if config.precision in AMP_DTYPES else ""))
     try:
         if device.type == "cuda" and info.enabled:
             device = torch.device("cuda", info.local_rank)
