@@ -30,8 +30,8 @@ from tqdm import tqdm
 
 from clip_pacl.checkpoint import load as load_model
 from clip_pacl.checkpoint import save as save_model
-from clip_pacl.data import build_loader, set_loader_epoch
 from clip_pacl.console import log
+from clip_pacl.data import build_loader, set_loader_epoch
 from clip_pacl.device import resolve_device, resolve_precision
 from clip_pacl.errors import ConfigError, DataError
 from clip_pacl.losses import Objective, get_objective
