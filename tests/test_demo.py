@@ -16,11 +16,14 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+import clip_pacl
 from clip_pacl.cli.main import build_parser, main
 from clip_pacl.data.synthetic import BACKGROUNDS, COLORS, SHAPES, SIZES, ShapeObject, caption_templates
 from clip_pacl.demo import SECTIONS, DemoConfig, format_summary, metric_rows, prepare_out_dir
 from clip_pacl.demo.pipeline import MARKER
 from clip_pacl.errors import ConfigError
+from clip_pacl.retrieval.index import ImageIndex
+from clip_pacl.retrieval.search import search_encoder
 from clip_pacl.tokenizer import tokenize
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -113,7 +116,7 @@ def test_printed_summary_has_table_report_and_commands(demo):
     for name, value, _ in metric_rows(summary):
         assert re.search(rf"{re.escape(name)}\s+{re.escape(value)}", printed)
     assert f"report: {out / 'report.html'}" in printed
-    assert f"clip-pacl serve --model {out / 'clip'} --index {out / 'index'}" in printed
+    assert f"clip-pacl serve --model {out / 'pacl'} --index {out / 'index'}" in printed
     assert "time: writing the report" in printed and "time: total" in printed
 
 
@@ -127,6 +130,8 @@ def test_printed_commands_run(demo, tmp_path, capsys):
         build_parser().parse_args(argv[1:])
     serve, search, segment, train_clip, train_pacl = commands.values()
     assert serve[1] == "serve"
+    pacl = clip_pacl.load(serve[serve.index("--model") + 1])  # the page's PACL searches with the CLIP that indexed
+    assert search_encoder(ImageIndex.load(serve[serve.index("--index") + 1]), pacl) is pacl.clip
     assert main([*search[1:], "--json"]) == 0
     assert len(json.loads(capsys.readouterr().out)["results"]) == 5
     segment = [str(tmp_path / a) if a in ("mask.png", "overlay.png") else a for a in segment]

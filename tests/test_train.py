@@ -190,6 +190,8 @@ def test_coco_captions_with_images_elsewhere_train_through_the_cli(tmp_path):
             "--no-progress"]
     assert main(args + ["--images", str(images)]) == 0
     assert (out / "final" / "model.safetensors").is_file()
+    record = _json.loads((out / "final" / "training.json").read_text())  # what the server says it was trained on
+    assert record["data"] == str(ann) and record["from"] == "tiny" and record["steps"] == 1
     assert main(args[:-1] + ["--out", str(tmp_path / "run2"), "--no-progress"]) == 2  # images not found: one line
 
 

@@ -69,7 +69,7 @@ def test_health(setup):
     body = httpx.get(f"{setup['url']}/api/health").json()
     assert body["status"] == "ok" and body["model"] == "tiny-test" and body["model_type"] == "CLIP"
     assert body["embed_dim"] == setup["model"].embed_dim and body["image_size"] == 64 and body["device"] == "cpu"
-    assert body["index"] == {"name": "idx", "count": 8}
+    assert body["index"] == {"name": "idx", "count": 8, "searched_with": "model"}
     assert body["segment_methods"] == ["patch", "maskclip"] and body["default_segment_method"] == "patch"
     assert body["max_upload_mb"] == UPLOAD_CAP / 2**20
     assert httpx.get(f"{setup['bare_url']}/api/health").json()["index"] is None

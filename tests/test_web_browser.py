@@ -43,7 +43,10 @@ def site(tmp_path_factory):
     model = clip_pacl.load("tiny").eval()
     index, _ = build_index(model, image_paths(root / "data" / "images"), batch_size=10, model_source="tiny",
                            progress=False)
-    service = WebService(model, index, "tiny-test", "idx")
+    index.metadata = [{"caption": f"caption of picture {i}"} for i in range(len(index))]  # as a table's column
+    service = WebService(model, index, "tiny-test", "idx",
+                         trained_on={"data": "train/captions.csv", "from": None, "objective": "clip", "steps": 30,
+                                     "unit": "steps"})
     not_an_image = root / "notes.txt"
     not_an_image.write_text("these are notes, not a picture\n")
     too_large = root / "large.png"
@@ -101,6 +104,15 @@ def test_text_search_shows_thumbnails_in_the_library_order(site, page):
     assert page.js("return [...document.querySelectorAll('#results img')].map((i) => i.naturalWidth)") == [64] * 4
     assert page.text("search-message") == "4 best matches for “a red circle”"
     assert "q=a+red+circle&k=4" in page.js("return location.search")  # the URL names the search
+
+
+def test_results_show_captions_and_the_status_what_the_model_learned_from(site, page):
+    page.open("/?q=a+green+square&k=3")
+    page.wait_for("3 results", lambda: len(page.all("#results figure.hit")) == 3)
+    hits = search_text(site["index"], site["model"], "a green square", 3)[0]
+    captions = [f.find_element("css selector", ".caption").text for f in page.all("#results figure.hit")]
+    assert captions == [h.metadata["caption"] for h in hits]
+    assert "trained on train/captions.csv (30 steps, objective clip)" in page.text("status")
 
 
 def test_a_search_url_runs_its_search_on_load(site, page):

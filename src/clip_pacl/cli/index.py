@@ -21,7 +21,7 @@ from clip_pacl.cli.common import (
 )
 from clip_pacl.models.quantize import quantize as quantize_model
 from clip_pacl.retrieval.ann import check_request
-from clip_pacl.retrieval.index import build_index, image_paths
+from clip_pacl.retrieval.index import build_index, confine_paths, image_paths, images_root
 from clip_pacl.retrieval.metadata import attach_metadata, table_metadata
 from clip_pacl.retrieval.sharded import build_index_sharded, embed_files, index_from_parts
 from clip_pacl.retrieval.wds_images import embed_shards, wds_shards, wds_source
@@ -56,6 +56,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-key", default="image", help="image column when --images is a file")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     parser.add_argument("--workers", type=int, default=0, help="image-loading worker processes")
+    parser.add_argument("--allow-outside-root", action="store_true",
+                        help="index images that resolve outside the --images folder (or the table's folder): "
+                             "symlinks or table rows leading elsewhere; recorded in meta.json, and `clip-pacl serve` "
+                             "then shows them too (without it the build refuses them)")
     add_faiss_index_flag(parser)
     add_ann_flags(parser, build=True)
     add_device_flag(parser)
@@ -75,7 +79,10 @@ def run(args: argparse.Namespace) -> int:
         check_request(args.faiss_index, model.embed_dim, **ann_options)  # fail before minutes of embedding
     images = {"source": str(args.images.resolve()), "image_key": args.image_key} if shards is None else \
         {"source": wds_source(args.images), "format": "wds"}
-    index, unreadable, per_rank = _build(args, model, inputs, shards is not None, images, source.revision, info)
+    root = confine_paths(inputs, images_root(args.images), args.allow_outside_root) if shards is None else \
+        confine_paths([Path(s).resolve() for s in shards], None)
+    index, unreadable, per_rank = _build(args, model, inputs, shards is not None, images, source.revision, info,
+                                         root)
     if index is None:
         return 0  # a sharded build's other ranks: rank 0 saves and reports
     attach_metadata(index, table_metadata(args.images, args.image_key))
@@ -112,10 +119,11 @@ def _device(args: argparse.Namespace, info: DistInfo) -> torch.device:
 
 
 def _build(args: argparse.Namespace, model: torch.nn.Module, inputs: list, webdataset: bool,
-           images: dict[str, str], revision: str | None, info: DistInfo):
+           images: dict[str, str], revision: str | None, info: DistInfo, root: str | None):
     """(index or None on ranks other than 0, unreadable [(path, reason)], unreadable count per rank or None).
-    `inputs`: image paths, or webdataset shards."""
-    meta = {"model_source": args.model, "images": images, "hub_revision": revision, "quantize": quantization(args)}
+    `inputs`: image paths, or webdataset shards; `root`: the folder they resolve inside (`confine_paths`)."""
+    meta = {"model_source": args.model, "images": images, "hub_revision": revision, "quantize": quantization(args),
+            "root": root, "allow_outside_root": args.allow_outside_root}
     if not info.enabled and not webdataset:
         index, unreadable = build_index(model, inputs, args.batch_size, args.workers, **meta)
         return index, unreadable, None

@@ -9,7 +9,7 @@ from clip_pacl.cli.common import add_device_flag, add_json_flag, print_json, res
 from clip_pacl.errors import DataError
 from clip_pacl.models.quantize import quantize as quantize_model
 from clip_pacl.retrieval.ann import import_faiss, rebuild_request
-from clip_pacl.retrieval.index import ImageIndex, build_index, image_paths
+from clip_pacl.retrieval.index import ImageIndex, build_index, image_paths, index_root
 from clip_pacl.retrieval.metadata import attach_metadata, table_metadata
 from clip_pacl.retrieval.search import load_index_model
 from clip_pacl.retrieval.sharded import index_from_parts
@@ -51,7 +51,9 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device or ("cpu" if index.meta.get("quantize") else None))  # int8: CPU only
     model = load_index_model(index, args.model, device=device)  # same weights, or refused
     meta = {"model_source": args.model or index.meta.get("model"), "images": images,
-            "hub_revision": index.meta.get("hub_revision"), "quantize": index.meta.get("quantize")}
+            "hub_revision": index.meta.get("hub_revision"), "quantize": index.meta.get("quantize"),
+            "root": index_root(index.meta, index.paths),
+            "allow_outside_root": bool(index.meta.get("allow_outside_root"))}
     if shards is None:
         updated, unreadable = build_index(model, paths, args.batch_size, args.workers, reuse=index, **meta)
     else:

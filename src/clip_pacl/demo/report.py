@@ -118,8 +118,9 @@ def next_steps(out: Path, test_dir: Path, clip_config, pacl_config) -> list[dict
     seg = test_dir / "segmentation_colors"
     image = sorted((seg / "images").iterdir())[0]
     return [
-        {"what": "search the held-out images by text in a browser; classify and segment your own images",
-         "command": shlex.join(["clip-pacl", "serve", "--model", str(out / "clip"), "--index", str(out / "index")])},
+        {"what": "search the held-out images by text in a browser (with the CLIP that indexed them); classify and "
+                 "segment your own images with PACL",
+         "command": shlex.join(["clip-pacl", "serve", "--model", str(out / "pacl"), "--index", str(out / "index")])},
         {"what": "search from the command line",
          "command": shlex.join(["clip-pacl", "search", str(out / "index"), "a red circle", "-k", "5"])},
         {"what": "segment an image by colour names with PACL",

@@ -6,7 +6,7 @@ Layout of an index directory (plain formats, so numpy or any other tool can read
 IDX/embeddings.npy   float32 (N, D), L2-normalised rows
 IDX/paths.jsonl      one {"path": "/absolute/path", "size": bytes, "mtime_ns": ns} per row, in the same order
                      (+ "metadata": {column: value} when built from a table with columns besides the image's)
-IDX/meta.json        model source, weights fingerprint, preprocessing, image source, embed dim, count, ...
+IDX/meta.json        model source, weights fingerprint, preprocessing, image source, root, embed dim, count, ...
 IDX/ann.faiss        only with `index build --faiss-index`: an approximate faiss index (`retrieval/ann.py`)
 ```
 
@@ -285,6 +285,44 @@ def list_image_files(directory: Path) -> list[Path]:
     return sorted(p.resolve() for p in directory.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
 
 
+def images_root(source: str | Path) -> Path:
+    """The folder an index of `source` is confined to: the folder itself, or a table's folder (symlinks resolved)."""
+    source = Path(source).resolve()
+    return source if source.is_dir() else source.parent
+
+
+def confine_paths(paths: Sequence[Path], root: str | Path | None, allow_outside_root: bool = False) -> str | None:
+    """The root of an index of `paths` (resolved): `root` resolved, or without one the deepest folder holding them
+    all. Paths that resolve outside `root` (a symlink leading elsewhere, a table naming another folder) are refused
+    with a DataError unless `allow_outside_root`."""
+    if root is None:
+        try:
+            return os.path.commonpath([os.path.dirname(str(p)) for p in paths]) if paths else None
+        except ValueError:  # (Windows) paths on several drives
+            return None
+    root = Path(root).resolve()
+    outside = [p for p in paths if not Path(p).is_relative_to(root)]
+    if outside and not allow_outside_root:
+        raise DataError(f"{len(outside)} of the {len(paths)} images resolve outside {root} (e.g. {outside[0]}: a "
+                        f"symlink or a table row leading elsewhere); the server would refuse to show them. Pass "
+                        f"--allow-outside-root to index them anyway (recorded in meta.json)")
+    return str(root)
+
+
+def index_root(meta: dict[str, Any], paths: Sequence[str]) -> str | None:
+    """The folder an index's rows must resolve inside (`web/confine.py`): meta.json's root, else (an index built
+    before roots were recorded) its image source's folder, else the deepest folder holding every row."""
+    if isinstance(meta.get("root"), str):
+        return meta["root"]
+    source = (meta.get("images") or {}).get("source")
+    if isinstance(source, str) and (meta.get("images") or {}).get("format") != "wds" and Path(source).exists():
+        return str(images_root(source))
+    try:
+        return os.path.commonpath([os.path.dirname(p.rsplit("#", 1)[0]) for p in paths]) if paths else None
+    except ValueError:
+        return None
+
+
 def image_paths(source: str | Path, image_key: str = "image") -> list[Path]:
     """The images to index: every image file under a folder, or the image column of a CSV/TSV/JSONL table
     (paths relative to the table's folder; repeated images once, in first-seen order)."""
@@ -319,6 +357,8 @@ def build_index(
     reuse: ImageIndex | None = None,
     hub_revision: str | None = None,
     quantize: str | None = None,
+    root: str | Path | None = None,
+    allow_outside_root: bool = False,
 ) -> tuple[ImageIndex, list[tuple[str, str]]]:
     """Embed `paths` with `model` into an ImageIndex; returns it and the unreadable images [(path, reason)].
 
@@ -328,10 +368,13 @@ def build_index(
     `hub_revision` (the commit of a hub model's snapshot) is recorded beside the weights' fingerprint.
     `quantize="int8"` encodes with an int8 copy of `model`; the fingerprint stays that of `model`'s weights and
     meta.json records the quantization (queries may be encoded either way: the embeddings stay comparable).
+    `root`: the folder every image must resolve inside (`confine_paths`; None: the deepest folder holding them);
+    `allow_outside_root` lets images outside it in, and is recorded (the server then shows them).
     """
     unique = list(dict.fromkeys(Path(p).resolve() for p in paths))
     if not unique:
         raise DataError("no images to index")
+    root = confine_paths(unique, root, allow_outside_root)
     stats = [file_stat(p) for p in unique]
     known = {} if reuse is None or reuse.stats is None else {
         (path, stat["size"], stat["mtime_ns"]): row for row, (path, stat) in enumerate(zip(reuse.paths, reuse.stats))}
@@ -347,16 +390,19 @@ def build_index(
     if not kept:
         raise DataError(f"none of the {len(unique)} images could be read (e.g. {unreadable[0][0]}: {unreadable[0][1]})")
     meta = index_meta(model, len(kept), len(unreadable), model_source=model_source, images=images,
-                      hub_revision=hub_revision, quantize=quantize, reused=len(reused))
+                      hub_revision=hub_revision, quantize=quantize, reused=len(reused), root=root,
+                      allow_outside_root=allow_outside_root)
     embeddings = torch.stack([rows[i] for i in kept]).float()  # (M, D)
     return ImageIndex(embeddings, [str(unique[i]) for i in kept], meta, [stats[i] for i in kept]), unreadable
 
 
 def index_meta(model: torch.nn.Module, count: int, unreadable: int, *, model_source: str | None = None,
                images: dict[str, str] | None = None, hub_revision: str | None = None,
-               quantize: str | None = None, reused: int = 0) -> dict[str, Any]:
+               quantize: str | None = None, reused: int = 0, root: str | Path | None = None,
+               allow_outside_root: bool = False) -> dict[str, Any]:
     """meta.json of an index of `count` images embedded by `model` (`build_index` and the sharded build);
-    `model` is the float32 one (its fingerprint), `quantize` how the images were encoded ("int8" or None)."""
+    `model` is the float32 one (its fingerprint), `quantize` how the images were encoded ("int8" or None),
+    `root` the folder its rows must resolve inside (unless `allow_outside_root`; `confine_paths`)."""
     return {
         "format_version": FORMAT_VERSION,
         "model": model_source_string(model_source) if model_source is not None else None,
@@ -366,6 +412,8 @@ def index_meta(model: torch.nn.Module, count: int, unreadable: int, *, model_sou
         "quantize": quantize,
         "preprocessing": preprocessing(model),
         "images": images,
+        "root": str(root) if root is not None else None,
+        "allow_outside_root": bool(allow_outside_root),
         "embed_dim": int(model.embed_dim),
         "count": count,
         "unreadable": unreadable,

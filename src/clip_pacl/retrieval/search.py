@@ -67,8 +67,39 @@ def search_image(index: ImageIndex, model: torch.nn.Module, image: str | Path | 
     return _search(index, features, k, backend, prefix, ann_settings)[0]
 
 
+def search_by_features(index: ImageIndex, features: torch.Tensor, k: int, prefix: str | None = None,
+                       ann_settings: dict[str, int | None] | None = None) -> list[SearchHit]:
+    """The k best images for one query's features (1, D) (what `search_image` does once it has them)."""
+    return _search(index, features, k, "auto", prefix, ann_settings or {})[0]
+
+
 def _search(index: ImageIndex, features: torch.Tensor, k: int, backend: str, prefix: str | None,
             ann_settings: dict[str, int | None]) -> list[list[SearchHit]]:
     if prefix is None:
         return index.search(features, k, backend, **ann_settings)
     return search_prefix(index, features, k, prefix)  # exact over the matching rows (`retrieval/filters.py`)
+
+
+def search_encoder(index: ImageIndex, model: torch.nn.Module, force: bool = False) -> torch.nn.Module:
+    """What embeds queries into `index`: `model` itself, or a PACL model's base CLIP when that CLIP built the index
+    (its weights fingerprint and preprocessing match meta.json's), so that one server searches an index with the
+    CLIP and segments with the PACL trained on it. Refused (DataError) when neither fits; `force` skips the
+    fingerprint check (the dimension must still fit)."""
+    base = getattr(model, "clip", None)
+    candidates = [model] + ([base] if isinstance(base, torch.nn.Module) and base is not model else [])
+    refusal = None
+    for encoder in candidates:
+        if encoder.embed_dim != index.embed_dim:
+            continue
+        if force:
+            return encoder
+        try:
+            check_model(index, encoder)
+        except DataError as e:
+            refusal = e
+            continue
+        return encoder
+    if refusal is not None:
+        raise refusal
+    raise DataError(f"the model embeds into {model.embed_dim} dimensions but the index holds {index.embed_dim}-d "
+                    f"embeddings (was it built with another model?)")

@@ -48,6 +48,7 @@ from clip_pacl.train.distributed import (
 )
 from clip_pacl.train.logging import RunLogger, plot_loss
 from clip_pacl.train.optim import build_optimizer, clamp_logit_scale, lock_image_tower, lock_text_tower, set_train_mode
+from clip_pacl.train.record import write_record
 from clip_pacl.train.schedule import StepSchedule, default_warmup
 from clip_pacl.train.setup import FeatureModel, build_datasets, build_model, trim_text_padding
 
@@ -401,6 +402,7 @@ def save_final_model(run: Run) -> Path:
     final_dir = run.run_dir / "final"
     if run.info.is_main:
         save_model(run.model, final_dir)
+        write_record(final_dir, run.config.to_dict(), run.total_steps)  # what it was trained on (`train/record.py`)
     return final_dir
 
 

@@ -9,12 +9,15 @@ from __future__ import annotations
 from typing import Any
 
 from clip_pacl.errors import MissingDependencyError
-from clip_pacl.web.service import WebService
 
 __all__ = ["WebService", "create_app"]
 
 
 def __getattr__(name: str) -> Any:
+    if name == "WebService":  # loaded on use: `clip_pacl.web.limits` (the CLI's defaults) needs no torch
+        from clip_pacl.web.service import WebService
+
+        return WebService
     if name == "create_app":
         try:
             from clip_pacl.web.app import create_app

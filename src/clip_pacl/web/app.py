@@ -3,8 +3,9 @@
 Endpoints are plain (sync) functions, so Starlette runs each in its threadpool and the event loop stays
 free while the model works. Every error is JSON `{"error": "one sentence"}`: 400 for bad input
 (not an image, no labels, bad k), 404 for what the server does not have (no index, no such image id),
-413 for an upload over the cap, 403 for a request the browser was tricked into sending. Files are served
-from two fixed places only: the page's own files by name from a fixed table, and thumbnails of indexed
+413 for an upload or a request cost over a stated limit (`web/limits.py`: prompts, pixels, patches), 503 with
+`Retry-After` when the server is at capacity, 403 for a request the browser was tricked into sending. Files are
+served from two fixed places only: the page's own files by name from a fixed table, and thumbnails of indexed
 images by their id.
 
 A server on 127.0.0.1 is still reachable from any web page the user opens: through DNS rebinding (a
@@ -29,14 +30,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from clip_pacl.errors import ClipPaclError
 from clip_pacl.segmentation.predict import DEFAULT_TEMPLATES
-from clip_pacl.web.service import (
-    NotFound,
-    WebService,
-    decode_upload,
-    parse_image_id,
-    parse_labels,
-    parse_templates,
-)
+from clip_pacl.web.limits import Busy, LimitExceeded
+from clip_pacl.web.service import NotFound, WebService, parse_image_id, parse_labels, parse_templates
 from clip_pacl.zeroshot.templates import OPENAI_IMAGENET_TEMPLATES
 
 DEFAULT_MAX_UPLOAD_BYTES = 10 * 1024 * 1024
@@ -178,6 +173,16 @@ def create_app(service: WebService, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_B
     async def _not_found(request: Request, exc: NotFound) -> JSONResponse:
         return error(404, str(exc))
 
+    @app.exception_handler(LimitExceeded)
+    async def _too_costly(request: Request, exc: LimitExceeded) -> JSONResponse:
+        return error(413, str(exc))
+
+    @app.exception_handler(Busy)
+    async def _busy(request: Request, exc: Busy) -> JSONResponse:
+        response = error(503, str(exc))
+        response.headers["Retry-After"] = str(exc.retry_after_s)
+        return response
+
     @app.exception_handler(ClipPaclError)
     async def _bad_input(request: Request, exc: ClipPaclError) -> JSONResponse:
         return error(400, str(exc))
@@ -201,23 +206,28 @@ def create_app(service: WebService, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_B
     @app.get("/api/search")
     def search_by_text(q: Annotated[str, Query()], k: Annotated[int, Query()] = 12,
                        prefix: Annotated[str | None, Query()] = None) -> dict:
-        return {"query": _short_query(q), "prefix": prefix or None, "results": service.search_text(q, k, prefix)}
+        with service.admitted():
+            return {"query": _short_query(q), "prefix": prefix or None,
+                    "results": service.search_text(q, k, prefix)}
 
     @app.post("/api/search")
     def search_by_image(image: Annotated[UploadFile, File()], k: Annotated[int, Form()] = 12,
                         prefix: Annotated[str | None, Form()] = None) -> dict:
         service.require_index()  # no index: say so before decoding the upload
-        picture = decode_upload(image.file.read(), image.filename or "upload")
-        return {"query": None, "prefix": prefix or None, "results": service.search_image(picture, k, prefix)}
+        with service.admitted():
+            pixels = service.decode(image.file, image.filename or "upload", service.query_pixels)
+            return {"query": None, "prefix": prefix or None, "results": service.search_image(pixels, k, prefix)}
 
     @app.post("/api/classify")
     def classify(image: Annotated[UploadFile, File()], labels: Annotated[str, Form()],
                  templates: Annotated[str | None, Form()] = None) -> dict:
         names = parse_labels(labels)
         prompts = parse_templates(templates, OPENAI_IMAGENET_TEMPLATES)
-        picture = decode_upload(image.file.read(), image.filename or "upload")
-        return {"labels": names, "num_templates": len(prompts),
-                "predictions": service.classify(picture, names, prompts)}
+        service.limits.check_prompts(len(names), len(prompts))  # before any work
+        with service.admitted():
+            pixels = service.decode(image.file, image.filename or "upload", service.model_pixels)
+            return {"labels": names, "num_templates": len(prompts),
+                    "predictions": service.classify(pixels, names, prompts)}
 
     @app.post("/api/segment")
     def segment(image: Annotated[UploadFile, File()], labels: Annotated[str, Form()],
@@ -225,11 +235,13 @@ def create_app(service: WebService, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_B
                 background_threshold: Annotated[float | None, Form()] = None) -> dict:
         names = parse_labels(labels)
         prompts = parse_templates(templates, DEFAULT_TEMPLATES)
+        service.limits.check_prompts(len(names), len(prompts))  # before any work
         methods = service.segment_methods()
         if method and method not in methods:
             raise _bad_method(method, methods)
-        picture = decode_upload(image.file.read(), image.filename or "upload")
-        return {"labels": names, **service.segment(picture, names, prompts, method or None, background_threshold)}
+        with service.admitted():
+            work = service.decode(image.file, image.filename or "upload", service.segment_input)
+            return {"labels": names, **service.segment(work, names, prompts, method or None, background_threshold)}
 
     @app.get("/thumb/{image_id}")
     def thumbnail(image_id: str) -> Response:

@@ -81,15 +81,26 @@ function baseName(path) {
   return path.split(/[\\/]/).pop();
 }
 
+// The text an index row carries (from a table's caption column, a shard's .txt), if any.
+function captionOf(hit) {
+  const metadata = hit.metadata || {};
+  const text = metadata.caption ?? metadata.text ?? metadata.title;
+  return text === undefined || text === null ? "" : String(text);
+}
+
 function showResults(results, what) {
   const grid = $("results");
-  grid.replaceChildren(...results.map((hit) => el("figure", { className: "hit", title: hit.path }, [
-    el("img", { src: hit.thumbnail, alt: baseName(hit.path) }),
-    el("figcaption", {}, [
-      el("span", { className: "name", textContent: baseName(hit.path) }),
-      el("span", { className: "score", textContent: hit.score.toFixed(3) }),
-    ]),
-  ])));
+  grid.replaceChildren(...results.map((hit) => {
+    const caption = captionOf(hit);
+    return el("figure", { className: "hit", title: caption ? `${hit.path}\n${caption}` : hit.path }, [
+      el("img", { src: hit.thumbnail, alt: caption || baseName(hit.path) }),
+      el("figcaption", {}, [
+        el("span", { className: "name", textContent: baseName(hit.path) }),
+        el("span", { className: "score", textContent: hit.score.toFixed(3) }),
+        ...(caption ? [el("span", { className: "caption", textContent: caption })] : []),
+      ]),
+    ]);
+  }));
   say("search-message", results.length ? `${results.length} best matches for ${what}` : "no results");
 }
 
@@ -186,6 +197,15 @@ function setUpSegment(health) {
   });
 }
 
+// What the model was trained on, as the server read it from the model's training record.
+function trainedOn(record) {
+  if (!record || !record.data) return "training data not recorded";
+  const details = [record.steps ? `${record.steps} ${record.unit || "steps"}` : null,
+                   record.objective ? `objective ${record.objective}` : null,
+                   record.from ? `from ${record.from}` : null].filter(Boolean);
+  return `trained on ${record.data}` + (details.length ? ` (${details.join(", ")})` : "");
+}
+
 async function main() {
   showTab();
   window.addEventListener("hashchange", showTab);
@@ -199,9 +219,11 @@ async function main() {
     say("status", `server not reachable: ${err.message}`, true);
     return;
   }
-  const index = health.index ? `${health.index.count} indexed images` : "no index";
+  let index = health.index ? `${health.index.count} indexed images` : "no index";
+  if (health.index && health.index.searched_with === "base CLIP") index += " (searched with the base CLIP)";
   say("status", `model ${health.model || health.model_type} (${health.embed_dim}-d, ${health.image_size}px, ` +
-                `${health.device}) · ${index} · uploads up to ${health.max_upload_mb} MB`);
+                `${health.device}) · ${trainedOn(health.trained_on)} · ${index} · ` +
+                `uploads up to ${health.max_upload_mb} MB`);
   setUpSearch(health);
   setUpClassify();
   setUpSegment(health);
