@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
+from clip_pacl.console import human_bytes
 from clip_pacl.errors import CheckpointError, ConfigError
 
 MAX_MODEL_BYTES_ENV = "CLIP_PACL_MAX_MODEL_BYTES"
@@ -33,16 +34,6 @@ def max_model_bytes() -> int:
     if value < 1:
         raise ConfigError(f"{MAX_MODEL_BYTES_ENV} must be a positive number of bytes, not '{text}'")
     return value
-
-
-def human_bytes(n: int) -> str:
-    """`1.5 GiB`, `16 KiB`: sizes in error messages."""
-    size, unit = float(n), "bytes"
-    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if size < 1024 or unit == "PiB":
-            break
-        size /= 1024
-    return f"{n} bytes" if unit == "bytes" else f"{size:.1f} {unit}"
 
 
 def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
