@@ -30,6 +30,7 @@ from clip_pacl.config import CLIPConfig
 from clip_pacl.errors import CheckpointError, ConfigError
 from clip_pacl.models.clip import CLIP
 from clip_pacl.models.pacl import PACL
+from clip_pacl.retrieval.ann import AnnIndex
 from clip_pacl.retrieval.index import ImageIndex
 from helpers import require
 from test_safe_loading import _hand_made_archive, _Module, _Tensor
@@ -340,3 +341,16 @@ def test_load_state_into_refuses_missing_tensors():
         load_state_into(model, {"weight": torch.zeros(2, 2)}, "x.pt")
     with pytest.raises(CheckpointError, match="1 unexpected tensors"):
         load_state_into(model, {"weight": torch.zeros(2, 2), "bias": torch.zeros(2), "extra": torch.zeros(1)}, "x.pt")
+
+
+def test_search_refuses_rows_the_index_does_not_have():
+    """Ids past the row count that reach a search by another way than the file (load_ann checks the file's) are a
+    one-line CheckpointError, not an IndexError from the re-ranking."""
+    faiss = require("faiss")
+    vectors = F.normalize(torch.randn(300, 16), dim=-1)
+    index = faiss.index_factory(16, "IVF1,Flat", faiss.METRIC_INNER_PRODUCT)
+    index.train(vectors.numpy())
+    index.add_with_ids(vectors.numpy(), np.arange(300, dtype=np.int64) + 10**6)
+    ann = AnnIndex(index, {"factory": "IVF1,Flat", "nprobe": 1, "ef_search": None, "rerank": 1})
+    with pytest.raises(CheckpointError, match="returned row 1000"):
+        ann.search(vectors[:2], 5, vectors)

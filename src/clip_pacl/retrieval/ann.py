@@ -279,6 +279,8 @@ class AnnIndex:
             self.configure(nprobe, ef_search)
             _, rows = self.index.search(query_array, candidates)  # (Q, C)
         vectors = embeddings.detach().float().cpu().numpy()  # (N, D): a view, not a copy
+        if rows.size and rows.max() >= len(vectors):  # load_ann checks the stored ids; this keeps any other out
+            raise CheckpointError(f"the faiss index returned row {int(rows.max())} of an index of {len(vectors)} rows")
         scores = np.empty(rows.shape, dtype=np.float32)  # (Q, C)
         step = max(1, 2**24 // (candidates * vectors.shape[1]))  # queries per gather of (step, C, D) floats
         for s in range(0, len(rows), step):
