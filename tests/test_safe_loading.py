@@ -151,18 +151,22 @@ _STORAGE = object()
 
 
 class _ArchivePickler(pickle.Pickler):
+    def __init__(self, file, numel: int):
+        super().__init__(file, protocol=2)
+        self.numel = numel
+
     def persistent_id(self, obj):
-        return ("storage", torch.FloatStorage, "0", "cpu", 2) if obj is _STORAGE else None
+        return ("storage", torch.FloatStorage, "0", "cpu", self.numel) if obj is _STORAGE else None
 
 
-def _hand_made_archive(path, root, data: bytes | None = b"\0" * 8) -> None:
-    """A TorchScript-layout zip holding `root` as its module pickle and `data` as storage "0"."""
+def _hand_made_archive(path, root, data: bytes | None = b"\0" * 8, numel: int = 2) -> None:
+    """A TorchScript-layout zip holding `root` as its module pickle and `data` as storage "0" (`numel` floats)."""
     pickled = io.BytesIO()
     with pytest.MonkeyPatch.context() as patch:  # `_Module` pickles under the name TorchScript gives its classes
         patch.setattr(_Module, "__module__", "__torch__")
         patch.setitem(sys.modules, "__torch__", type(sys)("__torch__"))
         patch.setattr(sys.modules["__torch__"], "_Module", _Module, raising=False)
-        _ArchivePickler(pickled, protocol=2).dump(root)
+        _ArchivePickler(pickled, numel).dump(root)
     with zipfile.ZipFile(path, "w") as archive:
         archive.writestr("m/data.pkl", pickled.getvalue())
         archive.writestr("m/constants.pkl", pickle.dumps(()))

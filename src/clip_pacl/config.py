@@ -14,6 +14,31 @@ from typing import Any
 
 from clip_pacl.errors import ConfigError
 
+# Sanity bounds on single config values (the model's total size is bounded by checkpoint/limits.py): no CLIP comes
+# near them, and they keep a hostile config's numbers from overflowing before that check.
+MAX_SIZE = 1 << 20  # widths, image and patch sizes, vocabulary, context length
+MAX_LAYERS = 1024
+MAX_RATIO = 64.0  # mlp_ratio
+
+
+def config_int(value: Any, what: str, low: int | None = None, high: int | None = None) -> int:
+    """`value` as a whole number (a JSON int, or a float with no fraction), within [low, high] when given;
+    else a one-line ConfigError naming `what`."""
+    ok = (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, float) and value.is_integer())
+    if ok and (low is None or value >= low) and (high is None or value <= high):
+        return int(value)
+    bounds = f" from {low} to {high}" if low is not None and high is not None else ""
+    raise ConfigError(f"{what} must be a whole number{bounds}, not {value!r}")
+
+
+def config_float(value: Any, what: str, positive: bool = False, high: float | None = None) -> float:
+    """`value` as a finite number (positive, at most `high`, when asked); else a one-line ConfigError."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and (not positive or value > 0) and (high is None or value <= high):
+        return float(value)
+    bound = f"{'positive ' if positive else ''}finite number{f' up to {high}' if high is not None else ''}"
+    raise ConfigError(f"{what} must be a {bound}, not {value!r}")
+
 
 @dataclass(frozen=True)
 class VisionConfig:
@@ -25,6 +50,23 @@ class VisionConfig:
     head_width: int = 64
     mlp_ratio: float = 4.0
     patch_size: int = 16
+
+    def __post_init__(self) -> None:
+        if isinstance(self.layers, tuple):
+            if len(self.layers) != 4:
+                raise ConfigError(f"vision.layers of a ResNet must list 4 stages, not {list(self.layers)}")
+            for n in self.layers:
+                config_int(n, "vision.layers (each ResNet stage)", 1, MAX_LAYERS)
+        else:
+            config_int(self.layers, "vision.layers", 1, MAX_LAYERS)
+        for name in ("image_size", "width", "head_width", "patch_size"):
+            config_int(getattr(self, name), f"vision.{name}", 1, MAX_SIZE)
+        config_float(self.mlp_ratio, "vision.mlp_ratio", positive=True, high=MAX_RATIO)
+        channels = self.width * 32 if self.is_resnet else self.width
+        if channels % self.head_width:
+            raise ConfigError(f"vision width {channels} is not divisible by head_width {self.head_width}")
+        if self.image_size < self.stride:
+            raise ConfigError(f"vision.image_size {self.image_size} is smaller than one patch ({self.stride})")
 
     @property
     def is_resnet(self) -> bool:
@@ -58,6 +100,14 @@ class TextConfig:
     layers: int = 12
     mlp_ratio: float = 4.0
 
+    def __post_init__(self) -> None:
+        for name in ("context_length", "vocab_size", "width", "heads"):
+            config_int(getattr(self, name), f"text.{name}", 1, MAX_SIZE)
+        config_int(self.layers, "text.layers", 1, MAX_LAYERS)
+        config_float(self.mlp_ratio, "text.mlp_ratio", positive=True, high=MAX_RATIO)
+        if self.width % self.heads:
+            raise ConfigError(f"text.width {self.width} is not divisible by text.heads {self.heads}")
+
 
 @dataclass(frozen=True)
 class CLIPConfig:
@@ -70,6 +120,17 @@ class CLIPConfig:
     init_logit_scale: float = math.log(1 / 0.07)
     init_logit_bias: float | None = None
     name: str | None = None
+
+    def __post_init__(self) -> None:
+        config_int(self.embed_dim, "embed_dim", 1, MAX_SIZE)
+        config_float(self.init_logit_scale, "init_logit_scale")
+        if self.init_logit_bias is not None:
+            config_float(self.init_logit_bias, "init_logit_bias")
+        if not isinstance(self.vision, VisionConfig) or not isinstance(self.text, TextConfig):
+            raise ConfigError("a CLIP config needs a vision and a text tower config")
+        if not isinstance(self.quick_gelu, bool) or not (self.name is None or isinstance(self.name, str)):
+            raise ConfigError(f"quick_gelu must be true or false and name a string, not {self.quick_gelu!r} and "
+                              f"{self.name!r}")
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -91,12 +152,10 @@ class CLIPConfig:
     @classmethod
     def from_open_clip_dict(cls, data: dict[str, Any], name: str | None = None) -> CLIPConfig:
         """Parse open_clip's model-config JSON (`embed_dim`, `vision_cfg`, `text_cfg`)."""
-        try:
-            embed_dim = int(data["embed_dim"])
-            vcfg = dict(data["vision_cfg"])
-            tcfg = dict(data["text_cfg"])
-        except (KeyError, TypeError) as e:
-            raise ConfigError(f"not an open_clip model config: missing {e}") from None
+        if not isinstance(data, dict) or not all(isinstance(data.get(k), dict) for k in ("vision_cfg", "text_cfg")) \
+                or "embed_dim" not in data:
+            raise ConfigError("not an open_clip model config: it needs embed_dim and the objects vision_cfg, text_cfg")
+        vcfg, tcfg = data["vision_cfg"], data["text_cfg"]
         unsupported = [k for k in ("timm_model_name", "hf_model_name") if vcfg.get(k) or tcfg.get(k)]
         if unsupported:
             raise ConfigError(
@@ -104,29 +163,24 @@ class CLIPConfig:
             )
         layers = vcfg.get("layers", 12)
         if isinstance(layers, (list, tuple)):
-            layers = tuple(int(x) for x in layers)
+            layers = tuple(config_int(x, "vision_cfg.layers") for x in layers)
         vision = VisionConfig(
-            image_size=_as_int(vcfg.get("image_size", 224)),
+            image_size=_as_int(vcfg.get("image_size", 224), "vision_cfg.image_size"),
             layers=layers,
-            width=int(vcfg.get("width", 768)),
-            head_width=int(vcfg.get("head_width", 64)),
-            mlp_ratio=float(vcfg.get("mlp_ratio", 4.0)),
-            patch_size=_as_int(vcfg.get("patch_size", 16)),
+            width=config_int(vcfg.get("width", 768), "vision_cfg.width"),
+            head_width=config_int(vcfg.get("head_width", 64), "vision_cfg.head_width"),
+            mlp_ratio=config_float(vcfg.get("mlp_ratio", 4.0), "vision_cfg.mlp_ratio"),
+            patch_size=_as_int(vcfg.get("patch_size", 16), "vision_cfg.patch_size"),
         )
-        text = TextConfig(
-            context_length=int(tcfg.get("context_length", 77)),
-            vocab_size=int(tcfg.get("vocab_size", 49408)),
-            width=int(tcfg.get("width", 512)),
-            heads=int(tcfg.get("heads", 8)),
-            layers=int(tcfg.get("layers", 12)),
-            mlp_ratio=float(tcfg.get("mlp_ratio", 4.0)),
-        )
-        kwargs: dict[str, Any] = {"embed_dim": embed_dim, "vision": vision, "text": text, "name": name}
-        kwargs["quick_gelu"] = bool(data.get("quick_gelu", False))
-        if data.get("init_logit_scale") is not None:
-            kwargs["init_logit_scale"] = float(data["init_logit_scale"])
-        if data.get("init_logit_bias") is not None:
-            kwargs["init_logit_bias"] = float(data["init_logit_bias"])
+        text = TextConfig(**{key: config_int(tcfg.get(key, default), f"text_cfg.{key}") for key, default in
+                             (("context_length", 77), ("vocab_size", 49408), ("width", 512), ("heads", 8),
+                              ("layers", 12))},
+                          mlp_ratio=config_float(tcfg.get("mlp_ratio", 4.0), "text_cfg.mlp_ratio"))
+        kwargs: dict[str, Any] = {"embed_dim": config_int(data["embed_dim"], "embed_dim"), "vision": vision,
+                                  "text": text, "name": name, "quick_gelu": data.get("quick_gelu", False)}
+        for key in ("init_logit_scale", "init_logit_bias"):
+            if data.get(key) is not None:
+                kwargs[key] = config_float(data[key], key)
         return cls(**kwargs)
 
     def to_open_clip_dict(self) -> dict[str, Any]:
@@ -156,26 +210,40 @@ class CLIPConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> CLIPConfig:
-        """Inverse of `to_dict` (unknown top-level keys, such as `model_type`, are ignored)."""
+    def from_dict(cls, d: dict[str, Any], source: str = "config.json") -> CLIPConfig:
+        """Inverse of `to_dict`. Unknown top-level keys (`model_type`, a run's extra fields) are ignored; the
+        towers' keys must be known and every value of the right type and range (one ConfigError line)."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"{source} does not hold a CLIP config (not a JSON object)")
         d = dict(d)
-        try:
-            vision = dict(d.pop("vision"))
-            text = dict(d.pop("text"))
-        except KeyError as e:
-            raise ConfigError(f"config.json is missing {e}") from None
-        if isinstance(vision.get("layers"), list):
-            vision["layers"] = tuple(vision["layers"])
+        towers = {}
+        for key, tower in (("vision", VisionConfig), ("text", TextConfig)):
+            given = d.pop(key, None)
+            if not isinstance(given, dict):
+                raise ConfigError(f"{source}: {key} must be an object of the {key} tower's settings, not "
+                                  f"{type(given).__name__}")
+            known = {f.name for f in fields(tower)}
+            unknown = sorted(set(given) - known)
+            if unknown:
+                raise ConfigError(f"{source}: unknown {key} setting '{unknown[0]}' (known: {', '.join(sorted(known))})")
+            towers[key] = given
+        if isinstance(towers["vision"].get("layers"), list):
+            towers["vision"]["layers"] = tuple(towers["vision"]["layers"])
         known = {f.name for f in fields(cls)}
-        return cls(vision=VisionConfig(**vision), text=TextConfig(**text), **{k: v for k, v in d.items() if k in known})
+        try:
+            return cls(vision=VisionConfig(**towers["vision"]), text=TextConfig(**towers["text"]),
+                       **{k: v for k, v in d.items() if k in known})
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
 
-def _as_int(x: Any) -> int:
+
+def _as_int(x: Any, what: str) -> int:
     # open_clip allows (h, w) tuples for image_size / patch_size; we support square only.
     if isinstance(x, (list, tuple)):
         if len(set(x)) != 1:
             raise ConfigError(f"non-square sizes are not supported: {x}")
         x = x[0]
-    return int(x)
+    return config_int(x, what)
 
 
 def available_presets() -> list[str]:

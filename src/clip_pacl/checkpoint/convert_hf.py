@@ -16,8 +16,8 @@ from typing import Any
 import torch
 
 from clip_pacl.checkpoint.files import read_weights, save_json, save_weights
-from clip_pacl.config import CLIPConfig, TextConfig, VisionConfig
-from clip_pacl.errors import CheckpointError
+from clip_pacl.config import CLIPConfig, TextConfig, VisionConfig, config_float, config_int
+from clip_pacl.errors import CheckpointError, ConfigError
 
 # ours -> HF, for keys outside the transformer blocks. `visual.proj` and `text.text_projection` are transposed.
 TOP_LEVEL = {
@@ -64,6 +64,8 @@ _TEXT_DEFAULTS = {"vocab_size": 49408, "hidden_size": 512, "intermediate_size": 
 _VISION_DEFAULTS = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
                     "image_size": 224, "patch_size": 32, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5}
 _ACTIVATIONS = {"quick_gelu": True, "gelu": False}
+_INT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+               "max_position_embeddings", "eos_token_id", "image_size", "patch_size")
 
 
 def is_hf_config(data: dict[str, Any]) -> bool:
@@ -72,36 +74,51 @@ def is_hf_config(data: dict[str, Any]) -> bool:
 
 
 def config_from_hf(data: dict[str, Any], source: str = "config.json") -> CLIPConfig:
-    """Our config for an HF CLIP config dict; refuses settings our towers do not compute."""
-    text = {**_TEXT_DEFAULTS, **(data.get("text_config") or {})}
-    vision = {**_VISION_DEFAULTS, **(data.get("vision_config") or {})}
+    """Our config for an HF CLIP config dict; refuses settings our towers do not compute, and values of the
+    wrong type or out of range (one ConfigError line)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source} is not a JSON object")
+    towers = {}
+    for key, defaults in (("text_config", _TEXT_DEFAULTS), ("vision_config", _VISION_DEFAULTS)):
+        given = data.get(key) or {}
+        if not isinstance(given, dict):
+            raise ConfigError(f"{source}: {key} must be an object, not {type(given).__name__}")
+        towers[key] = {**defaults, **given}
+        for name in _INT_FIELDS:
+            if name in towers[key]:
+                towers[key][name] = config_int(towers[key][name], f"{source}: {key}.{name}")
+    text, vision = towers["text_config"], towers["vision_config"]
     if data.get("model_type", "clip") != "clip":
         raise CheckpointError(f"{source} is a '{data.get('model_type')}' model; only HF CLIPModel checkpoints are read")
     acts = {text["hidden_act"], vision["hidden_act"]}
-    if len(acts) != 1 or not acts <= _ACTIVATIONS.keys():
+    if not all(isinstance(a, str) for a in acts) or len(acts) != 1 or not acts <= _ACTIVATIONS.keys():
         raise CheckpointError(f"{source} uses hidden_act {sorted(acts)}; supported: quick_gelu or gelu in both towers")
     for tower, cfg in (("text", text), ("vision", vision)):
-        if not math.isclose(float(cfg["layer_norm_eps"]), 1e-5):
+        if not isinstance(cfg["layer_norm_eps"], (int, float)) or not math.isclose(float(cfg["layer_norm_eps"]), 1e-5):
             raise CheckpointError(f"{source}: {tower} layer_norm_eps={cfg['layer_norm_eps']} is unsupported "
                                   "(only 1e-5)")
     # We pool at the highest token id (argmax), as OpenAI did; HF does the same when eos_token_id is the legacy 2,
     # and otherwise pools at the first eos_token_id, which is the same position only when eos is the top id.
-    eos = int(text["eos_token_id"])
-    if eos not in (2, int(text["vocab_size"]) - 1):
+    eos = text["eos_token_id"]
+    if eos not in (2, text["vocab_size"] - 1):
         raise CheckpointError(f"{source}: eos_token_id={eos} is unsupported (the end-of-text token must be the "
-                              f"highest id, {int(text['vocab_size']) - 1})")
-    v_width, t_width = int(vision["hidden_size"]), int(text["hidden_size"])
+                              f"highest id, {text['vocab_size'] - 1})")
+    v_width, t_width = vision["hidden_size"], text["hidden_size"]
+    if vision["num_attention_heads"] < 1 or v_width % vision["num_attention_heads"]:
+        raise ConfigError(f"{source}: vision_config.hidden_size {v_width} is not divisible by num_attention_heads "
+                          f"{vision['num_attention_heads']}")
     return CLIPConfig(
-        embed_dim=int(data.get("projection_dim", 512)),
-        vision=VisionConfig(image_size=int(vision["image_size"]), layers=int(vision["num_hidden_layers"]),
-                            width=v_width, head_width=v_width // int(vision["num_attention_heads"]),
-                            mlp_ratio=int(vision["intermediate_size"]) / v_width, patch_size=int(vision["patch_size"])),
-        text=TextConfig(context_length=int(text["max_position_embeddings"]), vocab_size=int(text["vocab_size"]),
-                        width=t_width, heads=int(text["num_attention_heads"]), layers=int(text["num_hidden_layers"]),
-                        mlp_ratio=int(text["intermediate_size"]) / t_width),
+        embed_dim=config_int(data.get("projection_dim", 512), f"{source}: projection_dim"),
+        vision=VisionConfig(image_size=vision["image_size"], layers=vision["num_hidden_layers"], width=v_width,
+                            head_width=v_width // vision["num_attention_heads"],
+                            mlp_ratio=vision["intermediate_size"] / max(v_width, 1), patch_size=vision["patch_size"]),
+        text=TextConfig(context_length=text["max_position_embeddings"], vocab_size=text["vocab_size"],
+                        width=t_width, heads=text["num_attention_heads"], layers=text["num_hidden_layers"],
+                        mlp_ratio=text["intermediate_size"] / max(t_width, 1)),
         quick_gelu=_ACTIVATIONS[text["hidden_act"]],
-        init_logit_scale=float(data.get("logit_scale_init_value", math.log(1 / 0.07))),
-        name=data.get("_name_or_path") or None,
+        init_logit_scale=config_float(data.get("logit_scale_init_value", math.log(1 / 0.07)),
+                                      f"{source}: logit_scale_init_value"),
+        name=str(data.get("_name_or_path") or "") or None,
     )
 
 
@@ -184,14 +201,15 @@ def state_to_hf(state: dict[str, torch.Tensor], config: CLIPConfig) -> dict[str,
     return out
 
 
-def read_hf_dir(path: Path) -> tuple[CLIPConfig, dict[str, torch.Tensor]]:
-    """Config and our state dict from an HF CLIP directory (`config.json` + safetensors or a `.bin`)."""
+def read_hf_dir(path: Path, meta: bool = False) -> tuple[CLIPConfig, dict[str, torch.Tensor]]:
+    """Config and our state dict from an HF CLIP directory (`config.json` + safetensors or a `.bin`);
+    `meta`: the state dict's tensors on the meta device, as the file declares them (no data read)."""
     data = json.loads((path / "config.json").read_text())
     config = config_from_hf(data, str(path / "config.json"))
     weights = next((path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).is_file()), None)
     if weights is None:
         raise CheckpointError(f"{path} has an HF config.json but no model.safetensors or pytorch_model.bin")
-    return config, state_from_hf(read_weights(weights), config)
+    return config, state_from_hf(read_weights(weights, meta=meta), config)
 
 
 def write_hf_dir(config: CLIPConfig, state: dict[str, torch.Tensor], out_dir: Path) -> Path:

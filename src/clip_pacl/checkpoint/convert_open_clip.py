@@ -10,7 +10,7 @@ the caller passes a config.
 from __future__ import annotations
 
 import re
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import torch
 
@@ -67,13 +67,16 @@ def infer_config(state: dict[str, torch.Tensor], quick_gelu: bool | None = None,
         text_layers = _count_blocks(state, "transformer.resblocks.")
         text_hidden = state["transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
         embed_dim = state["text_projection"].shape[1]
+        text = TextConfig(context_length=pos.shape[0], vocab_size=tok.shape[0], width=text_width,
+                          heads=_heads(text_width), layers=text_layers, mlp_ratio=text_hidden / text_width)
+    except (ValueError, IndexError, TypeError, ZeroDivisionError):  # shapes no CLIP has (too few dims, zero sizes)
+        raise CheckpointError("the state dict's tensor shapes are not an open_clip/OpenAI CLIP's") from None
     except KeyError as e:
         raise CheckpointError(f"the state dict lacks {e} and is not an open_clip/OpenAI CLIP") from None
-    text = TextConfig(context_length=pos.shape[0], vocab_size=tok.shape[0], width=text_width,
-                      heads=_heads(text_width), layers=text_layers, mlp_ratio=text_hidden / text_width)
     config = CLIPConfig(embed_dim=embed_dim, vision=vision, text=text, quick_gelu=quick_gelu is not False, name=name)
-    if "logit_bias" in state:
-        config = replace(config, init_logit_bias=float(state["logit_bias"]))
+    if "logit_bias" in state:  # a meta tensor (a file's declared tensors) has no value: the load sets it later
+        bias = state["logit_bias"]
+        config = replace(config, init_logit_bias=0.0 if bias.is_meta or bias.numel() != 1 else float(bias))
     return _with_preset_heads(config)
 
 
@@ -100,8 +103,12 @@ def _infer_vision(state: dict[str, torch.Tensor]) -> VisionConfig:
 def _with_preset_heads(config: CLIPConfig) -> CLIPConfig:
     for preset in available_presets():
         p = CLIPConfig.from_name(preset)
-        candidate = replace(config, vision=replace(config.vision, head_width=p.vision.head_width),
-                            text=replace(config.text, heads=p.text.heads))
-        if (candidate.vision, candidate.text, candidate.embed_dim) == (p.vision, p.text, p.embed_dim):
-            return candidate
+        if _shapes(config) == _shapes(p):
+            return replace(config, vision=replace(config.vision, head_width=p.vision.head_width),
+                           text=replace(config.text, heads=p.text.heads))
     return config
+
+
+def _shapes(config: CLIPConfig) -> tuple:
+    """What the weights show of an architecture: all but the head counts."""
+    return ({**asdict(config.vision), "head_width": None}, {**asdict(config.text), "heads": None}, config.embed_dim)

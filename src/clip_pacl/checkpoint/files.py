@@ -15,20 +15,26 @@ import pickle
 import re
 import tempfile
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from clip_pacl.checkpoint import torchscript
+from clip_pacl.checkpoint.limits import check_tensors
 from clip_pacl.errors import CheckpointError
 
 SAFETENSORS_SUFFIX = ".safetensors"
 WEIGHTS_NAME = "model.safetensors"  # a clip-pacl checkpoint dir: these two, plus what its model type adds
 CONFIG_NAME = "config.json"
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
 
 
 def atomic_write(path: str | Path, write: Callable[[str], Any]) -> None:
@@ -60,24 +66,68 @@ def is_torchscript_file(path: str | Path) -> bool:
     return Path(path).suffix != SAFETENSORS_SUFFIX and torchscript.is_torchscript(path)
 
 
-def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+def read_weights(path: str | Path, *, meta: bool = False) -> dict[str, torch.Tensor]:
     """The tensors of a weights file, on the CPU: safetensors by name, else a TorchScript archive's weights or a
-    torch pickle read with `weights_only=True`; `{"state_dict": ...}` and DDP's `module.` prefixes are unwrapped."""
+    torch pickle read with `weights_only=True`; `{"state_dict": ...}` and DDP's `module.` prefixes are unwrapped.
+
+    The file's declared tensors are read first without their data (on the meta device) and checked (`limits.py`):
+    no stride-0 or overlapping views, no more tensor data than the file holds, no more than the model size limit.
+    `meta=True` returns those; otherwise the data is read only when they pass."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist")
+    specs = _read_state(path, meta=True)
+    check_tensors(specs, str(path), None if path.suffix == SAFETENSORS_SUFFIX else path.stat().st_size)
+    if meta:
+        return specs
+    state = _read_state(path, meta=False)
+    check_tensors(state, str(path), None)
+    return state
+
+
+def _read_state(path: Path, meta: bool) -> dict[str, torch.Tensor]:
     try:
         if path.suffix == SAFETENSORS_SUFFIX:
-            return load_file(str(path))
+            return _safetensors_specs(path) if meta else load_file(str(path))
         if is_torchscript_file(path):
-            obj = torchscript.read_state(path)
+            obj = torchscript.read_state(path, meta=meta)
         else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = torch.load(path, map_location="meta" if meta else "cpu", weights_only=True)
     except torchscript.TorchScriptError as e:
         raise CheckpointError(f"{path} is a TorchScript archive clip-pacl does not read: {e}") from None
     except Exception as e:  # foreign files fail with SafetensorError, UnpicklingError, RuntimeError, EOFError, ...
         raise CheckpointError(f"{path} is not a checkpoint clip-pacl can read: {_why_unreadable(path, e)}") from None
     return unwrap_state_dict(obj, str(path))
+
+
+def _safetensors_specs(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors as meta tensors, from its header (safetensors checks the header's offsets
+    against the file's length)."""
+    specs = {}
+    with safe_open(str(path), "pt") as f:
+        for name in f.keys():
+            part = f.get_slice(name)
+            dtype = SAFETENSORS_DTYPES.get(part.get_dtype())
+            if dtype is None:
+                raise CheckpointError(f"{path}: tensor '{name}' has dtype {part.get_dtype()}, which clip-pacl does "
+                                      f"not read")
+            specs[name] = torch.empty(part.get_shape(), dtype=dtype, device="meta")
+    return specs
+
+
+def check_state_matches(targets: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Refuse `state` unless it has exactly the tensors of `targets` (a model's state_dict()), with the same shapes,
+    and floating-point data where the model has floating-point tensors. Both may be on the meta device: this is the
+    check made before any tensor data is read or any model memory allocated."""
+    _check_keys([k for k in targets if k not in state], [k for k in state if k not in targets], source)
+    for name, target in targets.items():
+        found = state[name]
+        if found.shape != target.shape:
+            raise CheckpointError(f"{source} does not match the model: size mismatch for {name}: the checkpoint "
+                                  f"has {tuple(found.shape)}, the model {tuple(target.shape)}")
+        if found.is_floating_point() != target.is_floating_point():
+            raise CheckpointError(f"{source} does not match the model: tensor '{name}' is {found.dtype}, "
+                                  f"the model's is {target.dtype}")
 
 
 def _why_unreadable(path: Path, e: Exception) -> str:
@@ -111,13 +161,27 @@ def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], source: st
     except RuntimeError as e:  # shape mismatches
         detail = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), first_line(e))
         raise CheckpointError(f"{source} does not match the model: {detail}") from None
-    if result.missing_keys or result.unexpected_keys:
-        parts = []
-        if result.missing_keys:
-            parts.append(f"missing {len(result.missing_keys)} tensors (e.g. {result.missing_keys[0]})")
-        if result.unexpected_keys:
-            parts.append(f"{len(result.unexpected_keys)} unexpected tensors (e.g. {result.unexpected_keys[0]})")
+    _check_keys(result.missing_keys, result.unexpected_keys, source)
+
+
+def _check_keys(missing: list[str], unexpected: list[str], source: str) -> None:
+    parts = []
+    if missing:
+        parts.append(f"missing {len(missing)} tensors (e.g. {missing[0]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected tensors (e.g. {unexpected[0]})")
+    if parts:
         raise CheckpointError(f"{source} does not match the model: {'; '.join(parts)}")
+
+
+def assign_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Give a model built on the meta device the tensors of `state` (floating point as fp32), strictly: every
+    tensor must be set, so the model is never left half on the meta device."""
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    load_state_into(model, state, source, assign=True)
+    unset = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if unset:  # a non-persistent buffer: no checkpoint holds it, so it must be computed in __init__ instead
+        raise CheckpointError(f"{source}: the model has tensors no checkpoint sets (e.g. {unset[0]})")
 
 
 def first_line(e: BaseException) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -22,12 +23,14 @@ from clip_pacl.checkpoint import backbone, convert_hf, convert_open_clip, conver
 from clip_pacl.checkpoint.files import (
     CONFIG_NAME,
     WEIGHTS_NAME,
+    assign_state,
+    check_state_matches,
     is_torchscript_file,
-    load_state_into,
     read_weights,
     save_json,
     save_weights,
 )
+from clip_pacl.checkpoint.limits import check_model_size
 from clip_pacl.checkpoint.rundir import resolve_run_dir
 from clip_pacl.config import CLIPConfig, available_presets
 from clip_pacl.device import resolve_precision
@@ -181,12 +184,12 @@ def _load_local(path: Path, config: str | Path | CLIPConfig | None, quick_gelu: 
         if in_checkpoint_dir and (path.parent / CONFIG_NAME).is_file():
             return _load_dir(path.parent, quick_gelu, device)
         if path.suffix == ".json":
-            model = CLIP(_with_quick_gelu(_read_open_clip_config(path), quick_gelu))
+            model = new_clip(_with_quick_gelu(_read_open_clip_config(path), quick_gelu), str(path))
             return model, Source("open_clip_config", str(path))
         return _load_file(path, config, quick_gelu)
     name = str(path)
     if name in available_presets() or name.removesuffix("-quickgelu") in available_presets():
-        return CLIP(_with_quick_gelu(CLIPConfig.from_name(name), quick_gelu)), Source("preset", name)
+        return new_clip(_with_quick_gelu(CLIPConfig.from_name(name), quick_gelu), name), Source("preset", name)
     if path.suffix or os.sep in name:
         raise CheckpointError(f"{path} does not exist")
     raise ConfigError(f"'{name}' is neither a file, a directory, a preset nor a Hugging Face repo id "
@@ -196,11 +199,16 @@ def _load_local(path: Path, config: str | Path | CLIPConfig | None, quick_gelu: 
 def _load_dir(path: Path, quick_gelu: bool | None, device: str | torch.device | None) -> tuple[nn.Module, Source]:
     config_file = path / CONFIG_NAME
     data = _read_json(config_file) if config_file.is_file() else None
-    if data is not None and convert_hf.is_hf_config(data):
-        config, state = convert_hf.read_hf_dir(path)
-        return _build(_with_quick_gelu(config, quick_gelu), state, str(path)), Source("hf", str(path))
+    if isinstance(data, dict) and convert_hf.is_hf_config(data):
+        config = convert_hf.read_hf_dir(path, meta=True)[0]
+        return (_build(_with_quick_gelu(config, quick_gelu), lambda meta: convert_hf.read_hf_dir(path, meta)[1],
+                       str(path)), Source("hf", str(path)))
+    if data is not None and not isinstance(data, dict):
+        raise CheckpointError(f"{config_file} is not a JSON object")
     if data is not None and "model_type" in data:
         model_type = data["model_type"]
+        if not isinstance(model_type, str):
+            raise CheckpointError(f"{config_file} has a model_type that is not a string ({model_type!r})")
         if model_type in MODEL_TYPES:
             return MODEL_TYPES[model_type][1](path, device), Source(model_type, str(path))
         if model_type != "clip":
@@ -208,9 +216,9 @@ def _load_dir(path: Path, quick_gelu: bool | None, device: str | torch.device | 
                                   f"{', '.join(MODEL_TYPES)})")
         if not (path / WEIGHTS_NAME).is_file():
             raise CheckpointError(f"{path} has a clip-pacl {CONFIG_NAME} but no {WEIGHTS_NAME}")
-        config = CLIPConfig.from_dict({k: v for k, v in data.items() if k != "model_type"})
-        state = read_weights(path / WEIGHTS_NAME)
-        return _build(_with_quick_gelu(config, quick_gelu), state, str(path)), Source("clip_pacl", str(path))
+        config = CLIPConfig.from_dict({k: v for k, v in data.items() if k != "model_type"}, str(config_file))
+        return (_build(_with_quick_gelu(config, quick_gelu), lambda meta: read_weights(path / WEIGHTS_NAME, meta=meta),
+                       str(path)), Source("clip_pacl", str(path)))
     if (path / OPEN_CLIP_CONFIG_NAME).is_file():
         weights = next((path / n for n in OPEN_CLIP_WEIGHT_NAMES if (path / n).is_file()), None)
         if weights is None:
@@ -225,13 +233,13 @@ def _load_file(path: Path, config: str | Path | CLIPConfig | None, quick_gelu: b
     """A bare state dict (open_clip, OpenAI, or ours): the architecture comes from `config`, an
     `open_clip_config.json` beside the file, or the tensor shapes."""
     torchscript = is_torchscript_file(path)
-    state = read_weights(path)
+    state = read_weights(path, meta=True)  # the declared tensors: nothing is read or allocated until they fit
     if convert_open_clip.is_our_state(state):
-        fmt, ours = "clip_pacl", state
+        fmt, convert = "clip_pacl", dict
     elif convert_open_clip.is_open_clip_state(state):
         openai = convert_openai.is_openai_state(state)
         fmt = "openai_torchscript" if torchscript else "openai" if openai else "open_clip"
-        ours = convert_open_clip.from_open_clip(state)
+        convert = convert_open_clip.from_open_clip
     elif any(k.startswith(("text_model.", "vision_model.")) for k in state):
         raise CheckpointError(f"{path} holds Hugging Face CLIP weights; load the directory with its {CONFIG_NAME}")
     else:
@@ -245,7 +253,10 @@ def _load_file(path: Path, config: str | Path | CLIPConfig | None, quick_gelu: b
         cfg = convert_open_clip.infer_config(oc_state, quick_gelu=quick_gelu, name=path.stem)
     else:
         cfg = _with_quick_gelu(_resolve_config(config), quick_gelu)
-    return _build(cfg, ours, str(path)), Source(fmt, str(path))
+    model = _build(cfg, lambda meta: convert(state if meta else read_weights(path)), str(path))
+    if config is None and model.logit_bias is not None:  # inferred from the meta tensors, which hold no value
+        model.config = replace(model.config, init_logit_bias=float(model.logit_bias))
+    return model, Source(fmt, str(path))
 
 
 def _resolve_config(config: str | Path | CLIPConfig) -> CLIPConfig:
@@ -273,17 +284,23 @@ def _read_json(path: Path) -> Any:
         raise CheckpointError(f"{path} is not valid JSON ({e.msg}, line {e.lineno})") from None
 
 
-def _build(config: CLIPConfig, state: dict[str, torch.Tensor], source: str) -> CLIP:
-    """A CLIP holding exactly `state` (as fp32). The model is built on the meta device and the checkpoint's
-    tensors are assigned to it, so loading skips the random initialisation it would overwrite anyway."""
+def _build(config: CLIPConfig, read_state: Callable[[bool], dict[str, torch.Tensor]], source: str) -> CLIP:
+    """A CLIP holding exactly the checkpoint's tensors (as fp32). The model is built on the meta device, its size
+    checked and every tensor the checkpoint declares (`read_state(True)`: meta tensors, no data) compared with it;
+    only then is the data read (`read_state(False)`) and assigned, skipping the random initialisation."""
     with torch.device("meta"):
         model = CLIP(config)
-    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-    load_state_into(model, state, source, assign=True)
-    unset = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
-    if unset:  # a non-persistent buffer: no checkpoint holds it, so it must be computed in __init__ instead
-        raise CheckpointError(f"{source}: the model has tensors no checkpoint sets (e.g. {unset[0]})")
+    check_model_size(model, source)
+    check_state_matches(model.state_dict(), read_state(True), source)
+    assign_state(model, read_state(False), source)
     return model
+
+
+def new_clip(config: CLIPConfig, source: str) -> CLIP:
+    """A randomly initialised CLIP, built once its size on the meta device is within the limit (`limits.py`)."""
+    with torch.device("meta"):
+        check_model_size(CLIP(config), source)
+    return CLIP(config)
 
 
 def _with_quick_gelu(config: CLIPConfig, quick_gelu: bool | None) -> CLIPConfig:

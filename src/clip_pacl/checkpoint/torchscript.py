@@ -12,6 +12,7 @@ any other global is refused. The state dict is then read off the module tree, wi
 from __future__ import annotations
 
 import io
+import os
 import pickle
 import sys
 import zipfile
@@ -28,6 +29,7 @@ STORAGE_DTYPES = {
     "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8, "BoolStorage": torch.bool,
 }
 # TorchScript's pickler wraps typed lists and containers in these; their plain values are all we need.
+CHUNK_BYTES = 1 << 20  # storages are inflated this much at a time
 _LIST_BUILDERS = ("build_intlist", "build_doublelist", "build_boollist", "build_tensorlist", "build_strlist")
 
 
@@ -120,19 +122,20 @@ def is_torchscript(path: str | Path) -> bool:
         return any(name.endswith("/constants.pkl") or "/code/" in name for name in archive.namelist())
 
 
-def read_state(path: str | Path) -> dict[str, torch.Tensor]:
-    """The state dict of the module saved in a TorchScript archive; raises TorchScriptError for anything else."""
+def read_state(path: str | Path, meta: bool = False) -> dict[str, torch.Tensor]:
+    """The state dict of the module saved in a TorchScript archive; raises TorchScriptError for anything else.
+    `meta`: tensors on the meta device (shapes, dtypes and views as declared; no tensor data is read)."""
     with zipfile.ZipFile(path) as archive:
         names = archive.namelist()
         pickles = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
         if len(pickles) != 1:
             raise TorchScriptError("it has no single <name>/data.pkl holding a module")
         prefix = pickles[0].removesuffix("data.pkl")
-        if f"{prefix}byteorder" in names and archive.read(f"{prefix}byteorder").decode() != sys.byteorder:
+        if f"{prefix}byteorder" in names and _read_entry(archive, f"{prefix}byteorder", 16) != sys.byteorder.encode():
             raise TorchScriptError("its tensors are stored in the other byte order")
-        unpickler = _WeightsUnpickler(archive.read(pickles[0]))
+        unpickler = _WeightsUnpickler(_read_entry(archive, pickles[0], os.path.getsize(path)))
         root = unpickler.load()
-        flat = {key: _read_storage(archive, f"{prefix}data/{key}", storage)
+        flat = {key: _read_storage(archive, f"{prefix}data/{key}", storage, meta)
                 for key, storage in unpickler.storages.items()}
     refs: dict[str, _TensorRef] = {}
     _collect(root, "", refs)
@@ -157,8 +160,9 @@ def _collect(obj: Any, prefix: str, out: dict[str, _TensorRef]) -> None:
             _collect(value, f"{prefix}{name}.", out)
 
 
-def _read_storage(archive: zipfile.ZipFile, entry: str, storage: _Storage) -> torch.Tensor:
-    """The elements of one storage, as a flat tensor; its size in the zip must match what the pickle declares."""
+def _read_storage(archive: zipfile.ZipFile, entry: str, storage: _Storage, meta: bool) -> torch.Tensor:
+    """The elements of one storage, as a flat tensor; its size in the zip must match what the pickle declares.
+    The entry is inflated in chunks into a buffer of the declared size, never past it."""
     nbytes = storage.numel * storage.dtype.itemsize
     try:
         info = archive.getinfo(entry)
@@ -166,13 +170,34 @@ def _read_storage(archive: zipfile.ZipFile, entry: str, storage: _Storage) -> to
         raise TorchScriptError(f"it lacks the tensor data {entry}") from None
     if info.file_size != nbytes:
         raise TorchScriptError(f"{entry} holds {info.file_size} bytes, not the {nbytes} its tensors need")
-    if nbytes == 0:
-        return torch.empty(0, dtype=storage.dtype)
-    return torch.frombuffer(bytearray(archive.read(entry)), dtype=storage.dtype)
+    if meta or nbytes == 0:
+        return torch.empty(storage.numel, dtype=storage.dtype, device="meta" if meta else "cpu")
+    buffer = torch.empty(nbytes, dtype=torch.uint8)
+    view, done = memoryview(buffer.numpy()), 0
+    with archive.open(info) as f:
+        while done < nbytes and (n := f.readinto(view[done:done + CHUNK_BYTES])):
+            done += n
+        if done != nbytes or f.read(1):
+            raise TorchScriptError(f"{entry} does not hold the {nbytes} bytes it declares")
+    return buffer.view(storage.dtype)
+
+
+def _read_entry(archive: zipfile.ZipFile, entry: str, limit: int) -> bytes:
+    """A small entry (the pickle, the byte order), refused when it inflates past `limit` bytes."""
+    with archive.open(entry) as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise TorchScriptError(f"{entry} inflates to more than {limit} bytes")
+    return data
 
 
 def _materialise(ref: _TensorRef, flat: torch.Tensor) -> torch.Tensor:
-    """The tensor viewing `flat`; `as_strided` refuses views that reach outside the storage."""
+    """The tensor viewing `flat`, refused when it reaches outside the storage (checked here as well as by
+    `as_strided`, which does not check meta tensors)."""
+    last = ref.offset + sum((n - 1) * s for n, s in zip(ref.size, ref.stride))
+    if ref.offset < 0 or any(s < 0 for s in ref.stride) or (all(ref.size) and last >= flat.numel()):
+        raise TorchScriptError(f"a tensor does not fit its storage (a view of {ref.size} at offset {ref.offset} "
+                               f"needs more than its {flat.numel()} elements)")
     try:
         return flat.as_strided(ref.size, ref.stride, ref.offset)
     except RuntimeError as e:

@@ -19,11 +19,12 @@ import tarfile
 from collections.abc import Iterable, Iterator
 from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from clip_pacl.console import human_bytes
 from clip_pacl.data.images import decode_image_bytes
 from clip_pacl.data.samples import Tokenizer, Transform, mix_seed, seeded_call, tokens_1d
 from clip_pacl.errors import DataError, MissingDependencyError
@@ -31,6 +32,9 @@ from clip_pacl.errors import DataError, MissingDependencyError
 log = logging.getLogger("clip_pacl.data")
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+# The largest tar member read into memory (an image, a caption, a json): webdataset images are kilobytes to a few
+# megabytes; a member over this is left unread and its sample counted unreadable.
+MAX_MEMBER_BYTES = 64 * 2**20
 _KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 
 
@@ -178,22 +182,43 @@ def _count_samples(shard: Path) -> int:
     return len(keys)
 
 
-def tar_samples(shard: str | Path) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {extension: bytes}) for each sample of a local tar shard, in tar order, streamed (webdataset's
-    grouping: consecutive members that share a key). Raises tarfile.TarError or OSError on a damaged tar."""
-    key, members = None, {}
+class TarSample(NamedTuple):
+    """One sample of a shard: its key, its members' bytes by extension, and the sizes of members left unread
+    because they exceed the per-member limit."""
+
+    key: str
+    members: dict[str, bytes]
+    oversized: dict[str, int]
+
+
+def tar_samples(shard: str | Path, max_member_bytes: int = MAX_MEMBER_BYTES) -> Iterator[TarSample]:
+    """Each sample of a local tar shard, in tar order, streamed (webdataset's grouping: consecutive members that
+    share a key). A member is read only when its size is at most `max_member_bytes`, and never past it; larger
+    ones are skipped unread (listed in `oversized`). Raises tarfile.TarError or OSError on a damaged tar."""
+    sample = None
     with tarfile.open(shard, mode="r|*") as tar:
         for member in tar:
             split = split_member(member.name) if member.isfile() else None
             if split is None:
                 continue
-            if split[0] != key and members:
-                yield key, members
-                members = {}
-            key = split[0]
-            members[split[1]] = tar.extractfile(member).read()
-    if members:
-        yield key, members
+            if sample is not None and split[0] != sample.key:
+                yield sample
+                sample = None
+            if sample is None:
+                sample = TarSample(split[0], {}, {})
+            if member.size > max_member_bytes:
+                sample.oversized[split[1]] = member.size
+                continue
+            data = tar.extractfile(member).read(max_member_bytes + 1)
+            if len(data) > max_member_bytes:  # a header that understates its member
+                raise tarfile.TarError(f"member {member.name} holds more than its header says")
+            sample.members[split[1]] = data
+    if sample is not None:
+        yield sample
+
+
+def oversized_reason(name: str, ext: str, size: int, limit: int = MAX_MEMBER_BYTES) -> str:
+    return f"{name}.{ext} is {human_bytes(size)}, over the {human_bytes(limit)} limit for one tar member"
 
 
 def build_wds_datasets(pattern: str, *, transform: Transform, tokenizer: Tokenizer, val_fraction: float = 0.0,

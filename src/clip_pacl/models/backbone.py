@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clip_pacl.config import MAX_SIZE, config_float, config_int
 from clip_pacl.errors import CheckpointError, ConfigError, MissingDependencyError
 from clip_pacl.models.clip import CLIPOutput
 
@@ -89,6 +90,12 @@ class BackboneConfig:
     init_logit_scale: float = math.log(1 / 0.07)
 
     def __post_init__(self) -> None:
+        if not all(isinstance(getattr(self, k), str) for k in ("image", "text", "head", "pool")):
+            raise ConfigError("a backbone config's image, text, head and pool must be strings")
+        for name in ("embed_dim", "context_length", "image_size"):
+            if name != "image_size" or self.image_size is not None:
+                config_int(getattr(self, name), name, 1, MAX_SIZE)
+        config_float(self.init_logit_scale, "init_logit_scale")
         if not (self.image.startswith("timm/") or self.image.startswith("timm=")):
             raise ConfigError(f"image tower '{self.image}' must start with timm/ or timm= ({SPEC_SYNTAX})")
         if not (self.text.startswith("hf/") or self.text.startswith("hf=")):

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from clip_pacl.config import MAX_LAYERS, MAX_SIZE, config_float, config_int
 from clip_pacl.errors import ConfigError
 from clip_pacl.models.clip import CLIP
 from clip_pacl.tokenizer import Tokenizer
@@ -80,8 +81,14 @@ class PACLConfig:
         return cls(**{**cls.LEGACY_DEFAULTS, **d})
 
     def __post_init__(self) -> None:
-        if self.pool_temperature <= 0:
-            raise ConfigError(f"pool_temperature must be > 0, not {self.pool_temperature}")
+        for name in ("hidden_dim", "out_dim"):
+            if getattr(self, name) is not None:
+                config_int(getattr(self, name), name, 1, MAX_SIZE)
+        config_int(self.unfreeze_last_n_blocks, "unfreeze_last_n_blocks", 0, MAX_LAYERS)
+        config_float(self.init_logit_scale, "init_logit_scale")
+        config_float(self.pool_temperature, "pool_temperature", positive=True)
+        if self.background_threshold is not None:
+            config_float(self.background_threshold, "background_threshold")
         if self.patch_tokens not in ("tokens", "maskclip"):
             raise ConfigError(f"patch_tokens must be 'tokens' or 'maskclip', not '{self.patch_tokens}'")
 

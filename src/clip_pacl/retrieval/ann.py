@@ -26,7 +26,10 @@ Loading reads faiss's own format with faiss.read_index, nothing pickled.
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -35,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from clip_pacl.console import human_bytes
 from clip_pacl.errors import CheckpointError, DataError, MissingDependencyError
 
 ANN_NAME = "ann.faiss"
@@ -44,6 +48,30 @@ AUTO_RERANK = 40  # candidates per result for the auto choice (its recall: READM
 MIN_TRAIN_SIZE = 65_536  # what faiss's k-means uses for 256 centroids (8-bit PQ) at most
 TRAIN_PER_LIST = 40  # IVF: faiss asks for at least 39 training vectors per list
 OPTIONS = ("nprobe", "ef_search", "rerank", "train_size")
+# Reading an index file may take FAISS_READ_FACTOR x its length + FAISS_READ_EXTRA of memory (`check_faiss_file`):
+# faiss's arrays are the file's bytes (codes, ids, graphs, centroids), plus tables derived from them.
+FAISS_READ_FACTOR = 4
+FAISS_READ_EXTRA = 256 * 2**20
+FAISS_CHECK_TIMEOUT = 600
+_OUT_OF_MEMORY, _FAISS_ERROR = 3, 4
+# The child of `check_faiss_file`: its heap (VmData) may grow by argv[2] bytes once faiss is imported.
+_CHECK_SCRIPT = f"""
+import resource, sys
+import faiss
+try:
+    with open("/proc/self/status") as f:
+        used = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmData:"))
+    resource.setrlimit(resource.RLIMIT_DATA, (used + int(sys.argv[2]),) * 2)
+except OSError:
+    pass  # no /proc (not Linux): the child still keeps a crash out of the caller
+try:
+    faiss.read_index(sys.argv[1])
+except MemoryError:
+    sys.exit({_OUT_OF_MEMORY})
+except RuntimeError as e:
+    print(e)
+    sys.exit({_OUT_OF_MEMORY} if "bad_alloc" in str(e) or "alloc" in str(e).lower() else {_FAISS_ERROR})
+"""
 
 
 def import_faiss(feature: str = "approximate search"):
@@ -134,6 +162,7 @@ def load_ann(folder: Path, info: dict[str, Any] | None, count: int, dim: int) ->
         faiss = import_faiss()
     except MissingDependencyError:
         return None
+    check_faiss_file(path)
     try:
         index = faiss.read_index(str(path))
     except RuntimeError as e:
@@ -141,7 +170,59 @@ def load_ann(folder: Path, info: dict[str, Any] | None, count: int, dim: int) ->
     if index.d != dim or index.ntotal != count:
         raise CheckpointError(f"{folder} is a damaged image index ({ANN_NAME} holds {index.ntotal} vectors of "
                               f"{index.d} dimensions, embeddings.npy {count} of {dim})")
+    bad = _ids_out_of_range(index, count)
+    if bad is not None:
+        raise CheckpointError(f"{folder} is a damaged image index ({ANN_NAME} {bad}, but the index has {count} rows)")
     return AnnIndex(index, info)
+
+
+def faiss_read_allowance(file_bytes: int) -> int:
+    """The memory faiss may take to read an index file of `file_bytes`: what its data can justify, with room."""
+    return FAISS_READ_FACTOR * file_bytes + FAISS_READ_EXTRA
+
+
+def check_faiss_file(path: Path) -> None:
+    """Read `path` with faiss once in a child process whose heap is capped at `faiss_read_allowance` of the file's
+    length: faiss allocates each array a file claims (zero-filled) before reading it, so a file that claims more
+    than it holds, or that crashes faiss, is refused here instead of costing this process the claim.
+    (Parsing faiss's format ourselves would cover only the index types we parse; the child covers every one.)"""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    try:
+        done = subprocess.run([sys.executable, "-c", _CHECK_SCRIPT, str(path),
+                               str(faiss_read_allowance(path.stat().st_size))],
+                              capture_output=True, text=True, env=env, timeout=FAISS_CHECK_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        raise CheckpointError(f"{path} takes faiss over {FAISS_CHECK_TIMEOUT} s to read") from None
+    if done.returncode == 0:
+        return
+    if done.returncode == _OUT_OF_MEMORY:
+        why = (f"it claims more memory than its {human_bytes(path.stat().st_size)} can hold (reading it needs over "
+               f"{human_bytes(faiss_read_allowance(path.stat().st_size))})")
+    elif done.returncode == _FAISS_ERROR:
+        why = _faiss_reason(RuntimeError(done.stdout))
+    else:
+        why = f"faiss crashes reading it (exit {done.returncode})"
+    raise CheckpointError(f"{path.parent} is a damaged image index ({ANN_NAME}: {why})")
+
+
+def _ids_out_of_range(index: Any, count: int) -> str | None:
+    """Where the ids an IVF index stores, or the neighbours an HNSW graph links, leave [0, count): faiss would
+    return (or visit) rows the index does not have."""
+    faiss = import_faiss()
+    ivf = _find_ivf(index)
+    if ivf is not None:
+        lists = faiss.extract_index_ivf(index).invlists
+        for i in range(lists.nlist):
+            n = lists.list_size(i)
+            ids = faiss.rev_swig_ptr(lists.get_ids(i), n) if n else np.empty(0, dtype=np.int64)
+            if n and (ids.min() < 0 or ids.max() >= count):
+                return f"lists id {int(ids.max() if ids.max() >= count else ids.min())} in inverted list {i}"
+    hnsw = _find_hnsw(index)
+    if hnsw is not None:
+        neighbors = faiss.vector_to_array(hnsw.hnsw.neighbors)
+        if len(neighbors) and (neighbors.min() < -1 or neighbors.max() >= hnsw.ntotal):
+            return f"links its HNSW graph to node {int(neighbors.max())}"
+    return None
 
 
 class AnnIndex:
@@ -198,6 +279,8 @@ class AnnIndex:
             self.configure(nprobe, ef_search)
             _, rows = self.index.search(query_array, candidates)  # (Q, C)
         vectors = embeddings.detach().float().cpu().numpy()  # (N, D): a view, not a copy
+        if rows.size and rows.max() >= len(vectors):  # load_ann checks the stored ids; this keeps any other out
+            raise CheckpointError(f"the faiss index returned row {int(rows.max())} of an index of {len(vectors)} rows")
         scores = np.empty(rows.shape, dtype=np.float32)  # (Q, C)
         step = max(1, 2**24 // (candidates * vectors.shape[1]))  # queries per gather of (step, C, D) floats
         for s in range(0, len(rows), step):

@@ -44,6 +44,7 @@ from clip_pacl.errors import CheckpointError, DataError, MissingDependencyError
 from clip_pacl.models.quantize import quantize as quantize_model
 from clip_pacl.preprocess import model_transform
 from clip_pacl.retrieval.ann import ANN_NAME, AnnIndex, build_ann, import_faiss, load_ann
+from clip_pacl.retrieval.arrays import load_matrix
 from clip_pacl.transforms import ImageTransform
 
 EMBEDDINGS_NAME = "embeddings.npy"
@@ -156,7 +157,7 @@ class ImageIndex:
             raise CheckpointError(f"{index_dir} is not an image index (missing {', '.join(missing)}); "
                                   f"make one with `clip-pacl index build`")
         try:
-            embeddings = torch.from_numpy(np.load(root / EMBEDDINGS_NAME, allow_pickle=False)).float()
+            embeddings = torch.from_numpy(load_matrix(root / EMBEDDINGS_NAME)).float()
             meta = json.loads((root / META_NAME).read_text())
             with open(root / PATHS_NAME, encoding="utf-8") as f:
                 rows = [json.loads(line) for line in f if line.strip()]

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from clip_pacl.data.formats import is_wds_pattern
 from clip_pacl.data.images import IMAGE_EXTENSIONS, decode_image_bytes
-from clip_pacl.data.wds import IMAGE_KEYS, expand_shards, tar_samples
+from clip_pacl.data.wds import IMAGE_KEYS, TarSample, expand_shards, oversized_reason, tar_samples
 from clip_pacl.encode import evaluating, model_device
 from clip_pacl.errors import DataError
 from clip_pacl.preprocess import model_transform
@@ -84,12 +84,16 @@ class _ShardImages(IterableDataset):
         for s in range(worker, len(self.shards), n_workers):
             shard, j = self.shards[s], -1
             try:
-                for j, (key, members) in enumerate(tar_samples(shard)):
-                    yield self._sample((s, j), f"{shard}{SEPARATOR}{key}", members)
+                for j, sample in enumerate(tar_samples(shard)):
+                    yield self._sample((s, j), f"{shard}{SEPARATOR}{sample.key}", sample)
             except (tarfile.TarError, OSError, EOFError) as e:
                 yield (s, j + 1), shard, None, f"damaged tar after {j + 1} samples ({e})", None
 
-    def _sample(self, order: tuple[int, int], name: str, members: dict[str, bytes]) -> tuple:
+    def _sample(self, order: tuple[int, int], name: str, sample: TarSample) -> tuple:
+        members = sample.members
+        if sample.oversized:
+            ext, size = next(iter(sample.oversized.items()))
+            return order, name, None, oversized_reason(name, ext, size), None
         image_key = next((k for k in IMAGE_KEYS if k in members), None)
         if image_key is None:
             return order, name, None, f"no image member ({', '.join(IMAGE_KEYS)})", None
@@ -135,11 +139,14 @@ def read_sample_image(name: str) -> Image.Image:
     if not shard:
         raise DataError(f"{name} does not name a webdataset sample (SHARD#KEY)")
     try:
-        for sample_key, members in tar_samples(shard):
-            if sample_key == key:
-                image_key = next((k for k in IMAGE_KEYS if k in members), None)
+        for sample in tar_samples(shard):
+            if sample.key == key:
+                image_key = next((k for k in IMAGE_KEYS if k in sample.members), None)
                 if image_key is not None:
-                    return decode_image_bytes(members[image_key], f"{name}.{image_key}")
+                    return decode_image_bytes(sample.members[image_key], f"{name}.{image_key}")
+                big = next((k for k in IMAGE_KEYS if k in sample.oversized), None)
+                if big is not None:
+                    raise DataError(oversized_reason(name, big, sample.oversized[big]))
     except (tarfile.TarError, OSError, EOFError) as e:
         raise DataError(f"cannot read {shard} ({e})") from None
     raise DataError(f"{shard} has no image for sample {key}")
