@@ -1,6 +1,7 @@
 """Background without labelled masks: the rules, the calibration saved with a PACL checkpoint, the CLI's report."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ from clip_pacl.cli.main import main
 from clip_pacl.data.synthetic import generate_synthetic
 from clip_pacl.errors import ConfigError
 from clip_pacl.models.pacl import PACL, PACLConfig
-from clip_pacl.segmentation.background import BackgroundRule, otsu_threshold, resolve_background
+from clip_pacl.segmentation.background import RULES, BackgroundRule, otsu_threshold, resolve_background
 from clip_pacl.segmentation.calibrate import calibrate_background, write_calibration
 from clip_pacl.segmentation.predict import NO_CLASS, labels_from_scores, segment
 
@@ -143,6 +144,25 @@ def test_calibrate_command_errors_are_one_line(synthetic, tmp_path, capsys):
     assert "only PACL checkpoints" in capsys.readouterr().err
     assert main(["calibrate", "--model", str(tmp_path / "missing"), "--data", "x.csv"]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+@pytest.mark.parametrize("command", [["segment"], ["eval", "segmentation"]])
+def test_background_help_lists_every_rule_and_what_auto_does(command, capsys):
+    with pytest.raises(SystemExit):
+        main([*command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    shown = set(re.findall(r"--background (\w+(?:\|\w+)+)", text))  # in the usage line and the option list
+    assert len(shown) == 1
+    listed = shown.pop().split("|")
+    assert listed == [*RULES, "F"]
+    calibrated = PACL(clip_pacl.load("tiny"), PACLConfig(hidden_dim=32, background_threshold=0.1))
+    for name in RULES:  # every listed rule is one the code accepts, and each is described
+        resolve_background(calibrated, CLASSES, name)
+        assert f" {name} = " in text
+    with pytest.raises(ConfigError, match="unknown background rule"):
+        resolve_background(calibrated, CLASSES, "mean")
+    auto = resolve_background(calibrated, CLASSES, "auto").name  # what auto does with a background class
+    assert f"auto = with a 'background' class, {auto} (for every method)" in text
 
 
 def test_segment_library_reports_its_rule():

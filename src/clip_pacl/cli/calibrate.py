@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     model = clip_pacl.load(str(args.model), device=resolve_device(args.device)).eval()
     if not hasattr(model, "patch_embeddings"):
         raise ConfigError(f"{args.model} is a plain CLIP; only PACL checkpoints are calibrated (the raw-patch and "
-                          "MaskCLIP methods use the per-image rule, --background otsu)")
+                          "MaskCLIP methods use a per-image rule: --background auto, zscore or otsu)")
     before = model.config.background_threshold
     result = calibrate_background(model, args.data, limit=args.limit, batch_size=args.batch_size,
                                   data_format=args.data_format, image_key=args.image_key,

@@ -8,7 +8,7 @@ from pathlib import Path
 import clip_pacl
 from clip_pacl.cli.common import add_device_flag, add_json_flag, log, print_json, resolve_device
 from clip_pacl.data import load_image
-from clip_pacl.segmentation.background import resolve_background
+from clip_pacl.segmentation.background import RULE_HELP, RULES, resolve_background
 from clip_pacl.segmentation.overlay import mask_image, overlay_image
 from clip_pacl.segmentation.predict import DEFAULT_TEMPLATES, METHODS, NO_CLASS, default_method, segment
 from clip_pacl.zeroshot.templates import resolve_class_names, resolve_templates
@@ -28,13 +28,10 @@ def add_segmentation_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", choices=METHODS, default=None,
                         help="pacl: PACL's embedders; patch: raw CLIP patch tokens; maskclip: MaskCLIP's value-path "
                              "tokens (default: pacl for PACL checkpoints, patch otherwise)")
-    parser.add_argument("--background", default="auto", metavar="auto|calibrated|otsu|prompt|F",
+    parser.add_argument("--background", default="auto", metavar="|".join((*RULES, "F")),
                         help="how pixels become background (the class named 'background' if listed, else "
-                             "unassigned): calibrated = the threshold a PACL checkpoint calibrated on its training "
-                             "captions; otsu = a per-image Otsu split of the best class scores; prompt = no "
-                             "threshold, the background prompt competes; F = a fixed cosine. auto: with a "
-                             "'background' class, otsu (for every method); without one, "
-                             "every pixel gets its best class")
+                             "unassigned): " + "; ".join(f"{name} = {RULE_HELP[name]}" for name in RULES)
+                             + "; F = a fixed cosine")
     parser.add_argument("--background-threshold", type=float, default=None, metavar="F",
                         help="pixels whose best class score (cosine) is below F become background (the same as "
                              "--background F)")
