@@ -138,6 +138,29 @@ def test_calibrate_command_then_segment_and_eval_report_the_rule(synthetic, tmp_
         assert json.loads(out)["background"]["rule"] == rule and "background: " in err
 
 
+def test_calibrate_a_trained_run_dir_then_segment_with_it(synthetic, tmp_path, capsys):
+    from clip_pacl.train import TrainConfig, train
+
+    clip_pacl.save(clip_pacl.load("tiny"), tmp_path / "clip")
+    train(TrainConfig(data=str(synthetic / "captions.csv"), model=str(tmp_path / "clip"), out=str(tmp_path / "run"),
+                      objective="pacl", steps=8, batch_size=12, lr=1e-3, seed=0, progress=False))
+    # the run dir, as every other command takes it: its final/ model is calibrated
+    assert main(["calibrate", "--model", str(tmp_path / "run"), "--data", str(synthetic / "captions.csv"),
+                 "--json"]) == 0
+    out, err = capsys.readouterr()
+    threshold = json.loads(out)["background_threshold"]
+    assert "is a training run: using" in err
+    assert -1 <= threshold <= 1  # a cosine, on the scale segmentation compares with
+    assert load_pacl(tmp_path / "run" / "final").config.background_threshold == threshold
+    classes = str(synthetic / "segmentation_colors" / "classes.txt")
+    image = str(synthetic / "images" / "000000.png")
+    assert main(["segment", "--model", str(tmp_path / "run"), image, "--classes", classes, "--out",
+                 str(tmp_path / "mask.png"), "--background", "calibrated", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["background"]["threshold"] == threshold
+    assert result["fractions"]["background"] < 1  # some pixels are objects
+
+
 def test_calibrate_command_errors_are_one_line(synthetic, tmp_path, capsys):
     save(clip_pacl.load("tiny"), tmp_path / "clip")
     assert main(["calibrate", "--model", str(tmp_path / "clip"), "--data", str(synthetic / "captions.csv")]) == 2
