@@ -288,11 +288,26 @@ def _byte_decoder() -> dict[str, int]:
 
 
 @lru_cache(maxsize=8)
-def get_tokenizer(context_length: int = DEFAULT_CONTEXT_LENGTH) -> Tokenizer:
-    """The shared tokenizer for a context length (loading the vocabulary is done once per process)."""
+def _shared_tokenizer(context_length: int) -> Tokenizer:
     return Tokenizer(context_length)
 
 
+def get_tokenizer(model: object | str | int = DEFAULT_CONTEXT_LENGTH) -> Callable[..., torch.Tensor]:
+    """The tokenizer that fits a model, open_clip's habit: `get_tokenizer(model)` is the model's own (its context
+    length; a backbone model's text tokenizer), `get_tokenizer("ViT-B-32")` a preset's, `get_tokenizer(77)` CLIP's
+    BPE for a context length (loading the vocabulary is done once per process)."""
+    if hasattr(model, "get_tokenizer"):
+        return model.get_tokenizer()
+    if isinstance(model, str):
+        from clip_pacl.config import CLIPConfig
+
+        return _shared_tokenizer(CLIPConfig.from_name(model).text.context_length)
+    if isinstance(model, int) and not isinstance(model, bool):
+        return _shared_tokenizer(model)
+    raise TypeError(f"get_tokenizer takes a model, a preset name or a context length, not {type(model).__name__}")
+
+
 def tokenize(texts: str | Sequence[str], context_length: int = DEFAULT_CONTEXT_LENGTH) -> torch.LongTensor:
-    """CLIP token ids, (B, context_length) int64: same ids as ``open_clip.tokenize``."""
-    return get_tokenizer(context_length)(texts)
+    """CLIP token ids, (B, context_length) int64: same ids as ``open_clip.tokenize`` (77 tokens, the OpenAI
+    models' context). For any other model use its own tokenizer: `get_tokenizer(model)(texts)`."""
+    return _shared_tokenizer(context_length)(texts)

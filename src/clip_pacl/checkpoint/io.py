@@ -134,7 +134,7 @@ def _load_any(src: str | Path, pretrained: str | None, config: str | Path | CLIP
         try:
             snapshot = hub.download(text)
         except CheckpointError as e:  # it may just as well have been a mistyped local path
-            raise CheckpointError(f"'{text}' is not a local file or directory, and {e}") from None
+            raise type(e)(f"'{text}' is not a local file or directory, and {e}") from None
         model, source = _load_dir(snapshot, quick_gelu, device)
         source = replace(source, hub_id=text, revision=hub.snapshot_revision(snapshot))
     else:
