@@ -181,7 +181,8 @@ def test_cli_json_and_table(synthetic, tmp_path, capsys):
 
 
 def test_cli_bad_column_is_one_line(synthetic, capsys):
-    args = ["eval", "retrieval", "--model", "tiny", "--data", str(synthetic / "captions.csv"), "--caption-key", "text"]
+    args = ["eval", "retrieval", "--model", "tiny", "--random-weights",
+            "--data", str(synthetic / "captions.csv"), "--caption-key", "text"]
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "no column 'text'" in err and "\n" not in err

@@ -6,9 +6,19 @@ import argparse
 import socket
 from pathlib import Path
 
-import clip_pacl
 from clip_pacl.cli.ann_flags import add_ann_flags, query_settings
-from clip_pacl.cli.common import add_device_flag, add_int8_flag, load_device, log, quantization
+from clip_pacl.cli.common import (
+    MODEL_HELP,
+    add_device_flag,
+    add_int8_flag,
+    add_model_flags,
+    cli_load_errors,
+    fold_pretrained,
+    load_device,
+    load_model,
+    log,
+    quantization,
+)
 from clip_pacl.errors import MissingDependencyError
 
 COMMAND = "serve"
@@ -24,8 +34,7 @@ ORDER = 60
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None,
-                        help="checkpoint dir, model file or preset; if omitted, the model recorded in --index")
+    add_model_flags(parser, MODEL_HELP + "; if omitted, the model recorded in --index", required=False)
     parser.add_argument("--index", type=Path, default=None, metavar="IDX",
                         help="image index directory to search; without it the search endpoints answer 404")
     parser.add_argument("--host", default="127.0.0.1",
@@ -58,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--port must be between 0 and 65535, got {args.port}")
     if args.model is None and args.index is None:
         raise ValueError("give --model (and optionally --index IDX)")
+    fold_pretrained(args)  # --pretrained folded into --model: an index records weights that load again
     _check_can_listen(args.host, args.port)  # fail in one line, before minutes of model loading
     index = ImageIndex.load(args.index) if args.index is not None else None
     settings = query_settings(args)
@@ -67,12 +77,14 @@ def run(args: argparse.Namespace) -> int:
         index.uses_ann("auto", **settings)  # settings that cannot apply fail before the model loads
     device = load_device(args)
     if index is not None:
-        model = load_index_model(index, args.model, device=device, force=args.force, quantize=quantization(args))
+        with cli_load_errors():
+            model = load_index_model(index, args.model, device=device, force=args.force, quantize=quantization(args),
+                                     random_weights=args.random_weights)
         recorded = index.meta.get("model")
         if args.model is not None and recorded and _source(args.model) != recorded:
             log(f"warning: the index was built with {recorded}; searching it with {args.model}")
     else:
-        model = clip_pacl.load(args.model, device=device, quantize=quantization(args)).eval()
+        model = load_model(args, device=device, quantize=quantization(args)).eval()
     model_name = args.model or index.meta.get("model", "")
     service = WebService(model, index, model_name=str(model_name), index_name=str(args.index or ""),
                          search_settings=settings)
