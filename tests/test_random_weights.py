@@ -13,8 +13,8 @@ from clip_pacl.cli.main import main
 from clip_pacl.data.synthetic import generate_synthetic
 from test_hub import REVISION, cache_repo, directory_files, offline_cache  # noqa: F401 (a fixture)
 
-REFUSAL = ("error: 'tiny' is a preset name: its weights would be random; name its weights ({flag} MODEL:TAG{pretrained}, "
-           "e.g. ViT-B-32:openai) or pass --random-weights")
+REFUSAL = ("error: 'tiny' is a preset name: its weights would be random; name its weights "
+           "({flag} MODEL:TAG{pretrained}, e.g. ViT-B-32:openai) or pass --random-weights")
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,7 @@ def test_info_says_the_weights_are_random(capsys):
 
 @pytest.fixture()
 def tiny_openai(offline_cache, tmp_path, monkeypatch):  # noqa: F811 (the fixture imported above)
-    """`tiny` + tag `openai` names a cached hub repo, as ViT-B-32 + openai names timm/vit_base_patch32_clip_224.openai."""
+    """`tiny` + tag `openai` names a cached hub repo, as ViT-B-32 + openai names timm/vit_base_patch32_clip_224..."""
     ours = clip_pacl.load("tiny-quickgelu", random_weights=True)
     export_open_clip(ours, tmp_path / "repo")
     cache_repo(offline_cache, "acme/tiny_clip.openai", directory_files(tmp_path / "repo"))

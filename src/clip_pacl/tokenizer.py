@@ -181,16 +181,23 @@ def _default_fix_text() -> Callable[[str], str]:
 
 
 @lru_cache(maxsize=1)
-def _load_bpe() -> _RustTokenizer:
-    """Build the Rust BPE tokenizer from the shipped merge list (once per process, ~0.3 s)."""
+def bpe_vocab_and_merges(sot_token: str = SOT_TOKEN, eot_token: str = EOT_TOKEN
+                          ) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """CLIP's BPE vocabulary (token -> id, 49,408 entries) and merge list, from the shipped file; the special tokens
+    spelled `sot_token` / `eot_token` (Hugging Face spells them <|startoftext|> / <|endoftext|>)."""
     with (resources.files("clip_pacl") / "assets" / VOCAB_FILE).open("rb") as f:
         lines = gzip.decompress(f.read()).decode("utf-8").split("\n")
     merges = [tuple(line.split()) for line in lines[1 : NUM_MERGES + 1]]
     byte_chars = list(_bytes_to_unicode().values())
-    tokens = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m) for m in merges] + [SOT_TOKEN, EOT_TOKEN]
+    tokens = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m) for m in merges] + [sot_token, eot_token]
     vocab = {token: i for i, token in enumerate(tokens)}
-    assert len(vocab) == VOCAB_SIZE and vocab[EOT_TOKEN] == EOT_ID
+    assert len(vocab) == VOCAB_SIZE and vocab[eot_token] == EOT_ID
+    return vocab, merges
 
+
+def _load_bpe() -> _RustTokenizer:
+    """Build the Rust BPE tokenizer from the shipped merge list (once per process, ~0.3 s)."""
+    vocab, merges = bpe_vocab_and_merges()
     tok = _RustTokenizer(models.BPE(vocab=vocab, merges=merges, end_of_word_suffix="</w>", fuse_unk=False))
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
