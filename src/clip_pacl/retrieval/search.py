@@ -19,7 +19,7 @@ from clip_pacl.retrieval.index import ImageIndex, SearchHit, check_model
 
 def load_index_model(
     index: ImageIndex, model: str | Path | None = None, device: str | torch.device | None = None,
-    force: bool = False, quantize: str | None = None, random_weights: bool | None = False,
+    force: bool = False, quantize: str | None = None, random_weights: bool | None = None,
 ) -> torch.nn.Module:
     """The model recorded in the index's meta.json, or `model` when given; checked against the index's dim
     and (unless `force`) against the weights and preprocessing that built it.
