@@ -26,8 +26,8 @@ def load_index_model(
 
     `quantize="int8"` returns it int8-quantized (checked as float32 first).
     An index built from a preset (random weights) cannot be searched by reloading the preset, which would
-    draw new random weights: that case asks for `--model`; a preset given as `model` is refused unless
-    `random_weights` (as `clip_pacl.load` takes it).
+    draw new random weights: that case asks for `--model`. `random_weights` is `clip_pacl.load`'s, for a preset
+    given as `model` (None warns, False refuses).
     """
     source = model if model is not None else index.meta.get("model")
     if source is None:
