@@ -135,7 +135,8 @@ def test_bad_input_is_one_error_line(case, tmp_path, capsys):
 
 
 def test_formats_that_cannot_hold_the_model(tmp_path, capsys):
-    code, _, err = run_cli(capsys, "convert", "tiny-rn", "--to", "hf", "--out", str(tmp_path / "hf"))
+    code, _, err = run_cli(capsys, "convert", "tiny-rn", "--random-weights", "--to", "hf",
+                           "--out", str(tmp_path / "hf"))
     assert code == 2 and err.splitlines()[-1].startswith("error: Hugging Face CLIPModel has no ResNet image tower")
 
 
@@ -154,7 +155,8 @@ def test_a_bad_device_is_one_line(tmp_path, capsys):
     from clip_pacl.cli.main import main
 
     Image.new("RGB", (32, 32)).save(tmp_path / "x.png")
-    assert main(["zeroshot", "--model", "tiny", "--device", "blah", str(tmp_path / "x.png"), "--classes", "a,b"]) == 2
+    assert main(["zeroshot", "--model", "tiny", "--random-weights",
+                 "--device", "blah", str(tmp_path / "x.png"), "--classes", "a,b"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "error: --device 'blah' is not a device (cpu, cuda or cuda:N)"
 

@@ -18,21 +18,22 @@ from clip_pacl.transforms import image_transform
 
 
 def brute_force_recall(image_features, text_features, text_to_image, ks):
-    """The definition, one query at a time: rank = how many candidates score higher than the best true match."""
+    """The definition, one query at a time: rank = how many candidates score strictly higher than the best true
+    match; a hit at k when rank < k (so a tie with the k-th best counts as a hit, in both directions)."""
     scores = (image_features @ text_features.T).tolist()
     n_images, n_texts = len(scores), len(scores[0])
     out = {}
     for k in ks:
         hits = 0
         for i in range(n_images):
-            order = sorted(range(n_texts), key=lambda t: -scores[i][t])
-            hits += any(text_to_image[t] == i for t in order[:k])
+            true = max(scores[i][t] for t in range(n_texts) if text_to_image[t] == i)
+            hits += sum(s > true for s in scores[i]) < k
         out[f"image_to_text_R@{k}"] = hits / n_images
     for k in ks:
         hits = 0
         for t in range(n_texts):
-            order = sorted(range(n_images), key=lambda i: -scores[i][t])
-            hits += text_to_image[t] in order[:k]
+            true = scores[text_to_image[t]][t]
+            hits += sum(scores[i][t] > true for i in range(n_images)) < k
         out[f"text_to_image_R@{k}"] = hits / n_texts
     return out
 
@@ -76,6 +77,32 @@ def test_recall_on_planted_features():
     assert r["mean_recall"] == pytest.approx((1 / 3 + 1 + 3 / 5 + 1) / 4)
     with pytest.raises(ValueError, match="text-to-image"):
         recall_at_k(images, texts, [0, 1], ks=(1,))
+
+
+def test_recall_counts_exact_ties_as_hits_whatever_the_order():
+    # image 0 and image 1 have identical captions (exact ties: the same vector); image 2's caption is its own
+    images = torch.eye(3)
+    texts = F.normalize(torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]), dim=-1)
+    r = recall_at_k(images, texts, [0, 1, 2], ks=(1,))
+    # image 0's best text ties between its own caption and image 1's: tied with the 1st best = a hit (both ways)
+    assert r["image_to_text_R@1"] == 1.0 and r["text_to_image_R@1"] == 1.0
+
+
+def test_recall_at_k_does_not_depend_on_the_other_ks_asked():
+    # many identical captions: topk orders ties differently for different k; recall must not care
+    g = torch.Generator().manual_seed(0)
+    n_images, dim = 60, 8
+    prototypes = F.normalize(torch.randn(4, dim, generator=g), dim=-1)
+    kinds = torch.randint(0, 4, (n_images,), generator=g)
+    images = F.normalize(prototypes[kinds] + 0.3 * torch.randn(n_images, dim, generator=g), dim=-1)
+    text_to_image = [i for i in range(n_images) for _ in range(2)]
+    texts = prototypes[kinds[text_to_image]]  # each caption names its image's kind: exact ties across images
+    alone = {k: recall_at_k(images, texts, text_to_image, ks=(k,)) for k in (1, 5, 10)}
+    together = recall_at_k(images, texts, text_to_image, ks=(1, 5, 10))
+    expected = brute_force_recall(images, texts, text_to_image, (1, 5, 10))
+    for k in (1, 5, 10):
+        for key in (f"image_to_text_R@{k}", f"text_to_image_R@{k}"):
+            assert together[key] == alone[k][key] == pytest.approx(expected[key]), key
 
 
 def test_group_captions_merges_equal_paths(tmp_path):
@@ -154,7 +181,8 @@ def test_cli_json_and_table(synthetic, tmp_path, capsys):
 
 
 def test_cli_bad_column_is_one_line(synthetic, capsys):
-    args = ["eval", "retrieval", "--model", "tiny", "--data", str(synthetic / "captions.csv"), "--caption-key", "text"]
+    args = ["eval", "retrieval", "--model", "tiny", "--random-weights",
+            "--data", str(synthetic / "captions.csv"), "--caption-key", "text"]
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "no column 'text'" in err and "\n" not in err

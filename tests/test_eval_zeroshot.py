@@ -272,7 +272,8 @@ def test_pacl_model_is_scored_by_its_compatibility(tiny_model, synthetic):
 
 
 def test_cli_json_and_table(synthetic, capsys):
-    args = ["eval", "zeroshot", "--model", "tiny", "--data", str(synthetic / "colors.csv"), "--templates", "simple"]
+    args = ["eval", "zeroshot", "--model", "tiny", "--random-weights",
+            "--data", str(synthetic / "colors.csv"), "--templates", "simple"]
     assert main([*args, "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["num_templates"] == 7 and result["num_images"] > 0
@@ -292,13 +293,13 @@ def test_cli_json_and_table(synthetic, capsys):
     ],
 )
 def test_cli_errors_are_one_line(synthetic, capsys, extra, message):
-    args = ["eval", "zeroshot", "--model", "tiny", "--data", str(synthetic / "shapes.csv"), *extra]
+    args = ["eval", "zeroshot", "--model", "tiny", "--random-weights", "--data", str(synthetic / "shapes.csv"), *extra]
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and "\n" not in err
 
 
 def test_cli_missing_data_file(tmp_path, capsys):
-    assert main(["eval", "zeroshot", "--model", "tiny", "--data", str(tmp_path / "nope.csv")]) == 2
+    assert main(["eval", "zeroshot", "--model", "tiny", "--random-weights", "--data", str(tmp_path / "nope.csv")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "nope.csv" in err and "\n" not in err

@@ -127,7 +127,8 @@ def test_unreadable_images_in_a_folder_are_counted_and_skipped(tiny, tmp_path, d
 def test_cli_linear_probe_on_folders_and_tables(tmp_path, data, capsys):
     train_tree = _class_tree(data[0], tmp_path / "train")
     (train_tree / "red" / "broken.png").write_bytes(b"")
-    args = ["eval", "linear-probe", "--model", "tiny", "--train", str(train_tree), "--test", str(data[1]),
+    args = ["eval", "linear-probe", "--model", "tiny", "--random-weights",
+            "--train", str(train_tree), "--test", str(data[1]),
             "--c", "0.1", "1", "10"]
     assert main([*args, "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
@@ -143,7 +144,8 @@ def test_cli_errors_are_one_line(tmp_path, data, capsys):
     other.write_text("image,label\n" + "\n".join(f"{r.image},mauve" for r in read_label_rows(data[1])) + "\n")
     for extra, message in ((["--test", str(other)], "no test image has a label among"),
                            (["--test", str(data[1]), "--val-fraction", "1.5"], "validation fraction")):
-        assert main(["eval", "linear-probe", "--model", "tiny", "--train", str(data[0]), *extra]) == 2
+        assert main(["eval", "linear-probe", "--model", "tiny", "--random-weights",
+                     "--train", str(data[0]), *extra]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and message in err and "\n" not in err
 
@@ -151,8 +153,10 @@ def test_cli_errors_are_one_line(tmp_path, data, capsys):
 def test_zeroshot_command_takes_a_folder_of_images(data, tmp_path, capsys):
     folder = data[0].parent
     expected = sorted(str(p) for p in folder.glob("*.png"))
-    assert main(["zeroshot", "--model", "tiny", str(folder), "--classes", "red,green", "--json"]) == 0
+    assert main(["zeroshot", "--model", "tiny", "--random-weights",
+                 str(folder), "--classes", "red,green", "--json"]) == 0
     assert [r["image"] for r in json.loads(capsys.readouterr().out)["results"]] == expected
     (tmp_path / "empty").mkdir()
-    assert main(["zeroshot", "--model", "tiny", str(tmp_path / "empty"), "--classes", "red,green"]) == 2
+    assert main(["zeroshot", "--model", "tiny", "--random-weights",
+                 str(tmp_path / "empty"), "--classes", "red,green"]) == 2
     assert capsys.readouterr().err.strip() == "error: the folders given hold no images"

@@ -179,7 +179,7 @@ def test_cli_scores_pairs_with_references(hf_dir, synthetic, tmp_path, capsys):
     assert result["clip_score"] == pytest.approx(sum(per_pair) / 2)
     assert result["ref_clip_score"] == pytest.approx(sum(p["ref_clip_score"] for p in result["pairs"]) / 2)
 
-    assert main(["score", "--model", "tiny", "--data", str(data)]) == 0
+    assert main(["score", "--model", "tiny", "--random-weights", "--data", str(data)]) == 0
     out = capsys.readouterr().out
     assert "CLIPScore" in out and "RefCLIPScore" not in out and "a blue star" in out
 
@@ -189,11 +189,11 @@ def test_cli_errors_are_one_line(synthetic, tmp_path, capsys):
     refs = _write_pairs(synthetic / "refs2.csv", [("images/000000.png", "a circle")])
     for args, message in ((["--references", str(refs)], "no reference for 1 image(s)"),
                           (["--caption-key", "text"], "has no column 'text'")):
-        assert main(["score", "--model", "tiny", "--data", str(data), *args]) == 2
+        assert main(["score", "--model", "tiny", "--random-weights", "--data", str(data), *args]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and message in err and "\n" not in err
     Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
     (tmp_path / "bad.png").write_bytes(b"")
     data = _write_pairs(tmp_path / "bad.csv", [("bad.png", "a")])
-    assert main(["score", "--model", "tiny", "--data", str(data)]) == 2
+    assert main(["score", "--model", "tiny", "--random-weights", "--data", str(data)]) == 2
     assert "none of the 1 images could be read" in capsys.readouterr().err

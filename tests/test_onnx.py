@@ -26,11 +26,12 @@ def test_onnx_encoders_match_torch(preset, tmp_path, capsys):
     clip_pacl.save(randomize_(clip_pacl.load(preset)), tmp_path / "ckpt")
     model = clip_pacl.load(tmp_path / "ckpt").eval()
     assert main(["export", "onnx", "--model", str(tmp_path / "ckpt"), "--out", str(tmp_path / "onnx"),
-                 "--batch-dynamic", "--json"]) == 0
+                 "--json"]) == 0  # the batch is dynamic by default: batches of 1 and 3 below
     meta = json.loads(capsys.readouterr().out)
     on_disk = json.loads((tmp_path / "onnx" / "clip_onnx.json").read_text())
     assert on_disk["context_length"] == 77 and on_disk["image_size"] == 64 and on_disk["embed_dim"] == 128
     assert on_disk["mean"] == pytest.approx([0.48145466, 0.4578275, 0.40821073]) and meta["opset"] == 17
+    assert on_disk["image_input"]["shape"] == ["batch", 3, 64, 64] and on_disk["text_input"]["shape"] == ["batch", 77]
     image_session = ort.InferenceSession(str(tmp_path / "onnx" / meta["image_encoder"]))
     text_session = ort.InferenceSession(str(tmp_path / "onnx" / meta["text_encoder"]))
 
@@ -41,6 +42,7 @@ def test_onnx_encoders_match_torch(preset, tmp_path, capsys):
         text_ref = model.encode_text(tokens, normalize=True).numpy()
     image_out = image_session.run(None, {"image": images.numpy()})[0]
     np.testing.assert_allclose(image_out, image_ref, atol=1e-4)
+    np.testing.assert_allclose(image_session.run(None, {"image": images[:1].numpy()})[0], image_ref[:1], atol=1e-4)
     # Every length alone (a batch of one has its own, shorter, truncation in torch) and all together.
     for row in range(len(CAPTIONS)):
         text_out = text_session.run(None, {"text": tokens[row : row + 1].numpy()})[0]
@@ -49,7 +51,8 @@ def test_onnx_encoders_match_torch(preset, tmp_path, capsys):
 
 
 def test_static_batch_and_opset(tmp_path, capsys):
-    assert main(["export", "onnx", "--model", "tiny", "--out", str(tmp_path), "--opset", "18"]) == 0
+    assert main(["export", "onnx", "--model", "tiny", "--random-weights",
+                 "--out", str(tmp_path), "--opset", "18", "--static-batch"]) == 0
     assert "image_encoder.onnx" in capsys.readouterr().out
     import onnx
 

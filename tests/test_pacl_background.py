@@ -1,6 +1,7 @@
 """Background without labelled masks: the rules, the calibration saved with a PACL checkpoint, the CLI's report."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ from clip_pacl.cli.main import main
 from clip_pacl.data.synthetic import generate_synthetic
 from clip_pacl.errors import ConfigError
 from clip_pacl.models.pacl import PACL, PACLConfig
-from clip_pacl.segmentation.background import BackgroundRule, otsu_threshold, resolve_background
+from clip_pacl.segmentation.background import RULES, BackgroundRule, otsu_threshold, resolve_background
 from clip_pacl.segmentation.calibrate import calibrate_background, write_calibration
 from clip_pacl.segmentation.predict import NO_CLASS, labels_from_scores, segment
 
@@ -137,12 +138,54 @@ def test_calibrate_command_then_segment_and_eval_report_the_rule(synthetic, tmp_
         assert json.loads(out)["background"]["rule"] == rule and "background: " in err
 
 
+def test_calibrate_a_trained_run_dir_then_segment_with_it(synthetic, tmp_path, capsys):
+    from clip_pacl.train import TrainConfig, train
+
+    clip_pacl.save(clip_pacl.load("tiny"), tmp_path / "clip")
+    train(TrainConfig(data=str(synthetic / "captions.csv"), model=str(tmp_path / "clip"), out=str(tmp_path / "run"),
+                      objective="pacl", steps=8, batch_size=12, lr=1e-3, seed=0, progress=False))
+    # the run dir, as every other command takes it: its final/ model is calibrated
+    assert main(["calibrate", "--model", str(tmp_path / "run"), "--data", str(synthetic / "captions.csv"),
+                 "--json"]) == 0
+    out, err = capsys.readouterr()
+    threshold = json.loads(out)["background_threshold"]
+    assert "is a training run: using" in err
+    assert -1 <= threshold <= 1  # a cosine, on the scale segmentation compares with
+    assert load_pacl(tmp_path / "run" / "final").config.background_threshold == threshold
+    classes = str(synthetic / "segmentation_colors" / "classes.txt")
+    image = str(synthetic / "images" / "000000.png")
+    assert main(["segment", "--model", str(tmp_path / "run"), image, "--classes", classes, "--out",
+                 str(tmp_path / "mask.png"), "--background", "calibrated", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["background"]["threshold"] == threshold
+    assert result["fractions"]["background"] < 1  # some pixels are objects
+
+
 def test_calibrate_command_errors_are_one_line(synthetic, tmp_path, capsys):
     save(clip_pacl.load("tiny"), tmp_path / "clip")
     assert main(["calibrate", "--model", str(tmp_path / "clip"), "--data", str(synthetic / "captions.csv")]) == 2
     assert "only PACL checkpoints" in capsys.readouterr().err
     assert main(["calibrate", "--model", str(tmp_path / "missing"), "--data", "x.csv"]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+@pytest.mark.parametrize("command", [["segment"], ["eval", "segmentation"]])
+def test_background_help_lists_every_rule_and_what_auto_does(command, capsys):
+    with pytest.raises(SystemExit):
+        main([*command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    shown = set(re.findall(r"--background (\w+(?:\|\w+)+)", text))  # in the usage line and the option list
+    assert len(shown) == 1
+    listed = shown.pop().split("|")
+    assert listed == [*RULES, "F"]
+    calibrated = PACL(clip_pacl.load("tiny"), PACLConfig(hidden_dim=32, background_threshold=0.1))
+    for name in RULES:  # every listed rule is one the code accepts, and each is described
+        resolve_background(calibrated, CLASSES, name)
+        assert f" {name} = " in text
+    with pytest.raises(ConfigError, match="unknown background rule"):
+        resolve_background(calibrated, CLASSES, "mean")
+    auto = resolve_background(calibrated, CLASSES, "auto").name  # what auto does with a background class
+    assert f"auto = with a 'background' class, {auto} (for every method)" in text
 
 
 def test_segment_library_reports_its_rule():

@@ -34,7 +34,8 @@ def test_confusion_counts():
 
 
 def test_zeroshot_plots_confusion_matrix(synthetic, tmp_path, capsys):
-    args = ["eval", "zeroshot", "--model", "tiny", "--data", str(synthetic / "colors.csv"), "--templates", "simple",
+    args = ["eval", "zeroshot", "--model", "tiny", "--random-weights",
+            "--data", str(synthetic / "colors.csv"), "--templates", "simple",
             "--plots", str(tmp_path / "plots")]
     assert main([*args, "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
@@ -44,7 +45,8 @@ def test_zeroshot_plots_confusion_matrix(synthetic, tmp_path, capsys):
 
 
 def test_retrieval_plots_query_grid(synthetic, tmp_path, capsys):
-    assert main(["eval", "retrieval", "--model", "tiny", "--data", str(synthetic / "captions.csv"), "--plots",
+    assert main(["eval", "retrieval", "--model", "tiny", "--random-weights",
+                 "--data", str(synthetic / "captions.csv"), "--plots",
                  str(tmp_path), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     grid = tmp_path / "retrieval_grid.png"

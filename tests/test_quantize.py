@@ -198,7 +198,8 @@ def test_serve_int8_and_device_errors(data, capsys, monkeypatch, quantized):
     assert main(["serve", "--model", str(data / "model"), "--int8", "--port", "0"]) == 0
     assert quantized == [1] and is_quantized(served[0])
     capsys.readouterr()
-    assert main(["zeroshot", str(data / "data" / "images"), "--classes", "a,b", "--model", "tiny", "--int8",
+    assert main(["zeroshot", str(data / "data" / "images"), "--classes", "a,b", "--model", "tiny", "--random-weights",
+                 "--int8",
                  "--device", "meta"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "error: --int8 runs on the CPU only; drop --device meta"

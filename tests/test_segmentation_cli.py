@@ -60,7 +60,8 @@ def test_segment_writes_mask_overlay_and_json(pacl_dir, tmp_path, capsys):
 def test_segment_baseline_methods_and_threshold_on_a_clip(tmp_path, capsys):
     image = tmp_path / "in.png"
     Image.new("RGB", (64, 64), (10, 200, 10)).save(image)
-    rc = main(["segment", "--model", "tiny", str(image), "--classes", "cat,dog", "--out", str(tmp_path / "m.png"),
+    rc = main(["segment", "--model", "tiny", "--random-weights",
+               str(image), "--classes", "cat,dog", "--out", str(tmp_path / "m.png"),
                "--method", "maskclip", "--background-threshold", "2.0", "--json"])
     assert rc == 0
     result = json.loads(capsys.readouterr().out)
@@ -75,13 +76,14 @@ def test_segment_baseline_methods_and_threshold_on_a_clip(tmp_path, capsys):
 def test_segment_bad_input_is_one_line(tmp_path, capsys, argv, message):
     image = tmp_path / "in.png"
     Image.new("RGB", (64, 64)).save(image)
-    rc = main(["segment", "--model", "tiny", str(image), "--classes", "cat", "--out", str(tmp_path / "m.png"), *argv])
+    rc = main(["segment", "--model", "tiny", "--random-weights",
+               str(image), "--classes", "cat", "--out", str(tmp_path / "m.png"), *argv])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error:") and message in err and "Traceback" not in err
 
 
 def test_segment_missing_image_is_one_line(tmp_path, capsys):
-    rc = main(["segment", "--model", "tiny", str(tmp_path / "nope.png"), "--classes", "a", "--out",
+    rc = main(["segment", "--model", "tiny", "--random-weights", str(tmp_path / "nope.png"), "--classes", "a", "--out",
                str(tmp_path / "m.png")])
     assert rc == 2 and "does not exist" in capsys.readouterr().err
 
@@ -94,7 +96,8 @@ def test_eval_segmentation_cli(pacl_dir, seg_data, capsys):
     assert result["num_images"] == 3 and result["method"] == "pacl"
     assert set(result["per_class_iou"]) == {"background", "circle"}
     assert result["num_pixels"] == 3 * 63 * 64  # the ignored row is not counted
-    rc = main(["eval", "segmentation", "--model", "tiny", "--data", str(seg_data), "--method", "patch"])
+    rc = main(["eval", "segmentation", "--model", "tiny", "--random-weights",
+               "--data", str(seg_data), "--method", "patch"])
     out = capsys.readouterr().out
     assert rc == 0 and "mIoU" in out and "circle" in out
 

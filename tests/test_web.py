@@ -289,17 +289,17 @@ def test_cli_help_and_default_host(capsys):
     help_text = capsys.readouterr().out
     for flag in ("--model", "--index", "--host", "--port", "--max-upload-mb", "--device"):
         assert flag in help_text
-    args = build_parser().parse_args(["serve", "--model", "tiny"])
+    args = build_parser().parse_args(["serve", "--model", "tiny", "--random-weights"])
     assert args.host == "127.0.0.1" and args.port == 8000 and args.max_upload_mb == 10.0
 
 
 def test_cli_errors_are_one_line(setup, tmp_path, capsys):
-    assert main(["serve", "--model", "tiny", "--index", str(tmp_path / "nope")]) == 2
+    assert main(["serve", "--model", "tiny", "--random-weights", "--index", str(tmp_path / "nope")]) == 2
     assert "is not an image index" in capsys.readouterr().err
-    assert main(["serve", "--model", "tiny", "--max-upload-mb", "0"]) == 2
+    assert main(["serve", "--model", "tiny", "--random-weights", "--max-upload-mb", "0"]) == 2
     assert "--max-upload-mb must be positive" in capsys.readouterr().err
     taken = int(setup["url"].rsplit(":", 1)[1])
-    assert main(["serve", "--model", "tiny", "--port", str(taken)]) == 2
+    assert main(["serve", "--model", "tiny", "--random-weights", "--port", str(taken)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: cannot listen on 127.0.0.1:{taken}") and err.count("\n") == 1
 

@@ -124,8 +124,8 @@ def test_damaged_files_of_every_format_are_data_errors(fmt):
 
 
 @pytest.mark.parametrize("command", [
-    ["zeroshot", "--model", "tiny", "{img}", "--classes", "a,b"],
-    ["segment", "--model", "tiny", "{img}", "--classes", "a,b", "--out", "{tmp}/m.png"],
+    ["zeroshot", "--model", "tiny", "--random-weights", "{img}", "--classes", "a,b"],
+    ["segment", "--model", "tiny", "--random-weights", "{img}", "--classes", "a,b", "--out", "{tmp}/m.png"],
     ["search", "{tmp}/idx", "--image", "{img}"],
 ])
 def test_cli_reports_crafted_images_in_one_line(command, tmp_path, capsys):

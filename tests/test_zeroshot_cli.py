@@ -101,3 +101,28 @@ def test_siglip_models_give_sigmoid_probabilities(setup):
     expected = (siglip.logit_scale.exp() * similarity - 3.0).sigmoid()
     torch.testing.assert_close(class_probabilities(siglip, pixels, classifier), expected)
     torch.testing.assert_close(class_probabilities(model, pixels, classifier).sum(), torch.tensor(1.0))
+
+
+@pytest.mark.parametrize("command", ["zeroshot", "segment"])
+@pytest.mark.parametrize("spec", ["classes.txt", "missing_dir/classes.txt", "names.csv"])
+def test_a_missing_class_file_is_an_error_not_a_class(setup, tmp_path, monkeypatch, capsys, command, spec):
+    model_dir, images, _ = setup
+    monkeypatch.chdir(tmp_path)  # no classes.txt here
+    args = [command, "--model", str(model_dir), str(images[0]), "--classes", spec]
+    if command == "segment":
+        args += ["--out", str(tmp_path / "mask.png")]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: class-name file {spec} does not exist (to give class names instead, separate them " \
+                  "with commas)"
+
+
+def test_class_names_by_the_arguments_shape(tmp_path, monkeypatch):
+    from clip_pacl.zeroshot.templates import resolve_class_names
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "classes.txt").write_text("cat\ndog\n")
+    assert resolve_class_names("classes.txt") == ["cat", "dog"]  # an existing file is read
+    assert resolve_class_names("cat") == ["cat"]  # a bare word is a class
+    assert resolve_class_names("st. bernard,a.txt") == ["st. bernard", "a.txt"]  # commas: class names
+    assert resolve_class_names("sea lion") == ["sea lion"]

@@ -181,16 +181,23 @@ def _default_fix_text() -> Callable[[str], str]:
 
 
 @lru_cache(maxsize=1)
-def _load_bpe() -> _RustTokenizer:
-    """Build the Rust BPE tokenizer from the shipped merge list (once per process, ~0.3 s)."""
+def bpe_vocab_and_merges(sot_token: str = SOT_TOKEN, eot_token: str = EOT_TOKEN
+                          ) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """CLIP's BPE vocabulary (token -> id, 49,408 entries) and merge list, from the shipped file; the special tokens
+    spelled `sot_token` / `eot_token` (Hugging Face spells them <|startoftext|> / <|endoftext|>)."""
     with (resources.files("clip_pacl") / "assets" / VOCAB_FILE).open("rb") as f:
         lines = gzip.decompress(f.read()).decode("utf-8").split("\n")
     merges = [tuple(line.split()) for line in lines[1 : NUM_MERGES + 1]]
     byte_chars = list(_bytes_to_unicode().values())
-    tokens = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m) for m in merges] + [SOT_TOKEN, EOT_TOKEN]
+    tokens = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m) for m in merges] + [sot_token, eot_token]
     vocab = {token: i for i, token in enumerate(tokens)}
-    assert len(vocab) == VOCAB_SIZE and vocab[EOT_TOKEN] == EOT_ID
+    assert len(vocab) == VOCAB_SIZE and vocab[eot_token] == EOT_ID
+    return vocab, merges
 
+
+def _load_bpe() -> _RustTokenizer:
+    """Build the Rust BPE tokenizer from the shipped merge list (once per process, ~0.3 s)."""
+    vocab, merges = bpe_vocab_and_merges()
     tok = _RustTokenizer(models.BPE(vocab=vocab, merges=merges, end_of_word_suffix="</w>", fuse_unk=False))
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
@@ -288,11 +295,26 @@ def _byte_decoder() -> dict[str, int]:
 
 
 @lru_cache(maxsize=8)
-def get_tokenizer(context_length: int = DEFAULT_CONTEXT_LENGTH) -> Tokenizer:
-    """The shared tokenizer for a context length (loading the vocabulary is done once per process)."""
+def _shared_tokenizer(context_length: int) -> Tokenizer:
     return Tokenizer(context_length)
 
 
+def get_tokenizer(model: object | str | int = DEFAULT_CONTEXT_LENGTH) -> Callable[..., torch.Tensor]:
+    """The tokenizer that fits a model, open_clip's habit: `get_tokenizer(model)` is the model's own (its context
+    length; a backbone model's text tokenizer), `get_tokenizer("ViT-B-32")` a preset's, `get_tokenizer(77)` CLIP's
+    BPE for a context length (loading the vocabulary is done once per process)."""
+    if hasattr(model, "get_tokenizer"):
+        return model.get_tokenizer()
+    if isinstance(model, str):
+        from clip_pacl.config import CLIPConfig
+
+        return _shared_tokenizer(CLIPConfig.from_name(model).text.context_length)
+    if isinstance(model, int) and not isinstance(model, bool):
+        return _shared_tokenizer(model)
+    raise TypeError(f"get_tokenizer takes a model, a preset name or a context length, not {type(model).__name__}")
+
+
 def tokenize(texts: str | Sequence[str], context_length: int = DEFAULT_CONTEXT_LENGTH) -> torch.LongTensor:
-    """CLIP token ids, (B, context_length) int64: same ids as ``open_clip.tokenize``."""
-    return get_tokenizer(context_length)(texts)
+    """CLIP token ids, (B, context_length) int64: same ids as ``open_clip.tokenize`` (77 tokens, the OpenAI
+    models' context). For any other model use its own tokenizer: `get_tokenizer(model)(texts)`."""
+    return _shared_tokenizer(context_length)(texts)

@@ -13,6 +13,7 @@ from torch import nn
 
 from clip_pacl.checkpoint import convert_hf, convert_open_clip
 from clip_pacl.checkpoint.files import atomic_write, save_json, save_weights
+from clip_pacl.checkpoint.hf_processor import write_processor_files
 from clip_pacl.checkpoint.io import OPEN_CLIP_CONFIG_NAME, WEIGHT_SUFFIXES, save
 from clip_pacl.errors import CheckpointError
 from clip_pacl.models.clip import CLIP
@@ -26,9 +27,13 @@ def _plain_state(model: CLIP) -> dict[str, torch.Tensor]:
 
 
 def export_hf(model: CLIP, out_dir: str | Path) -> Path:
-    """A directory (`config.json` + `model.safetensors`) that `transformers.CLIPModel.from_pretrained` loads."""
+    """A directory that transformers takes as it is: `config.json` + `model.safetensors` for
+    `CLIPModel.from_pretrained`, and the image processor and tokenizer files (`hf_processor.py`) for
+    `CLIPProcessor.from_pretrained` and `pipeline("zero-shot-image-classification", model=DIR)`."""
     _require_clip(model, "hf")
-    return convert_hf.write_hf_dir(model.config, _plain_state(model), Path(out_dir))
+    out = convert_hf.write_hf_dir(model.config, _plain_state(model), Path(out_dir))
+    write_processor_files(model.config, out)
+    return out
 
 
 def export_open_clip(model: CLIP, out_path: str | Path) -> Path:

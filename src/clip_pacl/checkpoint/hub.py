@@ -54,19 +54,67 @@ def snapshot_revision(snapshot: Path) -> str | None:
     return snapshot.name if snapshot.parent.name == "snapshots" else None
 
 
-def download(repo_id: str, revision: str | None = None) -> Path:
-    """The local snapshot directory of `repo_id` with its config and one weights file (downloaded if needed)."""
+class HubUnreachableError(CheckpointError):
+    """A hub name that is not in the cache while offline or with the Hub unreachable (the CLI adds its own hint)."""
+
+
+PROBE_TIMEOUT_S = 3.0  # one connection attempt before any download, so that no network fails in seconds
+
+
+def _hub_reachable(endpoint: str) -> bool:
+    """One quick request to the Hub's endpoint, no retries (huggingface_hub retries a refused connection for a
+    minute), through huggingface_hub's own HTTP session so that its proxy settings apply."""
     try:
-        from huggingface_hub import constants, hf_hub_download
-        from huggingface_hub.utils import (  # utils re-exports these in old and new huggingface_hub versions
-            EntryNotFoundError,
-            HfHubHTTPError,
-            LocalEntryNotFoundError,
-            RepositoryNotFoundError,
-            RevisionNotFoundError,
-        )
+        from huggingface_hub.utils import get_session
+
+        get_session().head(endpoint, timeout=PROBE_TIMEOUT_S)
+    except Exception:  # any failure to connect: the HTTP library's own error types vary across versions
+        return False
+    return True
+
+
+def _cached_snapshot(repo_id: str, revision: str | None) -> Path | None:
+    """The cached snapshot holding a config and a weights file of either layout, without touching the network."""
+    from huggingface_hub import try_to_load_from_cache
+
+    for config_name, weight_names in REPO_LAYOUTS:
+        config_path = try_to_load_from_cache(repo_id, config_name, revision=revision)
+        if not isinstance(config_path, str):
+            continue
+        if any(isinstance(try_to_load_from_cache(repo_id, w, revision=revision), str) for w in weight_names):
+            return Path(config_path).parent
+    return None
+
+
+def download(repo_id: str, revision: str | None = None) -> Path:
+    """The local snapshot directory of `repo_id` with its config and one weights file (downloaded if needed).
+
+    The cache answers first, without the network. Offline (HF_HUB_OFFLINE) or with the Hub unreachable (one quick
+    connection attempt) an uncached name fails at once with `HubUnreachableError`."""
+    try:
+        from huggingface_hub import constants
     except ImportError:
         raise MissingDependencyError("huggingface_hub", "hf", f"downloading '{repo_id}'") from None
+    cached = _cached_snapshot(repo_id, revision)
+    if cached is not None:
+        return cached
+    if constants.HF_HUB_OFFLINE or not _hub_reachable(constants.ENDPOINT):
+        mode = "offline" if constants.HF_HUB_OFFLINE else f"the Hub at {constants.ENDPOINT} is unreachable"
+        raise HubUnreachableError(
+            f"could not download '{repo_id}' ({mode} and not in the Hugging Face cache at {constants.HF_HUB_CACHE}); "
+            "download it where there is a network and pass the local directory instead")
+    return _download(repo_id, revision)
+
+
+def _download(repo_id: str, revision: str | None) -> Path:
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.utils import (  # utils re-exports these in old and new huggingface_hub versions
+        EntryNotFoundError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     offline_only = True  # every miss so far was "not in the cache and the Hub is unreachable"
     for config_name, weight_names in REPO_LAYOUTS:
@@ -91,9 +139,8 @@ def download(repo_id: str, revision: str | None = None) -> Path:
         raise CheckpointError(f"hub repo '{repo_id}' has {config_name} but none of {', '.join(weight_names)} "
                               f"(in the cache at {constants.HF_HUB_CACHE} or online)")
     if offline_only:
-        mode = "offline" if constants.HF_HUB_OFFLINE else "the Hub is unreachable"
-        raise CheckpointError(
-            f"could not download '{repo_id}' ({mode} and not in the Hugging Face cache at {constants.HF_HUB_CACHE}); "
-            f"download it elsewhere and pass the local directory instead: --model /path/to/dir")
+        raise HubUnreachableError(
+            f"could not download '{repo_id}' (the Hub is unreachable and not in the Hugging Face cache at "
+            f"{constants.HF_HUB_CACHE}); download it where there is a network and pass the local directory instead")
     raise CheckpointError(f"hub repo '{repo_id}' is neither an open_clip nor a Hugging Face CLIP repo "
                           f"(no {' or '.join(c for c, _ in REPO_LAYOUTS)})")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -45,6 +46,17 @@ OPEN_CLIP_WEIGHT_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_mode
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 # Our other model types: (save, load) by config.json's `model_type`.
 MODEL_TYPES = {"pacl": (pacl.save_pacl, pacl.load_pacl), "backbone": (backbone.save_backbone, backbone.load_backbone)}
+
+
+RANDOM_FORMATS = ("preset", "open_clip_config")  # sources that hold no weights: a random initialisation
+
+
+class RandomWeightsError(ConfigError):
+    """A preset / model-config JSON where the caller said it wants trained weights (`random_weights=False`)."""
+
+
+class RandomWeightsWarning(UserWarning):
+    """`load` of a preset or model-config JSON without `random_weights=True`: the model is randomly initialised."""
 
 
 @dataclass(frozen=True)
@@ -87,12 +99,16 @@ def load(
     device: str | torch.device | None = None,
     quantize: str | None = None,
     precision: str | None = None,
+    random_weights: bool | None = None,
 ) -> nn.Module:
     """Load a model from any source clip-pacl reads (see ARCHITECTURE.md, "Contracts").
 
-    `pretrained` names weights for a preset as open_clip does (`load("ViT-B-32", pretrained="openai")`)
-    or is a weights file for it. `config` (a preset name, an open_clip JSON or a CLIPConfig) overrides the
-    architecture inferred from a bare state dict. `quick_gelu`, when given, overrides the activation;
+    `pretrained` names weights for a preset as open_clip does (`load("ViT-B-32", pretrained="openai")`, or
+    `load("ViT-B-32:openai")`) or is a weights file for it. A preset or model-config JSON without `pretrained`
+    gives random weights: `random_weights=True` says that is intended (training from scratch), False refuses
+    (`RandomWeightsError`), None (the default) warns as open_clip does (`RandomWeightsWarning`).
+    `config` (a preset name, an open_clip JSON or a CLIPConfig) overrides the architecture inferred from a bare
+    state dict. `quick_gelu`, when given, overrides the activation;
     bare state dicts otherwise imply QuickGELU, OpenAI's convention. `quantize="int8"` returns the model
     int8-quantized for CPU inference, in eval mode (`models/quantize.py`). `precision` is `fp32` (None, the
     default: exact parity with the source), `bf16` (the towers' weights in bfloat16: about half the memory, and
@@ -100,7 +116,7 @@ def load(
     fp32); the model's `precision` attribute says which ran. Features come back float32 either way.
     """
     return load_with_source(src, pretrained=pretrained, config=config, quick_gelu=quick_gelu, device=device,
-                            quantize=quantize, precision=precision)[0]
+                            quantize=quantize, precision=precision, random_weights=random_weights)[0]
 
 
 def load_with_source(
@@ -112,13 +128,19 @@ def load_with_source(
     device: str | torch.device | None = None,
     quantize: str | None = None,
     precision: str | None = None,
+    random_weights: bool | None = None,
 ) -> tuple[nn.Module, Source]:
     """`load`, also saying where the weights came from (format, path, hub id)."""
     check_quantization(quantize)  # before minutes of loading
     resolve_precision(precision)  # an unknown name fails before loading too
     if quantize and precision == "bf16":
         raise ConfigError("int8 quantization and --precision bf16 are two different precisions: pick one")
+    src, pretrained = split_pretrained(src, pretrained)
+    if pretrained is None and is_preset_name(src):
+        check_random_weights(f"'{src}' is a preset name", random_weights)  # before building the model
     model, source = _load_any(src, pretrained, config, quick_gelu, device)
+    if source.format == "open_clip_config":
+        check_random_weights(f"{source.location} is a model-config JSON", random_weights)
     model = quantize_model(model, quantize, inplace=True)
     return set_precision(model, "fp32" if quantize else precision), source
 
@@ -131,6 +153,36 @@ def set_precision(model: nn.Module, precision: str | None) -> nn.Module:
         model.set_tower_dtype(torch.bfloat16)
     model.precision = resolved
     return model
+
+
+def is_preset_name(src: str | Path) -> bool:
+    """A preset (`ViT-B-32`, `tiny-quickgelu`, ...) that is not also a local path."""
+    name = str(src)
+    return (name in available_presets() or name.removesuffix("-quickgelu") in available_presets()) and \
+        not Path(name).exists()
+
+
+def split_pretrained(src: str | Path, pretrained: str | None) -> tuple[str | Path, str | None]:
+    """open_clip's `MODEL:PRETRAINED` habit: `ViT-B-32:openai` -> ("ViT-B-32", "openai") for a preset name
+    (the tag may also be a weights file); anything else, or with `pretrained` given, is returned as it is."""
+    text = str(src)
+    if pretrained is None and ":" in text and not Path(text).exists():
+        arch, tag = text.split(":", 1)
+        if tag and is_preset_name(arch):
+            return arch, tag
+    return src, pretrained
+
+
+def check_random_weights(what: str, random_weights: bool | None) -> None:
+    """Say (or refuse) that a source holds no weights, unless the caller asked for random weights."""
+    if random_weights:
+        return
+    if random_weights is False:
+        raise RandomWeightsError(f"{what}: its weights would be random; name pretrained weights "
+                                 "(pretrained='openai' or 'ViT-B-32:openai') or pass random_weights=True")
+    warnings.warn(f"{what}: no pretrained weights loaded, the model is randomly initialised (name weights with "
+                  "pretrained=..., or pass random_weights=True to say this is intended)", RandomWeightsWarning,
+                  stacklevel=4)
 
 
 def _load_any(src: str | Path, pretrained: str | None, config: str | Path | CLIPConfig | None,
@@ -159,7 +211,7 @@ def _load_any(src: str | Path, pretrained: str | None, config: str | Path | CLIP
         try:
             snapshot = hub.download(text)
         except CheckpointError as e:  # it may just as well have been a mistyped local path
-            raise CheckpointError(f"'{text}' is not a local file or directory, and {e}") from None
+            raise type(e)(f"'{text}' is not a local file or directory, and {e}") from None
         model, source = _load_dir(snapshot, quick_gelu, device)
         source = replace(source, hub_id=text, revision=hub.snapshot_revision(snapshot))
     else:

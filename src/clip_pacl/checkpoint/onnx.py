@@ -58,10 +58,11 @@ class TextEncoder(nn.Module):
 
 
 def export_onnx(model: nn.Module, out_dir: str | Path, opset: int = DEFAULT_OPSET,
-                batch_dynamic: bool = False) -> dict[str, Any]:
+                batch_dynamic: bool = True) -> dict[str, Any]:
     """Write both encoders and their metadata to `out_dir`; returns the metadata (with file paths).
 
-    Without `batch_dynamic` the graphs take batch size 1, which lets runtimes fold more shapes.
+    The graphs take any batch size; with `batch_dynamic=False` only batch size 1, which lets runtimes fold more
+    shapes.
     """
     if not isinstance(model, CLIP):
         raise CheckpointError(f"ONNX export handles CLIP models; this is a {type(model).__name__}")

@@ -6,14 +6,17 @@ from typing import Any
 
 from torch import nn
 
-from clip_pacl.checkpoint.io import Source, load_with_source
+from clip_pacl.checkpoint.io import RANDOM_FORMATS, Source, load_with_source
 from clip_pacl.config import CLIPConfig
 from clip_pacl.models.clip import CLIP
 
+RANDOM_INIT = "random init (no pretrained weights)"
 
-def summarize(src: str, *, pretrained: str | None = None, quick_gelu: bool | None = None) -> dict[str, Any]:
+
+def summarize(src: str, *, pretrained: str | None = None, quick_gelu: bool | None = None,
+              random_weights: bool | None = None) -> dict[str, Any]:
     """Load `src` (any source `clip_pacl.load` reads) and describe it."""
-    model, source = load_with_source(src, pretrained=pretrained, quick_gelu=quick_gelu)
+    model, source = load_with_source(src, pretrained=pretrained, quick_gelu=quick_gelu, random_weights=random_weights)
     return describe(model, source)
 
 
@@ -22,6 +25,7 @@ def describe(model: nn.Module, source: Source) -> dict[str, Any]:
     out: dict[str, Any] = {
         "model": type(model).__name__,
         "source": {"format": source.format, "location": source.location, "hub_id": source.hub_id},
+        "weights": RANDOM_INIT if source.format in RANDOM_FORMATS else "loaded",
     }
     if isinstance(clip, CLIP):
         out["architecture"] = architecture(clip.config)

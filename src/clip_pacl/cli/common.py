@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -13,12 +15,82 @@ from clip_pacl.console import log
 from clip_pacl.device import resolve_device
 from clip_pacl.errors import ConfigError
 
-__all__ = ["add_device_flag", "add_int8_flag", "add_json_flag", "load_device", "log", "print_json", "print_per_class",
-           "quantization", "resolve_device"]
+__all__ = ["add_device_flag", "add_int8_flag", "add_json_flag", "add_model_flags", "add_weights_flags",
+           "cli_load_errors", "fold_pretrained", "load_device", "load_model", "load_model_with_source", "log",
+           "print_json", "print_per_class", "quantization", "resolve_device"]
 
 
 def add_json_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object on stdout")
+
+
+MODEL_HELP = "a checkpoint dir, training run dir, model file, hub repo id, or a preset with its weights named"
+
+
+def add_model_flags(parser: argparse.ArgumentParser, help: str = MODEL_HELP, required: bool = True) -> None:
+    """--model, with --pretrained and --random-weights (`add_weights_flags`)."""
+    parser.add_argument("--model", required=required, default=None,
+                        help=help + " (a preset alone refuses: MODEL:TAG such as ViT-B-32:openai, or --pretrained "
+                                    "TAG, names its weights; --random-weights asks for random ones)")
+    add_weights_flags(parser)
+
+
+def add_weights_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pretrained", default=None, metavar="TAG|FILE",
+                        help="weights for a preset model, as open_clip names them (--model ViT-B-32 --pretrained "
+                             "openai is --model ViT-B-32:openai), or a weights file")
+    parser.add_argument("--random-weights", action="store_true",
+                        help="accept a preset with no pretrained weights: a randomly initialised model, whose "
+                             "outputs mean nothing (for tests and smoke runs)")
+
+
+def fold_pretrained(args: argparse.Namespace) -> None:
+    """Fold --pretrained into --model (`ViT-B-32:openai`, open_clip's MODEL:PRETRAINED), so that what a command
+    records (an index's meta.json) loads the same weights again. It names a preset's weights: anything else is
+    refused rather than ignored."""
+    from clip_pacl.checkpoint.io import is_preset_name
+
+    pretrained = getattr(args, "pretrained", None)
+    if pretrained is None:
+        return
+    if args.model is None:
+        raise ConfigError("--pretrained names weights for --model; give --model")
+    if not is_preset_name(args.model):
+        raise ConfigError(f"--pretrained names the weights of a preset --model (such as ViT-B-32); "
+                          f"'{args.model}' is not a preset")
+    args.model, args.pretrained = f"{args.model}:{pretrained}", None
+
+
+@contextmanager
+def cli_load_errors(flag: str = "--model", pretrained_flag: bool = True) -> Iterator[None]:
+    """`load`'s refusals in CLI words: the flags that name weights, the argument that takes a local copy."""
+    from clip_pacl.checkpoint.hub import HubUnreachableError
+    from clip_pacl.checkpoint.io import RandomWeightsError
+
+    try:
+        yield
+    except RandomWeightsError as e:
+        ways = f"{flag} MODEL:TAG" + (" or --pretrained TAG|FILE" if pretrained_flag else "")
+        raise RandomWeightsError(f"{str(e).split(';')[0]}; name its weights ({ways}, e.g. ViT-B-32:openai) or pass "
+                                 "--random-weights") from None
+    except HubUnreachableError as e:
+        raise HubUnreachableError(f"{e} ({flag} DIR)") from None
+
+
+def load_model_with_source(args: argparse.Namespace, src: str | None = None, flag: str = "--model",
+                           **kwargs: Any) -> tuple[Any, Any]:
+    """`load_with_source` of --model (or `src`) with --pretrained / --random-weights, its refusals in CLI words."""
+    from clip_pacl.checkpoint.io import load_with_source
+
+    if src is None:
+        fold_pretrained(args)
+    with cli_load_errors(flag, pretrained_flag=hasattr(args, "pretrained")):
+        return load_with_source(args.model if src is None else src,
+                                random_weights=bool(getattr(args, "random_weights", False)), **kwargs)
+
+
+def load_model(args: argparse.Namespace, src: str | None = None, **kwargs: Any) -> Any:
+    return load_model_with_source(args, src, **kwargs)[0]
 
 
 def add_device_flag(parser: argparse.ArgumentParser) -> None:

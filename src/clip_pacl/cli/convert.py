@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from clip_pacl.cli.common import add_json_flag, log, print_json
+from clip_pacl.cli.common import add_json_flag, add_weights_flags, load_model_with_source, log, print_json
 
 COMMAND = "convert"
 HELP = "convert a checkpoint to Hugging Face, open_clip or clip-pacl format"
@@ -21,8 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("src", metavar="SRC", help="checkpoint path, preset name or hub repo id")
     parser.add_argument("--to", required=True, choices=("hf", "open_clip", "clip_pacl"), help="output format")
     parser.add_argument("--out", required=True, metavar="DST", help="output directory (or weights file for open_clip)")
-    parser.add_argument("--pretrained", default=None,
-                        help="open_clip pretrained tag for a preset name (e.g. openai), fetched from the hub")
+    add_weights_flags(parser)
     parser.add_argument("--no-quick-gelu", dest="quick_gelu", action="store_const", const=False, default=None,
                         help="use GELU, not QuickGELU: bare state dicts otherwise mean QuickGELU (OpenAI's "
                              "convention); this also overrides what a checkpoint's config records")
@@ -30,9 +29,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from clip_pacl.checkpoint import export, load_with_source
+    from clip_pacl.checkpoint import export
 
-    model, source = load_with_source(args.src, pretrained=args.pretrained, quick_gelu=args.quick_gelu)
+    args.model = args.src
+    model, source = load_model_with_source(args, flag="SRC", quick_gelu=args.quick_gelu)
     log(f"read {source.format} {source.hub_id or source.location}")
     out = export(model, args.to, args.out)
     result = {"src": args.src, "src_format": source.format, "to": args.to, "out": str(out)}

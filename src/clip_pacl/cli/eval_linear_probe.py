@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import clip_pacl
-from clip_pacl.cli.common import add_device_flag, add_json_flag, print_json, resolve_device
+from clip_pacl.cli.common import add_device_flag, add_json_flag, add_model_flags, load_model, print_json, resolve_device
 from clip_pacl.cli.eval_zeroshot import print_classification
 from clip_pacl.data.imagefolder import read_labelled
 from clip_pacl.eval.linear_probe import DEFAULT_CS, evaluate_linear_probe
@@ -22,7 +21,7 @@ ORDER = 42
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="checkpoint dir, training run dir, model file or preset")
+    add_model_flags(parser)
     for flag in ("--train", "--test"):
         parser.add_argument(flag, required=True, type=Path,
                             help="CSV/TSV/JSONL file with image and label columns, or a folder of class folders")
@@ -42,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     keys = dict(image_key=args.image_key, label_key=args.label_key)
     train_rows, test_rows = read_labelled(args.train, **keys), read_labelled(args.test, **keys)
-    model = clip_pacl.load(args.model, device=resolve_device(args.device))
+    model = load_model(args, device=resolve_device(args.device))
     result = evaluate_linear_probe(model, train_rows, test_rows, cs=args.c, val_fraction=args.val_fraction,
                                    seed=args.seed, batch_size=args.batch_size, workers=args.workers)
     result = {"model": args.model, "train": str(args.train), "test": str(args.test), **result}

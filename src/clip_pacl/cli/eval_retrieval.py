@@ -5,8 +5,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import clip_pacl
-from clip_pacl.cli.common import add_device_flag, add_int8_flag, add_json_flag, load_device, print_json, quantization
+from clip_pacl.cli.common import (
+    add_device_flag,
+    add_int8_flag,
+    add_json_flag,
+    add_model_flags,
+    load_device,
+    load_model,
+    print_json,
+    quantization,
+)
 from clip_pacl.data import DATA_FORMATS, read_caption_rows
 from clip_pacl.eval.retrieval import evaluate_retrieval
 
@@ -21,7 +29,7 @@ ORDER = 41
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="checkpoint dir, model file or preset")
+    add_model_flags(parser)
     parser.add_argument("--data", required=True, type=Path,
                         help="captions: a CSV/TSV/JSONL table (image,caption), a COCO captions JSON, a Flickr "
                              "captions file or an image folder with .txt captions")
@@ -41,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     rows = read_caption_rows(args.data, data_format=args.data_format, image_key=args.image_key,
                              caption_key=args.caption_key)
-    model = clip_pacl.load(args.model, device=load_device(args), quantize=quantization(args))
+    model = load_model(args, device=load_device(args), quantize=quantization(args))
     result = evaluate_retrieval(model, rows, batch_size=args.batch_size, workers=args.workers, plots=args.plots)
     result = {"model": args.model, "data": str(args.data), **result}
     if args.json:

@@ -5,8 +5,17 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import clip_pacl
-from clip_pacl.cli.common import add_device_flag, add_json_flag, log, print_json, print_per_class, resolve_device
+from clip_pacl.cli.common import (
+    MODEL_HELP,
+    add_device_flag,
+    add_json_flag,
+    add_model_flags,
+    load_model,
+    log,
+    print_json,
+    print_per_class,
+    resolve_device,
+)
 from clip_pacl.cli.segment import add_segmentation_flags, background_choice, resolve_segmentation_templates
 from clip_pacl.eval.segmentation import evaluate_segmentation
 
@@ -26,7 +35,7 @@ PER_CLASS_TABLE_MAX = 40
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="PACL or CLIP checkpoint dir, model file or preset")
+    add_model_flags(parser, "a PACL or CLIP: " + MODEL_HELP)
     parser.add_argument("--data", required=True, type=Path, help="segmentation dataset directory")
     add_segmentation_flags(parser)
     parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
@@ -39,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be at least 1, got {args.limit}")
     templates = None if args.templates is None and not args.template else resolve_segmentation_templates(args)
-    model = clip_pacl.load(args.model, device=resolve_device(args.device)).eval()
+    model = load_model(args, device=resolve_device(args.device)).eval()
     result = evaluate_segmentation(model, args.data, method=args.method, background=background_choice(args),
                                    templates=templates,
                                    batch_size=args.batch_size, sliding_window=args.sliding_window, limit=args.limit,

@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import clip_pacl
 from clip_pacl.cli.common import (
     add_device_flag,
     add_int8_flag,
     add_json_flag,
+    add_model_flags,
     load_device,
+    load_model,
     print_json,
     print_per_class,
     quantization,
@@ -41,7 +42,7 @@ def add_template_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="checkpoint dir, model file or preset")
+    add_model_flags(parser)
     parser.add_argument("--data", required=True, type=Path,
                         help="CSV/TSV/JSONL file with image and label columns, or a folder of class folders "
                              "(DIR/<class>/<image>, as torchvision's ImageFolder)")
@@ -64,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     templates = resolve_templates(args.templates, args.template)
     class_names = resolve_class_names(args.classes) if args.classes is not None else None
     rows = read_labelled(args.data, class_names, image_key=args.image_key, label_key=args.label_key)
-    model = clip_pacl.load(args.model, device=load_device(args), quantize=quantization(args))
+    model = load_model(args, device=load_device(args), quantize=quantization(args))
     result = evaluate_zeroshot(model, rows, templates, batch_size=args.batch_size, workers=args.workers,
                                class_names=class_names, plots=args.plots)
     result = {"model": args.model, "data": str(args.data), **result}

@@ -8,13 +8,15 @@ from pathlib import Path
 
 import torch
 
-from clip_pacl.checkpoint import load_with_source
 from clip_pacl.cli.ann_flags import add_ann_flags, add_faiss_index_flag, build_options
 from clip_pacl.cli.common import (
     add_device_flag,
     add_int8_flag,
     add_json_flag,
+    add_weights_flags,
+    fold_pretrained,
     load_device,
+    load_model_with_source,
     log,
     print_json,
     quantization,
@@ -46,6 +48,7 @@ ORDER = 50
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_weights_flags(parser)
     parser.add_argument("--model", required=True,
                         help="checkpoint dir or model file (its path is recorded in meta.json)")
     parser.add_argument("--images", required=True, type=Path, metavar="DIR|FILE|SHARDS",
@@ -74,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
     shards = wds_shards(args.images)
     inputs = shards if shards is not None else image_paths(args.images, args.image_key)
     info = env_dist_info()
-    model, source = load_with_source(args.model, device=_device(args, info))
+    fold_pretrained(args)  # --pretrained folded into --model: an index records weights that load again
+    model, source = load_model_with_source(args, device=_device(args, info))
     if args.faiss_index is not None:
         check_request(args.faiss_index, model.embed_dim, **ann_options)  # fail before minutes of embedding
     images = {"source": str(args.images.resolve()), "image_key": args.image_key} if shards is None else \

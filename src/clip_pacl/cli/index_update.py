@@ -5,7 +5,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from clip_pacl.cli.common import add_device_flag, add_json_flag, print_json, resolve_device
+from clip_pacl.cli.common import (
+    add_device_flag,
+    add_json_flag,
+    add_weights_flags,
+    cli_load_errors,
+    fold_pretrained,
+    print_json,
+    resolve_device,
+)
 from clip_pacl.errors import DataError
 from clip_pacl.models.quantize import quantize as quantize_model
 from clip_pacl.retrieval.ann import import_faiss, rebuild_request
@@ -29,6 +37,7 @@ ORDER = 50
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("index", type=Path, metavar="IDX", help="index directory made by `clip-pacl index build`")
+    add_weights_flags(parser)
     parser.add_argument("--model", default=None,
                         help="the model that built the index (default: the one recorded in its meta.json)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
@@ -49,7 +58,9 @@ def run(args: argparse.Namespace) -> int:
     shards = wds_shards(images["source"]) if images.get("format") == "wds" else None
     paths = image_paths(images["source"], images.get("image_key", "image")) if shards is None else None
     device = resolve_device(args.device or ("cpu" if index.meta.get("quantize") else None))  # int8: CPU only
-    model = load_index_model(index, args.model, device=device)  # same weights, or refused
+    fold_pretrained(args)  # --pretrained folded into --model: an index records weights that load again
+    with cli_load_errors():
+        model = load_index_model(index, args.model, device=device, random_weights=args.random_weights)  # or refused
     meta = {"model_source": args.model or index.meta.get("model"), "images": images,
             "hub_revision": index.meta.get("hub_revision"), "quantize": index.meta.get("quantize"),
             "root": index_root(index.meta, index.paths),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from clip_pacl.cli.common import add_json_flag, print_json
+from clip_pacl.cli.common import add_json_flag, add_weights_flags, cli_load_errors, fold_pretrained, print_json
 
 COMMAND = "info"
 HELP = "describe a model: architecture, parameter counts, checkpoint format and origin"
@@ -17,9 +17,9 @@ ORDER = 80
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("src", metavar="SRC", help="checkpoint path, preset name or hub repo id")
-    parser.add_argument("--pretrained", default=None,
-                        help="open_clip pretrained tag for a preset name (e.g. openai), fetched from the hub")
+    parser.add_argument("src", metavar="SRC", help="checkpoint path, hub repo id, or preset name (with its weights "
+                                                   "named, ViT-B-32:openai, or --random-weights)")
+    add_weights_flags(parser)
     parser.add_argument("--no-quick-gelu", dest="quick_gelu", action="store_const", const=False, default=None,
                         help="use GELU, not QuickGELU: bare state dicts otherwise mean QuickGELU (OpenAI's "
                              "convention); this also overrides what a checkpoint's config records")
@@ -29,7 +29,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from clip_pacl.checkpoint.summary import summarize
 
-    info = summarize(args.src, pretrained=args.pretrained, quick_gelu=args.quick_gelu)
+    args.model = args.src
+    fold_pretrained(args)
+    with cli_load_errors("SRC"):
+        info = summarize(args.model, quick_gelu=args.quick_gelu, random_weights=args.random_weights)
     if args.json:
         print_json(info)
         return 0
@@ -37,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"model:      {info['model']}")
     print(f"format:     {source['format']}")
     print(f"location:   {source['location']}" + (f"  (hub: {source['hub_id']})" if source["hub_id"] else ""))
+    print(f"weights:    {info['weights']}")
     if "architecture" in info:
         arch = info["architecture"]
         image, text = arch["image_tower"], arch["text_tower"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from clip_pacl.cli.common import add_json_flag, log, print_json
+from clip_pacl.cli.common import add_json_flag, load_model, log, print_json
 
 COMMAND = "merge"
 HELP = "interpolate the weights of a base and a fine-tuned model (WiSE-FT)"
@@ -19,6 +19,8 @@ ORDER = 75
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("base", help="the model before fine-tuning (checkpoint dir, weights file, ...)")
     parser.add_argument("finetuned", help="the fine-tuned model, same architecture")
+    parser.add_argument("--random-weights", action="store_true",
+                        help="accept presets (randomly initialised models, for tests) as BASE or FINETUNED")
     parser.add_argument("--alpha", type=float, default=0.5, help="weight of the fine-tuned model, 0..1")
     parser.add_argument("--out", required=True, help="output checkpoint directory")
     add_json_flag(parser)
@@ -30,8 +32,8 @@ def run(args: argparse.Namespace) -> int:
 
     if not 0.0 <= args.alpha <= 1.0:
         raise ValueError(f"--alpha must be between 0 (base) and 1 (fine-tuned), not {args.alpha}")
-    base = clip_pacl.load(args.base, device="cpu")
-    finetuned = clip_pacl.load(args.finetuned, device="cpu")
+    base = load_model(args, args.base, flag="BASE", device="cpu")  # a preset (random weights) is refused
+    finetuned = load_model(args, args.finetuned, flag="FINETUNED", device="cpu")
     merged = merge_models(base, finetuned, args.alpha, names=(args.base, args.finetuned))
     out = clip_pacl.save(merged, args.out)
     n_tensors = len(merged.state_dict())

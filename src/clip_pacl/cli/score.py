@@ -6,8 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
-import clip_pacl
-from clip_pacl.cli.common import add_device_flag, add_json_flag, print_json, resolve_device
+from clip_pacl.cli.common import add_device_flag, add_json_flag, add_model_flags, load_model, print_json, resolve_device
 from clip_pacl.data import DATA_FORMATS, read_caption_rows
 from clip_pacl.errors import DataError
 from clip_pacl.metrics import W, clip_score
@@ -24,7 +23,7 @@ PAIR_TABLE_MAX = 30
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="checkpoint dir, training run dir, model file or preset")
+    add_model_flags(parser)
     parser.add_argument("--data", required=True, type=Path,
                         help="the pairs to score: a CSV/TSV/JSONL table (image,caption) or any caption format "
                              "`eval retrieval` reads")
@@ -56,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
             raise DataError(f"{args.references} has no reference for {len(missing)} image(s) of {args.data} "
                             f"(e.g. {missing[0]})")
         references = [by_image[os.path.abspath(row.image)] for row in rows]
-    model = clip_pacl.load(args.model, device=resolve_device(args.device))
+    model = load_model(args, device=resolve_device(args.device))
     scores = clip_score(model, [row.image for row in rows], [row.caption for row in rows], references, w=args.w,
                         prefix=args.prefix, batch_size=args.batch_size, workers=args.workers, progress=True)
     pairs = []

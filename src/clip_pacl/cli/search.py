@@ -9,7 +9,17 @@ from pathlib import Path
 from typing import Any
 
 from clip_pacl.cli.ann_flags import add_ann_flags, query_settings
-from clip_pacl.cli.common import add_device_flag, add_int8_flag, add_json_flag, load_device, print_json, quantization
+from clip_pacl.cli.common import (
+    add_device_flag,
+    add_int8_flag,
+    add_json_flag,
+    add_weights_flags,
+    cli_load_errors,
+    fold_pretrained,
+    load_device,
+    print_json,
+    quantization,
+)
 from clip_pacl.data import load_image
 from clip_pacl.retrieval.filters import check_prefix, prefix_rows
 from clip_pacl.retrieval.index import ImageIndex
@@ -33,6 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("query", nargs="?", default=None, help="text query (or use --image)")
     parser.add_argument("--image", type=Path, default=None, metavar="FILE", help="search by this example image")
     parser.add_argument("-k", "--top-k", dest="k", type=int, default=10, help="number of results")
+    add_weights_flags(parser)
     parser.add_argument("--model", default=None,
                         help="model to embed the query; none: the one recorded in the index's meta.json")
     parser.add_argument("--prefix", default=None, metavar="PATH",
@@ -68,8 +79,10 @@ def run(args: argparse.Namespace) -> int:
     backend = "faiss" if args.faiss else "torch" if args.exact else "auto"
     index.uses_ann(backend, **settings)  # settings that cannot apply fail before the model loads
     image = load_image(args.image) if args.image is not None else None  # a bad path fails before the model loads
-    model = load_index_model(index, args.model, device=load_device(args), force=args.force,
-                             quantize=quantization(args))
+    fold_pretrained(args)  # --pretrained folded into --model: an index records weights that load again
+    with cli_load_errors():
+        model = load_index_model(index, args.model, device=load_device(args), force=args.force,
+                                 random_weights=args.random_weights, quantize=quantization(args))
     if image is None:
         hits = search_text(index, model, args.query, args.k, backend, prefix=prefix, **settings)[0]
     else:

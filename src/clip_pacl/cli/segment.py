@@ -5,10 +5,18 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import clip_pacl
-from clip_pacl.cli.common import add_device_flag, add_json_flag, log, print_json, resolve_device
+from clip_pacl.cli.common import (
+    MODEL_HELP,
+    add_device_flag,
+    add_json_flag,
+    add_model_flags,
+    load_model,
+    log,
+    print_json,
+    resolve_device,
+)
 from clip_pacl.data import load_image
-from clip_pacl.segmentation.background import resolve_background
+from clip_pacl.segmentation.background import RULE_HELP, RULES, resolve_background
 from clip_pacl.segmentation.overlay import mask_image, overlay_image
 from clip_pacl.segmentation.predict import DEFAULT_TEMPLATES, METHODS, NO_CLASS, default_method, segment
 from clip_pacl.zeroshot.templates import resolve_class_names, resolve_templates
@@ -28,13 +36,10 @@ def add_segmentation_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", choices=METHODS, default=None,
                         help="pacl: PACL's embedders; patch: raw CLIP patch tokens; maskclip: MaskCLIP's value-path "
                              "tokens (default: pacl for PACL checkpoints, patch otherwise)")
-    parser.add_argument("--background", default="auto", metavar="auto|calibrated|otsu|prompt|F",
+    parser.add_argument("--background", default="auto", metavar="|".join((*RULES, "F")),
                         help="how pixels become background (the class named 'background' if listed, else "
-                             "unassigned): calibrated = the threshold a PACL checkpoint calibrated on its training "
-                             "captions; otsu = a per-image Otsu split of the best class scores; prompt = no "
-                             "threshold, the background prompt competes; F = a fixed cosine. auto: with a "
-                             "'background' class, otsu (for every method); without one, "
-                             "every pixel gets its best class")
+                             "unassigned): " + "; ".join(f"{name} = {RULE_HELP[name]}" for name in RULES)
+                             + "; F = a fixed cosine")
     parser.add_argument("--background-threshold", type=float, default=None, metavar="F",
                         help="pixels whose best class score (cosine) is below F become background (the same as "
                              "--background F)")
@@ -61,7 +66,7 @@ def resolve_segmentation_templates(args: argparse.Namespace) -> list[str]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("image", type=Path, metavar="IMAGE", help="the image to segment")
-    parser.add_argument("--model", required=True, help="PACL or CLIP checkpoint dir, model file or preset")
+    add_model_flags(parser, "a PACL or CLIP: " + MODEL_HELP)
     parser.add_argument("--classes", required=True, metavar="a,b,c|FILE",
                         help="class names: comma-separated or a file with one per line")
     parser.add_argument("--out", required=True, type=Path, help="where to write the label mask PNG")
@@ -80,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     for path in (args.out, args.overlay):
         if path is not None and not path.parent.is_dir():
             raise FileNotFoundError(f"output folder {path.parent} does not exist")
-    model = clip_pacl.load(args.model, device=resolve_device(args.device)).eval()
+    model = load_model(args, device=resolve_device(args.device)).eval()
     method = args.method or default_method(model)
     rule = resolve_background(model, class_names, background_choice(args), method)
     result = segment(model, image, class_names, templates=templates, background=rule,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from clip_pacl.cli.common import add_json_flag, log, print_json
+from clip_pacl.cli.common import add_json_flag, fold_pretrained, log, print_json
 from clip_pacl.errors import ConfigError
 
 COMMAND = "train"
@@ -53,9 +53,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     arg("--workers", type=int, help="data loading processes", metavar="N")
     arg("--max-bad-fraction", type=float, help="stop when more than this fraction of images cannot be read",
         metavar="F")
-    arg = _flag_adder(p.add_argument_group("model and objective"))
-    arg("--model", help="preset name (tiny, ViT-B-32, ...), open_clip model-config JSON, or checkpoint dir",
-        metavar="PRESET|JSON|CKPT")
+    group = p.add_argument_group("model and objective")
+    arg = _flag_adder(group)
+    arg("--model", help="preset name (tiny, ViT-B-32, ...: training from scratch), a preset with pretrained weights "
+                        "(ViT-B-32:openai, as open_clip names them: fine-tuning), open_clip model-config JSON, or "
+                        "checkpoint dir", metavar="PRESET|PRESET:TAG|JSON|CKPT")
+    group.add_argument(
+        "--pretrained", default=argparse.SUPPRESS, metavar="TAG|FILE",
+        help="pretrained weights for a preset --model (--model ViT-B-32 --pretrained openai is --model "
+             "ViT-B-32:openai)")
     arg("--objective", choices=_objectives(), help="loss: CLIP InfoNCE, SigLIP sigmoid, or PACL")
     arg("--image-size", type=int, help="training resolution (default: the model's)", metavar="N")
     arg("--lock-image", action="store_true", help="freeze the image tower (LiT)")
@@ -133,6 +139,10 @@ def build_config(args: argparse.Namespace):
     values: dict[str, Any] = read_config_file(args.config) if args.config else {}
     skip = {"config", "json", "debug", "_run", "command", "subcommand", "_group_parser"}
     values.update({k: v for k, v in vars(args).items() if k not in skip})
+    if "pretrained" in values:  # TrainConfig.model takes open_clip's MODEL:TAG, as load does
+        fold = argparse.Namespace(model=values.get("model"), pretrained=values.pop("pretrained"))
+        fold_pretrained(fold)
+        values["model"] = fold.model
     missing = [f"--{k}" for k in ("data", "model", "out") if values.get(k) is None]
     if missing:
         raise ConfigError(f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} required")

@@ -7,8 +7,16 @@ from pathlib import Path
 
 import torch
 
-import clip_pacl
-from clip_pacl.cli.common import add_device_flag, add_int8_flag, add_json_flag, load_device, print_json, quantization
+from clip_pacl.cli.common import (
+    add_device_flag,
+    add_int8_flag,
+    add_json_flag,
+    add_model_flags,
+    load_device,
+    load_model,
+    print_json,
+    quantization,
+)
 from clip_pacl.cli.eval_zeroshot import add_template_flags
 from clip_pacl.data import load_image
 from clip_pacl.data.folders import image_files
@@ -31,7 +39,7 @@ ORDER = 30
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE",
                         help="image files to classify; a folder stands for every image under it")
-    parser.add_argument("--model", required=True, help="checkpoint dir, model file or preset")
+    add_model_flags(parser)
     parser.add_argument("--classes", required=True, metavar="a,b,c|FILE|imagenet",
                         help="class names: comma-separated, a file with one per line, or imagenet")
     add_template_flags(parser)
@@ -53,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.images:
         raise DataError("the folders given hold no images")
     images = [load_image(path) for path in args.images]  # fail on a bad path before loading the model
-    model = clip_pacl.load(args.model, device=load_device(args), quantize=quantization(args)).eval()
+    model = load_model(args, device=load_device(args), quantize=quantization(args)).eval()
     classifier = build_classifier(model, class_names, templates)  # (C, D)
     transform = model_transform(model)
     k = min(args.top_k, len(class_names))

@@ -1,7 +1,8 @@
 """Image-text retrieval recall@k, exact, with several captions per image (COCO, Flickr30k protocol).
 
-Image-to-text: an image scores a hit at k when any of its captions is among its k best texts.
-Text-to-image: a caption scores a hit at k when its own image is among its k best images.
+Image-to-text: an image scores a hit at k when its best caption scores at least as high as its k-th best text.
+Text-to-image: a caption scores a hit at k when its own image scores at least as high as its k-th best image.
+Ties count as hits, the same way in both directions (see `recall_from_scores`).
 Scores come from `model.similarity`, so PACL's compatibility is evaluated the same way as CLIP's cosine.
 """
 
@@ -25,25 +26,33 @@ def recall_from_scores(
 ) -> dict[str, float]:
     """Recall@k both ways from a score matrix (N_images, N_texts) and each text's image index (N_texts,).
 
-    k is capped at the number of candidates. Ties are broken by `topk`, as CLIP_benchmark does.
-    Returns `image_to_text_R@k`, `text_to_image_R@k` and `mean_recall` (the mean of all of them).
+    A query is a hit at k when its true candidate scores at least as high as its k-th best candidate: a tie at the
+    k-th place counts as a hit, in both directions, so the result never depends on how ties happen to be ordered
+    (identical captions score exactly alike) nor on which other k are asked for. Image-to-text, the true score is
+    the best of the image's own captions. Without ties this is the usual rank-based recall (CLIP_benchmark's);
+    with ties it is the optimistic count (CLIP_benchmark's `topk` breaks them arbitrarily). k is capped at the
+    number of candidates. Returns `image_to_text_R@k`, `text_to_image_R@k` and `mean_recall` (their mean).
     """
     n_images, n_texts = scores.shape
     if n_images == 0 or n_texts == 0:
         raise DataError("retrieval needs at least one image and one caption")
+    if not ks or min(ks) < 1:
+        raise ValueError(f"recall@k needs each k >= 1 (got {tuple(ks)})")
     text_to_image = text_to_image.to(scores.device)
+    own = scores[text_to_image, torch.arange(n_texts, device=scores.device)]  # (N_texts,) each text vs its image
+    best_own = torch.full((n_images,), float("-inf"), dtype=scores.dtype, device=scores.device)
+    best_own.scatter_reduce_(0, text_to_image, own, reduce="amax")  # (N_images,) each image's best own caption
     k_max = max(ks)
+    # the k-th best score is the same whatever order topk gives tied candidates in
+    text_kth = scores.topk(min(k_max, n_texts), dim=1).values  # (N_images, k) best text scores per image
+    image_kth = scores.topk(min(k_max, n_images), dim=0).values  # (k, N_texts) best image scores per text
     result: dict[str, float] = {}
-    # image -> text: top texts of each image, a hit if any of them belongs to the image
-    top_texts = scores.topk(min(k_max, n_texts), dim=1).indices  # (N_images, k)
-    owns = text_to_image[top_texts] == torch.arange(n_images, device=scores.device)[:, None]  # (N_images, k)
     for k in ks:
-        result[f"image_to_text_R@{k}"] = float(owns[:, :k].any(dim=1).double().mean())
-    # text -> image: top images of each text, a hit if its own image is among them
-    top_images = scores.topk(min(k_max, n_images), dim=0).indices  # (k, N_texts)
-    found = top_images == text_to_image[None, :]  # (k, N_texts)
+        kth = text_kth[:, min(k, n_texts) - 1]
+        result[f"image_to_text_R@{k}"] = float((best_own >= kth).double().mean())
     for k in ks:
-        result[f"text_to_image_R@{k}"] = float(found[:k].any(dim=0).double().mean())
+        kth = image_kth[min(k, n_images) - 1]
+        result[f"text_to_image_R@{k}"] = float((own >= kth).double().mean())
     result["mean_recall"] = sum(result.values()) / len(result)
     return result
 

@@ -51,7 +51,7 @@ def evaluate_segmentation(
 ) -> dict:
     """mIoU, pixel accuracy and per-class IoU of `model` on the segmentation dataset at `data`.
 
-    `background` decides which pixels are background without labels ("auto", "calibrated", "otsu", "prompt";
+    `background` decides which pixels are background without labels ("auto", "zscore", "otsu", "calibrated", "prompt";
     see `clip_pacl.segmentation.background`); a `background_threshold` (a cosine) overrides it. The result's
     "background" entry says which rule was used.
     `templates=None` uses the dataset's own `templates.txt` (one prompt template per line) when it has one,
@@ -77,7 +77,7 @@ def evaluate_segmentation_thresholds(
 ) -> list[dict]:
     """`evaluate_segmentation` at several background settings at once.
 
-    Each entry is a cosine, a rule name ("auto", "calibrated", "otsu", "prompt") or None (no threshold: the
+    Each entry is a cosine, a rule name ("auto", "zscore", "otsu", "calibrated", "prompt") or None (no threshold: the
     background prompt competes, the same as "prompt").
 
     Every image is encoded and scored once; only the labelling differs. One result dict per threshold,

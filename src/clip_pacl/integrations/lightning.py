@@ -7,7 +7,7 @@ one-cycle schedule warming up over 30% of the run, no crop augmentation), so bot
 `clip-pacl train` stays the reference loop. Needs the `[lightning]` extra.
 
     import lightning as L
-    module = CLIPLightningModule(clip_pacl.load("tiny"), objective="clip", lr=5e-4)
+    module = CLIPLightningModule(clip_pacl.load("tiny", random_weights=True), objective="clip", lr=5e-4)
     data = CaptionDataModule("data/captions.csv", image_size=64, batch_size=64, val_fraction=0.1)
     L.Trainer(max_steps=1000).fit(module, data)
 """

@@ -81,7 +81,8 @@ class TextTransformer(nn.Module):
     def embed(self, text: torch.Tensor) -> torch.Tensor:
         """(B, L) token ids, L <= context_length -> (B, L, width) token + position embeddings."""
         if text.shape[1] > self.cfg.context_length:
-            raise ValueError(f"text has {text.shape[1]} tokens, the model's context is {self.cfg.context_length}")
+            raise ValueError(f"text has {text.shape[1]} tokens, the model's context is {self.cfg.context_length}: "
+                             "tokenize with the model's own tokenizer, clip_pacl.get_tokenizer(model)")
         pos = self.positional_embedding[: text.shape[1]].to(self.token_embedding.weight.dtype)
         return self.token_embedding(text) + pos
 

@@ -19,14 +19,15 @@ from clip_pacl.retrieval.index import ImageIndex, SearchHit, check_model
 
 def load_index_model(
     index: ImageIndex, model: str | Path | None = None, device: str | torch.device | None = None,
-    force: bool = False, quantize: str | None = None,
+    force: bool = False, quantize: str | None = None, random_weights: bool | None = None,
 ) -> torch.nn.Module:
     """The model recorded in the index's meta.json, or `model` when given; checked against the index's dim
     and (unless `force`) against the weights and preprocessing that built it.
 
     `quantize="int8"` returns it int8-quantized (checked as float32 first).
     An index built from a preset (random weights) cannot be searched by reloading the preset, which would
-    draw new random weights: that case asks for `--model`.
+    draw new random weights: that case asks for `--model`. `random_weights` is `clip_pacl.load`'s, for a preset
+    given as `model` (None warns, False refuses).
     """
     source = model if model is not None else index.meta.get("model")
     if source is None:
@@ -34,7 +35,7 @@ def load_index_model(
     if model is None and not index.meta.get("model_has_weights", True):
         raise DataError(f"the index was built with '{source}', a randomly initialised model that cannot be "
                         f"loaded again; pass --model with a checkpoint")
-    loaded = clip_pacl.load(source, device=device).eval()
+    loaded = clip_pacl.load(source, device=device, random_weights=random_weights).eval()
     if loaded.embed_dim != index.embed_dim:
         raise DataError(f"model '{source}' embeds into {loaded.embed_dim} dimensions but the index holds "
                         f"{index.embed_dim}-d embeddings")

@@ -35,6 +35,16 @@ from clip_pacl.errors import ConfigError
 
 BACKGROUND = "background"
 RULES = ("auto", "zscore", "otsu", "calibrated", "prompt")
+AUTO_RULE = "zscore"  # what "auto" means when the classes include "background" (the evidence above)
+# one line per rule, for `--background`'s help (tests check that it lists every rule and what auto does)
+RULE_HELP = {
+    "auto": f"with a 'background' class, {AUTO_RULE} (for every method); without one, every pixel gets its best class",
+    "zscore": "per image, a pixel is background unless its best class score is more than one standard deviation "
+              "above the image's mean best score",
+    "otsu": "a per-image Otsu split of the best class scores",
+    "calibrated": "the threshold a PACL checkpoint calibrated on its training captions (clip-pacl calibrate)",
+    "prompt": "no threshold, the background prompt competes",
+}
 ZSCORE_K = 1.0  # foreground: more than this many standard deviations above the image's mean best score
 HISTOGRAM_BINS = 256
 
@@ -124,4 +134,4 @@ def resolve_background(
         return BackgroundRule(name)
     if background_index(class_names) is None:
         return BackgroundRule("none")
-    return BackgroundRule("zscore", note="auto")
+    return BackgroundRule(AUTO_RULE, note="auto")

@@ -43,13 +43,15 @@ def _one_row_per_image(rows: Sequence[CaptionRow], limit: int) -> list[CaptionRo
 @torch.no_grad()
 def caption_patch_scores(model: torch.nn.Module, rows: Sequence[CaptionRow], batch_size: int = 64,
                          progress: bool = False) -> torch.Tensor:
-    """Each row's image patches scored against the row's own caption (n, N); unreadable images are skipped."""
-    from clip_pacl.tokenizer import tokenize
-    from clip_pacl.transforms import image_transform
+    """Each row's image patches scored against the row's own caption (n, N); unreadable images are skipped.
+
+    The scores are cosines on segmentation's scale: L2-normalised patch embeddings against the L2-normalised
+    text embedding, as `PACL.patch_similarity` compares patches with class prompts."""
+    from clip_pacl.preprocess import model_tokenizer, model_transform
 
     if not hasattr(model, "patch_embeddings"):
         raise ConfigError("background calibration needs a PACL model (it scores patches with PACL's embedders)")
-    transform = image_transform(model.image_size)
+    transform, tokenizer = model_transform(model), model_tokenizer(model)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -65,7 +67,7 @@ def caption_patch_scores(model: torch.nn.Module, rows: Sequence[CaptionRow], bat
         if not pixels:
             continue
         patches = model.patch_embeddings(torch.stack(pixels).to(device))  # (B, N, D)
-        text = model.encode_text(tokenize(captions, context_length=model.context_length).to(device))  # (B, D)
+        text = model.encode_text(tokenizer(captions).to(device), normalize=True)  # (B, D), unit length
         out.append(torch.einsum("bnd,bd->bn", patches.float(), text.float()).cpu())
     model.train(was_training)
     if not out:

@@ -278,7 +278,7 @@ def segment(
 ) -> SegmentationResult:
     """Segment one image into `class_names`. `method` defaults to "pacl" for PACL models, else "patch".
 
-    `background` is a rule name ("auto", "calibrated", "otsu", "prompt"; see `background.py`), a cosine or a
+    `background` is a rule name ("auto", "zscore", "otsu", "calibrated", "prompt"; see `background.py`), a cosine or a
     resolved `BackgroundRule`; a `background_threshold` overrides it. The result says which rule was used.
     Pass precomputed `text_features` (from `class_embeddings`) to segment many images with one prompt set.
     `keep_scores=False` labels by tiles (`labels_at_size`) and keeps no (C, H, W) scores: the same labels,

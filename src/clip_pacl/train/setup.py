@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from clip_pacl.checkpoint import load as load_model
+from clip_pacl.checkpoint.io import RANDOM_FORMATS, load_with_source
 from clip_pacl.errors import ConfigError, DataError
 from clip_pacl.losses import Objective
 from clip_pacl.models.pacl import PACL
@@ -28,8 +28,8 @@ def build_model(config: TrainConfig, objective: Objective) -> nn.Module:
     objective with a learned bias gets one (SigLIP: -10) when the model has none. `--objective pacl`
     wraps the CLIP in a PACL model (frozen CLIP + trainable embedders).
     """
-    fresh = not Path(config.model).is_dir()
-    model = load_model(config.model)
+    model, source = load_with_source(config.model, random_weights=True)  # a preset: training from scratch
+    fresh = source.format in RANDOM_FORMATS
     if objective.name == "pacl":
         from clip_pacl.models.pacl import PACL, PACLConfig
 

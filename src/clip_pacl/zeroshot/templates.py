@@ -10,6 +10,7 @@ where the class name goes.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -1112,6 +1113,9 @@ IMAGENET_CLASSNAMES: tuple[str, ...] = (
     "toilet paper",
 )
 
+# suffixes that make a --classes argument a file name, not a class name
+CLASS_FILE_SUFFIXES = (".txt", ".csv", ".tsv", ".json", ".jsonl", ".lst", ".list", ".names", ".text")
+
 TEMPLATE_SETS: dict[str, tuple[str, ...]] = {"openai": OPENAI_IMAGENET_TEMPLATES, "simple": SIMPLE_IMAGENET_TEMPLATES}
 
 
@@ -1144,11 +1148,22 @@ def resolve_templates(spec: str | None = None, extra: Sequence[str] = ()) -> lis
     return [check_template(t) for t in templates]
 
 
+def looks_like_path(spec: str) -> bool:
+    """Whether `--classes` text names a file: a path separator or a file suffix (`.txt`, `.csv`, ...), no comma."""
+    if "," in spec:
+        return False
+    return "/" in spec or os.sep in spec or Path(spec).suffix.lower() in CLASS_FILE_SUFFIXES
+
+
 def resolve_class_names(spec: str) -> list[str]:
-    """Class names from `imagenet`, a text file (one per line) or a comma-separated list."""
+    """Class names from `imagenet`, a text file (one per line) or a comma-separated list. Text shaped like a
+    path (`looks_like_path`) must be an existing file: a mistyped file name never becomes a class."""
     if spec == "imagenet":
         return list(IMAGENET_CLASSNAMES)
     path = Path(spec)
+    if not path.is_file() and looks_like_path(spec):
+        raise DataError(f"class-name file {spec} does not exist (to give class names instead, separate them "
+                        "with commas)")
     names = read_lines(path, what="class names") if path.is_file() else [c.strip() for c in spec.split(",")]
     names = [n for n in names if n]
     if not names:
