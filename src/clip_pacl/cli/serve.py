@@ -7,25 +7,19 @@ import socket
 from pathlib import Path
 
 from clip_pacl.cli.ann_flags import add_ann_flags, query_settings
-<<<<<<< HEAD
-from clip_pacl.cli.common import add_device_flag, add_int8_flag, load_device, log, quantization
-from clip_pacl.errors import DataError, MissingDependencyError
-from clip_pacl.web.limits import MB, Limits
-=======
 from clip_pacl.cli.common import (
     MODEL_HELP,
     add_device_flag,
     add_int8_flag,
     add_model_flags,
-    cli_load_errors,
     fold_pretrained,
     load_device,
     load_model,
     log,
     quantization,
 )
-from clip_pacl.errors import MissingDependencyError
->>>>>>> stranger1
+from clip_pacl.errors import DataError, MissingDependencyError
+from clip_pacl.web.limits import MB, Limits
 
 COMMAND = "serve"
 HELP = "serve a web page and JSON API: search an index, classify and segment uploaded images"
@@ -42,13 +36,8 @@ ORDER = 60
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-<<<<<<< HEAD
-    parser.add_argument("--model", default=None,
-                        help="checkpoint dir, model file or preset; if omitted, the model --index records, but only "
-                             "when it is a local checkpoint beside the index (in the index's parent folder)")
-=======
-    add_model_flags(parser, MODEL_HELP + "; if omitted, the model recorded in --index", required=False)
->>>>>>> stranger1
+    add_model_flags(parser, MODEL_HELP + "; if omitted, the model --index records, but only when it is a local "
+                                         "checkpoint beside the index (in the index's parent folder)", required=False)
     parser.add_argument("--index", type=Path, default=None, metavar="IDX",
                         help="image index directory to search; without it the search endpoints answer 404")
     parser.add_argument("--host", default="127.0.0.1",
@@ -96,11 +85,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--port must be between 0 and 65535, got {args.port}")
     if args.model is None and args.index is None:
         raise ValueError("give --model (and optionally --index IDX)")
-<<<<<<< HEAD
     limits = _limits(args)
-=======
     fold_pretrained(args)  # --pretrained folded into --model: an index records weights that load again
->>>>>>> stranger1
     _check_can_listen(args.host, args.port)  # fail in one line, before minutes of model loading
     index = ImageIndex.load(args.index) if args.index is not None else None
     settings = query_settings(args)
@@ -110,20 +96,13 @@ def run(args: argparse.Namespace) -> int:
         index.uses_ann("auto", **settings)  # settings that cannot apply fail before the model loads
     device = load_device(args)
     source = args.model if args.model is not None else _index_model_source(index, args.index)
-    model = clip_pacl.load(source, device=device).eval()
+    model = load_model(args, source, device=device).eval()
     base_clip = index is not None and search_encoder(index, model, force=args.force) is not model
     model = quantize_model(model, quantization(args), inplace=True)
     if index is not None:
-<<<<<<< HEAD
-=======
-        with cli_load_errors():
-            model = load_index_model(index, args.model, device=device, force=args.force, quantize=quantization(args),
-                                     random_weights=args.random_weights)
->>>>>>> stranger1
         recorded = index.meta.get("model")
         if args.model is not None and recorded and _source(args.model) != recorded and not base_clip:
             log(f"warning: the index was built with {recorded}; searching it with {args.model}")
-<<<<<<< HEAD
         if base_clip:
             log(f"searching {args.index} with the PACL model's base CLIP (the weights that built it)")
         if index.meta.get("allow_outside_root"):
@@ -132,13 +111,6 @@ def run(args: argparse.Namespace) -> int:
                          search_settings=settings, limits=limits, search_model=model.clip if base_clip else model,
                          trained_on=read_record(source))
     model_name = source
-=======
-    else:
-        model = load_model(args, device=device, quantize=quantization(args)).eval()
-    model_name = args.model or index.meta.get("model", "")
-    service = WebService(model, index, model_name=str(model_name), index_name=str(args.index or ""),
-                         search_settings=settings)
->>>>>>> stranger1
     app = create_app(service, max_upload_bytes=round(args.max_upload_mb * 2**20), host=args.host)
     if not is_loopback(args.host):
         log(f"warning: listening on {args.host}: anyone who can reach this machine can use the model and see "
