@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import json
 import sys
 from pathlib import Path
 
@@ -158,3 +159,61 @@ def test_train_auto_precision_resolves_once_and_says_so(flags, expected, monkeyp
                       device="cpu", progress=False, precision="auto"))
     assert f"precision: {expected}" in capsys.readouterr().err
     assert seen and set(seen) == {torch.bfloat16 if expected == "bf16" else None}
+
+
+# ---------------------------------------------------------------------------------------------- the CLI
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    from PIL import Image
+
+    from helpers import randomize_
+
+    root = tmp_path_factory.mktemp("precision")
+    clip_pacl.save(randomize_(clip_pacl_load("tiny")), root / "ckpt")
+    images = root / "images"
+    images.mkdir()
+    for i, colour in enumerate(["red", "green", "blue", "yellow"]):
+        Image.new("RGB", (40, 40), colour).save(images / f"{i}.png")
+    return root
+
+
+def _cli(capsys, *argv):
+    from clip_pacl.cli.main import main
+
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("precision", ["bf16", "auto"])
+def test_inference_commands_run_at_the_precision_asked_and_say_so(tiny_ckpt, precision, capsys, monkeypatch,
+                                                                  one_thread):
+    monkeypatch.setattr(dev, "cpu_flags", lambda: {"avx2"})  # auto: fp32 on a CPU without native bf16
+    ran = "bf16" if precision == "bf16" else "fp32"
+    model, image = tiny_ckpt / "ckpt", tiny_ckpt / "images" / "0.png"
+    code, out, err = _cli(capsys, "zeroshot", "--model", model, image, "--classes", "red,blue", "--json",
+                          "--precision", precision)
+    assert code == 0 and f"precision: {ran}" in err
+    probs = json.loads(out)
+    code, out, err = _cli(capsys, "zeroshot", "--model", model, image, "--classes", "red,blue", "--json")
+    assert code == 0 and "precision: fp32" in err
+    assert json.dumps(probs, sort_keys=True)[:20] == json.dumps(json.loads(out), sort_keys=True)[:20]
+    # an index built at bf16 records it, keeps the float32 weights' fingerprint and is searched at fp32
+    idx = tiny_ckpt / f"idx-{precision}"
+    code, out, err = _cli(capsys, "index", "build", "--model", model, "--images", tiny_ckpt / "images", "--out", idx,
+                          "--precision", precision, "--json")
+    assert code == 0 and json.loads(out)["precision"] == ran and f"precision: {ran}" in err
+    code, out, err = _cli(capsys, "search", idx, "red", "--json", "-k", "2")
+    assert code == 0 and len(json.loads(out)["results"]) == 2 and "precision: fp32" in err
+    code, out, err = _cli(capsys, "search", idx, "red", "--json", "-k", "2", "--precision", "bf16")
+    assert code == 0 and "precision: bf16" in err
+
+
+def test_precision_flag_refusals(tiny_ckpt, capsys):
+    with pytest.raises(SystemExit) as exit_info:  # argparse's own refusal, with the choices
+        _cli(capsys, "zeroshot", "--model", tiny_ckpt / "ckpt", tiny_ckpt / "images" / "0.png", "--classes", "a,b",
+             "--precision", "half")
+    assert exit_info.value.code == 2 and "fp32', 'bf16', 'auto'" in capsys.readouterr().err
+    code, _, err = _cli(capsys, "zeroshot", "--model", tiny_ckpt / "ckpt", tiny_ckpt / "images" / "0.png",
+                        "--classes", "a,b", "--precision", "bf16", "--int8")
+    assert code == 2 and err.strip().splitlines()[-1].startswith("error:") and "pick one" in err

@@ -5,7 +5,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from clip_pacl.cli.common import add_device_flag, add_json_flag, add_model_flags, load_model, print_json, resolve_device
+from clip_pacl.cli.common import (
+    add_device_flag,
+    add_json_flag,
+    add_model_flags,
+    add_precision_flag,
+    load_model,
+    print_json,
+    resolve_device,
+)
 from clip_pacl.cli.eval_zeroshot import print_classification
 from clip_pacl.data.imagefolder import read_labelled
 from clip_pacl.eval.linear_probe import DEFAULT_CS, evaluate_linear_probe
@@ -35,6 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     parser.add_argument("--workers", type=int, default=0, help="image-loading worker processes")
     add_device_flag(parser)
+    add_precision_flag(parser)
     add_json_flag(parser)
 
 

@@ -10,6 +10,7 @@ from clip_pacl.cli.common import (
     add_device_flag,
     add_json_flag,
     add_model_flags,
+    add_precision_flag,
     load_model,
     log,
     print_json,
@@ -41,6 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
     add_device_flag(parser)
+    add_precision_flag(parser)
     add_json_flag(parser)
 
 

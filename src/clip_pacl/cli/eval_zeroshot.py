@@ -10,6 +10,7 @@ from clip_pacl.cli.common import (
     add_int8_flag,
     add_json_flag,
     add_model_flags,
+    add_precision_flag,
     load_device,
     load_model,
     print_json,
@@ -57,6 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plots", type=Path, default=None, metavar="DIR",
                         help="write confusion_matrix.png (matplotlib) into this folder")
     add_device_flag(parser)
+    add_precision_flag(parser)
     add_int8_flag(parser)
     add_json_flag(parser)
 

@@ -13,6 +13,7 @@ from clip_pacl.cli.common import (
     add_device_flag,
     add_int8_flag,
     add_json_flag,
+    add_precision_flag,
     add_weights_flags,
     fold_pretrained,
     load_device,
@@ -21,9 +22,9 @@ from clip_pacl.cli.common import (
     print_json,
     quantization,
 )
-from clip_pacl.models.quantize import quantize as quantize_model
+from clip_pacl.device import resolve_precision
 from clip_pacl.retrieval.ann import check_request
-from clip_pacl.retrieval.index import build_index, confine_paths, image_paths, images_root
+from clip_pacl.retrieval.index import build_index, confine_paths, encoder_at, image_paths, images_root
 from clip_pacl.retrieval.metadata import attach_metadata, table_metadata
 from clip_pacl.retrieval.sharded import build_index_sharded, embed_files, index_from_parts
 from clip_pacl.retrieval.wds_images import embed_shards, wds_shards, wds_source
@@ -66,6 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_faiss_index_flag(parser)
     add_ann_flags(parser, build=True)
     add_device_flag(parser)
+    add_precision_flag(parser)
     add_int8_flag(parser)
     add_json_flag(parser)
 
@@ -78,7 +80,8 @@ def run(args: argparse.Namespace) -> int:
     inputs = shards if shards is not None else image_paths(args.images, args.image_key)
     info = env_dist_info()
     fold_pretrained(args)  # --pretrained folded into --model: an index records weights that load again
-    model, source = load_model_with_source(args, device=_device(args, info))
+    model, source = load_model_with_source(args, device=_device(args, info), precision=None)  # float32: the
+    # fingerprint is the source weights'; the images are encoded at --precision (`encoder_at`)
     if args.faiss_index is not None:
         check_request(args.faiss_index, model.embed_dim, **ann_options)  # fail before minutes of embedding
     images = {"source": str(args.images.resolve()), "image_key": args.image_key} if shards is None else \
@@ -127,11 +130,13 @@ def _build(args: argparse.Namespace, model: torch.nn.Module, inputs: list, webda
     """(index or None on ranks other than 0, unreadable [(path, reason)], unreadable count per rank or None).
     `inputs`: image paths, or webdataset shards; `root`: the folder they resolve inside (`confine_paths`)."""
     meta = {"model_source": args.model, "images": images, "hub_revision": revision, "quantize": quantization(args),
-            "root": root, "allow_outside_root": args.allow_outside_root}
+            "root": root, "allow_outside_root": args.allow_outside_root,
+            "precision": resolve_precision(args.precision, next(model.parameters()).device)}
+    log(f"precision: {meta['precision']}" + (" (auto)" if args.precision == "auto" else ""))
     if not info.enabled and not webdataset:
         index, unreadable = build_index(model, inputs, args.batch_size, args.workers, **meta)
         return index, unreadable, None
-    encoder = quantize_model(model, meta["quantize"])  # every rank quantizes its float32 copy the same way
+    encoder = encoder_at(model, meta["quantize"], meta["precision"])  # every rank encodes its copy the same way
     embed = partial(embed_shards if webdataset else embed_files, encoder, batch_size=args.batch_size,
                     workers=args.workers, progress=info.is_main)
     if not info.enabled:

@@ -6,7 +6,15 @@ import argparse
 import os
 from pathlib import Path
 
-from clip_pacl.cli.common import add_device_flag, add_json_flag, add_model_flags, load_model, print_json, resolve_device
+from clip_pacl.cli.common import (
+    add_device_flag,
+    add_json_flag,
+    add_model_flags,
+    add_precision_flag,
+    load_model,
+    print_json,
+    resolve_device,
+)
 from clip_pacl.data import DATA_FORMATS, read_caption_rows
 from clip_pacl.errors import DataError
 from clip_pacl.metrics import W, clip_score
@@ -39,6 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     parser.add_argument("--workers", type=int, default=0, help="image-loading worker processes")
     add_device_flag(parser)
+    add_precision_flag(parser)
     add_json_flag(parser)
 
 

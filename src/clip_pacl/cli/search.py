@@ -13,12 +13,14 @@ from clip_pacl.cli.common import (
     add_device_flag,
     add_int8_flag,
     add_json_flag,
+    add_precision_flag,
     add_weights_flags,
     cli_load_errors,
     fold_pretrained,
     load_device,
     print_json,
     quantization,
+    say_precision,
 )
 from clip_pacl.data import load_image
 from clip_pacl.retrieval.filters import check_prefix, prefix_rows
@@ -61,6 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="search even when --model's weights or preprocessing differ from those that built "
                              "the index (the scores then compare unlike embeddings)")
     add_device_flag(parser)
+    add_precision_flag(parser)
     add_int8_flag(parser)
     add_json_flag(parser)
 
@@ -82,7 +85,9 @@ def run(args: argparse.Namespace) -> int:
     fold_pretrained(args)  # --pretrained folded into --model: an index records weights that load again
     with cli_load_errors():
         model = load_index_model(index, args.model, device=load_device(args), force=args.force,
-                                 random_weights=args.random_weights, quantize=quantization(args))
+                                 random_weights=args.random_weights, quantize=quantization(args),
+                                 precision=args.precision)
+    say_precision(args, model)
     if image is None:
         hits = search_text(index, model, args.query, args.k, backend, prefix=prefix, **settings)[0]
     else:

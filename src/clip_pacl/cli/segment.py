@@ -10,6 +10,7 @@ from clip_pacl.cli.common import (
     add_device_flag,
     add_json_flag,
     add_model_flags,
+    add_precision_flag,
     load_model,
     log,
     print_json,
@@ -73,6 +74,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overlay", type=Path, default=None, help="also write a colour overlay with a legend here")
     add_segmentation_flags(parser)
     add_device_flag(parser)
+    add_precision_flag(parser)
     add_json_flag(parser)
 
 

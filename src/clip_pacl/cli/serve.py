@@ -12,11 +12,13 @@ from clip_pacl.cli.common import (
     add_device_flag,
     add_int8_flag,
     add_model_flags,
+    add_precision_flag,
     fold_pretrained,
     load_device,
     load_model,
     log,
     quantization,
+    say_precision,
 )
 from clip_pacl.errors import DataError, MissingDependencyError
 from clip_pacl.web.limits import MB, Limits
@@ -63,6 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "built it")
     add_ann_flags(parser)
     add_device_flag(parser)
+    add_precision_flag(parser)
     add_int8_flag(parser)
 
 
@@ -73,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
         from clip_pacl.web.app import create_app, is_loopback
     except ImportError:
         raise MissingDependencyError("fastapi and uvicorn", "web", "clip-pacl serve") from None
+    from clip_pacl.checkpoint.io import set_precision
     from clip_pacl.models.quantize import quantize as quantize_model
     from clip_pacl.retrieval.index import ImageIndex
     from clip_pacl.retrieval.search import search_encoder
@@ -96,9 +100,10 @@ def run(args: argparse.Namespace) -> int:
         index.uses_ann("auto", **settings)  # settings that cannot apply fail before the model loads
     device = load_device(args)
     source = args.model if args.model is not None else _index_model_source(index, args.index)
-    model = load_model(args, source, device=device).eval()
+    model = load_model(args, source, device=device, precision=None).eval()  # fp32: the fingerprint's weights
     base_clip = index is not None and search_encoder(index, model, force=args.force) is not model
-    model = quantize_model(model, quantization(args), inplace=True)
+    model = set_precision(quantize_model(model, quantization(args), inplace=True), args.precision)
+    say_precision(args, model)
     if index is not None:
         recorded = index.meta.get("model")
         if args.model is not None and recorded and _source(args.model) != recorded and not base_clip:

@@ -12,6 +12,7 @@ from clip_pacl.cli.common import (
     add_int8_flag,
     add_json_flag,
     add_model_flags,
+    add_precision_flag,
     load_device,
     load_model,
     print_json,
@@ -46,6 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=5, help="classes to show per image (capped at the class count)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     add_device_flag(parser)
+    add_precision_flag(parser)
     add_int8_flag(parser)
     add_json_flag(parser)
 

@@ -22,6 +22,7 @@ An index built with an approximate faiss index (`retrieval/ann.py`) is searched 
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -36,9 +37,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from clip_pacl.checkpoint.io import set_precision
 from clip_pacl.config import available_presets
 from clip_pacl.data.images import IMAGE_EXTENSIONS
 from clip_pacl.data.tables import read_records, require_columns, resolve_image, table_format
+from clip_pacl.device import resolve_precision
 from clip_pacl.encode import encode_images
 from clip_pacl.errors import CheckpointError, DataError, MissingDependencyError
 from clip_pacl.models.quantize import quantize as quantize_model
@@ -360,6 +363,7 @@ def build_index(
     quantize: str | None = None,
     root: str | Path | None = None,
     allow_outside_root: bool = False,
+    precision: str | None = None,
 ) -> tuple[ImageIndex, list[tuple[str, str]]]:
     """Embed `paths` with `model` into an ImageIndex; returns it and the unreadable images [(path, reason)].
 
@@ -368,7 +372,8 @@ def build_index(
     With `reuse` (an index of the same model), images whose size and mtime it recorded are not embedded again.
     `hub_revision` (the commit of a hub model's snapshot) is recorded beside the weights' fingerprint.
     `quantize="int8"` encodes with an int8 copy of `model`; the fingerprint stays that of `model`'s weights and
-    meta.json records the quantization (queries may be encoded either way: the embeddings stay comparable).
+    meta.json records the quantization (queries may be encoded either way: the embeddings stay comparable);
+    `precision="bf16"` likewise encodes with a bfloat16 copy (`encoder_at`).
     `root`: the folder every image must resolve inside (`confine_paths`; None: the deepest folder holding them);
     `allow_outside_root` lets images outside it in, and is recorded (the server then shows them).
     """
@@ -382,7 +387,7 @@ def build_index(
     reused = {i: known[(str(p), st["size"], st["mtime_ns"])] for i, (p, st) in enumerate(zip(unique, stats))
               if st is not None and (str(p), st["size"], st["mtime_ns"]) in known}
     todo = [i for i in range(len(unique)) if i not in reused]
-    encoder = quantize_model(model, quantize) if todo else model
+    encoder = encoder_at(model, quantize, precision) if todo else model
     new_features, new_kept, unreadable = encode_images(encoder, [unique[i] for i in todo], batch_size, workers,
                                                        progress) if todo else (None, torch.empty(0), [])
     rows = {i: reuse.embeddings[row] for i, row in reused.items()}  # (D,) each
@@ -392,15 +397,31 @@ def build_index(
         raise DataError(f"none of the {len(unique)} images could be read (e.g. {unreadable[0][0]}: {unreadable[0][1]})")
     meta = index_meta(model, len(kept), len(unreadable), model_source=model_source, images=images,
                       hub_revision=hub_revision, quantize=quantize, reused=len(reused), root=root,
-                      allow_outside_root=allow_outside_root)
+                      allow_outside_root=allow_outside_root,
+                      precision=resolve_precision(precision, next(model.parameters()).device))
     embeddings = torch.stack([rows[i] for i in kept]).float()  # (M, D)
     return ImageIndex(embeddings, [str(unique[i]) for i in kept], meta, [stats[i] for i in kept]), unreadable
+
+
+def encoder_at(model: torch.nn.Module, quantize: str | None, precision: str | None) -> torch.nn.Module:
+    """What embeds the images: `model` itself at float32, or a copy int8-quantized (`quantize`) or with bfloat16
+    towers (`precision` bf16, or auto on hardware with native bf16), so that `model` keeps the float32 weights
+    whose fingerprint the index records. The copy's `precision` says which ran."""
+    if quantize:
+        encoder = quantize_model(model, quantize)
+        encoder.precision = "fp32"
+        return encoder
+    resolved = resolve_precision(precision, next(model.parameters()).device)
+    if resolved == "fp32":
+        model.precision = "fp32"
+        return model
+    return set_precision(copy.deepcopy(model), resolved)
 
 
 def index_meta(model: torch.nn.Module, count: int, unreadable: int, *, model_source: str | None = None,
                images: dict[str, str] | None = None, hub_revision: str | None = None,
                quantize: str | None = None, reused: int = 0, root: str | Path | None = None,
-               allow_outside_root: bool = False) -> dict[str, Any]:
+               allow_outside_root: bool = False, precision: str | None = None) -> dict[str, Any]:
     """meta.json of an index of `count` images embedded by `model` (`build_index` and the sharded build);
     `model` is the float32 one (its fingerprint), `quantize` how the images were encoded ("int8" or None),
     `root` the folder its rows must resolve inside (unless `allow_outside_root`; `confine_paths`)."""
@@ -411,6 +432,7 @@ def index_meta(model: torch.nn.Module, count: int, unreadable: int, *, model_sou
         "weights": weights_fingerprint(model),
         "hub_revision": hub_revision,
         "quantize": quantize,
+        "precision": precision or "fp32",
         "preprocessing": preprocessing(model),
         "images": images,
         "root": str(root) if root is not None else None,

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 import clip_pacl
+from clip_pacl.checkpoint.io import set_precision
 from clip_pacl.data import load_image
 from clip_pacl.encode import encode_texts, model_device
 from clip_pacl.errors import DataError
@@ -20,11 +21,13 @@ from clip_pacl.retrieval.index import ImageIndex, SearchHit, check_model
 def load_index_model(
     index: ImageIndex, model: str | Path | None = None, device: str | torch.device | None = None,
     force: bool = False, quantize: str | None = None, random_weights: bool | None = None,
+    precision: str | None = None,
 ) -> torch.nn.Module:
     """The model recorded in the index's meta.json, or `model` when given; checked against the index's dim
     and (unless `force`) against the weights and preprocessing that built it.
 
-    `quantize="int8"` returns it int8-quantized (checked as float32 first).
+    `quantize="int8"` returns it int8-quantized, `precision` (`load`'s) at that precision: both checked as
+    float32 first, since the fingerprint is the source weights'.
     An index built from a preset (random weights) cannot be searched by reloading the preset, which would
     draw new random weights: that case asks for `--model`. `random_weights` is `clip_pacl.load`'s, for a preset
     given as `model` (None warns, False refuses).
@@ -41,7 +44,7 @@ def load_index_model(
                         f"{index.embed_dim}-d embeddings")
     if not force:
         check_model(index, loaded)
-    return quantize_model(loaded, quantize, inplace=True)
+    return set_precision(quantize_model(loaded, quantize, inplace=True), precision)
 
 
 def search_text(index: ImageIndex, model: torch.nn.Module, queries: str | list[str], k: int = 10,

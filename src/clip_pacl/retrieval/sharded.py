@@ -94,11 +94,13 @@ def build_index_sharded(
     quantize: str | None = None,
     root: str | None = None,
     allow_outside_root: bool = False,
+    precision: str | None = None,
 ) -> ShardedBuild:
     """Embed this rank's block of `items` (the same list on every rank: image paths, or webdataset shards) with
     `embed(block) -> Part`, and on rank 0 merge every rank's block into one index (module docstring).
     `model` is the float32 model (its fingerprint is checked and recorded); `quantize` ("int8" or None) records
-    how `embed` encodes; `root` and `allow_outside_root` are recorded as `build_index` records them.
+    how `embed` encodes, and `precision` at which precision; `root` and `allow_outside_root` are recorded as
+    `build_index` records them.
 
     Joins the process group (gloo, env:// as torchrun sets it) unless one exists, and leaves it when done.
     """
@@ -134,7 +136,7 @@ def build_index_sharded(
             shutil.rmtree(folder, ignore_errors=True)
         return index_from_parts(model, parts, len(items), model_source=model_source, images=images,
                                 hub_revision=hub_revision, quantize=quantize, root=root,
-                                allow_outside_root=allow_outside_root)
+                                allow_outside_root=allow_outside_root, precision=precision)
     finally:
         if own_group:
             dist.destroy_process_group()
@@ -206,7 +208,7 @@ def _read_part(folder: Path, rank: int) -> Part:
 
 def index_from_parts(model: torch.nn.Module, parts: list[Part], n_inputs: int, **meta: Any) -> ShardedBuild:
     """Blocks (the ranks', in rank order) as one index with the meta.json `build_index` writes; `meta`: its
-    keyword arguments (model_source, images, hub_revision, quantize, root, allow_outside_root)."""
+    keyword arguments (model_source, images, hub_revision, quantize, root, allow_outside_root, precision)."""
     unreadable = [u for part in parts for u in part.unreadable]
     paths = [p for part in parts for p in part.paths]
     if not paths:
