@@ -164,6 +164,20 @@ def test_checkpoint_round_trip_through_clip_pacl_load(model, tmp_path):
         load_backbone(tmp_path / "ckpt")
 
 
+def test_a_config_declaring_a_large_tower_is_refused_before_it_is_built(model, tmp_path):
+    """A 16 KB text config declaring a 6.4 GB DistilBERT around the tiny weights: the towers are built on the meta
+    device and compared with the weights file first (issue 21, item 6), in a child process with bounded memory."""
+    from test_hostile_files import RSS_BOUND, SECONDS_BOUND, run_cases
+
+    clip_pacl.save(model, tmp_path / "ckpt")
+    text_config = tmp_path / "ckpt" / "text" / "config.json"
+    text_config.write_text(json.dumps({**json.loads(text_config.read_text()), "dim": 4096, "n_layers": 24}))
+    result = run_cases({"backbone": ["info", str(tmp_path / "ckpt")]}, tmp_path)["backbone"]
+    assert result["code"] == 2 and "does not match the model: size mismatch" in result["stderr"], result["stderr"]
+    assert len(result["stderr"].strip().splitlines()) == 1
+    assert result["rss_growth"] < RSS_BOUND and result["seconds"] < SECONDS_BOUND
+
+
 def test_clip_pacl_load_builds_from_a_spec(text_dir):
     built = clip_pacl.load(_spec(text_dir, "embed_dim=8"))
     assert isinstance(built, BackboneCLIP) and built.embed_dim == 8 and built.config.image == "timm/test_resnet=random"

@@ -14,7 +14,7 @@ from typing import Any
 
 from clip_pacl.errors import ConfigError
 
-# Sanity bounds on single config values (the model's total size is bounded by checkpoint/limits.py): no CLIP comes
+# Sanity bounds on single config values (the model's total size is bounded by limits.py): no CLIP comes
 # near them, and they keep a hostile config's numbers from overflowing before that check.
 MAX_SIZE = 1 << 20  # widths, image and patch sizes, vocabulary, context length
 MAX_LAYERS = 1024

@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 
 from clip_pacl.checkpoint.files import CONFIG_NAME, WEIGHTS_NAME, check_state_matches, read_weights, save_json
-from clip_pacl.checkpoint.limits import check_model_size
 from clip_pacl.errors import CheckpointError
+from clip_pacl.limits import check_model_size
 from clip_pacl.models.backbone import BackboneCLIP, BackboneConfig, checked_model_args, import_timm, import_transformers
 
 TEXT_DIR = "text"

@@ -25,8 +25,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from clip_pacl.checkpoint import torchscript
-from clip_pacl.checkpoint.limits import check_tensors
 from clip_pacl.errors import CheckpointError
+from clip_pacl.limits import check_tensors
 
 SAFETENSORS_SUFFIX = ".safetensors"
 WEIGHTS_NAME = "model.safetensors"  # a clip-pacl checkpoint dir: these two, plus what its model type adds

@@ -31,11 +31,11 @@ from clip_pacl.checkpoint.files import (
     save_json,
     save_weights,
 )
-from clip_pacl.checkpoint.limits import check_model_size
 from clip_pacl.checkpoint.rundir import resolve_run_dir
 from clip_pacl.config import CLIPConfig, available_presets
 from clip_pacl.device import resolve_precision
 from clip_pacl.errors import CheckpointError, ConfigError
+from clip_pacl.limits import check_model_size
 from clip_pacl.models.backbone import build_backbone
 from clip_pacl.models.clip import CLIP
 from clip_pacl.models.quantize import check_not_quantized, check_quantization

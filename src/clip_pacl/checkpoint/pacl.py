@@ -21,9 +21,9 @@ from clip_pacl.checkpoint.files import (
     save_json,
     save_weights,
 )
-from clip_pacl.checkpoint.limits import check_model_size
 from clip_pacl.config import CLIPConfig
 from clip_pacl.errors import CheckpointError, ConfigError
+from clip_pacl.limits import check_model_size
 from clip_pacl.models.clip import CLIP
 from clip_pacl.models.pacl import PACL, PACLConfig
 

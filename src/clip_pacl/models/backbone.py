@@ -43,6 +43,7 @@ from torch import nn
 
 from clip_pacl.config import MAX_SIZE, config_float, config_int
 from clip_pacl.errors import CheckpointError, ConfigError, MissingDependencyError
+from clip_pacl.limits import check_model_size
 from clip_pacl.models.clip import CLIPOutput
 
 SPEC_PREFIX = "backbone:"
@@ -221,6 +222,8 @@ def _load_image_tower(spec: str, pretrained: bool) -> tuple[nn.Module, dict[str,
         pretrained = pretrained and weights != "random"
     if not timm.is_model(arch):
         raise ConfigError(f"timm has no model '{arch}' (see timm.list_models())")
+    with torch.device("meta"):  # the architecture's size, before anything is allocated
+        check_model_size(timm.create_model(arch, pretrained=False, num_classes=0, **model_args), spec)
     try:
         model = timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
     except (OSError, RuntimeError, ValueError) as e:
@@ -235,6 +238,9 @@ def _load_text_tower(spec: str) -> tuple[nn.Module, Any]:
     if spec.startswith("hf=") and not Path(source).is_dir():
         raise CheckpointError(f"text model folder {source} does not exist")
     try:
+        config = transformers.AutoConfig.from_pretrained(source)
+        with torch.device("meta"):  # the architecture's size, before anything is allocated
+            check_model_size(transformers.AutoModel.from_config(config), spec)
         model = transformers.AutoModel.from_pretrained(source)
         tokenizer = transformers.AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as e:
