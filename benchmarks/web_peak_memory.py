@@ -2,7 +2,8 @@
 
 Starts the server as its own process, then sends, one at a time: a small warm-up request, and the worst
 accepted uploads: a square image of MAX_UPLOAD_PIXELS and one at the MAX_ASPECT_RATIO bound, each with
-MAX_LABELS labels x MAX_TEMPLATES templates, to /api/segment and /api/classify. After each, the server's
+MAX_LABELS labels and as many templates as the prompt cap allows (`web/limits.py`), to /api/segment and
+/api/classify. After each, the server's
 VmHWM (peak RSS, Linux) is read. One JSON line per request goes to benchmarks/results/web_peak_memory.jsonl.
 
     python benchmarks/web_peak_memory.py --model tiny
@@ -23,6 +24,7 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from clip_pacl.data.images import MAX_ASPECT_RATIO  # noqa: E402
+from clip_pacl.web.limits import Limits  # noqa: E402
 from clip_pacl.web.service import MAX_LABELS, MAX_TEMPLATES, MAX_UPLOAD_PIXELS  # noqa: E402
 from webserver import HEADERS, rss_bytes, serve_process  # noqa: E402
 
@@ -52,7 +54,8 @@ def main() -> None:
     narrow = math.isqrt(MAX_UPLOAD_PIXELS // MAX_ASPECT_RATIO)
     uploads = {"square": (side, side), "wide": (narrow * MAX_ASPECT_RATIO, narrow)}
     labels = ",".join(f"object number {i}" for i in range(MAX_LABELS))
-    templates = "\n".join(f"a photo {i} of a {{}}." for i in range(MAX_TEMPLATES))
+    n_templates = min(MAX_TEMPLATES, Limits().max_prompts // MAX_LABELS)
+    templates = "\n".join(f"a photo {i} of a {{}}." for i in range(n_templates))
     with serve_process("--model", args.model) as (url, proc), httpx.Client(base_url=url, timeout=3600,
                                                                            headers=HEADERS) as client:
         warm = client.post("/api/classify", data={"labels": "a,b"}, files={"image": ("w.png", picture(64, 64))})
@@ -65,7 +68,7 @@ def main() -> None:
                 response = client.post(endpoint, data={"labels": labels, "templates": templates},
                                        files={"image": (f"{name}.png", data)})
                 records.append({"request": f"{endpoint} {width}x{height} ({len(data) / 2**20:.2f} MB PNG), "
-                                           f"{MAX_LABELS} labels x {MAX_TEMPLATES} templates",
+                                           f"{MAX_LABELS} labels x {n_templates} templates",
                                 "status": response.status_code, "seconds": round(time.perf_counter() - start, 1),
                                 "peak_rss_mb": rss_bytes(proc.pid, "VmHWM") / 2**20})
     RESULTS.parent.mkdir(exist_ok=True)

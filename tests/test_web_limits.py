@@ -27,7 +27,7 @@ from clip_pacl.data.synthetic import generate_synthetic  # noqa: E402
 from clip_pacl.errors import DataError  # noqa: E402
 from clip_pacl.retrieval.index import ImageIndex, build_index, image_paths  # noqa: E402
 from clip_pacl.web import WebService, create_app  # noqa: E402
-from clip_pacl.web.limits import InferenceQueue, Limits  # noqa: E402
+from clip_pacl.web.limits import InferenceQueue, LimitExceeded, Limits  # noqa: E402
 from clip_pacl.zeroshot.classifier import build_classifier  # noqa: E402
 from webserver import post, running  # noqa: E402
 
@@ -86,6 +86,15 @@ def test_decode_cost_is_checked_from_the_header(setup):
         refused = post(f"{url}/api/classify", data={"labels": "a,b"}, files={"image": ("g.png", grey16)})
         assert refused.status_code == 413 and "--decode-budget-mb" in refused.json()["error"]
         assert post(f"{url}/api/classify", data={"labels": "a,b"}, files={"image": ("g.png", grey8)}).status_code == 200
+
+
+def test_patches_scored_are_capped(setup):
+    """classes x patch-grid cells of a segmentation: a wide image's grid is priced before the model runs."""
+    service = WebService(setup["model"], None, limits=Limits(max_patch_scores=200))
+    square, wide = Image.new("RGB", (64, 64)), Image.new("RGB", (640, 64))
+    assert service.segment(square, ["a", "b"])["method"] == "patch"  # 2 x 64 patches (tiny: 64 px, stride 8)
+    with pytest.raises(LimitExceeded, match="2 classes x 640 patches"):
+        service.segment(wide, ["a", "b"])
 
 
 def test_16_bit_scaling_is_unchanged_by_blocks():
@@ -253,3 +262,6 @@ def test_serve_does_not_load_a_model_an_index_names_elsewhere(setup, tmp_path, c
     assert main(["serve", "--index", str(tmp_path / "moved" / "idx"), "--port", "0"]) == 2
     err = capsys.readouterr().err
     assert "which is not beside the index" in err and "pass --model" in err and err.count("\n") == 1
+    for flag in ("--max-prompts", "--queue", "--decode-budget-mb"):
+        assert main(["serve", "--model", "tiny", flag, "0", "--port", "0"]) == 2
+        assert capsys.readouterr().err.startswith(f"error: {flag} must be")

@@ -85,7 +85,8 @@ def decode_image_file(f: IO[bytes], name: str, max_pixels: int = MAX_IMAGE_PIXEL
     `reserve(header_image)`, when given, is called once the header is read (size and mode known, no pixel decoded)
     and returns a context that spans the decode and `then`: the web server reserves `decode_cost` bytes of its
     shared budget there (and may refuse). `then(rgb)` reduces the decoded image to what the caller keeps (a
-    model input, a thumbnail), so that the full-size pixels never outlive the reservation; its result is returned.
+    model input, a thumbnail; never `rgb` itself, which is closed when `then` returns), so that the full-size pixels
+    never outlive the reservation; its result is returned.
     """
     f.seek(0, os.SEEK_END)
     empty = f.tell() == 0
@@ -138,7 +139,12 @@ def _decode(src: IO[bytes], name: str, max_pixels: int, reserve: Reserve | None,
             # The pixels are upright RGB now: drop the metadata, so that no later step turns the image again or
             # parses a malformed EXIF block (getexif() raises SyntaxError, struct.error, ... on one).
             rgb.info.clear()
-            return then(rgb) if then is not None else rgb
+            if then is None:
+                return rgb
+            try:
+                return then(rgb)
+            finally:
+                rgb.close()  # the full-size pixels are freed before their reservation is
     finally:
         img.close()
 

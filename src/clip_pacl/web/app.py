@@ -169,35 +169,7 @@ def create_app(service: WebService, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_B
     app.add_middleware(UploadLimit, max_bytes=max_upload_bytes)
     app.add_middleware(RequestGuard, loopback_only=is_loopback(host))  # added last: runs first
 
-    @app.exception_handler(NotFound)
-    async def _not_found(request: Request, exc: NotFound) -> JSONResponse:
-        return error(404, str(exc))
-
-    @app.exception_handler(LimitExceeded)
-    async def _too_costly(request: Request, exc: LimitExceeded) -> JSONResponse:
-        return error(413, str(exc))
-
-    @app.exception_handler(Busy)
-    async def _busy(request: Request, exc: Busy) -> JSONResponse:
-        response = error(503, str(exc))
-        response.headers["Retry-After"] = str(exc.retry_after_s)
-        return response
-
-    @app.exception_handler(ClipPaclError)
-    async def _bad_input(request: Request, exc: ClipPaclError) -> JSONResponse:
-        return error(400, str(exc))
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0]
-        field = str(first["loc"][-1]) if first.get("loc") else "request"
-        if first.get("type") == "missing":
-            return error(400, f"missing field '{field}'")
-        return error(400, f"{field}: {first.get('msg', 'invalid value')}")
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error(exc.status_code, str(exc.detail))
+    _add_error_handlers(app)
 
     @app.get("/api/health")
     def health() -> dict:
@@ -258,6 +230,39 @@ def create_app(service: WebService, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_B
         return _static(name)
 
     return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error as JSON `{"error": "one sentence"}`, with the status the module docstring lists."""
+    @app.exception_handler(NotFound)
+    async def _not_found(request: Request, exc: NotFound) -> JSONResponse:
+        return error(404, str(exc))
+
+    @app.exception_handler(LimitExceeded)
+    async def _too_costly(request: Request, exc: LimitExceeded) -> JSONResponse:
+        return error(413, str(exc))
+
+    @app.exception_handler(Busy)
+    async def _busy(request: Request, exc: Busy) -> JSONResponse:
+        response = error(503, str(exc))
+        response.headers["Retry-After"] = str(exc.retry_after_s)
+        return response
+
+    @app.exception_handler(ClipPaclError)
+    async def _bad_input(request: Request, exc: ClipPaclError) -> JSONResponse:
+        return error(400, str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0]
+        field = str(first["loc"][-1]) if first.get("loc") else "request"
+        if first.get("type") == "missing":
+            return error(400, f"missing field '{field}'")
+        return error(400, f"{field}: {first.get('msg', 'invalid value')}")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error(exc.status_code, str(exc.detail))
 
 
 def _short_query(q: str) -> str:

@@ -346,8 +346,10 @@ class WebService:
 
     @staticmethod
     def segment_input(image: Image.Image) -> tuple[Image.Image, tuple[int, int]]:
-        """(the image shrunk to MAX_SEGMENT_SIDE, its own size): what `then` of a segment upload returns."""
-        return _shrunk(image, MAX_SEGMENT_SIDE), image.size
+        """(the image shrunk to MAX_SEGMENT_SIDE, its own size): what `then` of a segment upload returns (a copy when
+        it already fits: the decoded image itself is freed once `then` returns)."""
+        work = _shrunk(image, MAX_SEGMENT_SIDE)
+        return (work.copy() if work is image else work), image.size
 
     def _patches(self, image: Image.Image) -> int:
         """Patch-grid cells segmentation scores for `image` (shorter side to the model's input size)."""
