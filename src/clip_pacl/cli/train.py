@@ -66,7 +66,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     arg("--image-size", type=int, help="training resolution (default: the model's)", metavar="N")
     arg("--lock-image", action="store_true", help="freeze the image tower (LiT)")
     arg("--lock-image-unlocked-groups", type=int, metavar="N",
-        help="with --lock-image, keep the last N layer groups trainable (ViT: blocks, the last with ln_post/proj)")
+        help="with --lock-image, keep the last N layer groups trainable (ViT: blocks, the last with ln_post/proj; "
+             "ResNet: stages, the last with attnpool)")
     arg("--lock-text", action="store_true", help="freeze the text tower")
     arg("--cache-features", action="store_true",
         help="PACL: encode every image and caption with the frozen CLIP once, then train only the embedders "
