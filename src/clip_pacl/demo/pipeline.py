@@ -52,6 +52,10 @@ class DemoConfig:
     preset: str = "tiny"
     image_size: int = 64
     device: str | None = None
+    # torch's CPU threads for the whole run (None: torch's default, one per core). --quick uses 1: at its sizes
+    # every op is tiny, and two threads that must meet at each op's end wait for each other whenever the machine
+    # is busy (measured under load 12 on 2 cores: segmentation 62-74 s with 2 threads, 5 s with 1; README)
+    threads: int | None = None
     seed: int = 0
     progress: bool = True
     overwrite: bool = False
@@ -60,7 +64,7 @@ class DemoConfig:
     def quick(cls, out: str, **kw: Any) -> DemoConfig:
         """A short version for tests and smoke runs: every phase and the whole report, tiny sizes."""
         return cls(out=out, **{"n_train": 64, "n_test": 24, "clip_steps": 4, "pacl_steps": 4, "batch_size": 16,
-                               "pacl_batch_size": 16, **kw})
+                               "pacl_batch_size": 16, "threads": 1, **kw})
 
 
 class PhaseClock:
@@ -108,8 +112,29 @@ def prepare_out_dir(out: Path, overwrite: bool) -> None:
     (out / MARKER).write_text("written by `clip-pacl demo`; `clip-pacl demo --overwrite` may delete this folder\n")
 
 
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """torch's intra-op CPU threads set to `threads` inside the block (None: left as they are), then restored."""
+    import torch
+
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     """Run every phase into `cfg.out`, write report.html, report.md and summary.json there; returns the summary."""
+    if cfg.threads is not None and cfg.threads < 1:
+        raise ConfigError(f"--threads must be at least 1, not {cfg.threads}")
+    with torch_threads(cfg.threads):
+        return _run_demo(cfg)
+
+
+def _run_demo(cfg: DemoConfig) -> dict[str, Any]:
     import clip_pacl
     from clip_pacl.demo.evaluate import evaluate_clip, evaluate_segmentation_methods
     from clip_pacl.demo.report import next_steps, write_report
