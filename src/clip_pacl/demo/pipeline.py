@@ -56,6 +56,10 @@ class DemoConfig:
     # every op is tiny, and two threads that must meet at each op's end wait for each other whenever the machine
     # is busy (measured under load 12 on 2 cores: segmentation 62-74 s with 2 threads, 5 s with 1; README)
     threads: int | None = None
+    # data-loading processes: none. The demo's 64-px PNGs decode at ~600 images/s in the main process against a
+    # training step's ~80 (README, "Data loading"), and each validation would start a worker process of its own.
+    # The printed commands leave --workers out, so a user's own JPEGs get the default (data.dataset.default_workers)
+    workers: int = 0
     seed: int = 0
     progress: bool = True
     overwrite: bool = False
@@ -200,8 +204,8 @@ def clip_train_config(cfg: DemoConfig, train_dir: Path, test_dir: Path, out: Pat
     model_file.write_text(json.dumps(arch.to_open_clip_dict(), indent=2) + "\n")
     return TrainConfig(
         data=str(train_dir / "captions.csv"), model=str(model_file), out=str(out / "clip"), steps=cfg.clip_steps,
-        batch_size=cfg.batch_size, lr=cfg.clip_lr, seed=cfg.seed, device=cfg.device,  # the default schedule
-        image_size=cfg.image_size, val_data=str(test_dir / "captions.csv"),
+        batch_size=cfg.batch_size, lr=cfg.clip_lr, seed=cfg.seed, device=cfg.device, workers=cfg.workers,
+        image_size=cfg.image_size, val_data=str(test_dir / "captions.csv"),  # the default schedule
         val_every=max(1, cfg.clip_steps // cfg.validations), log_every=_log_every(cfg.clip_steps),
         progress=cfg.progress)
 
@@ -213,7 +217,8 @@ def pacl_train_config(cfg: DemoConfig, train_dir: Path, out: Path):
     return TrainConfig(
         data=str(train_dir / "captions.csv"), model=str(out / "clip" / "final"), out=str(out / "pacl"),
         objective="pacl", cache_features=True, steps=cfg.pacl_steps, batch_size=cfg.pacl_batch_size, lr=1e-3, wd=0.01,
-        warmup=min(50, cfg.pacl_steps // 10), seed=cfg.seed, device=cfg.device, progress=cfg.progress,
+        warmup=min(50, cfg.pacl_steps // 10), seed=cfg.seed, device=cfg.device, workers=cfg.workers,
+        progress=cfg.progress,
         pacl_patch_tokens=cfg.pacl_patch_tokens, pacl_pool_temperature=cfg.pacl_pool_temperature,
         log_every=_log_every(cfg.pacl_steps))
 
