@@ -74,17 +74,40 @@ def test_directory_with_a_caption_table_reads_it(tmp_path):
 
 
 def test_wrong_column_names_fail_before_any_work(tmp_path):
-    (tmp_path / "data.csv").write_text("img,text\nmissing.png,a caption\n")
-    with pytest.raises(DataError) as e:
+    (tmp_path / "data.csv").write_text("picture,words\nmissing.png,a caption\n")
+    with pytest.raises(DataError) as e:  # every missing column in one line, with the columns the file has
         read_caption_rows(tmp_path / "data.csv")
-    assert str(e.value) == "data.csv has no column 'image' (columns: img, text); use --image-key"
+    assert str(e.value) == ("data.csv has no image column (image / filepath / image_path / img / file_name / filename "
+                            "/ path) and no caption column (caption / title / text / captions / sentence) (columns: "
+                            "picture, words); use --image-key and --caption-key")
     with pytest.raises(DataError) as e:
-        read_caption_rows(tmp_path / "data.csv", image_key="img")
-    assert str(e.value) == "data.csv has no column 'caption' (columns: img, text); use --caption-key"
-    (tmp_path / "labels.jsonl").write_text('{"image": "a.png", "class": "cat"}\n')
+        read_caption_rows(tmp_path / "data.csv", image_key="picture", caption_key="text")
+    assert str(e.value) == "data.csv has no column 'text' (columns: picture, words); use --caption-key"
+    (tmp_path / "labels.jsonl").write_text('{"image": "a.png", "kind": "cat"}\n')
     with pytest.raises(DataError) as e:
         read_label_rows(tmp_path / "labels.jsonl")
-    assert str(e.value) == "labels.jsonl has no column 'label' (columns: image, class); use --label-key"
+    assert str(e.value) == ("labels.jsonl has no label column (label / class / category / class_name) "
+                            "(columns: image, kind); use --label-key")
+
+
+@pytest.mark.parametrize("header, row", [
+    ("filepath,title", "a.png,a red square"),  # open_clip's CSV defaults
+    ("image_path,text", "a.png,a red square"),
+    ("img,caption", "a.png,a red square"),
+])
+def test_common_column_names_are_recognised(tmp_path, header, row):
+    _png(tmp_path / "a.png")
+    (tmp_path / "data.csv").write_text(f"{header}\n{row}\n")
+    assert _pairs(read_caption_rows(tmp_path / "data.csv")) == [("a.png", "a red square")]
+    (tmp_path / "labels.csv").write_text("filepath,class\na.png,cat\n")
+    assert [(r.image.name, r.label) for r in read_label_rows(tmp_path / "labels.csv")] == [("a.png", "cat")]
+
+
+def test_an_explicit_key_is_not_replaced_by_an_alias(tmp_path):
+    (tmp_path / "data.csv").write_text("filepath,title,caption\na.png,the title,the caption\n")
+    _png(tmp_path / "a.png")
+    assert _pairs(read_caption_rows(tmp_path / "data.csv")) == [("a.png", "the caption")]  # the default first
+    assert _pairs(read_caption_rows(tmp_path / "data.csv", caption_key="title")) == [("a.png", "the title")]
 
 
 @pytest.mark.parametrize("name, content, message", [

@@ -128,7 +128,7 @@ def test_printed_commands_run(demo, tmp_path, capsys):
     for argv in commands.values():
         assert argv[0] == "clip-pacl"
         build_parser().parse_args(argv[1:])
-    serve, search, segment, train_clip, train_pacl = commands.values()
+    serve, search, segment, finetune, train_clip, train_pacl = commands.values()
     assert serve[1] == "serve"
     pacl = clip_pacl.load(serve[serve.index("--model") + 1])  # the page's PACL searches with the CLIP that indexed
     assert search_encoder(ImageIndex.load(serve[serve.index("--index") + 1]), pacl) is pacl.clip
@@ -136,11 +136,14 @@ def test_printed_commands_run(demo, tmp_path, capsys):
     assert len(json.loads(capsys.readouterr().out)["results"]) == 5
     segment = [str(tmp_path / a) if a in ("mask.png", "overlay.png") else a for a in segment]
     assert main(segment[1:]) == 0 and (tmp_path / "overlay.png").read_bytes()[:8] == PNG
+    with Image.open(tmp_path / "overlay.png") as drawn, Image.open(out / "pacl_overlay.png") as shown:
+        assert drawn.size == shown.size and drawn.tobytes() == shown.tobytes()  # the report's overlay is this one
     csv = str(out / "data" / "train" / "captions.csv")
-    for argv in (train_clip, train_pacl):
-        argv = [csv if a == "YOUR.csv" else str(tmp_path / a) if a.startswith("runs/") else a for a in argv]
-        assert main([*argv[1:], "--no-progress"]) == 0
-    assert (tmp_path / "runs" / "pacl" / "final").is_dir()
+    assert finetune[finetune.index("--epochs") + 1] == "10"
+    for argv, shorter in ((finetune, ["--epochs", "1"]), (train_clip, []), (train_pacl, [])):  # (the fine-tune's
+        argv = [csv if a == "YOUR.csv" else str(tmp_path / a) if a.startswith("runs/") else a for a in argv]  # 10
+        assert main([*argv[1:], *shorter, "--no-progress"]) == 0  # passes would be 80 steps of this CSV)
+    assert (tmp_path / "runs" / "pacl" / "final").is_dir() and (tmp_path / "runs" / "clip-finetune" / "final").is_dir()
 
 
 def test_rerun_into_existing_dir_needs_overwrite(demo, capsys):
@@ -224,3 +227,34 @@ def test_demo_time_benchmark_records_phases_and_metrics(tmp_path):
     assert set(record["phases"]) == {"data", "clip_train", "clip_eval", "pacl_train", "segmentation", "report"}
     assert 0 <= record["metrics"]["miou_colour_pacl"] <= 1 and len(record["loadavg_before"]) == 3
     assert proc.stdout.startswith("phase") and "clip_train" in proc.stdout and "\ntotal" in proc.stdout
+
+
+def test_report_times_stay_on_one_line_and_figures_name_their_background_rule(demo):
+    out, summary = demo
+    text = (out / "report.html").read_text()
+    assert "tr.time td{white-space:nowrap}" in text and "td.num{" in text and "white-space:nowrap}" in text
+    times = [name for name, _, _ in _rows_in_report(summary) if name.startswith("time:")]
+    assert times and all(f"<tr class=time><td>{html.escape(name)}</td>" in text for name in times)
+    rule = summary["segmentation"]["segmentation_colors"]["pacl"]["auto"]["background"]
+    assert rule == summary["overlay_background"] == "zscore"
+    assert f"PACL, each with its label-free background rule ({rule})" in text
+    assert "drawn by the `clip-pacl segment --overlay` command under Go further" in text
+
+
+def test_the_loss_plot_legend_is_off_the_curves():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from clip_pacl.train.logging import loss_figure
+
+    train = [{"step": s, "loss": 5.0 - s / 200} for s in range(1, 600, 10)]
+    val = [{"step": s, "val_text_to_image_R@1": s / 1000} for s in (100, 300, 550)]
+    for v in (val, []):
+        fig = loss_figure(plt, train, v)
+        fig.canvas.draw()
+        legend = fig.axes[0].get_legend()
+        assert len(legend.get_texts()) == (2 if v else 1)
+        assert not legend.get_window_extent().overlaps(fig.axes[0].get_window_extent())
+        plt.close(fig)

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -202,6 +203,8 @@ def test_torchrun_two_processes_train_like_one_with_the_same_global_batch(runs, 
     """`torchrun --nproc-per-node 2 -m clip_pacl.train` (gloo, CPU) ends with the weights of 1 process, batch 2B."""
     proc = _torchrun(runs, tmp_path / "ddp")
     assert proc.wait(500) == 0, proc.stderr.read()[-3000:]
+    reports = re.findall(r"trained \d+ steps in", proc.stderr.read())
+    assert len(reports) == 1, reports  # rank 0 reports the run, rank 1 stays quiet
     _assert_same_weights(tmp_path / "ddp" / "final", runs / "single" / "final")
     start, trained = _state(runs / "init"), _state(runs / "single" / "final")
     assert max(float((trained[n] - start[n]).abs().max()) for n in start) > 1e-3  # training moved the weights

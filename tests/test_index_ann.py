@@ -72,6 +72,19 @@ def test_pq_candidates_are_reranked_exactly():
     assert [h.score for h in coarse[0]] == sorted((h.score for h in coarse[0]), reverse=True)
 
 
+def test_kmeans_warnings_of_a_small_pq_build_come_as_one_line(capfd):
+    """faiss warns once per sub-quantizer it trains on too few points (here 8 of them, 300 points for 16 centroids
+    where it asks for 624): the build says it in one line."""
+    index = _index(300, 32)
+    index.build_ann("PQ8x4fs")
+    err = capfd.readouterr().err
+    assert "WARNING clustering" not in err, err
+    notes = [line for line in err.splitlines() if "k-means warned" in line]
+    assert notes == ["note: faiss's k-means warned 8 times that it had few training points (clustering 300 points "
+                     "to 16 centroids: please provide at least 624 training points); the index works, with "
+                     "codebooks fitted to fewer points than faiss recommends"], err
+
+
 def test_training_uses_a_seeded_sample_of_the_requested_size():
     index = _index(2000)
     index.build_ann("IVF8,Flat", train_size=500)

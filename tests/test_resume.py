@@ -155,6 +155,7 @@ def test_resume_refuses_changed_data_seed_or_objective(synthetic, uninterrupted,
         moved = tmp_path / "copy" / "captions.csv"
         moved.parent.mkdir()
         moved.write_text(synthetic.read_text())  # the same rows from another file: another run's data
+        (moved.parent / "images").symlink_to(synthetic.parent / "images")  # (images are checked before resuming)
         args[args.index("--data") + 1] = str(moved)
     else:
         args += [change, {"--seed": "1", "--objective": "siglip"}[change]]

@@ -7,7 +7,7 @@ import clip_pacl
 from clip_pacl.data.segmentation import open_segmentation_dataset
 from clip_pacl.data.synthetic import generate_synthetic
 from clip_pacl.segmentation.figure import GAP, HEADER, SCALE, FigureColumn, colourise, comparison_figure, figure_colors
-from clip_pacl.segmentation.predict import NO_CLASS
+from clip_pacl.segmentation.predict import NO_CLASS, segment
 
 
 @pytest.fixture(scope="module")
@@ -31,13 +31,31 @@ def test_colour_names_get_a_grey_background_and_cyan_ignore():
 
 def test_figure_rows_columns_and_ground_truth(colours_dataset):
     model = clip_pacl.load("tiny").eval()
-    columns = [FigureColumn("patches", model, "patch", None), FigureColumn("MaskCLIP", model, "maskclip", 0.3)]
+    columns = [FigureColumn("patches", model, "patch", None), FigureColumn("MaskCLIP", model, "maskclip", 0.3),
+               FigureColumn("label-free", model, "maskclip")]
     figure = comparison_figure(colours_dataset, [0, 2], columns, ["a {} circle"])
     side = 32 * SCALE
-    assert figure.width == 4 * side + 3 * GAP and figure.height > HEADER + 2 * (side + GAP)
+    assert figure.width == 5 * side + 4 * GAP and figure.height > HEADER + 2 * (side + GAP)
     image, mask = colours_dataset[2]
     colors, ignore = figure_colors(list(colours_dataset.class_names))
     truth = np.asarray(figure)[HEADER + side + GAP:HEADER + 2 * side + GAP, side + GAP:2 * side + GAP]
     expected = np.asarray(colourise(mask, colors, ignore)).repeat(SCALE, 0).repeat(SCALE, 1)
     assert (truth == expected).all()  # the second row's ground truth, enlarged, in the class colours
-    assert columns[1].heading == "MaskCLIP (0.3)" and columns[0].heading == "patches (prompt)"
+    names = list(colours_dataset.class_names)
+    assert [c.heading(names) for c in columns] == ["patches (prompt)", "MaskCLIP (0.3)", "label-free (zscore)"]
+
+
+def test_a_label_free_column_segments_as_segment_does_by_default(colours_dataset):
+    """A column left at its default background is what `segment` gives with no background asked for (the rule
+    users get), not a threshold."""
+    model = clip_pacl.load("tiny").eval()
+    names, templates = list(colours_dataset.class_names), ["a {} circle"]
+    figure = np.asarray(comparison_figure(colours_dataset, [1], [FigureColumn("MaskCLIP", model, "maskclip")],
+                                          templates))
+    side = 32 * SCALE
+    image, _ = colours_dataset[1]
+    default = segment(model, image, names, templates=templates, method="maskclip")
+    assert default.background.name == "zscore"
+    colors, ignore = figure_colors(names)
+    expected = np.asarray(colourise(default.label_map, colors, ignore)).repeat(SCALE, 0).repeat(SCALE, 1)
+    assert (figure[HEADER:HEADER + side, 2 * (side + GAP):2 * (side + GAP) + side] == expected).all()

@@ -135,7 +135,7 @@ def test_unreadable_images_are_skipped_counted_and_limited(synthetic, tmp_path, 
         (["--model", "no-such-preset"], "no-such-preset"),
         (["--caption-key", "text"], "text"),
         (["--objective", "siglip", "--batch-size", "0"], "--batch-size must be at least 1"),
-        (["--batch-size", "4096"], "fewer than one step"),
+        (["--accum", "4096"], "fewer than one step"),
         (["--lock-image-unlocked-groups", "2"], "needs --lock-image"),
     ],
 )

@@ -22,6 +22,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clip-steps", type=int, default=None, help="CLIP training steps (default 1000; --quick: 4)")
     p.add_argument("--pacl-steps", type=int, default=None, help="PACL training steps (default 400; --quick: 4)")
     p.add_argument("--seed", type=int, default=0, help="seed for data generation and training")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch CPU threads (default: one per core; --quick: 1). On a busy machine fewer threads "
+                        "finish sooner: threads that must meet after every op wait for each other")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_device_flag(p)
     add_json_flag(p)
@@ -31,6 +34,8 @@ def run(args: argparse.Namespace) -> int:
     from clip_pacl.demo import DemoConfig, format_summary, run_demo
 
     kw = {"device": args.device, "seed": args.seed, "progress": not args.no_progress, "overwrite": args.overwrite}
+    if args.threads is not None:
+        kw["threads"] = args.threads
     overrides = {k: v for k, v in (("clip_steps", args.clip_steps), ("pacl_steps", args.pacl_steps)) if v is not None}
     if any(v < 1 for v in overrides.values()):
         raise ValueError("--clip-steps and --pacl-steps must be at least 1")

@@ -11,6 +11,7 @@ from clip_pacl.cli.common import (
     add_model_flags,
     add_precision_flag,
     load_model,
+    log,
     print_json,
     resolve_device,
 )
@@ -54,10 +55,18 @@ def run(args: argparse.Namespace) -> int:
     result = evaluate_linear_probe(model, train_rows, test_rows, cs=args.c, val_fraction=args.val_fraction,
                                    seed=args.seed, batch_size=args.batch_size, workers=args.workers)
     result = {"model": args.model, "train": str(args.train), "test": str(args.test), **result}
+    overlap = ""
+    if result["overlap"]:
+        n_test = len({Path(r.image).resolve() for r in test_rows})
+        overlap = (f"WARNING: {result['overlap']} of the {n_test} test images are also training images: the accuracy "
+                   f"measures memorisation, not what the features generalise to; test on images the probe never saw")
+        log(f"\n{overlap}")
     if args.json:
         print_json(result)
         return 0
     print(f"linear probe  {args.test}  ({result['num_images']} test images, {result['num_classes']} classes, "
           f"{result['num_train_images']} training images, C = {result['C']:g})")
     print_classification(result, "test rows had labels no training image has and were left out")
+    if overlap:
+        print(overlap)
     return 0

@@ -50,7 +50,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     arg("--val-data", help="held-out image,caption file for validation recall@1", metavar="FILE")
     arg("--val-fraction", type=float, help="hold out this fraction of the training images for validation",
         metavar="F")
-    arg("--workers", type=int, help="data loading processes", metavar="N")
+    arg("--workers", type=int, metavar="N",
+        help="data loading processes decoding images beside the training step; 0: in the main process "
+             "(default: one per CPU less one, at most 4, no more than an epoch's batches)")
     arg("--max-bad-fraction", type=float, help="stop when more than this fraction of images cannot be read",
         metavar="F")
     group = p.add_argument_group("model and objective")
@@ -152,9 +154,12 @@ def build_config(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     from clip_pacl.train import train
+    from clip_pacl.train.distributed import env_dist_info
 
     config = build_config(args)
     result = train(config)
+    if not env_dist_info().is_main:  # under torchrun, one process reports the run
+        return 0
     if args.json:
         print_json(result.to_dict())
     else:

@@ -9,7 +9,9 @@ workers or on whether the run was resumed, and workers can stay alive across epo
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,16 @@ from clip_pacl.data.samples import Tokenizer, Transform, mix_seed, seeded_call, 
 from clip_pacl.errors import DataError
 
 log = logging.getLogger("clip_pacl.data")
+MAX_AUTO_WORKERS = 4  # the default's cap: a few processes decode JPEGs for one CPU step; more mostly take memory
+STAT_THREADS = 16  # existence checks in flight at once (a network file system answers many in parallel)
+
+
+def default_workers() -> int:
+    """The data-loading processes a run gets unless told: one per CPU this process may use, less one for the
+    training step itself, at most MAX_AUTO_WORKERS (0 on a single CPU: loading in the main process)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(MAX_AUTO_WORKERS, cpus - 1))
+
 
 class CaptionDataset(Dataset):
     """(image (3, H, W), tokens (L,)) per row, or None when the image cannot be read.
@@ -140,6 +152,11 @@ def build_loader(dataset: Dataset, *, batch_size: int, shuffle: bool, workers: i
     sampler = EpochSampler(len(dataset), batch_size=batch_size, shuffle=shuffle, seed=seed, rank=rank,
                            world_size=world_size)
     sampler.set_epoch(epoch, start_batch)
+    # a worker loads whole batches: more workers than an epoch has batches would only sit idle
+    workers = min(workers, max(1, -(-len(dataset) // (batch_size * world_size))))
+    common["num_workers"] = workers
+    if workers == 0:
+        common.pop("prefetch_factor", None)
     return DataLoader(dataset, sampler=sampler, persistent_workers=workers > 0, **common)
 
 
@@ -168,11 +185,31 @@ def build_caption_dataset(path: str | Path, *, data_format: str | None = None, i
 
         return build_wds_datasets(str(source), transform=transform, tokenizer=tokenizer, val_fraction=val_fraction,
                                   val_transform=val_transform)
-    rows = read_caption_rows(source, data_format=fmt, image_key=image_key, caption_key=caption_key,
-                             images_dir=images_dir)
+    rows = existing_image_rows(read_caption_rows(source, data_format=fmt, image_key=image_key,
+                                                 caption_key=caption_key, images_dir=images_dir), source)
     if val_fraction <= 0:
         return CaptionDataset(rows, transform, tokenizer), None
     train_rows, val_rows = split_by_image(rows, val_fraction, seed)
     if not val_rows:
         raise DataError(f"{path} has too few images ({len(rows)} rows) to hold out a validation split")
     return CaptionDataset(train_rows, transform, tokenizer), CaptionDataset(val_rows, val_transform, tokenizer)
+
+
+def existing_image_rows(rows: Sequence[CaptionRow], source: str | Path) -> list[CaptionRow]:
+    """The rows whose image file exists. Every listed path is checked before any training (STAT_THREADS at once),
+    so a wrong image folder or path column fails now in one line, not as one skipped image per step: none there
+    is an error; some missing are counted, reported once and their rows skipped (as unreadable images are)."""
+    images = list(dict.fromkeys(row.image for row in rows))
+    with ThreadPoolExecutor(STAT_THREADS) as pool:
+        exists = dict(zip(images, pool.map(os.path.isfile, images, chunksize=256)))
+    missing = [image for image in images if not exists[image]]
+    if not missing:
+        return list(rows)
+    name = Path(source).name
+    if len(missing) == len(images):
+        raise DataError(f"none of the {len(images)} images {name} lists exists (e.g. {missing[0]}); image paths are "
+                        f"relative to the folder of {name}, or to --images DIR")
+    kept = [row for row in rows if exists[row.image]]
+    log.warning("skipping %d of %d images %s lists (%d rows): the files do not exist (e.g. %s)", len(missing),
+                len(images), name, len(rows) - len(kept), missing[0])
+    return kept

@@ -1,8 +1,12 @@
 """CSV / TSV / JSONL / JSON-list tables of `image,caption` or `image,label` rows.
 
 Image paths are relative to the table's folder (or to `images_dir` when given), so a dataset folder
-can be moved or mounted anywhere. Column problems are reported before any image is touched, with
-the columns that do exist, because a wrong column name is the most common first-run mistake.
+can be moved or mounted anywhere. Column problems are reported before any image is touched, all in one
+line with the columns that do exist, because a wrong column name is the most common first-run mistake.
+
+Column names: a key left at its default (`image`, `caption`, `label`) also accepts the other common names
+in `COLUMN_ALIASES`, the first one the table has in that order; open_clip's CSVs (`filepath`, `title`) and
+most exported datasets read without flags. A key given as anything else must be there exactly.
 """
 
 from __future__ import annotations
@@ -18,6 +22,12 @@ from clip_pacl.data.rows import CaptionRow, LabelRow
 from clip_pacl.errors import DataError
 
 TABLE_FORMATS = ("csv", "tsv", "jsonl", "json")
+# what each default key also accepts, in order of preference (the default itself first); README "Your own data"
+COLUMN_ALIASES = {
+    "image": ("image", "filepath", "image_path", "img", "file_name", "filename", "path"),
+    "caption": ("caption", "title", "text", "captions", "sentence"),
+    "label": ("label", "class", "category", "class_name"),
+}
 
 
 def table_format(path: Path) -> str | None:
@@ -87,10 +97,25 @@ def _json_list_records(path: Path, text: str) -> list[tuple[int, dict[str, Any]]
 
 def require_columns(path: Path, columns: list[str], wanted: dict[str, str]) -> None:
     """`wanted` maps a column name to the flag that renames it, for the hint in the error."""
-    for column, flag in wanted.items():
-        if column not in columns:
-            shown = ", ".join(columns) if columns else "none"
-            raise DataError(f"{path.name} has no column '{column}' (columns: {shown}); use {flag}")
+    resolve_columns(path, columns, {column: (column, flag) for column, flag in wanted.items()}, aliases=False)
+
+
+def resolve_columns(path: Path, columns: list[str], wanted: dict[str, tuple[str, str]],
+                    aliases: bool = True) -> dict[str, str]:
+    """The column each role reads: `wanted` maps a role ("image", "caption", "label") to (the key asked for, the
+    flag that sets it). A key left at its role's default may be any of `COLUMN_ALIASES[role]`. Every missing
+    column is named in one error, with the columns the table has."""
+    found, missing, flags = {}, [], []
+    for role, (key, flag) in wanted.items():
+        names = COLUMN_ALIASES.get(role, (key,)) if aliases and key == role else (key,)
+        found[role] = next((name for name in names if name in columns), None)
+        if found[role] is None:
+            missing.append(f"column '{key}'" if len(names) == 1 else f"{role} column ({' / '.join(names)})")
+            flags.append(flag)
+    if missing:
+        shown = ", ".join(columns) if columns else "none"
+        raise DataError(f"{path.name} has no {' and no '.join(missing)} (columns: {shown}); use {' and '.join(flags)}")
+    return found
 
 
 def resolve_image(root: Path, value: str) -> Path:
@@ -109,7 +134,9 @@ def read_caption_table(path: Path, fmt: str, *, image_key: str = "image", captio
                        images_dir: Path | None = None) -> list[CaptionRow]:
     """Rows of a caption table; a JSON(L) caption may be a list of strings (several captions per image)."""
     columns, records = read_records(path, fmt)
-    require_columns(path, columns, {image_key: "--image-key", caption_key: "--caption-key"})
+    keys = resolve_columns(path, columns, {"image": (image_key, "--image-key"),
+                                           "caption": (caption_key, "--caption-key")})
+    image_key, caption_key = keys["image"], keys["caption"]
     root = images_dir or path.parent
     rows = []
     for line_no, record in records:
@@ -130,7 +157,8 @@ def read_label_rows(path: str | Path, *, image_key: str = "image", label_key: st
     if fmt is None:
         raise DataError(f"{path.name} is not a label table (expected .csv, .tsv, .jsonl or .json)")
     columns, records = read_records(path, fmt)
-    require_columns(path, columns, {image_key: "--image-key", label_key: "--label-key"})
+    keys = resolve_columns(path, columns, {"image": (image_key, "--image-key"), "label": (label_key, "--label-key")})
+    image_key, label_key = keys["image"], keys["label"]
     root = Path(images_dir) if images_dir else path.parent
     rows = [LabelRow(resolve_image(root, str(_cell(path, n, r, image_key, "image path")).strip()),
                      str(_cell(path, n, r, label_key, "label")).strip())

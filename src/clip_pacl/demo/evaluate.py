@@ -72,7 +72,7 @@ def build_demo_index(model: torch.nn.Module, test_dir: Path, out: Path, progress
 def evaluate_segmentation_methods(clip: torch.nn.Module, pacl: torch.nn.Module, test_dir: Path, out: Path,
                                   cfg) -> dict[str, Any]:
     """mIoU of raw patches, MaskCLIP and PACL on the held-out masks labelled by colour and by shape, each at every
-    background threshold of `cfg` and the label-free default; the figure and the overlay at each method's best."""
+    background threshold of `cfg` and the label-free default; the figure and the overlay with the label-free rule."""
     from clip_pacl.eval.segmentation import evaluate_segmentation_thresholds
 
     thresholds = list(cfg.background_thresholds)
@@ -88,41 +88,46 @@ def evaluate_segmentation_methods(clip: torch.nn.Module, pacl: torch.nn.Module, 
                                 "auto": {"background": auto["background"]["rule"], "miou": auto["miou"],
                                          "pixel_accuracy": auto["pixel_accuracy"]}}
         seg[labels] = per_method
-    best = {name: result["best"]["background_threshold"] for name, result in seg["segmentation_colors"].items()}
     data = test_dir / "segmentation_colors"
-    return {"segmentation": seg,
-            "segmentation_figure": str(_figure(clip, pacl, data, best, cfg.figure_images, out / "figures")),
-            "overlay": str(_overlay(pacl, data, out / "pacl_overlay.png", best["pacl"]))}
+    overlay, rule = _overlay(pacl, data, out / "pacl_overlay.png")
+    return {"segmentation": seg, "segmentation_figure": str(_figure(clip, pacl, data, cfg.figure_images,
+                                                                     out / "figures")),
+            "overlay": str(overlay), "overlay_background": rule}
 
 
-def _figure(clip, pacl, data: Path, thresholds: dict[str, float | None], n_images: int, figures: Path) -> Path:
-    """Image | ground truth | raw patches | MaskCLIP | PACL for the first held-out images."""
+def first_segmentation_image(data: Path) -> Path:
+    """The held-out image the overlay shows and the printed `clip-pacl segment` command names."""
+    return sorted((data / "images").iterdir())[0]
+
+
+def _figure(clip, pacl, data: Path, n_images: int, figures: Path) -> Path:
+    """Image | ground truth | raw patches | MaskCLIP | PACL for the first held-out images, each method with its
+    label-free background rule: the rule of the headline ratio and of `clip-pacl segment` (no threshold tuned on
+    the test labels)."""
     from clip_pacl.data.segmentation import open_segmentation_dataset
     from clip_pacl.eval.segmentation import dataset_templates
     from clip_pacl.segmentation.figure import FigureColumn, comparison_figure
 
     dataset = open_segmentation_dataset(data)
-    columns = [FigureColumn("CLIP patches", clip, "patch", thresholds["patch"]),
-               FigureColumn("MaskCLIP", clip, "maskclip", thresholds["maskclip"]),
-               FigureColumn("PACL", pacl, "pacl", thresholds["pacl"])]
+    columns = [FigureColumn("CLIP patches", clip, "patch"), FigureColumn("MaskCLIP", clip, "maskclip"),
+               FigureColumn("PACL", pacl, "pacl")]
     figure = comparison_figure(dataset, range(min(n_images, len(dataset))), columns, dataset_templates(data))
     path = figures / "segmentation.png"
     figure.save(path)
     return path
 
 
-def _overlay(model, seg_data: Path, path: Path, background_threshold: float | None) -> Path:
-    """Overlay of the first held-out segmentation image, segmented by every class name (threshold None: the
-    background prompt, as in the sweep)."""
-    from clip_pacl.data.segmentation import open_segmentation_dataset
+def _overlay(model, seg_data: Path, path: Path) -> tuple[Path, str]:
+    """The overlay `clip-pacl segment --overlay` draws for the first held-out image with the printed command (its
+    default background rule, the dataset's templates, labels by tiles); returns (path, the rule's name)."""
+    from clip_pacl.data.images import load_image
     from clip_pacl.eval.segmentation import dataset_templates
     from clip_pacl.segmentation.overlay import overlay_image
     from clip_pacl.segmentation.predict import segment
+    from clip_pacl.zeroshot.templates import resolve_class_names
 
-    dataset = open_segmentation_dataset(seg_data)
-    classes = list(dataset.class_names)
-    image = dataset[0][0].convert("RGB")
-    result = segment(model, image, classes, templates=dataset_templates(seg_data), method="pacl",
-                     background_threshold=background_threshold, background="prompt")
-    overlay_image(image, result.label_map, classes, fractions=result.fractions()).save(path)
-    return path
+    classes = resolve_class_names(str(seg_data / "classes.txt"))
+    image = load_image(first_segmentation_image(seg_data))
+    result = segment(model, image, classes, templates=dataset_templates(seg_data), keep_scores=False)
+    overlay_image(image, result.label_map, classes, result.fractions()).save(path)
+    return path, result.background.name

@@ -54,6 +54,14 @@ class DemoConfig:
     preset: str = "tiny"
     image_size: int = 64
     device: str | None = None
+    # torch's CPU threads for the whole run (None: torch's default, one per core). --quick uses 1: at its sizes
+    # every op is tiny, and two threads that must meet at each op's end wait for each other whenever the machine
+    # is busy (measured under load 12 on 2 cores: segmentation 62-74 s with 2 threads, 5 s with 1; README)
+    threads: int | None = None
+    # data-loading processes: none. The demo's 64-px PNGs decode at ~600 images/s in the main process against a
+    # training step's ~80 (README, "Data loading"), and each validation would start a worker process of its own.
+    # The printed commands leave --workers out, so a user's own JPEGs get the default (data.dataset.default_workers)
+    workers: int = 0
     seed: int = 0
     progress: bool = True
     overwrite: bool = False
@@ -62,7 +70,7 @@ class DemoConfig:
     def quick(cls, out: str, **kw: Any) -> DemoConfig:
         """A short version for tests and smoke runs: every phase and the whole report, tiny sizes."""
         return cls(out=out, **{"n_train": 64, "n_test": 24, "clip_steps": 4, "pacl_steps": 4, "batch_size": 16,
-                               "pacl_batch_size": 16, **kw})
+                               "pacl_batch_size": 16, "threads": 1, **kw})
 
 
 class PhaseClock:
@@ -110,8 +118,29 @@ def prepare_out_dir(out: Path, overwrite: bool) -> None:
     (out / MARKER).write_text("written by `clip-pacl demo`; `clip-pacl demo --overwrite` may delete this folder\n")
 
 
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """torch's intra-op CPU threads set to `threads` inside the block (None: left as they are), then restored."""
+    import torch
+
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     """Run every phase into `cfg.out`, write report.html, report.md and summary.json there; returns the summary."""
+    if cfg.threads is not None and cfg.threads < 1:
+        raise ConfigError(f"--threads must be at least 1, not {cfg.threads}")
+    with torch_threads(cfg.threads):
+        return _run_demo(cfg)
+
+
+def _run_demo(cfg: DemoConfig) -> dict[str, Any]:
     import clip_pacl
     from clip_pacl.demo.evaluate import evaluate_clip, evaluate_segmentation_methods
     from clip_pacl.demo.report import next_steps, write_report
@@ -177,8 +206,8 @@ def clip_train_config(cfg: DemoConfig, train_dir: Path, test_dir: Path, out: Pat
     model_file.write_text(json.dumps(arch.to_open_clip_dict(), indent=2) + "\n")
     return TrainConfig(
         data=str(train_dir / "captions.csv"), model=str(model_file), out=str(out / "clip"), steps=cfg.clip_steps,
-        batch_size=cfg.batch_size, lr=cfg.clip_lr, seed=cfg.seed, device=cfg.device,  # the default schedule
-        image_size=cfg.image_size, val_data=str(test_dir / "captions.csv"),
+        batch_size=cfg.batch_size, lr=cfg.clip_lr, seed=cfg.seed, device=cfg.device, workers=cfg.workers,
+        image_size=cfg.image_size, val_data=str(test_dir / "captions.csv"),  # the default schedule
         val_every=max(1, cfg.clip_steps // cfg.validations), log_every=_log_every(cfg.clip_steps),
         progress=cfg.progress)
 
@@ -190,7 +219,8 @@ def pacl_train_config(cfg: DemoConfig, train_dir: Path, out: Path):
     return TrainConfig(
         data=str(train_dir / "captions.csv"), model=str(out / "clip" / "final"), out=str(out / "pacl"),
         objective="pacl", cache_features=True, steps=cfg.pacl_steps, batch_size=cfg.pacl_batch_size, lr=1e-3, wd=0.01,
-        warmup=min(50, cfg.pacl_steps // 10), seed=cfg.seed, device=cfg.device, progress=cfg.progress,
+        warmup=min(50, cfg.pacl_steps // 10), seed=cfg.seed, device=cfg.device, workers=cfg.workers,
+        progress=cfg.progress,
         pacl_patch_tokens=cfg.pacl_patch_tokens, pacl_pool_temperature=cfg.pacl_pool_temperature,
         log_every=_log_every(cfg.pacl_steps))
 

@@ -58,12 +58,14 @@ def evaluate_linear_probe(
 ) -> dict[str, Any]:
     """Top-1, top-5 and per-class recall of a logistic-regression probe trained on `train_rows`, tested on
     `test_rows` (objects with `.image` and `.label`). Test rows whose label no training image has are left out
-    and counted (`skipped_rows`): a probe cannot predict a class it never saw."""
+    and counted (`skipped_rows`): a probe cannot predict a class it never saw. `overlap`: the test images that
+    are also training images (`shared_images`); any makes the accuracy optimistic."""
     if not cs:
         raise ValueError("no regularisation values C to sweep")
     if not 0 < val_fraction < 1:
         raise ValueError(f"the validation fraction must be in (0, 1), got {val_fraction}")
     LogisticRegression, _ = _sklearn()
+    overlap = shared_images(train_rows, test_rows)
     train_classes = sorted({str(r.label) for r in train_rows})
     if not any(str(r.label) in train_classes for r in test_rows):  # before any encoding: a wrong file or column
         raise DataError(f"no test image has a label among the {len(train_classes)} training classes "
@@ -96,11 +98,19 @@ def evaluate_linear_probe(
         C=best_c,
         val_accuracy={f"{c:g}": a for c, a in val_accuracy.items()},
         num_train_images=len(train_y),
+        overlap=overlap,
         skipped_rows=len(test_rows) - len(known),
         num_unreadable=len(unreadable),
         unreadable=[{"path": p, "reason": r} for p, r in unreadable],
     )
     return result
+
+
+def shared_images(train_rows: Sequence[Any], test_rows: Sequence[Any]) -> int:
+    """How many distinct test images are also training images (the same file, however the paths are written). A
+    probe tested on its own training images measures memorisation: the same file as --train and --test gives 100%."""
+    train = {Path(r.image).resolve() for r in train_rows}
+    return len({Path(r.image).resolve() for r in test_rows} & train)
 
 
 def _sklearn():

@@ -26,10 +26,12 @@ Loading reads faiss's own format with faiss.read_index, nothing pickled.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -134,7 +136,8 @@ def build_ann(embeddings: torch.Tensor, requested: str, nprobe: int | None = Non
         size = min(count, train_size or max(MIN_TRAIN_SIZE, TRAIN_PER_LIST * nlist))
         rows = torch.randperm(count, generator=torch.Generator().manual_seed(seed))[:size].sort().values
         sample = np.ascontiguousarray(embeddings[rows].float().numpy())  # (size, D)
-        _call(factory, count, lambda: index.train(sample))
+        with _kmeans_warnings_in_one_line():
+            _call(factory, count, lambda: index.train(sample))
     _call(factory, count, lambda: index.add(np.ascontiguousarray(embeddings.float().numpy())))
     info["train_size"] = size
     info["build_seconds"] = round(time.perf_counter() - start, 3)
@@ -333,3 +336,30 @@ def _faiss_reason(error: RuntimeError) -> str:
 def _check_positive(name: str, value: int | None) -> None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
         raise DataError(f"{name} must be a positive integer, got {value!r}")
+
+
+@contextlib.contextmanager
+def _kmeans_warnings_in_one_line():
+    """faiss's k-means writes 'WARNING clustering N points to K centroids: please provide at least M training
+    points' to the C stderr for every codebook it trains (each PQ sub-quantizer, again each OPQ round): caught
+    while training and said once. Anything else faiss writes passes through."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    caught = tempfile.TemporaryFile()
+    os.dup2(caught.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        caught.seek(0)
+        lines = caught.read().decode(errors="replace").splitlines()
+        caught.close()
+        warned = [line for line in lines if line.startswith("WARNING clustering")]
+        for line in lines:
+            if line not in warned:
+                print(line, file=sys.stderr)
+        if warned:
+            print(f"note: faiss's k-means warned {len(warned)} times that it had few training points "
+                  f"({warned[-1].removeprefix('WARNING ')}); the index works, with codebooks fitted to fewer points "
+                  f"than faiss recommends", file=sys.stderr, flush=True)

@@ -1,8 +1,9 @@
 """A side-by-side segmentation figure: image | ground truth | one column per method, one row per image (PIL only).
 
 Every method segments with the dataset's class names only (the same call as `clip-pacl eval segmentation`), each
-at its own background threshold (None: the background prompt competes). Classes named after a colour are drawn
-in it, as in every overlay; when all of them are, background is mid-grey and ignored edge pixels cyan.
+with its own background rule: "auto" (the label-free rule `clip-pacl segment` uses by default), another rule name,
+a cosine threshold, or None (the background prompt competes). Classes named after a colour are drawn in it, as in
+every overlay; when all of them are, background is mid-grey and ignored edge pixels cyan.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from clip_pacl.segmentation.background import BackgroundRule, resolve_background
 from clip_pacl.segmentation.overlay import NAMED_COLORS, class_colors
 from clip_pacl.segmentation.predict import NO_CLASS, class_embeddings, segment
 
@@ -24,16 +26,21 @@ LEGEND_COLUMNS = 5
 
 
 class FigureColumn(NamedTuple):
-    """One method's column: its title, the model, the segmentation method and its background threshold."""
+    """One method's column: its title, the model, the segmentation method and its background rule."""
 
     title: str
     model: torch.nn.Module
     method: str  # "patch", "maskclip" or "pacl"
-    background_threshold: float | None  # None: background by its prompt
+    background: str | float | None = "auto"  # a rule name (background.py), a cosine, or None: the prompt competes
 
-    @property
-    def heading(self) -> str:
-        return f"{self.title} ({'prompt' if self.background_threshold is None else self.background_threshold})"
+    def rule(self, class_names: Sequence[str]) -> BackgroundRule:
+        """The background rule this column segments with, resolved for the classes (auto: zscore or none)."""
+        choice = "prompt" if self.background is None else self.background
+        return resolve_background(self.model, class_names, choice, self.method)
+
+    def heading(self, class_names: Sequence[str]) -> str:
+        rule = self.rule(class_names)
+        return f"{self.title} ({f'{rule.threshold:g}' if rule.name == 'threshold' else rule.name})"
 
 
 def colourise(labels: np.ndarray, colors: Sequence[tuple[int, int, int]], ignore: tuple[int, int, int]) -> Image.Image:
@@ -59,17 +66,17 @@ def comparison_figure(dataset, indices: Sequence[int], columns: Sequence[FigureC
     names = list(dataset.class_names)
     colors, ignore = figure_colors(names)
     prompts = [class_embeddings(c.model, names, templates, c.method) for c in columns]  # (C, D) each, once
+    rules = [c.rule(names) for c in columns]
     rows = []
     for i in indices:
         image, mask = dataset[i]
         panels = [image.convert("RGB"), colourise(mask, colors, ignore)]
-        for column, text_features in zip(columns, prompts):
-            result = segment(column.model, image, names, templates=templates, method=column.method,
-                             background_threshold=column.background_threshold, background="prompt",
+        for column, text_features, rule in zip(columns, prompts, rules):
+            result = segment(column.model, image, names, templates=templates, method=column.method, background=rule,
                              text_features=text_features)
             panels.append(colourise(result.label_map, colors, ignore))
         rows.append([p.resize((p.width * SCALE, p.height * SCALE), Image.NEAREST) for p in panels])
-    return _compose(["image", "ground truth", *(c.heading for c in columns)], rows, names, colors)
+    return _compose(["image", "ground truth", *(c.heading(names) for c in columns)], rows, names, colors)
 
 
 def _compose(titles: Sequence[str], rows: Sequence[Sequence[Image.Image]], names: Sequence[str],

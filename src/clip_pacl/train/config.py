@@ -54,7 +54,7 @@ class TrainConfig:
     resume: str | None = None  # "auto" or a checkpoint / run directory
     device: str | None = None
     seed: int = 0
-    workers: int = 0
+    workers: int | None = None  # None: data.dataset.default_workers(), min(4, CPUs - 1), set in __post_init__
     data_format: str | None = None
     image_key: str = "image"
     caption_key: str = "caption"
@@ -96,6 +96,10 @@ class TrainConfig:
             raise ConfigError(f"--max-bad-fraction must be in [0, 1], not {self.max_bad_fraction}")
         if self.lock_image_unlocked_groups and not self.lock_image:
             raise ConfigError("--lock-image-unlocked-groups needs --lock-image")
+        if self.workers is None:  # resolved here, so the saved config and every loader use one number
+            from clip_pacl.data.dataset import default_workers
+
+            object.__setattr__(self, "workers", default_workers())
         if self.workers < 0:
             raise ConfigError(f"--workers must be >= 0, not {self.workers}")
         if self.pacl_unfreeze_blocks < 0 or self.pacl_pool_temperature <= 0:

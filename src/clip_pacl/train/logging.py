@@ -80,20 +80,26 @@ def plot_loss(run_dir: str | Path) -> Path | None:
     val = [r for r in records if "val_text_to_image_R@1" in r]
     if not train:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    if val:
-        ax2 = ax.twinx()
-        ax2.plot([r["step"] for r in val], [r["val_text_to_image_R@1"] for r in val], "o-", color="tab:orange",
-                 label="val text->image R@1")
-        ax2.set_ylabel("recall@1")
-        ax2.set_ylim(0, 1)
-        ax2.legend(loc="upper right")
-    ax.legend(loc="upper left")
-    fig.tight_layout()
+    fig = loss_figure(plt, train, val)
     out = Path(run_dir) / "loss.png"
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+def loss_figure(plt, train: list[dict[str, Any]], val: list[dict[str, Any]]):
+    """The loss curve (and val recall@1 on a second axis); the legend sits above the axes, never on a curve."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    lines = ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    if val:
+        ax2 = ax.twinx()
+        lines += ax2.plot([r["step"] for r in val], [r["val_text_to_image_R@1"] for r in val], "o-",
+                          color="tab:orange", label="val text->image R@1")
+        ax2.set_ylabel("recall@1")
+        ax2.set_ylim(0, 1)
+    ax.legend(lines, [line.get_label() for line in lines], loc="lower center", bbox_to_anchor=(0.5, 1.0),
+              ncol=len(lines), frameon=False)
+    fig.tight_layout()
+    return fig

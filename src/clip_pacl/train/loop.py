@@ -184,7 +184,7 @@ def _train(config: TrainConfig, objective: Objective, info: DistInfo, device: to
             state.step += 1
             bar.update(1)
             # ---------------------------------------------------- logs, validation, checkpoints on their steps
-            due_log = state.step % config.log_every == 0 or state.step == run.total_steps
+            due_log = state.step % config.log_every == 0 or state.step in (1, run.total_steps)
             due_save = bool(config.save_every and state.step % config.save_every == 0)
             due_val = bool(config.val_every and state.step % config.val_every == 0 and run.val_rows and info.is_main)
             stop_now = stop.requested and not info.enabled  # one process stops at once; DDP ranks agree at syncs
@@ -240,13 +240,14 @@ def setup(config: TrainConfig, objective: Objective, info: DistInfo, device: tor
 
         train_ds = build_feature_cache(model.to(device), train_ds, image_size, config.batch_size, config.workers,
                                        progress=config.progress and info.is_main)
+    config = fit_batch_to_data(config, train_ds, info)
     global_batch = config.batch_size * config.accum * info.world_size
     loader = build_loader(train_ds, batch_size=config.batch_size, shuffle=True, workers=config.workers,
                           seed=config.seed, drop_last=True, rank=info.rank, world_size=info.world_size)
     steps_per_epoch = len(loader) // config.accum
     if steps_per_epoch == 0:
         raise DataError(f"{config.data} has {len(train_ds)} training pairs, fewer than one step's "
-                        f"{global_batch} (batch size x accum x processes)")
+                        f"{global_batch} (batch size x accum x processes): lower --accum")
     if config.lock_image:
         lock_image_tower(model, config.lock_image_unlocked_groups)
     if config.lock_text:
@@ -270,6 +271,22 @@ def setup(config: TrainConfig, objective: Objective, info: DistInfo, device: tor
                scaler=torch.amp.GradScaler(device.type, enabled=config.precision == "fp16"),
                logger=RunLogger(run_dir, enabled=info.is_main), steps_per_epoch=steps_per_epoch,
                total_steps=total_steps, global_batch=global_batch)
+
+
+def fit_batch_to_data(config: TrainConfig, dataset, info: DistInfo) -> TrainConfig:
+    """A dataset smaller than one step's pairs trains at the batch size it can fill (said on stderr): with 30
+    photos, every step contrasts all 30. A resumed run of the same data gets the same batch. Streaming data,
+    whose length is not known in advance, keeps the batch asked for."""
+    if isinstance(dataset, IterableDataset):
+        return config
+    fits = len(dataset) // info.world_size // config.accum
+    if fits < 1 or fits >= config.batch_size:
+        return config  # (too few pairs for even one per micro-batch: the error below says so)
+    if info.is_main:
+        log(f"note: {config.data} has {len(dataset)} training pairs, fewer than one step's "
+            f"{config.batch_size * config.accum * info.world_size} (--batch-size x --accum x processes): "
+            f"training with --batch-size {fits}")
+    return replace(config, batch_size=fits)
 
 
 def resume(run: Run) -> tuple[TrainState, Path | None]:
