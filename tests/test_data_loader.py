@@ -62,7 +62,7 @@ def test_bad_images_become_none_and_are_counted(tmp_path):
     batches = list(build_loader(ds, batch_size=4, shuffle=False, workers=0, seed=0, drop_last=False))
     assert [b.n_total for b in batches] == [4, 4, 2]
     assert [b.n_bad for b in batches] == [1, 2, 0]
-    assert batches[0]["images"].shape == (3, 3, 4, 4) and batches[0]["texts"].dtype == torch.long
+    assert batches[0].images.shape == (3, 3, 4, 4) and batches[0].texts.dtype == torch.long
     assert sum(len(b.texts) for b in batches) == 7 and sum(len(b) for b in batches) == 7
     assert all(isinstance(b, TokenBatch) for b in batches)
 

@@ -138,7 +138,7 @@ def test_similarity_and_patch_similarity_are_phi_and_s():
         patches = model.patch_embeddings(images)
         sim = model.similarity(images, classes)
         pooled = patches.double() / model.config.pool_temperature
-        ref = naive_logits(pooled, classes.double(), torch.tensor(0.0, dtype=torch.float64))
+        ref = naive_logits(pooled, classes.double(), torch.tensor(1.0, dtype=torch.float64))
         per_patch = model.patch_similarity(images, classes)
     assert sim.shape == (2, 4) and (sim.double() - ref).abs().max() < 1e-5
     assert per_patch.shape == (2, 4, 8, 8)

@@ -81,7 +81,8 @@ def test_a_clip_defaults_to_clip_and_builds_a_pacl_when_asked(synthetic, tmp_pat
 def test_an_explicit_pool_temperature_is_honoured_even_when_it_equals_a_default(synthetic, pacl_dirs, tmp_path,
                                                                                given, saved):
     """0.05 is PACLConfig's default and 1.0 the legacy one: neither may be mistaken for "not given"."""
-    assert _train(synthetic, pacl_dirs[saved], tmp_path / "run", "--pacl-pool-temperature", str(given)) == 0
+    args = ["--objective", "pacl", "--pacl-pool-temperature", str(given)]
+    assert _train(synthetic, pacl_dirs[saved], tmp_path / "run", *args) == 0
     assert clip_pacl.load(tmp_path / "run" / "final").config.pool_temperature == given
 
 
@@ -92,13 +93,14 @@ def test_pacl_options_left_out_keep_the_checkpoints_and_a_config_file_counts_as_
     assert (kept.pool_temperature, kept.patch_tokens, kept.hidden_dim) == (1.0, "tokens", 32)
     config = tmp_path / "config.json"
     config.write_text(json.dumps({"pacl-pool-temperature": 0.05, "pacl": {"patch_tokens": "maskclip"}}))
-    assert _train(synthetic, pacl_dirs[1.0], tmp_path / "file", "--config", str(config)) == 0
+    assert _train(synthetic, pacl_dirs[1.0], tmp_path / "file", "--objective", "pacl", "--config", str(config)) == 0
     changed = clip_pacl.load(tmp_path / "file" / "final").config
     assert (changed.pool_temperature, changed.patch_tokens) == (0.05, "maskclip")
 
 
 def test_unfreezing_blocks_of_a_pacl_checkpoint_trains_them(synthetic, pacl_dirs, tmp_path):
-    assert _train(synthetic, pacl_dirs[1.0], tmp_path / "run", "--pacl-unfreeze-blocks", "1", "--lr", "1e-2") == 0
+    args = ["--objective", "pacl", "--pacl-unfreeze-blocks", "1", "--lr", "1e-2"]
+    assert _train(synthetic, pacl_dirs[1.0], tmp_path / "run", *args) == 0
     before, after = clip_pacl.load(pacl_dirs[1.0]), clip_pacl.load(tmp_path / "run" / "final")
     assert after.config.unfreeze_last_n_blocks == 1
     last = "clip.visual.transformer.resblocks.3.mlp.c_fc.weight"
