@@ -73,6 +73,16 @@ def test_collate_of_an_all_bad_batch():
     assert out.n_bad == 2 and out.n_total == 2 and len(out.images) == 0 and len(out.texts) == 0
 
 
+def test_a_batch_moves_as_one_and_keeps_its_type():
+    """Lightning and the loop move a batch with `.to` (DataLoader pins it with `.pin_memory`): the type and the
+    loader's counts come along."""
+    batch = collate_skip_bad([(torch.zeros(3, 4, 4), torch.tensor([49406, 7, 49407])), None])
+    moved = batch.to("cpu", non_blocking=True)
+    assert isinstance(moved, TokenBatch) and (moved.n_bad, moved.n_total, len(moved)) == (1, 2, 1)
+    assert torch.equal(moved.texts, batch.texts) and moved.texts.dtype == torch.long
+    assert [t.shape for t in moved.inputs] == [(1, 3, 4, 4), (1, 3)]
+
+
 def _captions(batches):
     return [[caption_of(t) for t in b.texts] for b in batches]
 
