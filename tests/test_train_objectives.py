@@ -124,6 +124,12 @@ def test_pacl_flags_without_the_pacl_objective_are_refused_not_dropped(synthetic
     assert "--pacl-pool-temperature is for --objective pacl, not clip" in _one_line_error(capsys)
 
 
+def test_augmenting_cached_features_is_refused_not_dropped():
+    """The cache encodes each image once with the eval transform: --augment used to be dropped without a word."""
+    with pytest.raises(ConfigError, match="--augment does not apply to --cache-features"):
+        TrainConfig(data="d", model="m", out="o", objective="pacl", cache_features=True, augment=True)
+
+
 def test_the_pacl_defaults_live_in_pacl_config_only():
     assert not any(name.startswith("pacl_") for name in train_defaults())
     config = TrainConfig(data="d", model="m", out="o")

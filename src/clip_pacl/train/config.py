@@ -123,6 +123,9 @@ class TrainConfig:
         PACLConfig(**self.pacl)  # its own checks (pool_temperature > 0, ...)
         if self.cache_features and self.pacl.get("unfreeze_last_n_blocks"):
             raise ConfigError("--cache-features needs a frozen image tower; drop it or --pacl-unfreeze-blocks")
+        if self.cache_features and self.augment:
+            raise ConfigError("--augment does not apply to --cache-features: each image is encoded once, without "
+                              "augmentation; drop one of them")
         if self.objective is None:
             return
         if self.objective == "pacl" and (self.lock_image or self.lock_text):
