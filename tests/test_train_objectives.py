@@ -138,6 +138,8 @@ def test_the_pacl_defaults_live_in_pacl_config_only():
                                     "pacl_pool_temperature": 0.5, "pacl_patch_tokens": "tokens"})
     assert legacy.pacl == {"pool_temperature": 0.5, "patch_tokens": "tokens"}
     assert TrainConfig.from_dict(legacy.to_dict()) == legacy
+    with pytest.raises(ConfigError, match='"pacl" must be an object'):
+        TrainConfig.from_dict({"data": "d", "model": "m", "out": "o", "pacl": 0.05})
     with pytest.raises(ConfigError, match="unknown PACL option"):
         TrainConfig(data="d", model="m", out="o", pacl={"pool_temprature": 0.5})
     with pytest.raises(ConfigError, match="pool_temperature must be > 0"):

@@ -147,7 +147,10 @@ class TrainConfig:
         """Inverse of `to_dict`. The PACL flags' own names (`pacl_pool_temperature`, as --config files and older
         train_config.json files write them) go into `pacl`."""
         d = dict(d)
-        pacl = dict(d.pop("pacl", None) or {})
+        pacl = d.pop("pacl", None) or {}
+        if not isinstance(pacl, dict):
+            raise ConfigError(f'"pacl" must be an object of PACL options ({{"pool_temperature": 0.05}}), not {pacl!r}')
+        pacl = dict(pacl)
         for flag, key in PACL_FLAGS.items():
             if flag in d:
                 pacl[key] = d.pop(flag)
