@@ -49,9 +49,9 @@ def _epoch(loader, step=None, device: torch.device = torch.device("cpu")) -> tup
     start = time.perf_counter()
     n = 0
     for batch in loader:
-        n += batch["images"].shape[0]
+        n += len(batch)
         if step is not None:
-            step((batch["images"], batch["texts"]))
+            step(batch.inputs)
     synchronize(device)
     return n, time.perf_counter() - start
 
@@ -96,7 +96,7 @@ def main() -> None:
                                            train=True), tokenizer=get_tokenizer())
         first = next(iter(build_loader(dataset, batch_size=args.batch_size, shuffle=False, workers=0, seed=0,
                                        drop_last=True)))
-        step_images_per_s = step_rate(step, (first["images"], first["texts"]), args.repeats, device)
+        step_images_per_s = step_rate(step, first.inputs, args.repeats, device)
         for workers in args.workers:
             loader = build_loader(dataset, batch_size=args.batch_size, shuffle=True, workers=workers, seed=0,
                                   drop_last=True)

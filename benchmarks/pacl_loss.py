@@ -39,7 +39,7 @@ def materialised_loss(patch_emb: torch.Tensor, text_emb: torch.Tensor, logit_sca
     s = torch.einsum("bnd,cd->bcn", patch_emb, text_emb)  # (B, B, N)
     a = s.softmax(dim=-1)
     pooled = torch.einsum("bcn,bnd->bcd", a, patch_emb)  # (B, B, D): the tensor the exact formula avoids
-    logits = logit_scale.exp() * F.cosine_similarity(pooled, text_emb[None], dim=-1)  # (B, B)
+    logits = logit_scale * F.cosine_similarity(pooled, text_emb[None], dim=-1)  # (B, B); the scale, not its log
     labels = torch.arange(len(logits), device=logits.device)
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
@@ -52,7 +52,7 @@ def loop_loss(patch_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torc
             a = (v @ t).softmax(dim=0)
             row.append(F.cosine_similarity(a @ v, t, dim=0))
         rows.append(torch.stack(row))
-    logits = logit_scale.exp() * torch.stack(rows)
+    logits = logit_scale * torch.stack(rows)
     labels = torch.arange(len(logits), device=logits.device)
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
@@ -64,7 +64,7 @@ def worker(impl: str, batch: int, patches: int, dim: int, repeats: int, device: 
     torch.manual_seed(0)
     patch_emb = F.normalize(torch.randn(batch, patches, dim, device=device), dim=-1).requires_grad_()  # (B, N, D)
     text_emb = F.normalize(torch.randn(batch, dim, device=device), dim=-1).requires_grad_()  # (B, D)
-    scale = torch.tensor(2.659, device=device, requires_grad=True)
+    scale = torch.tensor(1 / 0.07, device=device, requires_grad=True)  # the scale, as the losses take it
     synchronize(device)
     reset_peak_memory(device)
     base = peak_memory_mib(device)  # CUDA: what the inputs hold; CPU: the peak RSS so far

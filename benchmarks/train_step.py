@@ -56,7 +56,7 @@ from clip_pacl.losses import get_objective
 from clip_pacl.tokenizer import tokenize
 from clip_pacl.train import TrainConfig, accumulate_gradients, train
 from clip_pacl.train.optim import build_optimizer
-from clip_pacl.train.setup import FeatureModel, trim_text_padding
+from clip_pacl.train.setup import FeatureModel
 
 sys.path.insert(0, str(Path(__file__).parent))
 from encode import AMP_DTYPES, autocast, coco_like_captions, counted_flops  # noqa: E402
@@ -85,7 +85,7 @@ def ours_step(model: torch.nn.Module, feature_model: torch.nn.Module, optimizer:
     images, texts = batch
     device = model.logit_scale.device
     images = images.to(device, non_blocking=True)
-    texts = trim_text_padding(model, texts).to(device, non_blocking=True)
+    texts = model.trim_text_padding(texts).to(device, non_blocking=True)
     accumulate_gradients(feature_model, get_objective("clip"), [(images, texts)], autocast=context)
     torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
     optimizer.step()

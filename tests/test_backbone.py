@@ -134,7 +134,7 @@ def test_a_few_steps_learn_to_match_pairs(text_dir, head):
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
     losses = []
     for _ in range(8):
-        loss = clip_loss(*model.loss_features(images, texts), model.logit_scale, model.logit_bias)
+        loss = clip_loss(*model.loss_features(images, texts), model.logit_scale.exp(), model.logit_bias)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

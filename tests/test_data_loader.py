@@ -13,6 +13,7 @@ from PIL import Image
 from clip_pacl.data import (
     CaptionDataset,
     CaptionRow,
+    TokenBatch,
     build_caption_dataset,
     build_loader,
     collate_skip_bad,
@@ -59,19 +60,31 @@ def test_bad_images_become_none_and_are_counted(tmp_path):
     image, tokens = ds[0]
     assert image.shape == (3, 4, 4) and tokens.shape == (L,) and caption_of(tokens) == "cap 0"
     batches = list(build_loader(ds, batch_size=4, shuffle=False, workers=0, seed=0, drop_last=False))
-    assert [b["n_total"] for b in batches] == [4, 4, 2]
-    assert [b["n_bad"] for b in batches] == [1, 2, 0]
-    assert batches[0]["images"].shape == (3, 3, 4, 4) and batches[0]["texts"].dtype == torch.long
-    assert sum(len(b["texts"]) for b in batches) == 7
+    assert [b.n_total for b in batches] == [4, 4, 2]
+    assert [b.n_bad for b in batches] == [1, 2, 0]
+    assert batches[0].images.shape == (3, 3, 4, 4) and batches[0].texts.dtype == torch.long
+    assert sum(len(b.texts) for b in batches) == 7 and sum(len(b) for b in batches) == 7
+    assert all(isinstance(b, TokenBatch) for b in batches)
 
 
 def test_collate_of_an_all_bad_batch():
     out = collate_skip_bad([None, None])
-    assert out["n_bad"] == 2 and out["n_total"] == 2 and len(out["images"]) == 0 and len(out["texts"]) == 0
+    assert isinstance(out, TokenBatch) and len(out) == 0
+    assert out.n_bad == 2 and out.n_total == 2 and len(out.images) == 0 and len(out.texts) == 0
+
+
+def test_a_batch_moves_as_one_and_keeps_its_type():
+    """Lightning and the loop move a batch with `.to` (DataLoader pins it with `.pin_memory`): the type and the
+    loader's counts come along."""
+    batch = collate_skip_bad([(torch.zeros(3, 4, 4), torch.tensor([49406, 7, 49407])), None])
+    moved = batch.to("cpu", non_blocking=True)
+    assert isinstance(moved, TokenBatch) and (moved.n_bad, moved.n_total, len(moved)) == (1, 2, 1)
+    assert torch.equal(moved.texts, batch.texts) and moved.texts.dtype == torch.long
+    assert [t.shape for t in moved.inputs] == [(1, 3, 4, 4), (1, 3)]
 
 
 def _captions(batches):
-    return [[caption_of(t) for t in b["texts"]] for b in batches]
+    return [[caption_of(t) for t in b.texts] for b in batches]
 
 
 def test_loader_order_is_seeded_per_epoch_and_resumes_exactly(tmp_path):
@@ -81,13 +94,13 @@ def test_loader_order_is_seeded_per_epoch_and_resumes_exactly(tmp_path):
     assert len(full) == 5 and sorted(sum(_captions(full), [])) != sum(_captions(full), [])  # shuffled
     again = list(build_loader(ds, epoch=1, **kwargs))
     assert _captions(again) == _captions(full)
-    assert all(torch.equal(a["images"], b["images"]) for a, b in zip(full, again))  # augmentation too
+    assert all(torch.equal(a.images, b.images) for a, b in zip(full, again))  # augmentation too
     assert _captions(build_loader(ds, epoch=2, **kwargs)) != _captions(full)
     resumed = build_loader(ds, epoch=1, start_batch=3, **kwargs)
     assert len(resumed) == 2
     resumed_batches = list(resumed)
     assert _captions(resumed_batches) == _captions(full[3:])
-    assert all(torch.equal(a["images"], b["images"]) for a, b in zip(resumed_batches, full[3:]))
+    assert all(torch.equal(a.images, b.images) for a, b in zip(resumed_batches, full[3:]))
     set_loader_epoch(resumed, 2)  # later epochs start from their first batch
     assert _captions(resumed) == _captions(build_loader(ds, epoch=2, **kwargs))
     # Item randomness never leaks into the caller's RNG stream.
@@ -106,7 +119,7 @@ def test_workers_give_the_same_batches_as_the_main_process(tmp_path):
     assert loader.persistent_workers
     in_workers = list(loader)
     assert _captions(in_workers) == _captions(main_process)
-    assert all(torch.equal(a["images"], b["images"]) for a, b in zip(main_process, in_workers))
+    assert all(torch.equal(a.images, b.images) for a, b in zip(main_process, in_workers))
 
 
 def test_ranks_split_the_data_disjointly(tmp_path):
@@ -167,7 +180,7 @@ def test_wds_reads_every_sample_and_counts_bad_ones(shards):
     train, val = build_caption_dataset(pattern, transform=augment, tokenizer=tokenize)
     assert val is None and len(train) == 12
     batches = list(build_loader(train, batch_size=5, shuffle=False, workers=0, seed=0, drop_last=False))
-    assert sum(b["n_total"] for b in batches) == 12 and sum(b["n_bad"] for b in batches) == 2
+    assert sum(b.n_total for b in batches) == 12 and sum(b.n_bad for b in batches) == 2
     assert sorted(sum(_captions(batches), [])) == sorted(f"cap {i}" for i in range(12) if i not in (3, 8))
 
 
@@ -178,7 +191,7 @@ def test_wds_shuffle_is_seeded_and_resume_skips_exactly(shards):
     assert _captions(list(build_loader(ds, workers=0, **kwargs))) == _captions(full)
     resumed = list(build_loader(ds, workers=0, start_batch=2, **kwargs))
     assert _captions(resumed) == _captions(full[2:])
-    assert all(torch.equal(a["images"], b["images"]) for a, b in zip(resumed, full[2:]))
+    assert all(torch.equal(a.images, b.images) for a, b in zip(resumed, full[2:]))
     two_workers = _captions(build_loader(ds, workers=2, **kwargs))
     assert _captions(build_loader(ds, workers=2, start_batch=3, **kwargs)) == two_workers[3:]
 

@@ -29,9 +29,9 @@ def _loss_and_grads(name, raw_img, raw_txt, **kw):
     """Loss and gradients w.r.t. the raw features, the temperature and the bias."""
     objective = get_objective(name)
     raw_img, raw_txt = raw_img.clone().requires_grad_(True), raw_txt.clone().requires_grad_(True)
-    scale = torch.tensor(objective.init_logit_scale or math.log(1 / 0.07), requires_grad=True)
+    scale = torch.tensor(objective.init_logit_scale or math.log(1 / 0.07), requires_grad=True)  # the log parameter
     bias = None if objective.init_logit_bias is None else torch.tensor(objective.init_logit_bias, requires_grad=True)
-    loss = objective.loss(F.normalize(raw_img, dim=-1), F.normalize(raw_txt, dim=-1), scale, bias, **kw)
+    loss = objective.loss(F.normalize(raw_img, dim=-1), F.normalize(raw_txt, dim=-1), scale.exp(), bias, **kw)
     loss.backward()
     grads = [raw_img.grad, raw_txt.grad, scale.grad] + ([bias.grad] if bias is not None else [])
     return loss.detach(), grads
@@ -85,7 +85,7 @@ def test_two_process_loss_matches_single_process(name, local_loss):
 def _row_losses(name, img, txt):
     """Per-row losses of one process's batch (clip: mean of the two cross-entropies; siglip: a row's sum)."""
     objective = get_objective(name)
-    scale = torch.tensor(objective.init_logit_scale or math.log(1 / 0.07))
+    scale = torch.tensor(objective.init_logit_scale or math.log(1 / 0.07)).exp()
     logits = objective.pair_logits(img, txt, scale, None if objective.init_logit_bias is None
                                    else torch.tensor(objective.init_logit_bias))
     labels = torch.arange(len(img))

@@ -24,7 +24,7 @@ def naive_logits(patch_emb, text_emb, logit_scale):
             p = (a[:, None] * v).sum(dim=0)  # (D,)
             row.append(F.cosine_similarity(p, t, dim=0))
         rows.append(torch.stack(row))
-    return logit_scale.exp() * torch.stack(rows)
+    return logit_scale * torch.stack(rows)  # the scale itself, as the losses take it
 
 
 def naive_loss(patch_emb, text_emb, logit_scale):
@@ -36,7 +36,7 @@ def naive_loss(patch_emb, text_emb, logit_scale):
 def _features(b=5, n=7, d=16, dtype=torch.float32):
     patches = F.normalize(torch.randn(b, n, d, dtype=dtype), dim=-1).requires_grad_()
     texts = F.normalize(torch.randn(b, d, dtype=dtype), dim=-1).requires_grad_()
-    scale = torch.tensor(2.0, dtype=dtype, requires_grad=True)
+    scale = torch.tensor(7.0, dtype=dtype, requires_grad=True)  # the scale (not its log)
     return patches, texts, scale
 
 
@@ -46,10 +46,11 @@ def test_loss_and_gradients_match_naive_loop(chunk_size):
     # the gradients then include the normalisation, which the exact formula relies on (|t| = 1).
     raw = [torch.randn(5, 7, 16, requires_grad=True), torch.randn(5, 16, requires_grad=True),
            torch.tensor(2.0, requires_grad=True)]
-    loss = pacl_loss(F.normalize(raw[0], dim=-1), F.normalize(raw[1], dim=-1), raw[2], chunk_size=chunk_size)
+    # raw[2] is the log-space parameter: the losses take its exp, as models give it
+    loss = pacl_loss(F.normalize(raw[0], dim=-1), F.normalize(raw[1], dim=-1), raw[2].exp(), chunk_size=chunk_size)
     grads = torch.autograd.grad(loss, raw)
     ref_raw = [x.detach().double().requires_grad_() for x in raw]
-    ref = naive_loss(F.normalize(ref_raw[0], dim=-1), F.normalize(ref_raw[1], dim=-1), ref_raw[2])
+    ref = naive_loss(F.normalize(ref_raw[0], dim=-1), F.normalize(ref_raw[1], dim=-1), ref_raw[2].exp())
     ref_grads = torch.autograd.grad(ref, ref_raw)
     assert abs(loss.item() - ref.item()) < 1e-5
     for g, r in zip(grads, ref_grads):
@@ -64,7 +65,7 @@ def test_compatibility_is_rectangular_and_bias_is_added():
     texts = F.normalize(torch.randn(4, 16), dim=-1)
     phi = compatibility(patches, texts, chunk_size=3)  # 3 images x 4 texts, texts in two chunks
     assert phi.shape == (3, 4)
-    reference = naive_logits(patches.double(), texts.double(), torch.tensor(0.0, dtype=torch.float64))
+    reference = naive_logits(patches.double(), texts.double(), torch.tensor(1.0, dtype=torch.float64))
     assert (phi.double() - reference).abs().max() < 1e-6
     bias = torch.tensor(-1.5)
     assert torch.allclose(pacl_logits(patches, texts, scale, bias), pacl_logits(patches, texts, scale) + bias)
@@ -98,7 +99,7 @@ def test_only_embedders_train_and_frozen_parts_stay_in_eval_mode(preset):
     assert patches.shape == (2, grid * grid, model.embed_dim) and texts.shape == (2, model.embed_dim)
     norm = torch.full((2, grid * grid), 1 / model.config.pool_temperature)  # the temperature rides on the patches
     assert torch.allclose(patches.norm(dim=-1), norm, rtol=1e-5)
-    pacl_loss(patches, texts, model.logit_scale).backward()
+    pacl_loss(patches, texts, model.logit_scale.exp()).backward()
     assert all(p.grad is None for p in model.clip.parameters())
     assert model.vision_embedder.mlp[0].weight.grad is not None
 
@@ -116,7 +117,7 @@ def test_unfreezing_last_blocks(preset):
     # the unfrozen modules are not registered twice
     assert not any(k.startswith("_unfrozen") for k in model.state_dict())
     patches, texts = model.loss_features(torch.randn(2, 3, 64, 64), _tokens(2))
-    pacl_loss(patches, texts, model.logit_scale).backward()
+    pacl_loss(patches, texts, model.logit_scale.exp()).backward()
     assert next(iter(last.parameters())).grad is not None
 
 
@@ -137,7 +138,7 @@ def test_similarity_and_patch_similarity_are_phi_and_s():
         patches = model.patch_embeddings(images)
         sim = model.similarity(images, classes)
         pooled = patches.double() / model.config.pool_temperature
-        ref = naive_logits(pooled, classes.double(), torch.tensor(0.0, dtype=torch.float64))
+        ref = naive_logits(pooled, classes.double(), torch.tensor(1.0, dtype=torch.float64))
         per_patch = model.patch_similarity(images, classes)
     assert sim.shape == (2, 4) and (sim.double() - ref).abs().max() < 1e-5
     assert per_patch.shape == (2, 4, 8, 8)
@@ -181,7 +182,7 @@ def test_training_the_embedders_learns_to_match_cached_features():
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     losses = []
     for _ in range(30):
-        loss = pacl_loss(*model.loss_features_from_cache(patch_tokens, text_emb), model.logit_scale)
+        loss = pacl_loss(*model.loss_features_from_cache(patch_tokens, text_emb), model.logit_scale.exp())
         opt.zero_grad()
         loss.backward()
         opt.step()

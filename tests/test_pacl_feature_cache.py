@@ -4,13 +4,14 @@ import pytest
 import torch
 
 import clip_pacl
-from clip_pacl.data import build_caption_dataset
+from clip_pacl.data import FeatureBatch, TokenBatch, build_caption_dataset
 from clip_pacl.data.dataset import build_loader
 from clip_pacl.data.synthetic import generate_synthetic
 from clip_pacl.errors import ConfigError
 from clip_pacl.models.pacl import PACL, PACLConfig
 from clip_pacl.tokenizer import get_tokenizer
-from clip_pacl.train.feature_cache import build_feature_cache
+from clip_pacl.train.feature_cache import CachedFeatureModel, build_feature_cache
+from clip_pacl.train.setup import FeatureModel
 from clip_pacl.transforms import image_transform
 
 
@@ -30,13 +31,19 @@ def test_cached_features_match_encoding_the_images(captions):
     assert cache[10] is None and cache[11] is None  # rows of the broken image
     loader = build_loader(cache, batch_size=4, shuffle=False, workers=0, seed=0, drop_last=False)
     batches = list(loader)
-    assert sum(b["n_bad"] for b in batches) == 2 and batches[0]["texts"].dtype == torch.float32
+    assert all(isinstance(b, FeatureBatch) for b in batches) and sum(b.n_bad for b in batches) == 2
+    assert batches[0].patch_tokens.shape == (4, 64, 128) and batches[0].text_embeddings.shape == (4, 128)
+    assert all(isinstance(b, TokenBatch) for b in build_loader(dataset, batch_size=4, shuffle=False, workers=0,
+                                                               seed=0, drop_last=False))
+    direct_model, cached_model = FeatureModel(model), FeatureModel(CachedFeatureModel(model))
+    assert list(cached_model.parameters()) == list(direct_model.parameters())  # DDP sees the PACL's own parameters
     for i in (0, 3, 7):
         pixels, tokens = dataset[i]
         with torch.no_grad():
-            direct = model.loss_features(pixels[None], tokens[None])
-            cached = model.loss_features_from_cache(*(x[None] for x in cache[(i, 123)]))
-        for a, b in zip(direct, cached):
+            direct = direct_model(pixels[None], tokens[None])
+            cached = cached_model(*(x[None] for x in cache[(i, 123)]))
+        assert len(direct) == len(cached) == 4 and direct[3] is cached[3] is None
+        for a, b in zip(direct[:3], cached[:3]):
             assert torch.allclose(a, b, atol=1e-5)
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from clip_pacl import CLIPConfig
+from clip_pacl.data import FeatureBatch, TokenBatch
 from clip_pacl.data.synthetic import generate_synthetic
 from clip_pacl.losses import get_objective
 from clip_pacl.models import CLIP
@@ -14,7 +15,7 @@ from clip_pacl.models.pacl import PACL
 from clip_pacl.models.text import TextTransformer
 from clip_pacl.train import TrainConfig, accumulate_gradients, optim, train
 from clip_pacl.train.schedule import StepSchedule, default_warmup, lr_at, onecycle_at
-from clip_pacl.train.setup import FeatureModel, trim_text_padding
+from clip_pacl.train.setup import FeatureModel, batch_inputs
 
 
 def _tiny(name: str = "tiny") -> CLIP:
@@ -146,12 +147,13 @@ def test_mixed_precision_step_gives_finite_gradients_close_to_fp32(dtype):
 
 
 def test_trimmed_text_padding_gives_the_same_loss_and_gradients():
-    """The loop cuts each host batch of token ids after its longest caption (`trim_text_padding`): exact for
-    clip-pacl's causal text tower pooled at EOT, so the step's loss and every gradient stay the same."""
+    """The loop cuts each host batch of token ids after its longest caption (`batch_inputs`, the model's
+    `trim_text_padding`): exact for clip-pacl's causal text tower pooled at EOT, so the step's loss and every
+    gradient stay the same."""
     images, texts = _batch(8)
     texts[3, 6:12] = torch.tensor([320, 321, 322, 323, 324, 49407])  # one longer caption: EOT at position 11
     full, cut = _tiny(), _tiny()
-    trimmed = trim_text_padding(cut, texts)
+    _, trimmed = batch_inputs(cut, TokenBatch(images=images, texts=texts, n_bad=0, n_total=8))
     assert trimmed.shape == (8, 12) and torch.equal(trimmed, texts[:, :12])
     obj = get_objective("clip")
     loss_full = accumulate_gradients(FeatureModel(full), obj, [(images, texts)])
@@ -163,10 +165,12 @@ def test_trimmed_text_padding_gives_the_same_loss_and_gradients():
         assert torch.allclose(g_full[name], g_cut[name], atol=1e-5, rtol=1e-4), name
     assert g_full["text.positional_embedding"][12:].abs().max() == 0  # the cut positions never had a gradient
     pacl = PACL(_tiny())
-    assert trim_text_padding(pacl, texts).shape == (8, 12)
-    features = torch.randn(8, 128)  # cached text features (PACL --cache-features) and other models pass unchanged
-    assert trim_text_padding(pacl, features) is features
-    assert trim_text_padding(torch.nn.Linear(2, 2), texts) is texts
+    assert batch_inputs(pacl, TokenBatch(images=images, texts=texts, n_bad=0, n_total=8))[1].shape == (8, 12)
+    assert batch_inputs(pacl, TokenBatch(images=images, texts=texts, n_bad=0, n_total=8), 16)[1].shape == (8, 16)
+    # cached features (PACL --cache-features) are no token ids: they pass as they are, whatever their shape
+    patch_tokens, features = torch.randn(8, 16, 128), torch.randn(8, 128)
+    cached = FeatureBatch(patch_tokens=patch_tokens, text_embeddings=features, n_bad=0, n_total=8)
+    assert all(a is b for a, b in zip(batch_inputs(pacl, cached), (patch_tokens, features)))
 
 
 def test_the_loop_feeds_trimmed_text(tmp_path, monkeypatch):
@@ -216,8 +220,8 @@ def test_a_compiled_run_trims_text_to_multiples_of_16_so_it_sees_few_lengths():
     for eot in range(1, 77):  # a batch whose longest caption ends at each position in turn
         texts[0] = 0
         texts[0, eot] = 49407
-        trimmed = trim_text_padding(model, texts, 16)
+        trimmed = model.trim_text_padding(texts, 16)
         assert trimmed.shape[1] > eot and torch.equal(trimmed, texts[:, : trimmed.shape[1]])
         lengths.add(trimmed.shape[1])
     assert lengths == {16, 32, 48, 64, 77}
-    assert trim_text_padding(model, texts, 1).shape[1] == 77
+    assert model.trim_text_padding(texts, 1).shape[1] == 77

@@ -20,9 +20,10 @@ ORDER = 10
 
 
 def _default(name: str) -> Any:
-    from clip_pacl.train.config import train_defaults
+    """The value a flag left out gets: TrainConfig's default, or PACLConfig's for a --pacl-* flag."""
+    from clip_pacl.train.config import pacl_defaults, train_defaults
 
-    return train_defaults()[name]
+    return {**train_defaults(), **pacl_defaults()}[name]
 
 
 def _flag_adder(group: Any):
@@ -64,13 +65,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--pretrained", default=argparse.SUPPRESS, metavar="TAG|FILE",
         help="pretrained weights for a preset --model (--model ViT-B-32 --pretrained openai is --model "
              "ViT-B-32:openai)")
-    arg("--objective", choices=_objectives(), help="loss: CLIP InfoNCE, SigLIP sigmoid, or PACL")
+    arg("--objective", choices=_objectives(),
+        help="loss: CLIP InfoNCE, SigLIP sigmoid, or PACL (default: the model's own: clip, or pacl for a PACL "
+             "checkpoint)")
     arg("--image-size", type=int, help="training resolution (default: the model's)", metavar="N")
     arg("--lock-image", action="store_true", help="freeze the image tower (LiT)")
     arg("--lock-image-unlocked-groups", type=int, metavar="N",
         help="with --lock-image, keep the last N layer groups trainable (ViT: blocks, the last with ln_post/proj; "
              "ResNet: stages, the last with attnpool)")
     arg("--lock-text", action="store_true", help="freeze the text tower")
+    arg = _flag_adder(p.add_argument_group(
+        "PACL", "A new PACL (--objective pacl on a CLIP) takes the default of a --pacl-* flag left out; a PACL "
+                "checkpoint keeps its own value unless the flag is given."))
     arg("--cache-features", action="store_true",
         help="PACL: encode every image and caption with the frozen CLIP once, then train only the embedders "
              "(no image augmentation)")

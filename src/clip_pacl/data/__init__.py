@@ -4,6 +4,7 @@ Readers return rows (image path + caption or label) and never decode images; dat
 loader workers and turn unreadable images into None, which `collate_skip_bad` drops and counts.
 """
 
+from clip_pacl.data.batch import FeatureBatch, TokenBatch
 from clip_pacl.data.check import DataReport, check_caption_data
 from clip_pacl.data.dataset import (
     CaptionDataset,
@@ -25,7 +26,9 @@ __all__ = [
     "CaptionRow",
     "DataReport",
     "EpochSampler",
+    "FeatureBatch",
     "LabelRow",
+    "TokenBatch",
     "build_caption_dataset",
     "build_loader",
     "check_caption_data",

@@ -12,12 +12,14 @@ import logging
 import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
+from clip_pacl.data.batch import FeatureBatch, TokenBatch
 from clip_pacl.data.formats import read_caption_rows, resolve_data_path
 from clip_pacl.data.images import load_image
 from clip_pacl.data.rows import CaptionRow, split_by_image
@@ -37,7 +39,7 @@ def default_workers() -> int:
 
 
 class CaptionDataset(Dataset):
-    """(image (3, H, W), tokens (L,)) per row, or None when the image cannot be read.
+    """(image (3, H, W), tokens (L,)) per row, or None when the image cannot be read; batched as `TokenBatch`.
 
     Index with an int, or with an `(index, sample_seed)` pair (what `build_loader`'s sampler yields)
     to make the random augmentation of that item reproducible.
@@ -63,20 +65,15 @@ class CaptionDataset(Dataset):
         return pixels, tokens_1d(self.tokenizer, row.caption)
 
 
-def collate_skip_bad(batch: list[tuple[torch.Tensor, torch.Tensor] | None]) -> dict[str, Any]:
-    """Stack the good items; `n_bad` / `n_total` let the training loop stop when too many images fail.
+def collate_skip_bad(batch: list[tuple[torch.Tensor, torch.Tensor] | None],
+                     batch_type: type[TokenBatch | FeatureBatch] = TokenBatch) -> TokenBatch | FeatureBatch:
+    """Stack the good items into a `batch_type` (the dataset's); its `n_bad` / `n_total` let the training loop stop
+    when too many images fail.
 
-    A batch in which every image failed has 0-length `images` and `texts`; the loop should skip it.
+    A batch in which every image failed has length 0; the loop should skip it.
     """
     good = [item for item in batch if item is not None]
-    n_bad = len(batch) - len(good)
-    if not good:
-        return {"images": torch.empty(0, 3, 0, 0), "texts": torch.empty(0, 0, dtype=torch.long),
-                "n_bad": n_bad, "n_total": len(batch)}
-    images = torch.stack([item[0] for item in good])  # (B, 3, H, W)
-    texts = torch.stack([item[1] for item in good])  # (B, L) token ids, or (B, D) cached text features (PACL)
-    texts = texts if texts.is_floating_point() else texts.long()
-    return {"images": images, "texts": texts, "n_bad": n_bad, "n_total": len(batch)}
+    return batch_type.collate(good, n_bad=len(batch) - len(good))
 
 
 class EpochSampler(Sampler):
@@ -130,7 +127,7 @@ def build_loader(dataset: Dataset, *, batch_size: int, shuffle: bool, workers: i
     common: dict[str, Any] = {
         "batch_size": batch_size,
         "num_workers": workers,
-        "collate_fn": collate_skip_bad,
+        "collate_fn": partial(collate_skip_bad, batch_type=getattr(dataset, "batch_type", TokenBatch)),
         "pin_memory": torch.cuda.is_available(),
         "drop_last": drop_last,
         # The loader draws its workers' base seed from this, not from the caller's global RNG stream.

@@ -221,7 +221,7 @@ def pacl_train_config(cfg: DemoConfig, train_dir: Path, out: Path):
         objective="pacl", cache_features=True, steps=cfg.pacl_steps, batch_size=cfg.pacl_batch_size, lr=1e-3, wd=0.01,
         warmup=min(50, cfg.pacl_steps // 10), seed=cfg.seed, device=cfg.device, workers=cfg.workers,
         progress=cfg.progress,
-        pacl_patch_tokens=cfg.pacl_patch_tokens, pacl_pool_temperature=cfg.pacl_pool_temperature,
+        pacl={"patch_tokens": cfg.pacl_patch_tokens, "pool_temperature": cfg.pacl_pool_temperature},
         log_every=_log_every(cfg.pacl_steps))
 
 

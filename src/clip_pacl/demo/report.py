@@ -101,7 +101,7 @@ def format_summary(s: dict[str, Any]) -> str:
 def train_command(config, **values: str) -> str:
     """The `clip-pacl train` command line of a TrainConfig: every option that differs from the default, with
     `values` (data=..., out=...) in place of the config's own."""
-    from clip_pacl.train.config import train_defaults
+    from clip_pacl.train.config import pacl_flag, train_defaults
 
     defaults = train_defaults()
     args = ["clip-pacl", "train"]
@@ -109,7 +109,9 @@ def train_command(config, **values: str) -> str:
         args += [f"--{name}", str(values.get(name, getattr(config, name)))]
     for f in fields(config):
         value = getattr(config, f.name)
-        if f.name in NOT_PRINTED or value == defaults[f.name]:
+        if f.name == "pacl":  # the PACL options the config sets, each by its flag
+            args += [item for key, v in value.items() for item in (pacl_flag(key), str(v))]
+        if f.name in NOT_PRINTED or f.name == "pacl" or value == defaults[f.name]:
             continue
         flag = "--" + f.name.replace("_", "-")
         args += [flag] if value is True else [flag, str(value)]

@@ -28,7 +28,7 @@ try:
 except ImportError:  # pragma: no cover - exercised only without the extra
     raise MissingDependencyError("lightning", "lightning", "the Lightning integration") from None
 
-from clip_pacl.data import build_caption_dataset, build_loader
+from clip_pacl.data import TokenBatch, build_caption_dataset, build_loader
 from clip_pacl.losses import get_objective
 from clip_pacl.train.config import train_defaults
 from clip_pacl.train.optim import build_optimizer, clamp_logit_scale
@@ -41,21 +41,27 @@ _TRAIN = train_defaults()
 class CLIPLightningModule(L.LightningModule):
     """Contrastive training of `model` (anything with `loss_features`, `logit_scale`, `logit_bias`).
 
-    Batches are `collate_skip_bad` dicts; unreadable images are already dropped and counted there,
+    Batches are `collate_skip_bad`'s `TokenBatch`es; unreadable images are already dropped and counted there,
     and a batch with no readable image is skipped. Under DDP the objective gathers features from
     every rank with their gradients, so the contrastive batch is the global batch, as in CLIP.
     """
 
-    def __init__(self, model: nn.Module, *, objective: str = "clip", lr: float = _TRAIN["lr"],
+    def __init__(self, model: nn.Module, *, objective: str | None = None, lr: float = _TRAIN["lr"],
                  weight_decay: float = _TRAIN["wd"], warmup_steps: int | None = _TRAIN["warmup"],
                  betas: tuple[float, float] = (_TRAIN["beta1"], _TRAIN["beta2"]), eps: float = _TRAIN["eps"],
                  schedule: str = _TRAIN["schedule"]):
-        """`warmup_steps=None`: 30% of the run, at most 10,000 steps (`clip-pacl train`'s default). `schedule`:
+        """`objective`: one the model trains under (`model.objectives`; None: its first). `warmup_steps=None`: 30% of
+        the run, at most 10,000 steps (`clip-pacl train`'s default). `schedule`:
         "onecycle" or "cosine" (train/schedule.py). A run with no step or epoch limit has no end to schedule
         towards: it warms up over `warmup_steps` (0 when None) and then keeps the peak lr."""
         super().__init__()
         if schedule not in SCHEDULES:
             raise ConfigError(f"schedule must be one of {', '.join(SCHEDULES)}, not '{schedule}'")
+        accepted = tuple(getattr(model, "objectives", ()))
+        objective = objective or next(iter(accepted), None)
+        if objective not in accepted:
+            raise ConfigError(f"a {type(model).__name__} trains under objective {' or '.join(accepted) or 'none'}, "
+                              f"not {objective}")
         self.model = model
         self.objective = get_objective(objective)
         self.lr, self.weight_decay, self.warmup_steps, self.betas, self.eps = lr, weight_decay, warmup_steps, betas, eps
@@ -64,26 +70,25 @@ class CLIPLightningModule(L.LightningModule):
         self.save_hyperparameters(ignore=["model"])
 
     def forward(self, images: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
-        """The objective's loss on one batch of matching (image, text) pairs."""
+        """The objective's loss on one batch of matching (image, text) pairs (the scale exp(logit_scale), as the
+        losses take it)."""
         image_side, text_side = self.model.loss_features(images, texts)
-        return self.objective.loss(image_side, text_side, self.model.logit_scale,
-                                   getattr(self.model, "logit_bias", None))
+        return self.objective.loss(image_side, text_side, self.model.logit_scale.exp(), self.model.logit_bias)
 
-    def _step(self, batch: dict[str, Any], stage: str) -> torch.Tensor | None:
-        if batch["images"].shape[0] == 0:
+    def _step(self, batch: TokenBatch, stage: str) -> torch.Tensor | None:
+        if len(batch) == 0:
             return None
-        loss = self(batch["images"], batch["texts"])
-        size = batch["images"].shape[0]
-        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=size, sync_dist=stage != "train")
-        self.log(f"{stage}/bad_images", float(batch["n_bad"]), reduce_fx="sum", batch_size=size)
+        loss = self(*batch.inputs)
+        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=len(batch), sync_dist=stage != "train")
+        self.log(f"{stage}/bad_images", float(batch.n_bad), reduce_fx="sum", batch_size=len(batch))
         return loss
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+    def training_step(self, batch: TokenBatch, batch_idx: int) -> torch.Tensor | None:
         loss = self._step(batch, "train")
         self.log("train/logit_scale", self.model.logit_scale.exp().detach(), batch_size=1)
         return loss
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+    def validation_step(self, batch: TokenBatch, batch_idx: int) -> torch.Tensor | None:
         return self._step(batch, "val")
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:

@@ -1,7 +1,10 @@
 """Contrastive objectives as pure functions of features, and the registry `--objective` picks from.
 
-Losses take the model's `logit_scale` as the log-space parameter (they exponentiate it), and
-`logit_bias` (None unless the objective learns one). Adding an objective is one line in OBJECTIVES.
+One convention from the model to the losses, open_clip's: a model's `logit_scale` *parameter* is the log of the
+scale (learned in log space, clamped at ln 100 after each step), its `forward` returns the scale itself,
+`logit_scale.exp()`, and every loss here takes that scale (never its log) with `logit_bias` (None unless the
+objective learns one), so `clip_loss(*model(images, texts))` is CLIP's loss. Adding an objective is one line in
+OBJECTIVES.
 """
 
 from __future__ import annotations

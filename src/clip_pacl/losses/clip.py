@@ -12,9 +12,10 @@ def clip_logits(
 ) -> torch.Tensor:
     """Scaled cosine similarities (Bi, Bt) of L2-normalised (Bi, D) and (Bt, D) features.
 
-    `logit_scale` is the model's log-space parameter (the temperature is learned in log space, as in CLIP).
+    `logit_scale` is the scale itself (the inverse temperature, e.g. 1 / 0.07), as `CLIP.forward` returns it: the
+    exp of the model's log-space parameter, as open_clip's losses take it.
     """
-    logits = logit_scale.exp() * image_features @ text_features.T  # (Bi, Bt)
+    logits = logit_scale * image_features @ text_features.T  # (Bi, Bt)
     return logits if logit_bias is None else logits + logit_bias
 
 
@@ -41,6 +42,7 @@ def clip_loss(
     image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
     logit_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """CLIP's loss on one batch of B matching pairs: (B, D) image and text features, pair i is (i, i)."""
+    """CLIP's loss on one batch of B matching pairs: (B, D) image and text features, pair i is (i, i), and the
+    scale (not its log): `clip_loss(*model(images, texts))`. Equals open_clip's `ClipLoss()` on the same inputs."""
     logits = clip_logits(image_features, text_features, logit_scale, logit_bias)
     return softmax_contrastive_loss(logits, logits.T)

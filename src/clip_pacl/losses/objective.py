@@ -17,7 +17,7 @@ from clip_pacl.losses.clip import softmax_contrastive_loss
 from clip_pacl.losses.distributed import gather_with_grad
 from clip_pacl.losses.siglip import sigmoid_pair_loss
 
-# (image_side (Bi, ...), text_side (Bt, ...), logit_scale (log-space), logit_bias | None) -> logits (Bi, Bt)
+# (image_side (Bi, ...), text_side (Bt, ...), logit_scale (the scale, not its log), logit_bias | None) -> (Bi, Bt)
 PairLogits = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 
@@ -29,7 +29,7 @@ class Objective:
     name: str
     pair_logits: PairLogits
     kind: str = "softmax"  # "softmax": symmetric InfoNCE; "sigmoid": SigLIP
-    init_logit_scale: float | None = None  # the model's initial log-scale when training with this objective
+    init_logit_scale: float | None = None  # the model's initial log-space parameter when training with this objective
     init_logit_bias: float | None = None  # a learned bias is created when this is not None
 
     def __post_init__(self) -> None:
@@ -40,7 +40,8 @@ class Objective:
         self, image_side: torch.Tensor, text_side: torch.Tensor, logit_scale: torch.Tensor,
         logit_bias: torch.Tensor | None = None, *, local_loss: bool = False, capacity: int | None = None, group=None,
     ) -> torch.Tensor:
-        """Loss of b matching pairs on this process, contrasted against the pairs of every process.
+        """Loss of b matching pairs on this process, contrasted against the pairs of every process. `logit_scale` is
+        the scale itself (`model.logit_scale.exp()`, what a model's `forward` returns), not the log-space parameter.
 
         One process: the plain loss of the batch. Several: features are gathered with their gradients, each
         rank's block padded to `capacity` rows (its batch size; see `gather_with_grad`) and the padding masked

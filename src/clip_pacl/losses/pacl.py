@@ -19,8 +19,8 @@ def pacl_logits(
     logit_bias: torch.Tensor | None = None,
     chunk_size: int = 256,
 ) -> torch.Tensor:
-    """Logits per image (B_img, B_txt): exp(logit_scale) * phi (+ bias). `logit_scale` is in log space."""
-    logits = logit_scale.exp() * compatibility(patch_emb, text_emb, chunk_size)
+    """Logits per image (B_img, B_txt): logit_scale * phi (+ bias), `logit_scale` the scale itself (not its log)."""
+    logits = logit_scale * compatibility(patch_emb, text_emb, chunk_size)
     return logits + logit_bias if logit_bias is not None else logits
 
 

@@ -1,7 +1,7 @@
 """SigLIP's pairwise sigmoid loss (Zhai et al. 2023): every image-text pair is its own binary problem.
 
-It needs a learned bias besides the temperature (init log-scale ln 10, bias -10, as in the paper),
-so the model gets `logit_bias` through `CLIPConfig.init_logit_bias`.
+It needs a learned bias besides the temperature (scale 10, i.e. the log-space parameter starts at ln 10, and bias
+-10, as in the paper), so the model gets `logit_bias` through `CLIPConfig.init_logit_bias`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from clip_pacl.losses.clip import clip_logits
 
-INIT_LOGIT_SCALE = math.log(10.0)
+INIT_LOGIT_SCALE = math.log(10.0)  # the model's log-space parameter: a scale of 10
 INIT_LOGIT_BIAS = -10.0
 
 
@@ -41,5 +41,6 @@ def sigmoid_pair_loss(
 def siglip_loss(
     image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor, logit_bias: torch.Tensor
 ) -> torch.Tensor:
-    """SigLIP's loss on one batch of B matching pairs ((B, D) normalised features)."""
+    """SigLIP's loss on one batch of B matching pairs ((B, D) normalised features), the scale (not its log) and the
+    bias: `siglip_loss(*model(images, texts))`. Equals open_clip's `SigLipLoss()` on the same inputs."""
     return sigmoid_pair_loss(clip_logits(image_features, text_features, logit_scale, logit_bias))

@@ -253,6 +253,7 @@ class BackboneCLIP(nn.Module):
     """visual (timm) -> image_head, text (transformers) -> text_head, both into `embed_dim`; learned temperature."""
 
     model_type = "backbone"
+    objectives = ("clip", "siglip")  # the objectives it trains under (`clip-pacl train --objective`), the first default
 
     def __init__(self, config: BackboneConfig, visual: nn.Module, text: nn.Module, tokenizer: Any,
                  image_info: dict[str, Any]):
@@ -346,7 +347,8 @@ class BackboneCLIP(nn.Module):
         return F.normalize(x, dim=-1) if normalize else x
 
     def forward(self, image: torch.Tensor | None = None, text: torch.Tensor | None = None) -> CLIPOutput:
-        """Normalised image (B, D) and text (B, D) features with exp(logit_scale), as CLIP.forward."""
+        """Normalised image (B, D) and text (B, D) features with the scale exp(logit_scale): the losses' inputs, as
+        CLIP.forward."""
         image_features = self.encode_image(image, normalize=True) if image is not None else None
         text_features = self.encode_text(text, normalize=True) if text is not None else None
         return CLIPOutput(image_features, text_features, self.logit_scale.exp(), self.logit_bias)
@@ -361,6 +363,10 @@ class BackboneCLIP(nn.Module):
         self.visual.to(dtype)
         self.text.to(dtype)
         return self
+
+    def trim_text_padding(self, tokens: torch.Tensor, multiple: int = 1) -> torch.Tensor:
+        """The token ids unchanged: the text model's padding is masked, not cut."""
+        return tokens
 
     def loss_features(self, images: torch.Tensor, texts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised (B, D) image and text features: what the contrastive losses consume."""

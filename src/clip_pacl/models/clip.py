@@ -19,11 +19,11 @@ from clip_pacl.transforms import image_transform
 
 
 class CLIPOutput(NamedTuple):
-    """What `CLIP.forward` returns: the losses' inputs."""
+    """What `CLIP.forward` returns: the losses' inputs, in their order (`clip_loss(*model(images, texts))`)."""
 
     image_features: torch.Tensor | None  # (B, D), L2-normalised
     text_features: torch.Tensor | None  # (B, D), L2-normalised
-    logit_scale: torch.Tensor  # exp of the learned log-scale, a scalar
+    logit_scale: torch.Tensor  # the scale itself, a scalar: exp of the learned log-space parameter (as open_clip)
     logit_bias: torch.Tensor | None  # SigLIP only
 
 
@@ -35,6 +35,9 @@ class CLIP(nn.Module):
     """
 
     model_type = "clip"
+    # The objectives it trains under (`clip-pacl train --objective`), the first by default. (`--objective pacl` on a
+    # CLIP trains a new PACL on it, whose `objectives` are ("pacl",).)
+    objectives = ("clip", "siglip")
 
     def __init__(self, config: CLIPConfig):
         super().__init__()
@@ -125,8 +128,9 @@ class CLIP(nn.Module):
         return self.visual.forward_tokens(image, fast=fast).float()
 
     def forward(self, image: torch.Tensor | None = None, text: torch.Tensor | None = None) -> CLIPOutput:
-        """Normalised image (B, D) and text (B, D) features with exp(logit_scale) (and the bias), by the plain
-        towers: what training differentiates."""
+        """Normalised image (B, D) and text (B, D) features with the scale exp(logit_scale) (and the bias), by the
+        plain towers: what training differentiates, in the losses' order (`clip_loss(*model(images, texts))`). The
+        training loop keeps the scale at most 100 (it clamps the parameter at ln 100 after each step, as open_clip)."""
         image_features = F.normalize(self.visual(image), dim=-1) if image is not None else None
         text_features = F.normalize(self.text(text), dim=-1) if text is not None else None
         return CLIPOutput(image_features, text_features, self.logit_scale.exp(), self.logit_bias)
@@ -154,6 +158,12 @@ class CLIP(nn.Module):
     def image_layer_groups(self) -> list[list[nn.Module | nn.Parameter]]:
         """The image tower's layer groups, input to output (`layer_groups` of the ViT or ResNet)."""
         return self.visual.layer_groups()
+
+    def trim_text_padding(self, tokens: torch.Tensor, multiple: int = 1) -> torch.Tensor:
+        """Host token ids (B, L) cut after the batch's longest text (`TextTransformer.trim_padding`): exact, since
+        the text tower is causal and pools at the EOT token. The training loop calls it before a batch goes to the
+        device."""
+        return TextTransformer.trim_padding(tokens, multiple)
 
     def loss_features(self, images: torch.Tensor, texts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """What the contrastive losses consume: normalised (B, D) image and text features.

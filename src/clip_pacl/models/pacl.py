@@ -148,6 +148,7 @@ class PACL(nn.Module):
     compatibility phi (`similarity` (B, C)) and segmented by per-patch similarity (`patch_similarity`)."""
 
     model_type = "pacl"
+    objectives = ("pacl",)  # the objectives it trains under (`clip-pacl train --objective`)
 
     def __init__(self, clip: CLIP, config: PACLConfig | None = None):
         super().__init__()
@@ -224,6 +225,10 @@ class PACL(nn.Module):
     def get_tokenizer(self) -> Tokenizer:
         """The base CLIP's tokenizer."""
         return self.clip.get_tokenizer()
+
+    def trim_text_padding(self, tokens: torch.Tensor, multiple: int = 1) -> torch.Tensor:
+        """Token ids cut as the base CLIP's text tower allows (`CLIP.trim_text_padding`)."""
+        return self.clip.trim_text_padding(tokens, multiple)
 
     def image_transform(self, train: bool = False, image_size: int | None = None) -> Callable:
         """The base CLIP's preprocess (or training augmentation)."""

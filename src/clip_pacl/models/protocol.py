@@ -15,7 +15,8 @@ class ContrastiveModel(Protocol):
     """An image encoder and a text encoder into one space, a learned temperature, and their own preprocessing."""
 
     model_type: str  # "clip" | "pacl" | "backbone": config.json's model_type, which picks the checkpoint writer
-    logit_scale: nn.Parameter  # log of the temperature's inverse
+    objectives: tuple[str, ...]  # the objectives it trains under (`clip-pacl train --objective`), the first default
+    logit_scale: nn.Parameter  # log of the temperature's inverse: the losses take its exp (what `forward` returns)
     logit_bias: nn.Parameter | None  # SigLIP's learned bias, else None
 
     @property
@@ -41,6 +42,10 @@ class ContrastiveModel(Protocol):
 
     def loss_features(self, images: torch.Tensor, texts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(image side, text side) of a batch, as the model's contrastive loss consumes them."""
+
+    def trim_text_padding(self, tokens: torch.Tensor, multiple: int = 1) -> torch.Tensor:
+        """Host token ids (B, L) as the training loop may send them: cut after the longest text where that is exact
+        (a causal tower pooled at EOT), else unchanged."""
 
     def get_tokenizer(self) -> Callable[[list[str]], torch.Tensor]:
         """texts -> (B, context_length) token ids, as the text tower expects them."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +11,16 @@ from clip_pacl.errors import ConfigError
 from clip_pacl.train.schedule import SCHEDULES
 
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")  # auto: bf16 where the CPU or GPU has native bf16 (device.py)
+# `clip-pacl train`'s PACL flags (argparse dests) and the PACLConfig fields they set in TrainConfig.pacl
+PACL_FLAGS = {"pacl_unfreeze_blocks": "unfreeze_last_n_blocks", "pacl_pool_temperature": "pool_temperature",
+              "pacl_patch_tokens": "patch_tokens"}
+
+
+def pacl_flag(key: str) -> str:
+    """The command-line flag that sets PACLConfig field `key` ("--pacl-pool-temperature"), or the `pacl` entry
+    of a --config file for fields without a flag."""
+    flag = next((f for f, k in PACL_FLAGS.items() if k == key), None)
+    return f"--{flag.replace('_', '-')}" if flag else f'"pacl": {{"{key}": ...}}'
 
 
 @dataclass(frozen=True)
@@ -38,7 +48,7 @@ class TrainConfig:
     grad_clip: float | None = None  # None or 0: no clipping; open_clip's script does not clip either
     image_size: int | None = None  # None: the model's own
     augment: bool = False  # True: random resized crops (scale 0.9-1, open_clip's); False: the eval transform
-    objective: str = "clip"
+    objective: str | None = None  # None: the model's own (`model.objectives[0]`: clip for a CLIP, pacl for a PACL)
     precision: str = "fp32"
     accum: int = 1
     grad_checkpointing: bool = False
@@ -47,9 +57,10 @@ class TrainConfig:
     lock_image_unlocked_groups: int = 0
     lock_text: bool = False
     cache_features: bool = False  # PACL: encode the data with the frozen CLIP once (train/feature_cache.py)
-    pacl_unfreeze_blocks: int = 0  # PACL: the new model's PACLConfig (an error when --model is a PACL checkpoint)
-    pacl_pool_temperature: float = 0.05  # what segments best (README); the paper: 1.0 with "tokens"
-    pacl_patch_tokens: str = "maskclip"
+    # PACL: the PACLConfig fields the user set (--pacl-* flags, or a "pacl" object in --config), as open_clip nests
+    # vision_cfg / text_cfg; the defaults are PACLConfig's own. A new PACL is PACLConfig(**pacl); a PACL checkpoint
+    # takes them in place of its saved values (the ones it cannot change, such as hidden_dim, are refused).
+    pacl: dict[str, Any] = field(default_factory=dict)
     local_loss: bool = False
     resume: str | None = None  # "auto" or a checkpoint / run directory
     device: str | None = None
@@ -102,26 +113,55 @@ class TrainConfig:
             object.__setattr__(self, "workers", default_workers())
         if self.workers < 0:
             raise ConfigError(f"--workers must be >= 0, not {self.workers}")
-        if self.pacl_unfreeze_blocks < 0 or self.pacl_pool_temperature <= 0:
-            raise ConfigError("--pacl-unfreeze-blocks must be >= 0 and --pacl-pool-temperature > 0")
-        if self.cache_features and self.pacl_unfreeze_blocks:
+        self._check_pacl()
+
+    def _check_pacl(self) -> None:
+        """The PACL options: valid PACLConfig values, and only with --objective pacl (once it is known: a config
+        whose objective is the model's is checked again when the model has named it)."""
+        from clip_pacl.models.pacl import PACLConfig
+
+        unknown = sorted(set(self.pacl) - {f.name for f in fields(PACLConfig)})
+        if unknown:
+            raise ConfigError(f"unknown PACL option(s): {', '.join(unknown)}")
+        PACLConfig(**self.pacl)  # its own checks (pool_temperature > 0, ...)
+        if self.cache_features and self.pacl.get("unfreeze_last_n_blocks"):
             raise ConfigError("--cache-features needs a frozen image tower; drop it or --pacl-unfreeze-blocks")
+        if self.cache_features and self.augment:
+            raise ConfigError("--augment does not apply to --cache-features: each image is encoded once, without "
+                              "augmentation; drop one of them")
+        if self.objective is None:
+            return
         if self.objective == "pacl" and (self.lock_image or self.lock_text):
             raise ConfigError("--lock-image / --lock-text do not apply to --objective pacl: PACL keeps its CLIP frozen "
                               "and trains only its embedders (--pacl-unfreeze-blocks N also trains image blocks)")
         if self.cache_features and self.objective != "pacl":
-            raise ConfigError("--cache-features is for --objective pacl (features of a frozen CLIP)")
+            raise ConfigError(f"--cache-features is for --objective pacl (features of a frozen CLIP), not "
+                              f"{self.objective}")
+        if self.pacl and self.objective != "pacl":
+            given = ", ".join(pacl_flag(key) for key in sorted(self.pacl))
+            raise ConfigError(f"{given} {'is' if len(self.pacl) == 1 else 'are'} for --objective pacl, not "
+                              f"{self.objective}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """Inverse of `to_dict`. The PACL flags' own names (`pacl_pool_temperature`, as --config files and older
+        train_config.json files write them) go into `pacl`."""
+        d = dict(d)
+        pacl = d.pop("pacl", None) or {}
+        if not isinstance(pacl, dict):
+            raise ConfigError(f'"pacl" must be an object of PACL options ({{"pool_temperature": 0.05}}), not {pacl!r}')
+        pacl = dict(pacl)
+        for flag, key in PACL_FLAGS.items():
+            if flag in d:
+                pacl[key] = d.pop(flag)
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ConfigError(f"unknown training option(s): {', '.join(unknown)}")
-        return cls(**d)
+        return cls(**d, pacl=pacl)
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -139,5 +179,15 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 
 
 def train_defaults() -> dict[str, Any]:
-    """TrainConfig's default of every field by name; the required fields (data, model, out) map to None."""
-    return {f.name: None if f.default is MISSING else f.default for f in fields(TrainConfig)}
+    """TrainConfig's default of every field by name; the required fields (data, model, out) map to None, `pacl` to
+    {} (no override: PACLConfig's defaults, `pacl_defaults()`)."""
+    return {f.name: f.default_factory() if f.default_factory is not MISSING else None if f.default is MISSING
+            else f.default for f in fields(TrainConfig)}
+
+
+def pacl_defaults() -> dict[str, Any]:
+    """What a new PACL gets for each PACL flag the user leaves out, by flag dest: PACLConfig's defaults."""
+    from clip_pacl.models.pacl import PACLConfig
+
+    defaults = PACLConfig()
+    return {flag: getattr(defaults, key) for flag, key in PACL_FLAGS.items()}

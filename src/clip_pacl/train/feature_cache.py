@@ -10,10 +10,11 @@ each process of a DDP run builds the whole cache and the sampler picks its shard
 from __future__ import annotations
 
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from clip_pacl.data import load_image
+from clip_pacl.data import FeatureBatch, load_image
 from clip_pacl.data.dataset import tokens_1d
 from clip_pacl.errors import ConfigError, DataError
 from clip_pacl.models.pacl import PACL
@@ -23,9 +24,11 @@ class CachedFeatureDataset(Dataset):
     """Caption rows as (CLIP patch tokens (N, D), CLIP text embedding (D,)) float pairs; None for unreadable images.
 
     Indexable like `CaptionDataset` (an int or the sampler's `(index, seed)` pair), so `build_loader`,
-    `collate_skip_bad` and the training loop treat it like any caption dataset; the loop feeds its batches to
-    `PACL.loss_features_from_cache`.
+    `collate_skip_bad` and the training loop treat it like any caption dataset; its batches are `FeatureBatch`es,
+    which the loop feeds to `CachedFeatureModel.loss_features`.
     """
+
+    batch_type = FeatureBatch
 
     def __init__(self, patch_tokens: torch.Tensor, text_embeddings: torch.Tensor, image_of_row: torch.Tensor,
                  readable: torch.Tensor):
@@ -43,6 +46,31 @@ class CachedFeatureDataset(Dataset):
         if not self.readable[image]:
             return None
         return self.patch_tokens[image].float(), self.text_embeddings[index].float()
+
+
+class CachedFeatureModel(nn.Module):
+    """A PACL trained on its CLIP's cached features: `loss_features` takes `FeatureBatch` inputs, (patch tokens
+    (B, N, D_clip), text embeddings (B, D_clip)), instead of pixels and token ids; the temperature is the PACL's.
+    The checkpoint is the PACL's own (`pacl`); this wrapper only routes the features."""
+
+    def __init__(self, pacl: PACL):
+        super().__init__()
+        self.pacl = pacl
+
+    @property
+    def logit_scale(self) -> nn.Parameter:
+        """The PACL's log-space temperature parameter."""
+        return self.pacl.logit_scale
+
+    @property
+    def logit_bias(self) -> None:
+        """PACL learns no bias."""
+        return self.pacl.logit_bias
+
+    def loss_features(self, patch_tokens: torch.Tensor, text_embeddings: torch.Tensor) -> tuple[torch.Tensor,
+                                                                                              torch.Tensor]:
+        """(patch embeddings (B, N, D), text embeddings (B, D)) for the loss, as `PACL.loss_features` gives them."""
+        return self.pacl.loss_features_from_cache(patch_tokens, text_embeddings)
 
 
 class _Images(Dataset):

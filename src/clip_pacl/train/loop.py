@@ -46,15 +46,16 @@ from clip_pacl.train.distributed import (
     init_distributed,
     reduce_step_stats,
 )
+from clip_pacl.train.feature_cache import CachedFeatureModel, build_feature_cache
 from clip_pacl.train.logging import RunLogger, plot_loss
 from clip_pacl.train.optim import build_optimizer, clamp_logit_scale, lock_image_tower, lock_text_tower, set_train_mode
 from clip_pacl.train.record import write_record
 from clip_pacl.train.schedule import StepSchedule, default_warmup
-from clip_pacl.train.setup import FeatureModel, build_datasets, build_model, trim_text_padding
+from clip_pacl.train.setup import FeatureModel, batch_inputs, build_datasets, build_model
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 BAD_CHECK_MIN_SAMPLES = 1000  # mid-epoch, judge the bad-image fraction only on this many samples or more
-Micro = list[tuple[torch.Tensor, torch.Tensor]]  # one step's micro-batches: (images, texts) on the device
+Micro = list[tuple[torch.Tensor, torch.Tensor]]  # one step's micro-batches' `inputs` on the device
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,7 @@ class Run:
     device: torch.device
     model: nn.Module  # the model being trained: saved, validated, clipped
     feature_model: nn.Module  # what a step calls: FeatureModel(model), under DDP / torch.compile when asked
+    # (cached features: FeatureModel(CachedFeatureModel(model)))
     loader: DataLoader
     val_rows: list | None
     optimizer: torch.optim.Optimizer
@@ -157,20 +159,22 @@ def train(config: TrainConfig) -> TrainResult:
     device = resolve_device(config.device)
     if config.precision == "auto":  # one answer for the whole run (and every rank): bf16 autocast or fp32
         config = replace(config, precision=resolve_precision("auto", device))
-    objective = get_objective(config.objective)
+    if config.objective is not None:
+        get_objective(config.objective)  # an unknown name fails before anything is built
     info = init_distributed(device.type)
     if info.is_main:
         log(f"precision: {config.precision}" + (" (autocast)" if config.precision in AMP_DTYPES else ""))
     try:
         if device.type == "cuda" and info.enabled:
             device = torch.device("cuda", info.local_rank)
-        return _train(config, objective, info, device)
+        return _train(config, info, device)
     finally:
         cleanup_distributed()
 
 
-def _train(config: TrainConfig, objective: Objective, info: DistInfo, device: torch.device) -> TrainResult:
-    run = setup(config, objective, info, device)
+def _train(config: TrainConfig, info: DistInfo, device: torch.device) -> TrainResult:
+    run = setup(config, info, device)
+    config = run.config  # with the objective named (the model's own when the user gave none)
     state, last_checkpoint = resume(run)
     stop, window = _StopRequest(), LogWindow.open(state)
     bar = tqdm(total=run.total_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True,
@@ -223,21 +227,21 @@ def _train(config: TrainConfig, objective: Objective, info: DistInfo, device: to
                        run_dir=str(run.run_dir), n_bad=state.n_bad, n_seen=state.n_seen)
 
 
-def setup(config: TrainConfig, objective: Objective, info: DistInfo, device: torch.device) -> Run:
-    """Model, data, optimiser and logger. Configuration mistakes (unknown preset, missing column, a dataset
-    smaller than one step) fail here, before any work."""
+def setup(config: TrainConfig, info: DistInfo, device: torch.device) -> Run:
+    """Model, objective, data, optimiser and logger. Configuration mistakes (unknown preset, an objective the model
+    does not train under, missing column, a dataset smaller than one step) fail here, before any work. The Run's
+    config names the objective (the model's own when `config` gave none)."""
     run_dir = Path(config.out)
     existing = ckpt.latest_checkpoint(run_dir)
     if config.resume is None and existing is not None:
         raise ConfigError(f"{run_dir} already holds a run ({existing.name}); "
                           f"continue it with --resume auto or choose another --out")
     torch.manual_seed(config.seed)  # the same initial weights on every rank
-    model = build_model(config, objective)
+    model, config = build_model(config)
+    objective = get_objective(config.objective)
     image_size = config.image_size or getattr(model, "image_size", None)
     train_ds, val_rows = build_datasets(config, model, image_size)
     if config.cache_features:
-        from clip_pacl.train.feature_cache import build_feature_cache
-
         train_ds = build_feature_cache(model.to(device), train_ds, image_size, config.batch_size, config.workers,
                                        progress=config.progress and info.is_main)
     config = fit_batch_to_data(config, train_ds, info)
@@ -258,7 +262,7 @@ def setup(config: TrainConfig, objective: Objective, info: DistInfo, device: tor
     # after .to(device): the fused kernel is per device
     optimizer = build_optimizer(model, config.lr, config.wd, (config.beta1, config.beta2), config.eps)
     total_steps = config.steps or (config.epochs or 1) * steps_per_epoch
-    feature_model: nn.Module = FeatureModel(model, from_cache=config.cache_features)
+    feature_model: nn.Module = FeatureModel(CachedFeatureModel(model) if config.cache_features else model)
     if info.enabled:
         feature_model = DistributedDataParallel(feature_model,
                                                 device_ids=[device.index] if device.type == "cuda" else None)
@@ -344,12 +348,12 @@ def _epoch_steps(run: Run, state: TrainState) -> Iterator[Micro]:
     micro: Micro = []
     for batch in run.loader:
         state.batch_in_epoch += 1
-        state.pending_bad += batch["n_bad"]
-        state.pending_seen += batch["n_total"]
-        if len(batch["images"]) == 0:  # every image of this micro-batch was unreadable
+        state.pending_bad += batch.n_bad
+        state.pending_seen += batch.n_total
+        if len(batch) == 0:  # every image of this micro-batch was unreadable
             continue
-        texts = trim_text_padding(run.model, batch["texts"], 16 if run.config.compile else 1)  # host: no sync
-        micro.append((batch["images"].to(run.device, non_blocking=True), texts.to(run.device, non_blocking=True)))
+        inputs = batch_inputs(run.model, batch, 16 if run.config.compile else 1)  # host: no sync
+        micro.append(tuple(x.to(run.device, non_blocking=True) for x in inputs))
         if len(micro) < run.config.accum:
             continue
         if run.sync_epoch_ends and not all_ranks_ready(run.info, True):  # another rank's shards ran out
