@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from clip_pacl.console import log
 from clip_pacl.device import resolve_device
 from clip_pacl.errors import ConfigError
+
+if TYPE_CHECKING:  # every module here imports torch and the library only in `run`: `--help` starts at once
+    import torch
 
 __all__ = ["add_device_flag", "add_int8_flag", "add_json_flag", "load_device", "log", "print_json", "print_per_class",
            "quantization", "resolve_device"]

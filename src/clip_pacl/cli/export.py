@@ -18,7 +18,7 @@ ORDER = 82
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from clip_pacl.checkpoint.onnx import DEFAULT_OPSET
+    from clip_pacl.cli.defaults import DEFAULT_OPSET
 
     parser.add_argument("--model", required=True, help="checkpoint path, preset name or hub repo id")
     parser.add_argument("--out", required=True, help="output directory (created if missing)")

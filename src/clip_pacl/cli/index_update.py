@@ -7,13 +7,6 @@ from pathlib import Path
 
 from clip_pacl.cli.common import add_device_flag, add_json_flag, print_json, resolve_device
 from clip_pacl.errors import DataError
-from clip_pacl.models.quantize import quantize as quantize_model
-from clip_pacl.retrieval.ann import import_faiss, rebuild_request
-from clip_pacl.retrieval.index import ImageIndex, build_index, image_paths
-from clip_pacl.retrieval.metadata import attach_metadata, table_metadata
-from clip_pacl.retrieval.search import load_index_model
-from clip_pacl.retrieval.sharded import index_from_parts
-from clip_pacl.retrieval.wds_images import embed_shards, wds_shards
 
 COMMAND = "index update"
 HELP = "re-embed new and changed images of an index, drop deleted ones"
@@ -38,6 +31,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from clip_pacl.models.quantize import quantize as quantize_model
+    from clip_pacl.retrieval.ann import import_faiss, rebuild_request
+    from clip_pacl.retrieval.index import ImageIndex, build_index, image_paths
+    from clip_pacl.retrieval.metadata import attach_metadata, table_metadata
+    from clip_pacl.retrieval.search import load_index_model
+    from clip_pacl.retrieval.sharded import index_from_parts
+    from clip_pacl.retrieval.wds_images import embed_shards, wds_shards
+
     index = ImageIndex.load(args.index)
     images = index.meta.get("images")
     if not images or index.stats is None:
