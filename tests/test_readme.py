@@ -52,7 +52,7 @@ SIZES = [
 ]
 # The install command: its environment steps are those of the test command, which CI runs (.ci/run); the extra
 # it installs must be installed here; `clip-pacl demo` runs as `clip-pacl demo --quick` (seconds, not minutes).
-INSTALL = ("clip-pacl demo", "clip-pacl demo --quick --no-progress")
+INSTALL = ("clip-pacl demo", "clip-pacl demo --quick --no-progress --json")  # conftest.py's quick_demo runs it
 MARKERS = {"not-run: output", "test-command", "install-command"}
 
 
@@ -132,14 +132,14 @@ def _install_steps() -> tuple[list[str], list[str]]:
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory) -> Path:
-    """The install command's last step, `clip-pacl demo`, as `clip-pacl demo --quick` (INSTALL): its demo_out/."""
+def demo(quick_demo) -> Path:
+    """The install command's last step, `clip-pacl demo`, as `clip-pacl demo --quick` (INSTALL), in a real process
+    in a fresh folder (conftest.py's quick_demo, which tests/test_demo.py checks in detail): its demo_out/."""
+    from conftest import QUICK_DEMO
+
     install, _ = _install_steps()
-    assert install[-1] == INSTALL[0], install
-    cwd = tmp_path_factory.mktemp("user")
-    done = _bash(install[-1].replace(*INSTALL), cwd)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return cwd / "demo_out"
+    assert install[-1].replace(*INSTALL) == QUICK_DEMO, install
+    return quick_demo[0]
 
 
 def test_install_command_installs_what_ci_tests():
@@ -239,3 +239,23 @@ def shell(tmp_path_factory) -> ShellSession:
 def test_shell_block_runs(block, shell):
     done = shell.run_through(block)
     assert done.returncode == 0
+
+
+# ---------------------------------------------------------------------------------------------- layout names
+
+def test_layout_names_exist(demo):
+    """`OUT/...` (a training run), `IDX/...` (an index) and `demo_out/...` named in README.md and docs/ exist in a real
+    `clip-pacl demo --quick` output: its CLIP run, its index, itself. N or digits stand for any step number."""
+    from test_docs_references import all_spans
+
+    bases = {"OUT/": demo / "clip", "IDX/": demo / "index", "demo_out/": demo}
+    checked, missing = 0, []
+    for where, span in all_spans():
+        root = next((r for r in bases if span.startswith(r)), None)
+        if root is None or " " in span:
+            continue
+        pattern = re.sub(r"\bN\b|\d+", "*", span[len(root):]).rstrip("/")
+        checked += 1
+        if not pattern or not list(bases[root].glob(pattern)):
+            missing.append(f"{where}: `{span}`")
+    assert checked >= 5 and not missing, "\n".join(missing)
