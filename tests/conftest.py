@@ -39,7 +39,9 @@ def quick_demo(tmp_path_factory) -> tuple[Path, dict]:
     folder, with this environment's scripts first on PATH. The README's install command ends in it
     (tests/test_readme.py) and tests/test_demo.py checks what it wrote: one demo run serves both."""
     cwd = tmp_path_factory.mktemp("user")
+    out = cwd / "demo_out"  # the default --out, spelled absolute so that the printed paths work from anywhere
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    done = subprocess.run(QUICK_DEMO.split(), cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    done = subprocess.run([*QUICK_DEMO.split(), "--out", str(out)], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    return cwd / "demo_out", json.loads(done.stdout)
+    return out, json.loads(done.stdout)
