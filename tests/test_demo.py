@@ -2,7 +2,6 @@
 commands it prints work, and an existing output directory is replaced only when asked, and only if it is a demo's."""
 
 import base64
-import contextlib
 import html
 import io
 import json
@@ -31,12 +30,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory) -> tuple[Path, dict]:
-    out = tmp_path_factory.mktemp("demo") / "out"
-    stdout = io.StringIO()
-    with contextlib.redirect_stdout(stdout):
-        assert main(["demo", "--quick", "--out", str(out), "--no-progress", "--json"]) == 0
-    return out, json.loads(stdout.getvalue())
+def demo(quick_demo) -> tuple[Path, dict]:
+    """`clip-pacl demo --quick --no-progress --json` (conftest.py: shared with tests/test_readme.py)."""
+    return quick_demo
 
 
 def test_quick_demo_runs_every_phase(demo):

@@ -25,29 +25,30 @@ from helpers import require
 FAIL_SCRIPT = """
 import os, signal, sys
 import torch
-import clip_pacl.cli.index as cli_index
+import clip_pacl.checkpoint, clip_pacl.retrieval.index, clip_pacl.retrieval.sharded
 from clip_pacl.cli.main import main
 mode = sys.argv[1]
+# `clip-pacl index build` imports these when it runs (not at import: the CLI starts fast), so it gets the patched ones
 if os.environ["RANK"] == "1":
     if mode == "raise":
         def embed(*args, **kwargs):
             raise PermissionError(13, "Permission denied", "/nodes/1/scratch")
-        cli_index.embed_files = embed
+        clip_pacl.retrieval.sharded.embed_files = embed
     elif mode == "die":
         def embed(*args, **kwargs):
             os.kill(os.getpid(), signal.SIGKILL)
-        cli_index.embed_files = embed
+        clip_pacl.retrieval.sharded.embed_files = embed
     elif mode == "listing":
-        real_paths = cli_index.image_paths
-        cli_index.image_paths = lambda *args, **kwargs: real_paths(*args, **kwargs)[:-1]
+        real_paths = clip_pacl.retrieval.index.image_paths
+        clip_pacl.retrieval.index.image_paths = lambda *args, **kwargs: real_paths(*args, **kwargs)[:-1]
     elif mode == "weights":
-        real_load = cli_index.load_with_source
+        real_load = clip_pacl.checkpoint.load_with_source
         def load(*args, **kwargs):
             model, source = real_load(*args, **kwargs)
             with torch.no_grad():
                 next(model.parameters()).add_(1.0)
             return model, source
-        cli_index.load_with_source = load
+        clip_pacl.checkpoint.load_with_source = load
 sys.exit(main(["index", *sys.argv[2:]]))
 """
 

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from clip_pacl.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 
 def resolve_device(name: str | None) -> torch.device:
     """`None`: CUDA when available, else CPU; otherwise the named device, which must exist."""
+    import torch  # here: the CLI imports this module to build its parser, which needs no torch
+
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

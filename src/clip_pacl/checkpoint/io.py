@@ -101,7 +101,9 @@ def load(
     precision: str | None = None,
     random_weights: bool | None = None,
 ) -> nn.Module:
-    """Load a model from any source clip-pacl reads (see ARCHITECTURE.md, "Contracts").
+    """Load a model from any source clip-pacl reads: a clip-pacl checkpoint or training run dir, a Hugging Face
+    CLIP dir, an OpenAI `.pt`, an open_clip state dict or model-config JSON, a preset, a hub name (README,
+    "Python API"; `docs/architecture.md`).
 
     `pretrained` names weights for a preset as open_clip does (`load("ViT-B-32", pretrained="openai")`, or
     `load("ViT-B-32:openai")`) or is a weights file for it. A preset or model-config JSON without `pretrained`

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from clip_pacl.retrieval.ann import AUTO_MIN_VECTORS, AUTO_RERANK
+from clip_pacl.cli.defaults import AUTO_MIN_VECTORS, AUTO_RERANK
 
 
 def add_ann_flags(parser: argparse.ArgumentParser, build: bool = False) -> None:

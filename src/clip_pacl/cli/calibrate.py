@@ -8,8 +8,8 @@ from pathlib import Path
 import clip_pacl
 from clip_pacl.checkpoint.rundir import resolve_run_dir
 from clip_pacl.cli.common import add_device_flag, add_json_flag, log, print_json, resolve_device
+from clip_pacl.cli.defaults import CALIBRATION_IMAGES
 from clip_pacl.errors import ConfigError
-from clip_pacl.segmentation.calibrate import CALIBRATION_IMAGES, calibrate_background, write_calibration
 
 COMMAND = "calibrate"
 HELP = "calibrate a PACL checkpoint's background threshold on its training captions (no masks needed)"
@@ -39,6 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from clip_pacl.segmentation.calibrate import calibrate_background, write_calibration
+
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1 (got {args.batch_size})")
     if not args.model.is_dir():

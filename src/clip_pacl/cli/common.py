@@ -7,13 +7,14 @@ import json
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from clip_pacl.console import log
 from clip_pacl.device import resolve_device
 from clip_pacl.errors import ConfigError
+
+if TYPE_CHECKING:  # every module here imports torch and the library only in `run`: `--help` starts at once
+    import torch
 
 __all__ = ["add_device_flag", "add_int8_flag", "add_json_flag", "add_model_flags", "add_precision_flag",
            "add_weights_flags", "cli_load_errors", "fold_pretrained", "load_device", "load_model",

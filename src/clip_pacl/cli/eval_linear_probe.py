@@ -15,9 +15,8 @@ from clip_pacl.cli.common import (
     print_json,
     resolve_device,
 )
+from clip_pacl.cli.defaults import DEFAULT_CS
 from clip_pacl.cli.eval_zeroshot import print_classification
-from clip_pacl.data.imagefolder import read_labelled
-from clip_pacl.eval.linear_probe import DEFAULT_CS, evaluate_linear_probe
 
 COMMAND = "eval linear-probe"
 HELP = "linear-probe accuracy: logistic regression on frozen image features"
@@ -49,6 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from clip_pacl.data.imagefolder import read_labelled
+    from clip_pacl.eval.linear_probe import evaluate_linear_probe
+
     keys = dict(image_key=args.image_key, label_key=args.label_key)
     train_rows, test_rows = read_labelled(args.train, **keys), read_labelled(args.test, **keys)
     model = load_model(args, device=resolve_device(args.device))

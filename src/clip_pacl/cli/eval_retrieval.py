@@ -16,8 +16,7 @@ from clip_pacl.cli.common import (
     print_json,
     quantization,
 )
-from clip_pacl.data import DATA_FORMATS, read_caption_rows
-from clip_pacl.eval.retrieval import evaluate_retrieval
+from clip_pacl.cli.defaults import DATA_FORMATS
 
 COMMAND = "eval retrieval"
 HELP = "image-to-text and text-to-image recall@1/5/10"
@@ -49,6 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from clip_pacl.data import read_caption_rows
+    from clip_pacl.eval.retrieval import evaluate_retrieval
+
     rows = read_caption_rows(args.data, data_format=args.data_format, image_key=args.image_key,
                              caption_key=args.caption_key)
     model = load_model(args, device=load_device(args), quantize=quantization(args))

@@ -18,7 +18,6 @@ from clip_pacl.cli.common import (
     resolve_device,
 )
 from clip_pacl.cli.segment import add_segmentation_flags, background_choice, resolve_segmentation_templates
-from clip_pacl.eval.segmentation import evaluate_segmentation
 
 COMMAND = "eval segmentation"
 GROUP_HELP = "measure a model: zero-shot accuracy, retrieval recall, segmentation mIoU"
@@ -47,6 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from clip_pacl.eval.segmentation import evaluate_segmentation
+
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be at least 1, got {args.limit}")
     templates = None if args.templates is None and not args.template else resolve_segmentation_templates(args)

@@ -17,9 +17,6 @@ from clip_pacl.cli.common import (
     print_per_class,
     quantization,
 )
-from clip_pacl.data.imagefolder import read_labelled
-from clip_pacl.eval.zeroshot import evaluate_zeroshot
-from clip_pacl.zeroshot.templates import resolve_class_names, resolve_templates
 
 COMMAND = "eval zeroshot"
 GROUP_HELP = "measure a model: zero-shot accuracy, retrieval recall, segmentation mIoU"
@@ -64,6 +61,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from clip_pacl.data.imagefolder import read_labelled
+    from clip_pacl.eval.zeroshot import evaluate_zeroshot
+    from clip_pacl.zeroshot.templates import resolve_class_names, resolve_templates
+
     templates = resolve_templates(args.templates, args.template)
     class_names = resolve_class_names(args.classes) if args.classes is not None else None
     rows = read_labelled(args.data, class_names, image_key=args.image_key, label_key=args.label_key)

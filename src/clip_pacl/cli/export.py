@@ -18,7 +18,7 @@ ORDER = 82
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from clip_pacl.checkpoint.onnx import DEFAULT_OPSET
+    from clip_pacl.cli.defaults import DEFAULT_OPSET
 
     add_model_flags(parser)
     parser.add_argument("--out", required=True, help="output directory (created if missing)")

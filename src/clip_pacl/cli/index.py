@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 from functools import partial
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from clip_pacl.cli.ann_flags import add_ann_flags, add_faiss_index_flag, build_options
 from clip_pacl.cli.common import (
@@ -22,13 +21,11 @@ from clip_pacl.cli.common import (
     print_json,
     quantization,
 )
-from clip_pacl.device import resolve_precision
-from clip_pacl.retrieval.ann import check_request
-from clip_pacl.retrieval.index import build_index, confine_paths, encoder_at, image_paths, images_root
-from clip_pacl.retrieval.metadata import attach_metadata, table_metadata
-from clip_pacl.retrieval.sharded import build_index_sharded, embed_files, index_from_parts
-from clip_pacl.retrieval.wds_images import embed_shards, wds_shards, wds_source
-from clip_pacl.train.distributed import DistInfo, env_dist_info
+
+if TYPE_CHECKING:
+    import torch
+
+    from clip_pacl.train.distributed import DistInfo
 
 COMMAND = "index build"
 GROUP_HELP = "image index commands"
@@ -73,6 +70,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from clip_pacl.retrieval.ann import check_request
+    from clip_pacl.retrieval.index import confine_paths, image_paths, images_root
+    from clip_pacl.retrieval.metadata import attach_metadata, table_metadata
+    from clip_pacl.retrieval.wds_images import wds_shards, wds_source
+    from clip_pacl.train.distributed import env_dist_info
+
     ann_options = build_options(args)
     if args.faiss_index is None and any(v is not None for v in ann_options.values()):
         raise ValueError("--nprobe, --ef-search, --rerank and --faiss-train-size need --faiss-index")
@@ -119,6 +122,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _device(args: argparse.Namespace, info: DistInfo) -> torch.device:
     """--device (the CPU under --int8); under torchrun, `cuda` means this rank's own GPU (its local rank)."""
+    import torch
+
     device = load_device(args)
     if info.enabled and device.type == "cuda" and device.index is None:
         device = torch.device("cuda", info.local_rank)
@@ -129,6 +134,11 @@ def _build(args: argparse.Namespace, model: torch.nn.Module, inputs: list, webda
            images: dict[str, str], revision: str | None, info: DistInfo, root: str | None):
     """(index or None on ranks other than 0, unreadable [(path, reason)], unreadable count per rank or None).
     `inputs`: image paths, or webdataset shards; `root`: the folder they resolve inside (`confine_paths`)."""
+    from clip_pacl.device import resolve_precision
+    from clip_pacl.retrieval.index import build_index, encoder_at
+    from clip_pacl.retrieval.sharded import build_index_sharded, embed_files, index_from_parts
+    from clip_pacl.retrieval.wds_images import embed_shards
+
     meta = {"model_source": args.model, "images": images, "hub_revision": revision, "quantize": quantization(args),
             "root": root, "allow_outside_root": args.allow_outside_root,
             "precision": resolve_precision(args.precision, next(model.parameters()).device)}

@@ -15,13 +15,6 @@ from clip_pacl.cli.common import (
     resolve_device,
 )
 from clip_pacl.errors import DataError
-from clip_pacl.models.quantize import quantize as quantize_model
-from clip_pacl.retrieval.ann import import_faiss, rebuild_request
-from clip_pacl.retrieval.index import ImageIndex, build_index, image_paths, index_root
-from clip_pacl.retrieval.metadata import attach_metadata, table_metadata
-from clip_pacl.retrieval.search import load_index_model
-from clip_pacl.retrieval.sharded import index_from_parts
-from clip_pacl.retrieval.wds_images import embed_shards, wds_shards
 
 COMMAND = "index update"
 HELP = "re-embed new and changed images of an index, drop deleted ones"
@@ -47,6 +40,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from clip_pacl.retrieval.ann import import_faiss, rebuild_request
+    from clip_pacl.retrieval.index import ImageIndex, build_index, encoder_at, image_paths, index_root
+    from clip_pacl.retrieval.metadata import attach_metadata, table_metadata
+    from clip_pacl.retrieval.search import load_index_model
+    from clip_pacl.retrieval.sharded import index_from_parts
+    from clip_pacl.retrieval.wds_images import embed_shards, wds_shards
+
     index = ImageIndex.load(args.index)
     images = index.meta.get("images")
     if not images or index.stats is None:
@@ -64,11 +64,12 @@ def run(args: argparse.Namespace) -> int:
     meta = {"model_source": args.model or index.meta.get("model"), "images": images,
             "hub_revision": index.meta.get("hub_revision"), "quantize": index.meta.get("quantize"),
             "root": index_root(index.meta, index.paths),
-            "allow_outside_root": bool(index.meta.get("allow_outside_root"))}
+            "allow_outside_root": bool(index.meta.get("allow_outside_root")),
+            "precision": index.meta.get("precision", "fp32")}
     if shards is None:
         updated, unreadable = build_index(model, paths, args.batch_size, args.workers, reuse=index, **meta)
     else:
-        encoder = quantize_model(model, meta["quantize"])  # embedded the way the index was built
+        encoder = encoder_at(model, meta["quantize"], meta["precision"])  # embedded the way the index was built
         built = index_from_parts(model, [embed_shards(encoder, shards, args.batch_size, args.workers)], len(shards),
                                  **meta)
         updated, unreadable = built.index, built.unreadable

@@ -15,9 +15,8 @@ from clip_pacl.cli.common import (
     print_json,
     resolve_device,
 )
-from clip_pacl.data import DATA_FORMATS, read_caption_rows
+from clip_pacl.cli.defaults import DATA_FORMATS, W
 from clip_pacl.errors import DataError
-from clip_pacl.metrics import W, clip_score
 
 COMMAND = "score"
 HELP = "CLIPScore of image-caption pairs (RefCLIPScore with --references)"
@@ -52,6 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from clip_pacl.data import read_caption_rows
+    from clip_pacl.metrics import clip_score
+
     keys = dict(data_format=args.data_format, image_key=args.image_key, caption_key=args.caption_key)
     rows = read_caption_rows(args.data, **keys)
     references = None

@@ -16,11 +16,8 @@ from clip_pacl.cli.common import (
     print_json,
     resolve_device,
 )
-from clip_pacl.data import load_image
-from clip_pacl.segmentation.background import RULE_HELP, RULES, resolve_background
-from clip_pacl.segmentation.overlay import mask_image, overlay_image
-from clip_pacl.segmentation.predict import DEFAULT_TEMPLATES, METHODS, NO_CLASS, default_method, segment
-from clip_pacl.zeroshot.templates import resolve_class_names, resolve_templates
+from clip_pacl.cli.defaults import DEFAULT_TEMPLATES, METHODS, NO_CLASS
+from clip_pacl.segmentation.rules import RULE_HELP, RULES
 
 COMMAND = "segment"
 HELP = "segment an image by class names (PACL, or the raw-patch / MaskCLIP baselines of a CLIP)"
@@ -60,6 +57,8 @@ def background_choice(args: argparse.Namespace) -> str | float:
 
 
 def resolve_segmentation_templates(args: argparse.Namespace) -> list[str]:
+    from clip_pacl.zeroshot.templates import resolve_templates
+
     if args.templates is None and not args.template:
         return list(DEFAULT_TEMPLATES)
     return resolve_templates(args.templates, args.template)
@@ -79,6 +78,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from clip_pacl.data import load_image
+    from clip_pacl.segmentation.background import resolve_background
+    from clip_pacl.segmentation.overlay import mask_image, overlay_image
+    from clip_pacl.segmentation.predict import default_method, segment
+    from clip_pacl.zeroshot.templates import resolve_class_names
+
     class_names = resolve_class_names(args.classes)
     if len(class_names) > 255:
         raise ValueError(f"at most 255 classes fit in the mask PNG (got {len(class_names)})")

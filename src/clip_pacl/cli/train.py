@@ -135,7 +135,7 @@ def _add_optimisation_flags(arg) -> None:
 
 
 def _objectives() -> list[str]:
-    from clip_pacl.losses import OBJECTIVES
+    from clip_pacl.cli.defaults import OBJECTIVES
 
     return sorted(OBJECTIVES)
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
 from clip_pacl.cli.common import (
     add_device_flag,
     add_int8_flag,
@@ -19,13 +17,7 @@ from clip_pacl.cli.common import (
     quantization,
 )
 from clip_pacl.cli.eval_zeroshot import add_template_flags
-from clip_pacl.data import load_image
-from clip_pacl.data.folders import image_files
-from clip_pacl.encode import model_device
 from clip_pacl.errors import DataError
-from clip_pacl.preprocess import model_transform
-from clip_pacl.zeroshot.classifier import build_classifier, class_probabilities
-from clip_pacl.zeroshot.templates import resolve_class_names, resolve_templates
 
 COMMAND = "zeroshot"
 HELP = "classify images among class names, by prompts alone"
@@ -53,6 +45,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from clip_pacl.data import load_image
+    from clip_pacl.data.folders import image_files
+    from clip_pacl.encode import model_device
+    from clip_pacl.preprocess import model_transform
+    from clip_pacl.zeroshot.classifier import build_classifier, class_probabilities
+    from clip_pacl.zeroshot.templates import resolve_class_names, resolve_templates
+
     if args.top_k < 1:
         raise ValueError(f"--top-k must be at least 1, got {args.top_k}")
     if args.batch_size < 1:

@@ -146,7 +146,8 @@ class CLIP(nn.Module):
     def similarity(self, images: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
         """Cosine similarity (B, C) of images to normalised text features (C, D), e.g. a zero-shot classifier.
 
-        PACL overrides this with its patch-aligned compatibility, so zero-shot code serves both.
+        PACL (not a subclass) has its own `similarity`, its patch-aligned compatibility, with the same signature
+        (`models/protocol.py`, `ContrastiveModel`), so zero-shot code serves both.
         """
         return self.encode_image(images, normalize=True) @ text_features.T
 

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 from clip_pacl.errors import ConfigError
-from clip_pacl.train.schedule import SCHEDULES
 
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")  # auto: bf16 where the CPU or GPU has native bf16 (device.py)
 # `clip-pacl train`'s PACL flags (argparse dests) and the PACLConfig fields they set in TrainConfig.pacl
@@ -93,6 +92,8 @@ class TrainConfig:
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1) or self.eps <= 0:
             raise ConfigError(f"--beta1 and --beta2 must be in [0, 1) and --eps > 0, not {self.beta1}, {self.beta2}, "
                               f"{self.eps}")
+        from clip_pacl.train.schedule import SCHEDULES  # not at the top: the CLI reads the defaults without torch
+
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"--schedule must be one of {', '.join(SCHEDULES)}, not '{self.schedule}'")
         if self.grad_clip is not None and self.grad_clip < 0:
