@@ -29,6 +29,9 @@ import httpx
 import numpy as np
 from PIL import Image
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import append_jsonl  # noqa: E402
+
 RESULTS = Path(__file__).parent / "results" / "web_worst_cases.jsonl"
 HEADERS = {"X-Requested-With": "clip-pacl"}
 SIDE = 6324  # 40 MP, just under the server's pixel cap
@@ -152,8 +155,7 @@ def main() -> None:
                 finally:
                     server.close()
                 print(json.dumps(record), flush=True)
-                with open(RESULTS, "a") as f:
-                    f.write(json.dumps(record) + "\n")
+                append_jsonl(RESULTS, [record])
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@ import argparse
 from pathlib import Path
 
 import clip_pacl
-from clip_pacl.checkpoint.rundir import resolve_run_dir
 from clip_pacl.cli.common import add_device_flag, add_json_flag, log, print_json, resolve_device
 from clip_pacl.cli.defaults import CALIBRATION_IMAGES
 from clip_pacl.errors import ConfigError
@@ -39,6 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from clip_pacl.checkpoint.rundir import resolve_run_dir
     from clip_pacl.segmentation.calibrate import calibrate_background, write_calibration
 
     if args.batch_size < 1:

@@ -21,76 +21,16 @@ so the largest tensor is (B, B_chunk, N). Chunks over texts are recomputed in th
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from clip_pacl.config import MAX_LAYERS, MAX_SIZE, config_float, config_int
+from clip_pacl.config import PACLConfig
 from clip_pacl.errors import ConfigError
 from clip_pacl.models.clip import CLIP
 from clip_pacl.tokenizer import Tokenizer
-
-
-@dataclass(frozen=True)
-class PACLConfig:
-    """The trainable part of PACL. `None` dims follow the CLIP embed dim (hidden: 4x it).
-
-    The defaults are what segments best on the evidence (README "Measured results": MaskCLIP tokens with a low pool
-    temperature segment markedly better than the paper's settings on a small CLIP trained from scratch). The
-    paper's settings are `PACLConfig.paper()`. Configs saved before a field existed are read with the value
-    they were trained with (`LEGACY_DEFAULTS`), not today's default.
-    """
-
-    hidden_dim: int | None = None
-    out_dim: int | None = None
-    unfreeze_last_n_blocks: int = 0
-    init_logit_scale: float = 2.6592600369644043  # ln(1 / 0.07)
-    # Temperature of the softmax that pools patches, a = softmax(s / pool_temperature). The paper uses
-    # softmax(s) (1.0); cosines lie in [-1, 1], so then the weights differ by at most e^2 and the pooled
-    # embedding stays close to the plain mean of the patches. A lower value makes the pooling select patches.
-    pool_temperature: float = 0.05
-    # Which CLIP patch tokens feed the vision embedder: "tokens" (the last block's output, as in the paper)
-    # or "maskclip" (the last block's value path, which keeps each token local; see encode_image_tokens).
-    patch_tokens: str = "maskclip"
-    # The cosine under which a patch is background, calibrated on the training captions without masks
-    # (clip_pacl.segmentation.calibrate); None until calibrated.
-    background_threshold: float | None = None
-
-    # What a saved config that lacks a field was trained with: the paper's settings were the defaults then.
-    LEGACY_DEFAULTS = {"pool_temperature": 1.0, "patch_tokens": "tokens"}
-
-    @classmethod
-    def paper(cls, **overrides) -> PACLConfig:
-        """The paper's settings: last-block tokens, pooling softmax(s)."""
-        return cls(**{**cls.LEGACY_DEFAULTS, **overrides})
-
-    def to_dict(self) -> dict:
-        """JSON-ready fields (the `pacl` entry of a PACL checkpoint's config.json)."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> PACLConfig:
-        """Inverse of `to_dict`; unknown keys are a ConfigError."""
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ConfigError(f"unknown PACL config keys: {', '.join(sorted(unknown))}")
-        return cls(**{**cls.LEGACY_DEFAULTS, **d})
-
-    def __post_init__(self) -> None:
-        for name in ("hidden_dim", "out_dim"):
-            if getattr(self, name) is not None:
-                config_int(getattr(self, name), name, 1, MAX_SIZE)
-        config_int(self.unfreeze_last_n_blocks, "unfreeze_last_n_blocks", 0, MAX_LAYERS)
-        config_float(self.init_logit_scale, "init_logit_scale")
-        config_float(self.pool_temperature, "pool_temperature", positive=True)
-        if self.background_threshold is not None:
-            config_float(self.background_threshold, "background_threshold")
-        if self.patch_tokens not in ("tokens", "maskclip"):
-            raise ConfigError(f"patch_tokens must be 'tokens' or 'maskclip', not '{self.patch_tokens}'")
 
 
 def _compatibility_block(patch_emb: torch.Tensor, gram: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:

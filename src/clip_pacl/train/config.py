@@ -119,7 +119,7 @@ class TrainConfig:
     def _check_pacl(self) -> None:
         """The PACL options: valid PACLConfig values, and only with --objective pacl (once it is known: a config
         whose objective is the model's is checked again when the model has named it)."""
-        from clip_pacl.models.pacl import PACLConfig
+        from clip_pacl.config import PACLConfig
 
         unknown = sorted(set(self.pacl) - {f.name for f in fields(PACLConfig)})
         if unknown:
@@ -188,7 +188,7 @@ def train_defaults() -> dict[str, Any]:
 
 def pacl_defaults() -> dict[str, Any]:
     """What a new PACL gets for each PACL flag the user leaves out, by flag dest: PACLConfig's defaults."""
-    from clip_pacl.models.pacl import PACLConfig
+    from clip_pacl.config import PACLConfig
 
     defaults = PACLConfig()
     return {flag: getattr(defaults, key) for flag, key in PACL_FLAGS.items()}
