@@ -20,6 +20,7 @@ and records its peak resident memory (ru_maxrss; on CUDA the allocator's peak, t
 --int8 is CPU only.
 
     python benchmarks/encode.py --models ViT-B-32,ViT-B-16 --towers image --batch 16 --threads 1 --repeats 7 --int8
+    python benchmarks/encode.py --models ViT-B-32 --towers image,text --batch 16 --threads 2 --bf16
     python benchmarks/encode.py --models ViT-B-32 --towers image --batch 16 --threads 1 --rss
     python benchmarks/encode.py --device cuda --models ViT-B-32 --towers image,text --batch 1024 --repeats 10
 
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import functools
 import json
 import logging
@@ -44,6 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from clip_pacl.checkpoint.convert_open_clip import from_open_clip
+from clip_pacl.checkpoint.io import set_precision
 from clip_pacl.config import CLIPConfig
 from clip_pacl.models import CLIP
 from clip_pacl.models.quantize import quantize_int8
@@ -166,8 +169,9 @@ def nominal_gflops(model: CLIP, image: torch.Tensor) -> float:
 
 
 def contenders(name: str, tower: str, batch: int, int8: bool, device: torch.device = torch.device("cpu"),
-               amp: str = "none"):
-    """(inputs, {contender: encode function}, our model): clip_pacl, open_clip and (with int8) clip_pacl_int8."""
+               amp: str = "none", bf16: bool = False):
+    """(inputs, {contender: encode function}, our model): clip_pacl, open_clip, (with int8) clip_pacl_int8 and
+    (with bf16) clip_pacl_bf16, a copy with bfloat16 towers (`--precision bf16`)."""
     theirs, ours = build_pair(name, device)
     context = autocast(amp, device)
     if tower == "image":
@@ -188,12 +192,16 @@ def contenders(name: str, tower: str, batch: int, int8: bool, device: torch.devi
         quantized = quantize_int8(ours)
         encode = quantized.encode_image if tower == "image" else quantized.encode_text
         fns["clip_pacl_int8"] = lambda: encode(inputs)
+    if bf16:
+        half = set_precision(copy.deepcopy(ours), "bf16")
+        encode_bf16 = half.encode_image if tower == "image" else half.encode_text
+        fns["clip_pacl_bf16"] = lambda: encode_bf16(inputs)
     return inputs, fns, ours
 
 
 def measure(name: str, tower: str, batch: int, repeats: int, warmup: int, int8: bool, peak: dict,
-            device: torch.device = torch.device("cpu"), amp: str = "none") -> dict:
-    inputs, fns, ours = contenders(name, tower, batch, int8, device, amp)
+            device: torch.device = torch.device("cpu"), amp: str = "none", bf16: bool = False) -> dict:
+    inputs, fns, ours = contenders(name, tower, batch, int8, device, amp, bf16)
     with torch.inference_mode():
         outputs = {key: fn().float() for key, fn in fns.items()}
         seconds = median_seconds(fns, repeats, warmup, device)
@@ -213,6 +221,14 @@ def measure(name: str, tower: str, batch: int, repeats: int, warmup: int, int8: 
             "int8_vs_fp32_cpu": round(cpu["clip_pacl"] / cpu["clip_pacl_int8"], 3),
             "int8_vs_open_clip": round(wall["open_clip"] / wall["clip_pacl_int8"], 3),
             "int8_cosine_min": round(float(F.cosine_similarity(outputs["clip_pacl_int8"], outputs["clip_pacl"]).min()),
+                                     5),
+        })
+    if bf16:
+        record.update({
+            "bf16_per_s": round(batch / wall["clip_pacl_bf16"], 2),
+            "bf16_vs_fp32": round(wall["clip_pacl"] / wall["clip_pacl_bf16"], 3),
+            "bf16_vs_open_clip": round(wall["open_clip"] / wall["clip_pacl_bf16"], 3),
+            "bf16_cosine_min": round(float(F.cosine_similarity(outputs["clip_pacl_bf16"], outputs["clip_pacl"]).min()),
                                      5),
         })
     if tower == "image":
@@ -286,6 +302,9 @@ def print_table(records: list[dict]) -> None:
                      if "ours_gflop_s" in r else "")
             print(f"{r['model']:<10} {r['tower']:<6} {r['batch']:>5} {r['threads']:>3} {r['ours_per_s']:>11} "
                   f"{r['open_clip_per_s']:>11} {r['ratio']:>6} {int8} {flops}")
+            if "bf16_per_s" in r:
+                print(f"{'':<10} bf16: {r['bf16_per_s']}/s, {r['bf16_vs_fp32']}x fp32 clip-pacl, "
+                      f"{r['bf16_vs_open_clip']}x open_clip, cosine to fp32 >= {r['bf16_cosine_min']}")
     for r in records:
         if r.get("kind") == "peak_rss":
             cuda = f", CUDA peak {r['peak_cuda_mib']} MiB" if "peak_cuda_mib" in r else ""
@@ -306,6 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where both libraries run")
     parser.add_argument("--amp", choices=list(AMP_DTYPES), default="none",
                         help="bf16: both libraries encode under torch.autocast(bfloat16)")
+    parser.add_argument("--bf16", action="store_true",
+                        help="also time clip-pacl with bfloat16 towers (`--precision bf16`), against its float32")
     parser.add_argument("--int8", action="store_true",
                         help="also time clip-pacl with int8-quantized linear layers (CPU only)")
     parser.add_argument("--rss", action="store_true",
@@ -338,8 +359,8 @@ def main(argv: list[str] | None = None) -> int:
         for name in models:
             for tower in towers:
                 batch = args.text_batch or args.batch if tower == "text" else args.batch
-                record = {**measure(name, tower, batch, args.repeats, args.warmup, args.int8, peak, device, args.amp),
-                          **common}
+                record = {**measure(name, tower, batch, args.repeats, args.warmup, args.int8, peak, device, args.amp,
+                                    args.bf16), **common}
                 print(json.dumps(record), flush=True)
                 records.append(record)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -110,3 +110,18 @@ def test_gpu_only_and_cpu_only_options_fail_in_one_line():
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1
         assert proc.stderr.startswith("error: --device cuda, but torch")
+
+
+def test_encode_benchmark_times_bf16_towers_against_fp32(tmp_path):
+    """`encode.py --bf16`: the bf16 contender (`--precision bf16`) in the same rotation, with its ratios and cosine."""
+    require("open_clip")
+    out = tmp_path / "encode.jsonl"
+    stdout = _run("encode.py", "--bf16", "--models", "tiny", "--towers", "image,text", "--batch", "2", "--repeats", "1",
+                  "--warmup", "0", "--threads", "1", "--out", out)
+    rows = {r["tower"]: r for r in _rows(out)}
+    assert set(rows) == {"image", "text"}
+    for r in rows.values():
+        assert r["bf16_per_s"] > 0 and r["bf16_vs_fp32"] > 0 and r["bf16_vs_open_clip"] > 0
+        assert 0.99 <= r["bf16_cosine_min"] <= 1.0
+        assert "cpu_flags" in r and "load_avg_1m" in r
+    assert "bf16:" in stdout
