@@ -320,6 +320,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=16, help="images (or texts) per call")
     parser.add_argument("--text-batch", type=int, default=None, help="texts per call (default: --batch)")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads for every library")
+    parser.add_argument("--peak-size", type=int, default=None, metavar="N",
+                        help="side of the matrices that measure the matmul peak (default: 2048 on CPU, 8192 "
+                             "on a GPU; smaller only for smoke runs: bf16 at 2048 takes minutes on a CPU "
+                             "without bf16 units)")
     parser.add_argument("--repeats", type=int, default=7, help="timed calls per library (median reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls per library first")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where both libraries run")
@@ -355,7 +359,8 @@ def main(argv: list[str] | None = None) -> int:
                    for r in measure_rss(name, args.batch, args.repeats, args.threads, libraries, args.device,
                                          args.amp)]
     else:
-        peak = matmul_peak(device, AMP_DTYPES[args.amp] or torch.float32) if "image" in towers else {}
+        peak = matmul_peak(device, AMP_DTYPES[args.amp] or torch.float32, size=args.peak_size) \
+            if "image" in towers else {}
         for name in models:
             for tower in towers:
                 batch = args.text_batch or args.batch if tower == "text" else args.batch
