@@ -45,7 +45,8 @@ def _record(**fields) -> dict:
 def build_runs(args: argparse.Namespace, tmp: Path) -> list[dict]:
     generate_synthetic(tmp / "data", args.n, seed=0, image_size=args.source_size)
     torch.manual_seed(0)
-    clip_pacl.save(clip_pacl.load(args.model), tmp / "model")  # one checkpoint: every rank holds the same weights
+    # one checkpoint: every rank holds the same weights (a preset here is asked for on purpose)
+    clip_pacl.save(clip_pacl.load(args.model, random_weights=True), tmp / "model")
     rows, reference = [], None
     for procs in args.procs:
         out = tmp / f"idx-{procs}"

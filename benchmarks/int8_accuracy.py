@@ -48,7 +48,7 @@ def train_tiny(workdir: Path, data: Path, image_size: int, steps: int, batch_siz
     (workdir / "tiny.json").write_text(json.dumps(config))
     result = train(TrainConfig(data=str(data / "captions.csv"), model=str(workdir / "tiny.json"),
                                out=str(workdir / "run"), steps=steps, batch_size=batch_size, lr=2e-3, seed=seed,
-                               device="cpu", progress=False))
+                               device="cpu", progress=False, workers=0))
     return Path(result.final_model)
 
 
@@ -106,7 +106,7 @@ def main() -> None:
         if not (data / "captions_heldout.csv").is_file():
             generate_synthetic(data, args.n, seed=args.seed, image_size=64, max_objects=1, heldout=args.heldout)
         args.model = train_tiny(args.workdir, data, args.image_size, args.steps, args.batch_size, args.seed)
-    model = clip_pacl.load(args.model).eval()
+    model = clip_pacl.load(args.model, random_weights=True).eval()
     int8 = clip_pacl.quantize_int8(model)
     fp32_scores, int8_scores = accuracy(model, data), accuracy(int8, data)
     torch.manual_seed(args.seed)

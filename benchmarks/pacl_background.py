@@ -65,7 +65,7 @@ def main() -> None:
         raise SystemExit(f"error: {len(args.val)} --val dirs but {len(args.test)} --test dirs (pair them)")
     if args.threads:
         torch.set_num_threads(args.threads)
-    pacl = clip_pacl.load(args.pacl).eval()
+    pacl = clip_pacl.load(args.pacl, random_weights=True).eval()
     if not hasattr(pacl, "patch_similarity"):
         raise SystemExit(f"error: {args.pacl} is not a PACL checkpoint")
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -54,10 +54,10 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    pacl = clip_pacl.load(args.pacl).eval()
+    pacl = clip_pacl.load(args.pacl, random_weights=True).eval()
     if not hasattr(pacl, "patch_similarity"):
         raise SystemExit(f"error: {args.pacl} is not a PACL checkpoint")
-    clip = clip_pacl.load(args.clip).eval() if args.clip else pacl.clip
+    clip = clip_pacl.load(args.clip, random_weights=True).eval() if args.clip else pacl.clip
     thresholds = [_threshold(t) for t in args.thresholds]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     run_id = time.strftime("%Y-%m-%dT%H:%M:%S")

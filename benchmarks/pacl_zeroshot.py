@@ -45,10 +45,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     templates = resolve_templates(args.templates)
-    pacl = clip_pacl.load(args.pacl).eval()
+    pacl = clip_pacl.load(args.pacl, random_weights=True).eval()
     if not hasattr(pacl, "patch_similarity"):
         raise SystemExit(f"error: {args.pacl} is not a PACL checkpoint")
-    clip = clip_pacl.load(args.clip).eval() if args.clip else pacl.clip
+    clip = clip_pacl.load(args.clip, random_weights=True).eval() if args.clip else pacl.clip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     run_id = time.strftime("%Y-%m-%dT%H:%M:%S")
     for data in args.data:

@@ -111,7 +111,7 @@ def main() -> None:
     if len(args.train) != len(args.test):
         raise SystemExit("error: give one --test dir per --train dir")
     torch.manual_seed(args.seed)
-    clip = clip_pacl.load(args.model).eval()
+    clip = clip_pacl.load(args.model, random_weights=True).eval()
     if clip.config.vision.is_resnet:
         raise SystemExit("error: the probe reads ViT blocks; this model has a ResNet image tower")
     patch = clip.config.vision.patch_size

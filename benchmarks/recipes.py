@@ -160,7 +160,7 @@ def run_clip_pacl(data, args, seed: int, overrides: dict, run_dir: Path) -> tupl
     model_json.write_text(json.dumps(args.model))
     config = TrainConfig(data=str(data.captions), model=str(model_json), out=str(run_dir), steps=args.steps,
                          batch_size=args.batch_size, lr=args.lr, seed=seed, device="cpu", log_every=50,
-                         progress=False, **overrides)
+                         progress=False, workers=0, **overrides)  # workers=0: each run is a pool process already
     start = time.perf_counter()
     try:
         result = train(config)

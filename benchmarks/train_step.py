@@ -125,7 +125,7 @@ def build_library(library: str, preset: str, device: torch.device, same_weights:
     torch.manual_seed(0)
     context = autocast(amp, device)
     if library == "clip_pacl":
-        ours = clip_pacl.load(preset).to(device)
+        ours = clip_pacl.load(preset, random_weights=True).to(device)
         optimizer = build_optimizer(ours, 1e-4, 0.1)
         feature_model = torch.compile(FeatureModel(ours), backend=compile) if compile else FeatureModel(ours)
         return ours, lambda batch: ours_step(ours, feature_model, optimizer, batch, 1.0, context)
@@ -135,7 +135,7 @@ def build_library(library: str, preset: str, device: torch.device, same_weights:
     theirs = open_clip.model.CLIP(oc_cfg["embed_dim"], oc_cfg["vision_cfg"], oc_cfg["text_cfg"],
                                   quick_gelu=oc_cfg["quick_gelu"], output_dict=True)
     if same_weights:
-        theirs.load_state_dict(to_open_clip(clip_pacl.load(preset).state_dict()))
+        theirs.load_state_dict(to_open_clip(clip_pacl.load(preset, random_weights=True).state_dict()))
     theirs.to(device)
     optimizer = torch.optim.AdamW(theirs.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-6,
                                   fused=device.type == "cuda" or None)

@@ -70,7 +70,7 @@ def held_out(model: torch.nn.Module, test_dir: Path) -> dict[str, float]:
 
 def initial_weights(seed: int) -> dict[str, torch.Tensor]:
     torch.manual_seed(seed)  # exactly what clip_pacl.train does before building the model
-    return clip_pacl.load(PRESET).state_dict()
+    return clip_pacl.load(PRESET, random_weights=True).state_dict()
 
 
 def run_clip_pacl(args, train_dir: Path, workdir: Path) -> tuple[float, torch.nn.Module]:

@@ -44,7 +44,7 @@ from clip_pacl.retrieval.index import build_index, image_paths
 root = Path(sys.argv[1]); (root / "imgs").mkdir()
 for i in range(6):
     Image.new("RGB", (40, 40), (40 * i, 10, 200)).save(root / "imgs" / f"{i}.png")
-torch.manual_seed(0); model = clip_pacl.load("tiny"); clip_pacl.save(model, root / "model")
+torch.manual_seed(0); model = clip_pacl.load("tiny", random_weights=True); clip_pacl.save(model, root / "model")
 build_index(model, image_paths(root / "imgs"), progress=False, model_source=str(root / "model"))[0].save(root / "idx")
 """
 

@@ -291,7 +291,8 @@ def test_a_tar_member_over_the_limit_is_skipped_unread(tmp_path):
     image = io.BytesIO()
     Image.new("RGB", (32, 32), "red").save(image, format="PNG")
     _big_member_shard(tmp_path / "shard.tar", image.getvalue())
-    argv = ["index", "build", "--model", "tiny", "--images", str(tmp_path / "shard.tar"), "--out", str(tmp_path / "i")]
+    argv = ["index", "build", "--model", "tiny", "--random-weights", "--images", str(tmp_path / "shard.tar"), "--out",
+            str(tmp_path / "i")]
     result = run_cases({"tar": argv}, tmp_path)["tar"]
     assert result["code"] == 0, result["stderr"]
     assert "over the 64.0 MiB limit for one tar member" in result["stdout"] + result["stderr"]

@@ -25,7 +25,7 @@ from helpers import require
 FAIL_SCRIPT = """
 import os, signal, sys
 import torch
-import clip_pacl.checkpoint, clip_pacl.retrieval.index, clip_pacl.retrieval.sharded
+import clip_pacl.checkpoint, clip_pacl.checkpoint.io, clip_pacl.retrieval.index, clip_pacl.retrieval.sharded
 from clip_pacl.cli.main import main
 mode = sys.argv[1]
 # `clip-pacl index build` imports these when it runs (not at import: the CLI starts fast), so it gets the patched ones
@@ -42,13 +42,13 @@ if os.environ["RANK"] == "1":
         real_paths = clip_pacl.retrieval.index.image_paths
         clip_pacl.retrieval.index.image_paths = lambda *args, **kwargs: real_paths(*args, **kwargs)[:-1]
     elif mode == "weights":
-        real_load = clip_pacl.checkpoint.load_with_source
+        real_load = clip_pacl.checkpoint.io.load_with_source
         def load(*args, **kwargs):
             model, source = real_load(*args, **kwargs)
             with torch.no_grad():
                 next(model.parameters()).add_(1.0)
             return model, source
-        clip_pacl.checkpoint.load_with_source = load
+        clip_pacl.checkpoint.load_with_source = clip_pacl.checkpoint.io.load_with_source = load
 sys.exit(main(["index", *sys.argv[2:]]))
 """
 

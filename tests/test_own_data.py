@@ -104,6 +104,12 @@ def test_workers_default_to_the_cpus_less_one_and_an_epochs_batches(photos, tmp_
     assert TrainConfig(data="d", model="m", out="o", workers=0).workers == 0
     monkeypatch.setattr(dataset_module.os, "sched_getaffinity", lambda pid: {0}, raising=False)
     assert dataset_module.default_workers() == 0
+    import multiprocessing
+
+    monkeypatch.setattr(dataset_module.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.setattr(multiprocessing.current_process(), "daemon", True)  # a pool's worker: no children
+    assert dataset_module.default_workers() == 0
+    monkeypatch.undo()
     data = list(range(10))
     assert build_loader(data, batch_size=4, shuffle=True, workers=4, seed=0, drop_last=True).num_workers == 3
     assert build_loader(data, batch_size=10, shuffle=True, workers=4, seed=0, drop_last=True).num_workers == 1
@@ -150,7 +156,7 @@ def test_linear_probe_on_its_own_training_images_warns(tmp_path, capsys):
     generate_synthetic(tmp_path, 60, seed=0, image_size=32)
     table = tmp_path / "colors.csv"
     header, *rows = table.read_text().splitlines()
-    args = ["eval", "linear-probe", "--model", "tiny", "--train", str(table), "--c", "1"]
+    args = ["eval", "linear-probe", "--model", "tiny", "--random-weights", "--train", str(table), "--c", "1"]
     assert main([*args, "--test", str(table), "--json"]) == 0
     captured = capsys.readouterr()
     assert json.loads(captured.out)["overlap"] == len(rows)

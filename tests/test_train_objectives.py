@@ -142,7 +142,7 @@ def test_the_pacl_defaults_live_in_pacl_config_only():
         TrainConfig.from_dict({"data": "d", "model": "m", "out": "o", "pacl": 0.05})
     with pytest.raises(ConfigError, match="unknown PACL option"):
         TrainConfig(data="d", model="m", out="o", pacl={"pool_temprature": 0.5})
-    with pytest.raises(ConfigError, match="pool_temperature must be > 0"):
+    with pytest.raises(ConfigError, match="pool_temperature must be a positive"):
         TrainConfig(data="d", model="m", out="o", pacl={"pool_temperature": 0.0})
 
 

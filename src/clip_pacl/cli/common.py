@@ -114,9 +114,11 @@ def add_precision_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def say_precision(args: argparse.Namespace, model: Any) -> None:
-    """Tell stderr which precision the model runs at (`--precision auto` decides by the hardware)."""
+    """Tell stderr which precision the model runs at when --precision asked for other than the default fp32
+    (`auto` decides by the hardware)."""
     asked = getattr(args, "precision", None)
-    log(f"precision: {model.precision}" + (" (auto)" if asked == "auto" else ""))
+    if asked not in (None, "fp32"):  # the default is exact fp32 and says nothing; what was asked for is told
+        log(f"precision: {model.precision}" + (" (auto)" if asked == "auto" else ""))
 
 
 def add_int8_flag(parser: argparse.ArgumentParser) -> None:

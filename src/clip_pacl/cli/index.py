@@ -142,7 +142,8 @@ def _build(args: argparse.Namespace, model: torch.nn.Module, inputs: list, webda
     meta = {"model_source": args.model, "images": images, "hub_revision": revision, "quantize": quantization(args),
             "root": root, "allow_outside_root": args.allow_outside_root,
             "precision": resolve_precision(args.precision, next(model.parameters()).device)}
-    log(f"precision: {meta['precision']}" + (" (auto)" if args.precision == "auto" else ""))
+    if args.precision != "fp32":
+        log(f"precision: {meta['precision']}" + (" (auto)" if args.precision == "auto" else ""))
     if not info.enabled and not webdataset:
         index, unreadable = build_index(model, inputs, args.batch_size, args.workers, **meta)
         return index, unreadable, None

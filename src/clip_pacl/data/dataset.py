@@ -33,7 +33,12 @@ STAT_THREADS = 16  # existence checks in flight at once (a network file system a
 
 def default_workers() -> int:
     """The data-loading processes a run gets unless told: one per CPU this process may use, less one for the
-    training step itself, at most MAX_AUTO_WORKERS (0 on a single CPU: loading in the main process)."""
+    training step itself, at most MAX_AUTO_WORKERS (0 on a single CPU, and in a daemonic process such as a
+    multiprocessing pool's worker, which may not start children: loading in the main process)."""
+    import multiprocessing
+
+    if multiprocessing.current_process().daemon:  # a pool's worker may not start processes of its own
+        return 0
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(0, min(MAX_AUTO_WORKERS, cpus - 1))
 

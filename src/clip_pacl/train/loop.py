@@ -157,13 +157,15 @@ class LogWindow:
 def train(config: TrainConfig) -> TrainResult:
     """Train as `config` says; under torchrun (or SLURM) each process runs this and they form one DDP job."""
     device = resolve_device(config.device)
+    asked = config.precision
     if config.precision == "auto":  # one answer for the whole run (and every rank): bf16 autocast or fp32
         config = replace(config, precision=resolve_precision("auto", device))
     if config.objective is not None:
         get_objective(config.objective)  # an unknown name fails before anything is built
     info = init_distributed(device.type)
-    if info.is_main:
-        log(f"precision: {config.precision}" + (" (autocast)" if config.precision in AMP_DTYPES else ""))
+    if info.is_main and asked != "fp32":  # the default says nothing; what was asked for is told
+        log(f"precision: {config.precision}" + (" (autocast)" if config.precision in AMP_DTYPES else "")
+            + (" (auto)" if asked == "auto" else ""))
     try:
         if device.type == "cuda" and info.enabled:
             device = torch.device("cuda", info.local_rank)
