@@ -218,3 +218,13 @@ def test_precision_flag_refusals(tiny_ckpt, capsys):
     code, _, err = _cli(capsys, "zeroshot", "--model", tiny_ckpt / "ckpt", tiny_ckpt / "images" / "0.png",
                         "--classes", "a,b", "--precision", "bf16", "--int8")
     assert code == 2 and err.strip().splitlines()[-1].startswith("error:") and "pick one" in err
+    # the commands that load float32 first (the index's fingerprint) and set the precision afterwards refuse it too
+    idx = tiny_ckpt / "idx-int8"
+    code, _, err = _cli(capsys, "index", "build", "--model", tiny_ckpt / "ckpt", "--images", tiny_ckpt / "images",
+                        "--out", idx, "--int8", "--precision", "bf16")
+    assert code == 2 and "pick one" in err.strip().splitlines()[-1] and not idx.exists()
+    code, out, _ = _cli(capsys, "index", "build", "--model", tiny_ckpt / "ckpt", "--images", tiny_ckpt / "images",
+                        "--out", idx, "--int8", "--precision", "auto", "--json")
+    assert code == 0 and json.loads(out)["precision"] == "fp32" and json.loads(out)["quantize"] == "int8"
+    code, _, err = _cli(capsys, "search", idx, "red", "--int8", "--precision", "bf16")
+    assert code == 2 and "pick one" in err.strip().splitlines()[-1]

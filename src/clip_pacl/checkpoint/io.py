@@ -38,7 +38,7 @@ from clip_pacl.errors import CheckpointError, ConfigError
 from clip_pacl.limits import check_model_size
 from clip_pacl.models.backbone import build_backbone
 from clip_pacl.models.clip import CLIP
-from clip_pacl.models.quantize import check_not_quantized, check_quantization
+from clip_pacl.models.quantize import check_not_quantized, check_quantization, is_quantized
 from clip_pacl.models.quantize import quantize as quantize_model
 
 OPEN_CLIP_CONFIG_NAME = "open_clip_config.json"
@@ -135,8 +135,7 @@ def load_with_source(
     """`load`, also saying where the weights came from (format, path, hub id)."""
     check_quantization(quantize)  # before minutes of loading
     resolve_precision(precision)  # an unknown name fails before loading too
-    if quantize and precision == "bf16":
-        raise ConfigError("int8 quantization and --precision bf16 are two different precisions: pick one")
+    check_precision_with(precision, quantize)
     src, pretrained = split_pretrained(src, pretrained)
     if pretrained is None and is_preset_name(src):
         check_random_weights(f"'{src}' is a preset name", random_weights)  # before building the model
@@ -144,17 +143,32 @@ def load_with_source(
     if source.format == "open_clip_config":
         check_random_weights(f"{source.location} is a model-config JSON", random_weights)
     model = quantize_model(model, quantize, inplace=True)
-    return set_precision(model, "fp32" if quantize else precision), source
+    return set_precision(model, precision), source
 
 
 def set_precision(model: nn.Module, precision: str | None) -> nn.Module:
     """Run `model`'s towers at `precision` (fp32, bf16 or auto, resolved for the device its weights are on) and
-    record the answer as `model.precision`; see `load`."""
-    resolved = resolve_precision(precision, next(model.parameters()).device)
+    record the answer as `model.precision`; see `load`. An int8 model is its own precision: bf16 is refused and
+    auto is fp32 (its float parts stay float32)."""
+    resolved = effective_precision(precision, "int8" if is_quantized(model) else None, next(model.parameters()).device)
     if resolved == "bf16":
         model.set_tower_dtype(torch.bfloat16)
     model.precision = resolved
     return model
+
+
+def check_precision_with(precision: str | None, quantize: str | None) -> None:
+    """Refuse bf16 together with int8 quantization (two different precisions)."""
+    if quantize and precision == "bf16":
+        raise ConfigError("int8 quantization and --precision bf16 are two different precisions: pick one")
+
+
+def effective_precision(precision: str | None, quantize: str | None, device: torch.device | str) -> str:
+    """The precision a model asked for `precision` runs at on `device`: `resolve_precision`'s answer, or fp32 for an
+    int8-quantized one (whose float parts stay float32; bf16 with int8 is refused)."""
+    check_precision_with(precision, quantize)
+    resolved = resolve_precision(precision, device)  # an unknown name is refused either way
+    return "fp32" if quantize else resolved
 
 
 def is_preset_name(src: str | Path) -> bool:

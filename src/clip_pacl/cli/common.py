@@ -90,8 +90,8 @@ def load_model_with_source(args: argparse.Namespace, src: str | None = None, fla
     with cli_load_errors(flag, pretrained_flag=hasattr(args, "pretrained")):
         model, source = load_with_source(args.model if src is None else src,
                                          random_weights=bool(getattr(args, "random_weights", False)), **kwargs)
-    if getattr(args, "precision", None) is not None and kwargs["precision"] is not None:
-        say_precision(args, model)
+    if kwargs["precision"] is not None:  # None: the caller sets the precision later (and says it then)
+        say_precision(args, model.precision)
     return model, source
 
 
@@ -113,12 +113,12 @@ def add_precision_flag(parser: argparse.ArgumentParser) -> None:
                              "and --json say which ran")
 
 
-def say_precision(args: argparse.Namespace, model: Any) -> None:
+def say_precision(args: argparse.Namespace, ran: str) -> None:
     """Tell stderr which precision the model runs at when --precision asked for other than the default fp32
     (`auto` decides by the hardware)."""
     asked = getattr(args, "precision", None)
     if asked not in (None, "fp32"):  # the default is exact fp32 and says nothing; what was asked for is told
-        log(f"precision: {model.precision}" + (" (auto)" if asked == "auto" else ""))
+        log(f"precision: {ran}" + (" (auto)" if asked == "auto" else ""))
 
 
 def add_int8_flag(parser: argparse.ArgumentParser) -> None:

@@ -20,6 +20,7 @@ from clip_pacl.cli.common import (
     log,
     print_json,
     quantization,
+    say_precision,
 )
 
 if TYPE_CHECKING:
@@ -134,16 +135,15 @@ def _build(args: argparse.Namespace, model: torch.nn.Module, inputs: list, webda
            images: dict[str, str], revision: str | None, info: DistInfo, root: str | None):
     """(index or None on ranks other than 0, unreadable [(path, reason)], unreadable count per rank or None).
     `inputs`: image paths, or webdataset shards; `root`: the folder they resolve inside (`confine_paths`)."""
-    from clip_pacl.device import resolve_precision
+    from clip_pacl.checkpoint.io import effective_precision
     from clip_pacl.retrieval.index import build_index, encoder_at
     from clip_pacl.retrieval.sharded import build_index_sharded, embed_files, index_from_parts
     from clip_pacl.retrieval.wds_images import embed_shards
 
     meta = {"model_source": args.model, "images": images, "hub_revision": revision, "quantize": quantization(args),
             "root": root, "allow_outside_root": args.allow_outside_root,
-            "precision": resolve_precision(args.precision, next(model.parameters()).device)}
-    if args.precision != "fp32":
-        log(f"precision: {meta['precision']}" + (" (auto)" if args.precision == "auto" else ""))
+            "precision": effective_precision(args.precision, quantization(args), next(model.parameters()).device)}
+    say_precision(args, meta["precision"])
     if not info.enabled and not webdataset:
         index, unreadable = build_index(model, inputs, args.batch_size, args.workers, **meta)
         return index, unreadable, None

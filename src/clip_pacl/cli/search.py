@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
         model = load_index_model(index, args.model, device=load_device(args), force=args.force,
                                  random_weights=args.random_weights, quantize=quantization(args),
                                  precision=args.precision)
-    say_precision(args, model)
+    say_precision(args, model.precision)
     if image is None:
         hits = search_text(index, model, args.query, args.k, backend, prefix=prefix, **settings)[0]
     else:

@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args, source, device=device, precision=None).eval()  # fp32: the fingerprint's weights
     base_clip = index is not None and search_encoder(index, model, force=args.force) is not model
     model = set_precision(quantize_model(model, quantization(args), inplace=True), args.precision)
-    say_precision(args, model)
+    say_precision(args, model.precision)
     if index is not None:
         recorded = index.meta.get("model")
         if args.model is not None and recorded and _source(args.model) != recorded and not base_clip:

@@ -37,11 +37,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from clip_pacl.checkpoint.io import set_precision
+from clip_pacl.checkpoint.io import effective_precision, set_precision
 from clip_pacl.config import available_presets
 from clip_pacl.data.images import IMAGE_EXTENSIONS
 from clip_pacl.data.tables import read_records, require_columns, resolve_image, table_format
-from clip_pacl.device import resolve_precision
 from clip_pacl.encode import encode_images
 from clip_pacl.errors import CheckpointError, DataError, MissingDependencyError
 from clip_pacl.models.quantize import quantize as quantize_model
@@ -398,7 +397,7 @@ def build_index(
     meta = index_meta(model, len(kept), len(unreadable), model_source=model_source, images=images,
                       hub_revision=hub_revision, quantize=quantize, reused=len(reused), root=root,
                       allow_outside_root=allow_outside_root,
-                      precision=resolve_precision(precision, next(model.parameters()).device))
+                      precision=effective_precision(precision, quantize, next(model.parameters()).device))
     embeddings = torch.stack([rows[i] for i in kept]).float()  # (M, D)
     return ImageIndex(embeddings, [str(unique[i]) for i in kept], meta, [stats[i] for i in kept]), unreadable
 
@@ -407,15 +406,10 @@ def encoder_at(model: torch.nn.Module, quantize: str | None, precision: str | No
     """What embeds the images: `model` itself at float32, or a copy int8-quantized (`quantize`) or with bfloat16
     towers (`precision` bf16, or auto on hardware with native bf16), so that `model` keeps the float32 weights
     whose fingerprint the index records. The copy's `precision` says which ran."""
+    ran = effective_precision(precision, quantize, next(model.parameters()).device)
     if quantize:
-        encoder = quantize_model(model, quantize)
-        encoder.precision = "fp32"
-        return encoder
-    resolved = resolve_precision(precision, next(model.parameters()).device)
-    if resolved == "fp32":
-        model.precision = "fp32"
-        return model
-    return set_precision(copy.deepcopy(model), resolved)
+        return set_precision(quantize_model(model, quantize), ran)
+    return set_precision(model if ran == "fp32" else copy.deepcopy(model), ran)
 
 
 def index_meta(model: torch.nn.Module, count: int, unreadable: int, *, model_source: str | None = None,
