@@ -115,11 +115,11 @@ def build(index: ImageIndex, method: str) -> tuple[float, int, dict]:
 
 
 def machine() -> dict:
+    """What this benchmark records beyond `machine.machine_info` (which `with_machine` adds to every row: CPU,
+    flags, cores, load, torch): memory, faiss and the thread settings."""
     faiss = import_faiss("benchmarks/search.py")
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor())
-    return {"cpu": model, "cpu_count": os.cpu_count(), "memory_gb": round(os.sysconf("SC_PHYS_PAGES")
-            * os.sysconf("SC_PAGE_SIZE") / 2**30, 1), "torch": torch.__version__, "faiss": faiss.__version__,
+    return {"memory_gb": round(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30, 1),
+            "faiss": faiss.__version__,
             "torch_threads": torch.get_num_threads(), "faiss_threads": faiss.omp_get_max_threads(),
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
             "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"), "python": platform.python_version()}
