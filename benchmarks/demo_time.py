@@ -1,6 +1,6 @@
 """How long `clip-pacl demo` takes, phase by phase, and what it measured: the command a user runs, timed whole.
 
-Runs `python -m clip_pacl.cli.main demo --json` in a fresh temporary folder with OMP_NUM_THREADS set, so the wall
+Runs `python -m clip_pacl_app.cli.main demo --json` in a fresh temporary folder with OMP_NUM_THREADS set, so the wall
 time includes the interpreter's start and every import, as `time clip-pacl demo` would. The per-phase wall and CPU
 seconds come from the demo's own summary. The load average before and after says how much other jobs shared the
 machine (on a 2-core machine, anything above 2 means the timings are inflated).
@@ -52,7 +52,7 @@ def main() -> None:
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="demo_time_") as tmp:
-        command = [sys.executable, "-m", "clip_pacl.cli.main", "demo", "--out", str(args.keep or Path(tmp) / "demo"),
+        command = [sys.executable, "-m", "clip_pacl_app.cli.main", "demo", "--out", str(args.keep or Path(tmp) / "demo"),
                    "--no-progress", "--json", *(["--quick"] if args.quick else [])]
         start = time.perf_counter()
         proc = subprocess.run(command, env=env, capture_output=True, text=True)

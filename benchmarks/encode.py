@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from clip_pacl.checkpoint.convert_open_clip import from_open_clip
+from clip_pacl.formats.convert_open_clip import from_open_clip
 from clip_pacl.checkpoint.io import set_precision
 from clip_pacl.config import CLIPConfig
 from clip_pacl.models import CLIP

@@ -1,6 +1,6 @@
 """Sharded index build and prefix-filtered search, measured.
 
-1. `torchrun --nproc-per-node P -m clip_pacl.index build` on N synthetic images for each P (P = 1 is the plain
+1. `torchrun --nproc-per-node P -m clip_pacl_app index build` on N synthetic images for each P (P = 1 is the plain
    single-process build under the same launcher), wall time of the whole command (launch, model load, listing,
    embedding, merge, save), and the largest difference of its embeddings from P = 1's (the merged index must be
    the same index). Each process gets `--threads` torch threads, so P processes use P x threads cores.

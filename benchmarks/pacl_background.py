@@ -26,7 +26,7 @@ import torch
 
 import clip_pacl
 from clip_pacl.errors import ClipPaclError
-from clip_pacl.eval.segmentation import evaluate_segmentation_thresholds
+from clip_pacl.segmentation.evaluate import evaluate_segmentation_thresholds
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import append_jsonl  # noqa: E402

@@ -24,7 +24,7 @@ import torch
 import clip_pacl
 from clip_pacl.data.imagefolder import read_labelled
 from clip_pacl.errors import ClipPaclError
-from clip_pacl.eval.zeroshot import evaluate_zeroshot
+from clip_pacl.zeroshot.evaluate import evaluate_zeroshot
 from clip_pacl.zeroshot.templates import resolve_templates
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

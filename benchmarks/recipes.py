@@ -124,8 +124,8 @@ def loader(data, config, steps: int, batch_size: int, seed: int, augment: bool) 
 def held_out(model: torch.nn.Module, data) -> dict[str, float]:
     """The same evaluation for every recipe (open_clip models are converted to ours first)."""
     from clip_pacl.data import read_caption_rows, read_label_rows
-    from clip_pacl.eval.retrieval import evaluate_retrieval
-    from clip_pacl.eval.zeroshot import evaluate_zeroshot
+    from clip_pacl.retrieval.evaluate import evaluate_retrieval
+    from clip_pacl.zeroshot.evaluate import evaluate_zeroshot
     from clip_pacl.zeroshot.templates import resolve_templates
 
     model.eval()
@@ -180,7 +180,7 @@ def _open_clip_model(config, seed: int):
 
 def _to_ours(model, config) -> torch.nn.Module:
     import clip_pacl
-    from clip_pacl.checkpoint.convert_open_clip import from_open_clip
+    from clip_pacl.formats.convert_open_clip import from_open_clip
 
     ours = clip_pacl.CLIP(config)
     ours.load_state_dict(from_open_clip(model.state_dict()))

@@ -24,8 +24,8 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from clip_pacl.data.images import MAX_ASPECT_RATIO  # noqa: E402
-from clip_pacl.web.limits import Limits  # noqa: E402
-from clip_pacl.web.service import MAX_LABELS, MAX_TEMPLATES, MAX_UPLOAD_PIXELS  # noqa: E402
+from clip_pacl_app.web.limits import Limits  # noqa: E402
+from clip_pacl_app.web.service import MAX_LABELS, MAX_TEMPLATES, MAX_UPLOAD_PIXELS  # noqa: E402
 from webserver import HEADERS, rss_bytes, serve_process  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -75,7 +75,7 @@ class Server:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         env = {**os.environ, "PYTHONPATH": str(Path(src).resolve()), "OMP_NUM_THREADS": "1"}
-        command = [sys.executable, "-m", "clip_pacl.cli.main", "serve", "--model", str(root / "model"),
+        command = [sys.executable, "-m", "clip_pacl_app.cli.main", "serve", "--model", str(root / "model"),
                    "--index", str(root / "idx"), "--port", str(port), *flags]
         self.proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.url = f"http://127.0.0.1:{port}"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import clip_pacl
 from clip_pacl.data.segmentation import open_segmentation_dataset
-from clip_pacl.eval.segmentation import dataset_templates
+from clip_pacl.segmentation.evaluate import dataset_templates
 from clip_pacl.segmentation.figure import FigureColumn, comparison_figure
 
 

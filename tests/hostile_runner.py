@@ -24,7 +24,7 @@ def _status(field: str) -> int:
 def main(cases_file: str) -> None:
     import torch  # noqa: F401  (imported before the cap and the measurements: its own size is not the case's)
 
-    from clip_pacl.cli.main import main as cli_main
+    from clip_pacl_app.cli.main import main as cli_main
 
     with contextlib.redirect_stdout(io.StringIO()):  # imports every command's module and the loaders': their size
         cli_main(["info", "tiny"])                   # is not the case's either

@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import save_file
 
 import clip_pacl
-from clip_pacl.checkpoint.convert_open_clip import to_open_clip
-from clip_pacl.cli.main import main
+from clip_pacl.formats.convert_open_clip import to_open_clip
+from clip_pacl_app.cli.main import main
 
 
 def run_cli(capsys, *argv):
@@ -142,7 +142,7 @@ def test_formats_that_cannot_hold_the_model(tmp_path, capsys):
 
 def test_error_in_a_real_process(tmp_path):
     (tmp_path / "notes.pt").write_text("not weights")
-    proc = subprocess.run([sys.executable, "-m", "clip_pacl.cli.main", "info", str(tmp_path / "notes.pt")],
+    proc = subprocess.run([sys.executable, "-m", "clip_pacl_app.cli.main", "info", str(tmp_path / "notes.pt")],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.strip() == (f"error: {tmp_path / 'notes.pt'} is not a checkpoint clip-pacl can read: "
@@ -152,7 +152,7 @@ def test_error_in_a_real_process(tmp_path):
 def test_a_bad_device_is_one_line(tmp_path, capsys):
     from PIL import Image
 
-    from clip_pacl.cli.main import main
+    from clip_pacl_app.cli.main import main
 
     Image.new("RGB", (32, 32)).save(tmp_path / "x.png")
     assert main(["zeroshot", "--model", "tiny", "--random-weights",

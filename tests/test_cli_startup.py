@@ -1,7 +1,7 @@
 """`clip-pacl --help`, `clip-pacl CMD --help` and argument errors answer at once: building the parser imports no
 torch (nor numpy, PIL, ...); every command imports what it needs when it runs (issue 19, item 12).
 
-Asserted on the modules imported, not on time: `python -X importtime -m clip_pacl.cli.main --help` shows where
+Asserted on the modules imported, not on time: `python -X importtime -m clip_pacl_app.cli.main --help` shows where
 the time goes when this fails.
 """
 
@@ -18,7 +18,7 @@ HEAVY = ("torch", "numpy", "PIL", "safetensors", "tokenizers", "transformers", "
 
 PROBE = r"""
 import contextlib, io, json, sys
-from clip_pacl.cli.main import _command_modules, main
+from clip_pacl_app.cli.main import _command_modules, main
 
 codes = {}
 def call(argv):
@@ -62,22 +62,22 @@ def test_every_command_answered(probe):
 
 
 def test_the_real_command_starts_without_torch():
-    """The installed entry point, as a user runs it (`python -m clip_pacl.cli.main` is what `clip-pacl` runs)."""
+    """The installed entry point, as a user runs it (`python -m clip_pacl_app.cli.main` is what `clip-pacl` runs)."""
     code = "import runpy, sys; sys.argv = ['clip-pacl', 'segment', '--help']\ntry:\n" \
-           "    runpy.run_module('clip_pacl.cli.main', run_name='__main__')\nexcept SystemExit:\n    pass\n" \
+           "    runpy.run_module('clip_pacl_app.cli.main', run_name='__main__')\nexcept SystemExit:\n    pass\n" \
            "print('torch' in sys.modules, file=sys.stderr)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert "--background" in done.stdout and done.stderr.strip().splitlines()[-1] == "False", done.stderr
 
 
-# clip_pacl/cli/defaults.py copies these so that the parsers need no torch; each copy must equal its original.
+# clip_pacl_app/cli/defaults.py copies these so that the parsers need no torch; each copy must equal its original.
 COPIES = {
     "AUTO_MIN_VECTORS": "clip_pacl.retrieval.ann",
     "AUTO_RERANK": "clip_pacl.retrieval.ann",
     "CALIBRATION_IMAGES": "clip_pacl.segmentation.calibrate",
     "DATA_FORMATS": "clip_pacl.data.formats",
     "DEFAULT_CS": "clip_pacl.eval.linear_probe",
-    "DEFAULT_OPSET": "clip_pacl.checkpoint.onnx",
+    "DEFAULT_OPSET": "clip_pacl.formats.onnx",
     "DEFAULT_TEMPLATES": "clip_pacl.segmentation.predict",
     "METHODS": "clip_pacl.segmentation.predict",
     "NO_CLASS": "clip_pacl.segmentation.predict",
@@ -87,21 +87,21 @@ COPIES = {
 
 @pytest.mark.parametrize("name", sorted(COPIES))
 def test_cli_copies_of_library_constants_are_equal(name):
-    from clip_pacl.cli import defaults
+    from clip_pacl_app.cli import defaults
 
     original = getattr(importlib.import_module(COPIES[name]), name)
     assert getattr(defaults, name) == original
 
 
 def test_cli_objectives_are_the_registry():
-    from clip_pacl.cli import defaults
+    from clip_pacl_app.cli import defaults
     from clip_pacl.losses import OBJECTIVES
 
     assert tuple(sorted(OBJECTIVES)) == defaults.OBJECTIVES
 
 
 def test_every_copy_is_checked():
-    from clip_pacl.cli import defaults
+    from clip_pacl_app.cli import defaults
 
     copied = {name for name in vars(defaults) if name.isupper()}
     assert copied == set(COPIES) | {"OBJECTIVES"}

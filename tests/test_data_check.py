@@ -4,7 +4,7 @@ import json
 
 from PIL import Image
 
-from clip_pacl.cli.main import main
+from clip_pacl_app.cli.main import main
 from clip_pacl.data.check import check_caption_data
 from clip_pacl.data.synthetic import generate_synthetic
 

@@ -187,7 +187,7 @@ def _assert_same_weights(a: Path, b: Path, atol: float = 2e-5) -> None:
 def runs(tmp_path_factory) -> Path:
     """The data, the initial weights every run starts from, and one process's run with batch 16 (2 x 8)."""
     import clip_pacl
-    from clip_pacl.cli.main import main
+    from clip_pacl_app.cli.main import main
     from clip_pacl.data.synthetic import generate_synthetic
 
     runs = tmp_path_factory.mktemp("runs")
@@ -200,7 +200,7 @@ def runs(tmp_path_factory) -> Path:
 
 @pytest.mark.timeout(600)  # (includes the module's single-process run)
 def test_torchrun_two_processes_train_like_one_with_the_same_global_batch(runs, tmp_path):
-    """`torchrun --nproc-per-node 2 -m clip_pacl.train` (gloo, CPU) ends with the weights of 1 process, batch 2B."""
+    """`torchrun --nproc-per-node 2 -m clip_pacl_app train` (gloo, CPU) ends with the weights of 1 process, batch 2B."""
     proc = _torchrun(runs, tmp_path / "ddp")
     assert proc.wait(500) == 0, proc.stderr.read()[-3000:]
     reports = re.findall(r"trained \d+ steps in", proc.stderr.read())
@@ -217,7 +217,7 @@ def _local_loss_worker(rank, port, runs, out, shapes):
     """One rank of a 2-process run through `clip_pacl.train.train`, recording the logits the loss sees."""
     import clip_pacl.losses.distributed as distributed
     import clip_pacl.losses.objective as objective
-    from clip_pacl.cli.main import main
+    from clip_pacl_app.cli.main import main
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
                       LOCAL_RANK=str(rank))

@@ -3,7 +3,7 @@ too"; item 17 found `checkpoint/format.py`, `load_state` and `OUT/step-N/` named
 
 What is checked, per inline code span (fenced blocks are run by tests/test_readme.py):
 - `clip_pacl.x.y` (optionally called, `clip_pacl.load(...)`): imports and resolves, attribute by attribute;
-- a file path (`models/inference.py`, `benchmarks/encode.py`, `checkpoint/convert_*.py`, a bare `figure.py`): exists in
+- a file path (`models/inference.py`, `benchmarks/encode.py`, `formats/convert_*.py`, a bare `figure.py`): exists in
   the repository, in `src/`, or in the package (a bare name anywhere in the package or the repository's scripts);
   `path.py::name` also defines `name`;
 - a folder of the package or the repository (`cli/`, `presets/*.json`, `benchmarks/results/`): exists;
@@ -27,6 +27,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "src" / "clip_pacl"
+APP = ROOT / "src" / "clip_pacl_app"
+PACKAGES = (PACKAGE, APP)  # the library and the applications: a bare `cli/main.py` is found in either
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 CODE_DIRS = [ROOT / "src", ROOT / "tests", ROOT / "benchmarks", ROOT / "examples", ROOT / "docs"]
 REPO_DIRS = {"src", "tests", "benchmarks", "docs", "examples", ".ci"}
@@ -106,10 +108,10 @@ def find_file(path: str) -> list[Path]:
     """Files or folders `path` (a glob allowed) names: from the repository root, `src/`, the package; a bare
     file name anywhere in the package or the repository's script folders."""
     if "/" not in path.rstrip("/"):
-        found = [p for root in (PACKAGE, *(ROOT / d for d in REPO_DIRS)) for p in root.rglob(path)]
+        found = [p for root in (*PACKAGES, *(ROOT / d for d in REPO_DIRS)) for p in root.rglob(path)]
         if found or path.endswith(".py"):
             return found
-    return [p for base in (ROOT, ROOT / "src", PACKAGE) for p in base.glob(path.rstrip("/"))]
+    return [p for base in (ROOT, ROOT / "src", *PACKAGES) for p in base.glob(path.rstrip("/"))]
 
 
 def defines(file: Path, name: str) -> bool:
@@ -128,7 +130,7 @@ def problem(span: str) -> str | None:
     text = re.sub(r"\(.*\)$", "", span.strip())  # `f(x, y)` names f
     if text in ALLOWED or text.startswith(LAYOUT_ROOTS) or " " in text or "=" in text:
         return None
-    if re.fullmatch(rf"clip_pacl(\.{NAME})+", text):
+    if re.fullmatch(rf"clip_pacl(_app)?(\.{NAME})+", text):
         try:
             resolve_dotted(text)
         except (ImportError, AttributeError) as e:
@@ -136,7 +138,7 @@ def problem(span: str) -> str | None:
         return None
     file, _, func = text.partition("::")
     first = file.split("/")[0]
-    in_repo = first in REPO_DIRS or (first and (PACKAGE / first).is_dir())
+    in_repo = first in REPO_DIRS or (first and any((p / first).is_dir() for p in PACKAGES))
     if file.endswith(".py") or (("/" in file or "*" in file) and in_repo):
         found = find_file(file)
         if not found:

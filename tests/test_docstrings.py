@@ -6,7 +6,7 @@
 import ast
 from pathlib import Path
 
-SRC = Path(__file__).resolve().parents[1] / "src" / "clip_pacl"
+SRC = Path(__file__).resolve().parents[1] / "src"  # the library clip_pacl and the applications clip_pacl_app
 MIN_SHARE = 0.90
 
 

@@ -7,7 +7,7 @@ import ast
 import sys
 from pathlib import Path
 
-SRC = Path(__file__).resolve().parents[1] / "src" / "clip_pacl"
+SRC = Path(__file__).resolve().parents[1] / "src"  # the library clip_pacl and the applications clip_pacl_app
 MAX_LINES = 80
 
 

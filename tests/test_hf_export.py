@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 
 import clip_pacl
-from clip_pacl.checkpoint.hf_processor import PROCESSOR_FILES
-from clip_pacl.cli.main import main
+from clip_pacl.formats.hf_processor import PROCESSOR_FILES
+from clip_pacl_app.cli.main import main
 from helpers import randomize_, require
 
 transformers = require("transformers")

@@ -130,7 +130,7 @@ def test_cli_in_a_real_process_uses_the_environment(tmp_path, hf_repo_files):
     cache = tmp_path / "cache"
     cache_repo(cache, "acme/tiny-clip", directory_files(hf_repo_files))
     env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "clip_pacl.cli.main"]
+    cmd = [sys.executable, "-m", "clip_pacl_app.cli.main"]
     ok = subprocess.run([*cmd, "info", "acme/tiny-clip", "--json"], env=env, capture_output=True, text=True,
                         timeout=300)
     assert ok.returncode == 0, ok.stderr
@@ -148,7 +148,7 @@ def test_an_index_built_from_a_hub_model_records_its_revision(offline_cache, hf_
     """The index's fingerprint names the hub commit its weights came from (and a local model records none)."""
     from PIL import Image
 
-    from clip_pacl.cli.main import main as cli_main
+    from clip_pacl_app.cli.main import main as cli_main
 
     cache_repo(offline_cache, "acme/tiny-clip", directory_files(hf_repo_files))
     (tmp_path / "photos").mkdir()

@@ -1,16 +1,19 @@
-"""The package's modules import in one direction: no cycles, and library code never imports the CLI.
+"""The packages' modules import in one direction: no cycles, down the layers, and the library (`clip_pacl`) never
+imports the applications (`clip_pacl_app`).
 
 The graph is static (ast): every `import` / `from ... import` of a clip_pacl module anywhere in a file, including
 imports inside functions, which hide a cycle from Python's import machinery but not from a reader.
 """
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = SRC / "clip_pacl"
+APP = SRC / "clip_pacl_app"
 
 
 
@@ -85,26 +88,87 @@ def cycles(graph: dict[str, set[str]]) -> list[frozenset[str]]:
     return found
 
 
+# The layers, bottom to top (docs/architecture.md draws the same picture). A module may import its own layer and the
+# ones below it, never one above; every top-level module or package must be placed here, so a new one is a decision.
+LAYERS = {
+    "foundation": ("config", "errors", "console", "device", "limits", "tokenizer", "transforms", "presets", "atomic"),
+    "models": ("models",),
+    "weights and inputs": ("checkpoint", "formats", "losses", "data", "preprocess", "encode"),
+    "training and tasks": ("train", "zeroshot", "retrieval", "segmentation", "eval", "metrics", "guidance",
+                           "integrations"),
+    "applications": ("clip_pacl_app",),
+}
+RANK = {part: rank for rank, parts in enumerate(LAYERS.values()) for part in parts}
+
+
+def layer_of(module: str) -> int | None:
+    """The rank of `module`'s layer; None for the public facade `clip_pacl` (lazy names over every layer) and the
+    `python -m` aliases (`__main__`), which may call the applications."""
+    parts = module.split(".")
+    if parts[0] == "clip_pacl_app":
+        return RANK["clip_pacl_app"]
+    if module == "clip_pacl" or parts[-1] == "__main__":
+        return None
+    return RANK.get(parts[1], -1)
+
+
+def all_modules() -> dict[str, Path]:
+    return {**module_files(PACKAGE), **module_files(APP)}
+
+
+def full_graph() -> dict[str, set[str]]:
+    modules = all_modules()
+    return {name: imported_modules(name, path, modules) for name, path in modules.items()}
+
+
 def is_cli(module: str) -> bool:
-    """The command-line layer: cli/ and `python -m` entry points (`__main__` modules)."""
-    return module.startswith("clip_pacl.cli") or module.endswith("__main__")
+    """The applications (`clip_pacl_app`: the CLI, the server, the demo) and `python -m` entry points."""
+    return module.startswith("clip_pacl_app") or module.endswith("__main__")
 
 
 def test_no_import_cycles():
-    found = [sorted(c) for c in cycles(import_graph())]
+    found = [sorted(c) for c in cycles(full_graph())]
     assert not found, f"import cycles: {found}"
 
 
-def test_library_never_imports_the_cli():
-    bad = [(m, t) for m, targets in import_graph().items() if not is_cli(m) for t in targets if is_cli(t)]
-    assert not bad, f"library modules importing the CLI: {bad}"
+def test_library_never_imports_the_applications():
+    bad = [(m, t) for m, targets in full_graph().items() if not is_cli(m) for t in targets if is_cli(t)]
+    assert not bad, f"library modules importing the applications: {bad}"
 
 
-def test_models_do_not_import_checkpoint_or_losses():
-    graph = import_graph()
-    bad = [(m, t) for m, targets in graph.items() if m.startswith("clip_pacl.models")
-           for t in targets if t.startswith(("clip_pacl.checkpoint", "clip_pacl.losses", "clip_pacl.train"))]
-    assert not bad, f"models importing higher layers: {bad}"
+def test_every_module_has_a_layer():
+    unplaced = sorted(m for m in all_modules() if layer_of(m) == -1)
+    assert not unplaced, f"modules in no layer of LAYERS (place them, and in docs/architecture.md): {unplaced}"
+
+
+def test_imports_go_down_the_layers():
+    bad = [(m, t) for m, targets in full_graph().items() for t in targets
+           if layer_of(m) is not None and layer_of(t) is not None and layer_of(t) > layer_of(m)]
+    assert not bad, f"modules importing a higher layer: {bad}"
+
+
+def test_the_layer_rule_can_fail():
+    """A models module importing the trainer is caught (the rule is not vacuous)."""
+    assert layer_of("clip_pacl.train.loop") > layer_of("clip_pacl.models.clip")
+    assert layer_of("clip_pacl_app.cli.main") > layer_of("clip_pacl.retrieval.store")
+    assert layer_of("clip_pacl.nonexistent") == -1
+
+
+def docs_layer_rows() -> dict[str, str]:
+    """The rows of the layer picture in docs/architecture.md (the fenced block after its `<!-- layers` marker)."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "architecture.md").read_text()
+    block = text.split("<!-- layers", 1)[1].split("```", 2)[1]
+    return {layer: line for line in block.splitlines() for layer in LAYERS if line.startswith(layer)}
+
+
+def test_the_docs_draw_the_same_layers():
+    rows = docs_layer_rows()
+    assert list(rows) == list(LAYERS)[::-1], "docs/architecture.md draws other rows than LAYERS (top row first)"
+    for layer, parts in LAYERS.items():
+        for part in parts:
+            present = (PACKAGE / part).exists() or (PACKAGE / f"{part}.py").exists() or part == "clip_pacl_app"
+            named = re.search(rf"(?<![\w/]){part}(/|\.py|\b)", rows[layer])
+            assert named or not present, f"docs/architecture.md does not draw {part} in the {layer} row"
 
 
 @pytest.mark.parametrize("source, expected", [

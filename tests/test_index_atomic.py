@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 import clip_pacl
-from clip_pacl.cli.main import main
+from clip_pacl_app.cli.main import main
 from clip_pacl.errors import CheckpointError, DataError
 from clip_pacl.retrieval.index import ImageIndex, build_index, check_model, image_paths
 
@@ -25,7 +25,7 @@ KILL_SCRIPT = """
 import os, shutil, sys, time
 from pathlib import Path
 import clip_pacl.retrieval.index as ix
-from clip_pacl.cli.main import main
+from clip_pacl_app.cli.main import main
 moment, marker = sys.argv[1], Path(sys.argv[2])
 calls = {"flush": 0, "fsync": 0, "replace": 0, "rmtree": 0}
 def pause():

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import clip_pacl
 import clip_pacl.retrieval.index as index_module
-from clip_pacl.cli.main import main
+from clip_pacl_app.cli.main import main
 from clip_pacl.data.synthetic import generate_synthetic
 from clip_pacl.errors import CheckpointError, DataError, MissingDependencyError
 from clip_pacl.retrieval.index import ImageIndex, build_index, image_paths

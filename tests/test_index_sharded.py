@@ -1,4 +1,4 @@
-"""`torchrun -m clip_pacl.index build` (2 gloo processes on CPU): the merged index is the single-process one, and a
+"""`torchrun -m clip_pacl_app index build` (2 gloo processes on CPU): the merged index is the single-process one, and a
 failing rank (an error, a SIGKILL, ranks that disagree on the images or the weights) leaves the old index as it was."""
 
 import csv
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import clip_pacl
-from clip_pacl.cli.main import main
+from clip_pacl_app.cli.main import main
 from clip_pacl.data.synthetic import generate_synthetic
 from clip_pacl.errors import DataError
 from clip_pacl.retrieval.ann import ANN_NAME
@@ -26,7 +26,7 @@ FAIL_SCRIPT = """
 import os, signal, sys
 import torch
 import clip_pacl.checkpoint, clip_pacl.checkpoint.io, clip_pacl.retrieval.index, clip_pacl.retrieval.sharded
-from clip_pacl.cli.main import main
+from clip_pacl_app.cli.main import main
 mode = sys.argv[1]
 # `clip-pacl index build` imports these when it runs (not at import: the CLI starts fast), so it gets the patched ones
 if os.environ["RANK"] == "1":

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 import clip_pacl
-from clip_pacl.cli.main import main
+from clip_pacl_app.cli.main import main
 from clip_pacl.errors import DataError
 from clip_pacl.preprocess import model_transform
 from clip_pacl.retrieval.index import ImageIndex
@@ -131,7 +131,7 @@ def test_which_inputs_are_shards(setup, tmp_path):
 
 
 def test_thumbnails_read_the_sample_back(setup):
-    from clip_pacl.web.service import WebService
+    from clip_pacl_app.web.service import WebService
 
     root, model = setup
     index = ImageIndex.load(root / "idx")

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import clip_pacl
-from clip_pacl.checkpoint.onnx import TextEncoder
+from clip_pacl.formats.onnx import TextEncoder
 from clip_pacl.models import layers
 from clip_pacl.models.layers import attend_one_query
 from clip_pacl.models.text import length_groups

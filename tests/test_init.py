@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from clip_pacl import CLIP, CLIPConfig
-from clip_pacl.checkpoint.convert_open_clip import to_open_clip
+from clip_pacl.formats.convert_open_clip import to_open_clip
 
 open_clip = pytest.importorskip("open_clip")
 

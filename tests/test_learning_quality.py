@@ -9,7 +9,7 @@ import torch
 import clip_pacl
 from clip_pacl.data import read_label_rows
 from clip_pacl.data.synthetic import generate_synthetic
-from clip_pacl.eval.zeroshot import evaluate_zeroshot
+from clip_pacl.zeroshot.evaluate import evaluate_zeroshot
 from clip_pacl.train import TrainConfig, train
 from clip_pacl.zeroshot.templates import resolve_templates
 

@@ -7,7 +7,7 @@ import torch
 
 import clip_pacl
 from clip_pacl.checkpoint.merge import merge_models, merge_weights
-from clip_pacl.cli.main import main
+from clip_pacl_app.cli.main import main
 from clip_pacl.errors import CheckpointError
 from helpers import randomize_
 

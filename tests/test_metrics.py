@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import clip_pacl
-from clip_pacl.cli.main import main
+from clip_pacl_app.cli.main import main
 from clip_pacl.data import load_image
 from clip_pacl.data.synthetic import generate_synthetic
 from clip_pacl.errors import DataError

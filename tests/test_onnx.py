@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import clip_pacl
-from clip_pacl.cli.main import main
+from clip_pacl_app.cli.main import main
 from clip_pacl.tokenizer import tokenize
 from helpers import randomize_, require
 
@@ -66,7 +66,7 @@ def test_static_batch_and_opset(tmp_path, capsys):
 
 def test_export_leaves_the_model_as_it_was(tmp_path):
     """The exporter restores the exported module's mode recursively; an eval model must stay in eval mode."""
-    from clip_pacl.checkpoint.onnx import export_onnx
+    from clip_pacl.formats.onnx import export_onnx
 
     model = clip_pacl.load("tiny-rn").eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -14,7 +14,7 @@ from PIL import Image
 import clip_pacl
 from clip_pacl.checkpoint.io import save
 from clip_pacl.checkpoint.pacl import load_pacl
-from clip_pacl.cli.main import main
+from clip_pacl_app.cli.main import main
 from clip_pacl.data.synthetic import generate_synthetic
 from clip_pacl.errors import ConfigError
 from clip_pacl.models.pacl import PACL, PACLConfig

@@ -58,7 +58,7 @@ def test_cache_refuses_a_trainable_image_tower_or_a_plain_clip(captions):
 
 @pytest.mark.parametrize("cache_features", [False, True])
 def test_clip_pacl_train_objective_pacl_trains_only_the_embedders(captions, tmp_path, cache_features):
-    from clip_pacl.cli.main import main
+    from clip_pacl_app.cli.main import main
 
     base = tmp_path / "clip"
     clip_pacl.save(clip_pacl.load("tiny"), base)
@@ -76,14 +76,14 @@ def test_clip_pacl_train_objective_pacl_trains_only_the_embedders(captions, tmp_
 
 
 def test_cache_features_needs_the_pacl_objective(captions, tmp_path, capsys):
-    from clip_pacl.cli.main import main
+    from clip_pacl_app.cli.main import main
 
     rc = main(["train", "--model", "tiny", "--data", str(captions), "--out", str(tmp_path), "--cache-features"])
     assert rc == 2 and "--cache-features is for --objective pacl" in capsys.readouterr().err
 
 
 def test_pacl_flags_set_the_new_models_config_and_unfreeze_the_last_block(captions, tmp_path, capsys):
-    from clip_pacl.cli.main import main
+    from clip_pacl_app.cli.main import main
 
     base = tmp_path / "clip"
     clip_pacl.save(clip_pacl.load("tiny"), base)

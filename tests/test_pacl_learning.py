@@ -17,7 +17,7 @@ import torch
 import clip_pacl
 from clip_pacl.checkpoint.io import save
 from clip_pacl.data.synthetic import generate_synthetic
-from clip_pacl.eval.segmentation import evaluate_segmentation_thresholds
+from clip_pacl.segmentation.evaluate import evaluate_segmentation_thresholds
 from clip_pacl.train import TrainConfig, train
 
 THRESHOLDS = [None, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3]

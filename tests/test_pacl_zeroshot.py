@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import clip_pacl
-from clip_pacl.cli.main import main
+from clip_pacl_app.cli.main import main
 from clip_pacl.data import load_image, read_label_rows
 from clip_pacl.data.synthetic import generate_synthetic
 from clip_pacl.models.pacl import PACL, PACLConfig

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import clip_pacl
-from clip_pacl.checkpoint import convert_hf, convert_open_clip, export_hf, export_open_clip
+from clip_pacl.formats import convert_hf, convert_open_clip, export_hf, export_open_clip
 from helpers import hf_diff, open_clip_diff, preset_dict, randomize_, require
 
 transformers = require("transformers")

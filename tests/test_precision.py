@@ -179,7 +179,7 @@ def tiny_ckpt(tmp_path_factory):
 
 
 def _cli(capsys, *argv):
-    from clip_pacl.cli.main import main
+    from clip_pacl_app.cli.main import main
 
     code = main([str(a) for a in argv])
     out, err = capsys.readouterr()

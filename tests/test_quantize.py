@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 import clip_pacl
 import clip_pacl.models.quantize as quantize_module
-from clip_pacl.checkpoint.export import export
-from clip_pacl.cli.main import main
+from clip_pacl.formats.export import export
+from clip_pacl_app.cli.main import main
 from clip_pacl.data.synthetic import generate_synthetic
 from clip_pacl.errors import CheckpointError, ConfigError
 from clip_pacl.models.pacl import PACL
@@ -189,12 +189,12 @@ def test_commands_encode_in_int8(data, capsys, quantized, command):
 def test_serve_int8_and_device_errors(data, capsys, monkeypatch, quantized):
     uvicorn = require("uvicorn")
 
-    import clip_pacl.web.service as service_module
+    import clip_pacl_app.web.service as service_module
 
     served = []
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: None)
     monkeypatch.setattr(service_module, "WebService", lambda model, *a, **kw: served.append(model) or object())
-    monkeypatch.setattr("clip_pacl.web.app.create_app", lambda service, **kw: None)
+    monkeypatch.setattr("clip_pacl_app.web.app.create_app", lambda service, **kw: None)
     assert main(["serve", "--model", str(data / "model"), "--int8", "--port", "0"]) == 0
     assert quantized == [1] and is_quantized(served[0])
     capsys.readouterr()

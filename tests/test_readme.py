@@ -135,7 +135,7 @@ def _install_steps() -> tuple[list[str], list[str]]:
 def demo(quick_demo) -> Path:
     """The install command's last step, `clip-pacl demo`, as `clip-pacl demo --quick` (INSTALL), in a real process
     in a fresh folder (conftest.py's quick_demo, which tests/test_demo.py checks in detail): its demo_out/."""
-    from clip_pacl.cli.main import build_parser
+    from clip_pacl_app.cli.main import build_parser
     from conftest import QUICK_DEMO
 
     install, _ = _install_steps()

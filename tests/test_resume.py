@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import clip_pacl
-from clip_pacl.cli.main import main
+from clip_pacl_app.cli.main import main
 from clip_pacl.data.synthetic import generate_synthetic
 from clip_pacl.train import checkpointing
 
@@ -35,7 +35,7 @@ def _args(data: Path, out: Path, steps: int = STEPS) -> list[str]:
 
 def _start(args: list[str]) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    code = ("import sys, torch; torch.set_num_threads(1); from clip_pacl.cli.main import main; "
+    code = ("import sys, torch; torch.set_num_threads(1); from clip_pacl_app.cli.main import main; "
             "sys.exit(main(sys.argv[1:]))")
     return subprocess.Popen([sys.executable, "-c", code, *args], env=env, stderr=subprocess.PIPE, text=True)
 

@@ -1,6 +1,6 @@
 """Loading a file never runs code from it.
 
-OpenAI's TorchScript `.pt` files are read by a restricted unpickler (`checkpoint/torchscript.py`) and give the
+OpenAI's TorchScript `.pt` files are read by a restricted unpickler (`formats/torchscript.py`) and give the
 same model as open_clip's `load_openai_model`, which runs `torch.jit.load`; ours never calls it. Malicious
 files (a pickle's `__reduce__`, a TorchScript `__setstate__`, a TorchScript archive whose pickle names
 `os.system`) under every extension, in checkpoint directories and in a hub cache, run nothing and give one
@@ -25,8 +25,9 @@ import pytest
 import torch
 
 import clip_pacl
-from clip_pacl.checkpoint import load_with_source, torchscript
-from clip_pacl.cli.main import main as cli_main
+from clip_pacl.checkpoint import load_with_source
+from clip_pacl.formats import torchscript
+from clip_pacl_app.cli.main import main as cli_main
 from clip_pacl.errors import CheckpointError
 from clip_pacl.tokenizer import tokenize
 from helpers import randomize_ as randomize_all_
@@ -371,7 +372,7 @@ def test_cli_process_refuses_a_torchscript_setstate_archive(payloads, tmp_path):
     marker, files = payloads
     path = tmp_path / "ViT-B-32.pt"
     path.write_bytes(files["torchscript_setstate"])
-    result = subprocess.run([sys.executable, "-m", "clip_pacl.cli.main", "info", str(path)], capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "clip_pacl_app.cli.main", "info", str(path)], capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 2 and result.stdout == "" and "Traceback" not in result.stderr
     [line] = result.stderr.splitlines()

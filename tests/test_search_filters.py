@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import clip_pacl
-from clip_pacl.cli.main import main
+from clip_pacl_app.cli.main import main
 from clip_pacl.data.synthetic import generate_synthetic
 from clip_pacl.errors import CheckpointError, DataError
 from clip_pacl.retrieval.filters import prefix_rows, search_prefix, search_rows
@@ -208,7 +208,7 @@ def test_web_api_prefix_and_metadata(setup):
     require("fastapi")
     httpx = require("httpx")
     require("uvicorn")
-    from clip_pacl.web import WebService, create_app
+    from clip_pacl_app.web import WebService, create_app
     from webserver import post, running
 
     root, model = setup

@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 
 import clip_pacl
-from clip_pacl.cli.main import main
-from clip_pacl.eval.segmentation import evaluate_segmentation
+from clip_pacl_app.cli.main import main
+from clip_pacl.segmentation.evaluate import evaluate_segmentation
 from clip_pacl.models.pacl import PACL, PACLConfig
 
 
@@ -141,7 +141,7 @@ def test_dataset_templates_file_is_the_default_and_flags_override_it(pacl_dir, s
 
 
 def test_threshold_sweep_equals_one_evaluation_per_threshold(pacl_dir, seg_data):
-    from clip_pacl.eval.segmentation import evaluate_segmentation_thresholds
+    from clip_pacl.segmentation.evaluate import evaluate_segmentation_thresholds
 
     model = clip_pacl.load(str(pacl_dir)).eval()
     thresholds = [None, 0.0, 0.2, 0.9]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clip_pacl.cli.main import main
+from clip_pacl_app.cli.main import main
 from clip_pacl.data import read_caption_rows, read_label_rows
 from clip_pacl.data.synthetic import COLORS, SHAPES, ShapeObject, caption_templates, generate_synthetic
 from clip_pacl.data.synthetic_kinds import COUNT_WORDS, KINDS, PATTERN_ADJECTIVES, PATTERNS, generate, plural
@@ -240,7 +240,7 @@ def test_shapes_heldout_keeps_the_training_files(tmp_path):
 
 
 def test_cli_kinds(tmp_path, capsys):
-    from clip_pacl.cli.data import KIND_NAMES
+    from clip_pacl_app.cli.data import KIND_NAMES
 
     assert KIND_NAMES == ("shapes", *KINDS)
     assert main(["data", "synthetic", "--kind", "patterns", "--out", str(tmp_path / "p"), "--n", "3", "--heldout",

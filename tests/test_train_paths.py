@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import clip_pacl
-from clip_pacl.cli.main import main
+from clip_pacl_app.cli.main import main
 from clip_pacl.data import read_caption_rows
 from clip_pacl.data.synthetic import generate_synthetic
-from clip_pacl.eval.retrieval import evaluate_retrieval
+from clip_pacl.retrieval.evaluate import evaluate_retrieval
 from clip_pacl.train import checkpointing, loop
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -25,7 +25,7 @@ from clip_pacl.data.synthetic import generate_synthetic  # noqa: E402
 from clip_pacl.retrieval.index import build_index, image_paths  # noqa: E402
 from clip_pacl.retrieval.search import search_image, search_text  # noqa: E402
 from clip_pacl.segmentation.overlay import class_colors  # noqa: E402
-from clip_pacl.web import WebService, create_app  # noqa: E402
+from clip_pacl_app.web import WebService, create_app  # noqa: E402
 from webserver import running  # noqa: E402
 
 BROWSER = require_program("chromium", find_program(CHROMIUM), "apt-get install chromium")

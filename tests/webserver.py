@@ -49,7 +49,7 @@ def free_port() -> int:
 def serve_process(*args: str):
     """`clip-pacl serve ARGS --port P` as a subprocess; yields (url, process) once /api/health answers."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "clip_pacl.cli.main", "serve", *args, "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "clip_pacl_app.cli.main", "serve", *args, "--port", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -1,6 +1,6 @@
 """clip-pacl: CLIP training, conversion, evaluation and serving, with PACL open-vocabulary segmentation.
 
-The names below are imported on first use (PEP 562), so that `import clip_pacl.cli.main` and the other light
+The names below are imported on first use (PEP 562), so that `import clip_pacl_app.cli.main` and the other light
 modules (`errors`, `console`, `train.config`) do not load torch: `clip-pacl --help` starts at once.
 """
 

@@ -24,7 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from clip_pacl.checkpoint import torchscript
+from clip_pacl.formats import torchscript
 from clip_pacl.errors import CheckpointError
 from clip_pacl.limits import check_tensors
 

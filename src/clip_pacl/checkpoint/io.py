@@ -20,7 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from clip_pacl.checkpoint import backbone, convert_hf, convert_open_clip, convert_openai, pacl
+from clip_pacl.checkpoint import backbone, pacl
+from clip_pacl.formats import convert_hf, convert_open_clip, convert_openai
 from clip_pacl.checkpoint.files import (
     CONFIG_NAME,
     WEIGHTS_NAME,

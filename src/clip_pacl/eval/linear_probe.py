@@ -16,7 +16,7 @@ import torch
 
 from clip_pacl.encode import encode_images
 from clip_pacl.errors import DataError, MissingDependencyError
-from clip_pacl.eval.zeroshot import classification_metrics
+from clip_pacl.zeroshot.evaluate import classification_metrics
 
 DEFAULT_CS = tuple(float(c) for c in np.logspace(-6, 6, 13))
 

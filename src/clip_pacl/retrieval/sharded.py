@@ -1,4 +1,4 @@
-"""Index build across processes and machines: `torchrun --nnodes N --nproc-per-node M -m clip_pacl.index build`.
+"""Index build across processes and machines: `torchrun --nnodes N --nproc-per-node M -m clip_pacl_app index build`.
 
 Every rank lists the same images and embeds one contiguous block of them (rank r of W: items [r n / W,
 (r + 1) n / W) of the n inputs), then writes the block beside the index, in `.IDX.shards/rank-00000.npy`

@@ -1,6 +1,6 @@
 """Training: `train(TrainConfig) -> TrainResult`, the library entry behind `clip-pacl train`.
 
-Run it as several processes with `torchrun --nproc-per-node N -m clip_pacl.train ARGS` (DDP).
+Run it as several processes with `torchrun --nproc-per-node N -m clip_pacl_app train ARGS` (DDP).
 `train`, `TrainResult` and `accumulate_gradients` are imported on first use (PEP 562), so that the CLI reads
 `TrainConfig`'s defaults (`train/config.py`) without loading torch.
 """

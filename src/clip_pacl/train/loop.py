@@ -477,7 +477,7 @@ def accumulate_gradients(
 
 def validate(model: nn.Module, rows: list, config: TrainConfig, device: torch.device) -> dict[str, float]:
     """Held-out retrieval recall@1 both ways (and mean recall@{1,5,10})."""
-    from clip_pacl.eval.retrieval import evaluate_retrieval
+    from clip_pacl.retrieval.evaluate import evaluate_retrieval
 
     result = evaluate_retrieval(model, rows, batch_size=max(config.batch_size, 32), workers=config.workers,
                                 device=device, ks=(1, 5, 10), progress=False)
