@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import clip_pacl
 import clip_pacl.models.quantize as quantize_module
-from clip_pacl.formats.export import export
+from clip_pacl.formats.writers import export
 from clip_pacl_app.cli.main import main
 from clip_pacl.data.synthetic import generate_synthetic
 from clip_pacl.errors import CheckpointError, ConfigError

@@ -17,7 +17,7 @@ __all__ = ["Source", "export", "export_hf", "export_open_clip", "load", "load_wi
 
 def __getattr__(name: str) -> Any:
     if name in ("export", "export_hf", "export_open_clip"):
-        from clip_pacl.formats import export
+        from clip_pacl.formats import writers
 
-        return getattr(export, name)
+        return getattr(writers, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_LAZY = {"export": "export", "export_hf": "export", "export_open_clip": "export", "export_onnx": "onnx"}
+_LAZY = {"export": "writers", "export_hf": "writers", "export_open_clip": "writers", "export_onnx": "onnx"}
 __all__ = ["export", "export_hf", "export_onnx", "export_open_clip"]
 
 
