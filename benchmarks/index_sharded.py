@@ -51,7 +51,7 @@ def build_runs(args: argparse.Namespace, tmp: Path) -> list[dict]:
     for procs in args.procs:
         out = tmp / f"idx-{procs}"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs),
-               "-m", "clip_pacl.index", "build", "--model", str(tmp / "model"), "--images",
+               "-m", "clip_pacl_app", "index", "build", "--model", str(tmp / "model"), "--images",
                str(tmp / "data" / "images"), "--out", str(out), "--batch-size", str(args.batch_size), "--device", "cpu"]
         start = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True,

@@ -156,7 +156,7 @@ def _train_args(runs: Path, *extra: str) -> list[str]:
 
 def _torchrun(runs: Path, out: Path, *extra: str, start_new_session: bool = False):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
-           "clip_pacl.train", *_train_args(runs, "--batch-size", "8", "--out", str(out), *extra)]
+           "clip_pacl_app", "train", *_train_args(runs, "--batch-size", "8", "--out", str(out), *extra)]
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=start_new_session)
 

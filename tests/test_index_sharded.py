@@ -84,7 +84,7 @@ def _torchrun(root: Path, out: Path, *target: str, extra: tuple[str, ...] = ()) 
 @pytest.mark.timeout(300)
 def test_two_ranks_build_the_single_process_index(setup, tmp_path):
     out = tmp_path / "idx"
-    proc = _torchrun(setup, out, "-m", "clip_pacl.index")
+    proc = _torchrun(setup, out, "-m", "clip_pacl_app", "index")
     assert proc.returncode == 0, proc.stderr[-3000:]
     single, merged = ImageIndex.load(setup / "single"), ImageIndex.load(out)
     assert merged.paths == single.paths and len(merged) == 20  # the table's order (not the folder's), once each
@@ -113,7 +113,7 @@ def test_two_ranks_build_the_approximate_index_after_the_merge(setup, tmp_path):
     assert main(["index", "build", "--model", str(setup / "model"), "--images", str(setup / "table.csv"),
                  "--out", str(tmp_path / "single"), "--batch-size", "4", "--device", "cpu", *ann_flags]) == 0
     out = tmp_path / "idx"
-    proc = _torchrun(setup, out, "-m", "clip_pacl.index", extra=ann_flags)
+    proc = _torchrun(setup, out, "-m", "clip_pacl_app", "index", extra=ann_flags)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr.count("building the faiss index 'IVF4,Flat' over 20 embeddings") == 1  # rank 0 only
     single, merged = ImageIndex.load(tmp_path / "single"), ImageIndex.load(out)
@@ -137,7 +137,7 @@ def test_two_ranks_build_int8_with_an_approximate_index_and_update_keeps_both(se
     require("faiss")
     flags = ("--int8", "--faiss-index", "IVF4,Flat", "--nprobe", "2")
     out = tmp_path / "idx"
-    proc = _torchrun(setup, out, "-m", "clip_pacl.index", extra=(*flags, "--batch-size", "1"))
+    proc = _torchrun(setup, out, "-m", "clip_pacl_app", "index", extra=(*flags, "--batch-size", "1"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert main(["index", "build", "--model", str(setup / "model"), "--images", str(setup / "table.csv"),
                  "--out", str(tmp_path / "single"), "--batch-size", "1", "--device", "cpu", *flags]) == 0

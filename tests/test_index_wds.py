@@ -171,7 +171,7 @@ def test_two_ranks_split_the_shards_and_build_the_single_process_index(setup, tm
     root, _ = setup
     out = tmp_path / "idx"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
-           "clip_pacl.index", "build", "--model", str(root / "model"), "--images",
+           "clip_pacl_app", "index", "build", "--model", str(root / "model"), "--images",
            str(root / "shards" / "shard-{000000..000002}.tar"), "--out", str(out), "--batch-size", "3",
            "--device", "cpu", "--json"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=280, env={**os.environ, "OMP_NUM_THREADS": "1"})
