@@ -72,7 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from clip_pacl.retrieval.ann import check_request
-    from clip_pacl.retrieval.index import confine_paths, image_paths, images_root
+    from clip_pacl.retrieval.build import confine_paths, image_paths, images_root
     from clip_pacl.retrieval.metadata import attach_metadata, table_metadata
     from clip_pacl.retrieval.wds_images import wds_shards, wds_source
     from clip_pacl.train.distributed import env_dist_info
@@ -136,7 +136,7 @@ def _build(args: argparse.Namespace, model: torch.nn.Module, inputs: list, webda
     """(index or None on ranks other than 0, unreadable [(path, reason)], unreadable count per rank or None).
     `inputs`: image paths, or webdataset shards; `root`: the folder they resolve inside (`confine_paths`)."""
     from clip_pacl.checkpoint.io import effective_precision
-    from clip_pacl.retrieval.index import build_index, encoder_at
+    from clip_pacl.retrieval.build import build_index, encoder_at
     from clip_pacl.retrieval.sharded import build_index_sharded, embed_files, index_from_parts
     from clip_pacl.retrieval.wds_images import embed_shards
 
