@@ -29,8 +29,8 @@ import torch.nn.functional as F
 
 import clip_pacl
 from clip_pacl.data.synthetic import generate_synthetic
+from clip_pacl.retrieval import ImageIndex
 from clip_pacl.retrieval.filters import search_prefix
-from clip_pacl.retrieval.index import ImageIndex
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import append_jsonl  # noqa: E402

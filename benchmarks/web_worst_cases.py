@@ -40,7 +40,7 @@ import sys
 from pathlib import Path
 import torch, clip_pacl
 from PIL import Image
-from clip_pacl.retrieval.index import build_index, image_paths
+from clip_pacl.retrieval import build_index, image_paths
 root = Path(sys.argv[1]); (root / "imgs").mkdir()
 for i in range(6):
     Image.new("RGB", (40, 40), (40 * i, 10, 200)).save(root / "imgs" / f"{i}.png")

@@ -27,7 +27,7 @@ import clip_pacl  # noqa: E402
 from browser import CHROMEDRIVER, CHROMIUM, Page, chromium, find_program  # noqa: E402
 from clip_pacl.data import read_label_rows  # noqa: E402
 from clip_pacl.data.synthetic import COLORS, generate_synthetic  # noqa: E402
-from clip_pacl.retrieval.index import build_index, image_paths  # noqa: E402
+from clip_pacl.retrieval import build_index, image_paths  # noqa: E402
 from clip_pacl_app.web import WebService, create_app  # noqa: E402
 from webserver import running  # noqa: E402
 

@@ -231,7 +231,7 @@ def test_lock_image_freezes_a_timm_tower_but_not_the_heads(model):
 def test_search_by_image_uses_the_models_own_preprocessing(model, tmp_path):
     """An index built with the timm model's transform must be queried with it: searching with an indexed image
     finds that image at cosine 1 (CLIP's mean/std or size would give other features)."""
-    from clip_pacl.retrieval.index import build_index
+    from clip_pacl.retrieval import build_index
     from clip_pacl.retrieval.search import search_image
 
     rng = np.random.default_rng(0)

@@ -21,7 +21,7 @@ from clip_pacl.data.synthetic import BACKGROUNDS, COLORS, SHAPES, SIZES, ShapeOb
 from clip_pacl_app.demo import SECTIONS, DemoConfig, format_summary, metric_rows, prepare_out_dir
 from clip_pacl_app.demo.pipeline import MARKER
 from clip_pacl.errors import ConfigError
-from clip_pacl.retrieval.index import ImageIndex
+from clip_pacl.retrieval import ImageIndex
 from clip_pacl.retrieval.search import search_encoder
 from clip_pacl.tokenizer import tokenize
 

@@ -172,7 +172,7 @@ def test_named_code_exists():
 @pytest.mark.parametrize("span, why", [
     ("checkpoint/format.py", "no such file or folder"),
     ("clip_pacl.checkpoint.load_state", "does not resolve"),
-    ("retrieval/index.py::no_such_function", "does not define"),
+    ("retrieval/build.py::no_such_function", "does not define"),
     ("load_state", "the code has no name load_state"),
     ("torch.no_such_module", "does not resolve"),
 ])
@@ -180,7 +180,7 @@ def test_the_check_finds_what_does_not_exist(span, why):
     assert why in (problem(span) or "")
 
 
-@pytest.mark.parametrize("span", ["checkpoint/files.py", "retrieval/index.py::build_index", "clip_pacl.load",
+@pytest.mark.parametrize("span", ["checkpoint/files.py", "retrieval/build.py::build_index", "clip_pacl.load",
                                   "model_tokenizer(model)", "runs/clip", "ImageIndex.save", "presets/*.json",
                                   "torch.utils.flop_counter"])
 def test_the_check_accepts_what_exists(span):

@@ -30,8 +30,8 @@ from clip_pacl.config import CLIPConfig
 from clip_pacl.errors import CheckpointError, ConfigError
 from clip_pacl.models.clip import CLIP
 from clip_pacl.models.pacl import PACL
+from clip_pacl.retrieval import ImageIndex
 from clip_pacl.retrieval.ann import AnnIndex
-from clip_pacl.retrieval.index import ImageIndex
 from helpers import require
 from test_safe_loading import _hand_made_archive, _Module, _Tensor
 

@@ -17,31 +17,40 @@ from PIL import Image
 import clip_pacl
 from clip_pacl_app.cli.main import main
 from clip_pacl.errors import CheckpointError, DataError
-from clip_pacl.retrieval.index import ImageIndex, build_index, check_model, image_paths
+from clip_pacl.retrieval.build import build_index, check_model, image_paths
+from clip_pacl.retrieval.store import ImageIndex
 
-# Runs `clip-pacl ARGS` with one step of ImageIndex.save made to stop (it writes `marker` and sleeps there),
-# so that the test can SIGKILL the build at that exact moment.
+# Runs `clip-pacl ARGS` with one step of ImageIndex.save (`clip_pacl.atomic.write_directory`) made to stop (it
+# writes `marker` and sleeps there), so that the test can SIGKILL the build at that exact moment: "writing" (only
+# embeddings.npy in the temporary directory), "written" (every file fsynced, not the directory), "swapping" (the
+# old index set aside, the new one not renamed in), "cleaning" (the new one in place, the old one not removed).
 KILL_SCRIPT = """
 import os, shutil, sys, time
 from pathlib import Path
-import clip_pacl.retrieval.index as ix
+import numpy as np
+import clip_pacl.atomic as atomic
 from clip_pacl_app.cli.main import main
 moment, marker = sys.argv[1], Path(sys.argv[2])
-calls = {"flush": 0, "fsync": 0, "replace": 0, "rmtree": 0}
+calls = {"fsync": 0, "replace": 0, "rmtree": 0}
 def pause():
     marker.write_text(moment)
     time.sleep(120)
 def wrap(name, target, when):
     def wrapped(*args, **kwargs):
         calls[name] += 1
-        if when():
+        if when(*args):
             pause()
         return target(*args, **kwargs)
     return wrapped
-ix._flush = wrap("flush", ix._flush, lambda: moment == "writing" and calls["flush"] == 2)
-ix._fsync = wrap("fsync", ix._fsync, lambda: moment == "written" and calls["fsync"] == 1)
-ix.os.replace = wrap("replace", os.replace, lambda: moment == "swapping" and calls["replace"] == 2)
-ix.shutil.rmtree = wrap("rmtree", shutil.rmtree, lambda: moment == "cleaning" and calls["replace"] == 2)
+real_save = np.save
+def save_then_pause(*args, **kwargs):
+    real_save(*args, **kwargs)
+    if moment == "writing":
+        pause()
+np.save = save_then_pause
+atomic.fsync_path = wrap("fsync", atomic.fsync_path, lambda path: moment == "written" and ".tmp-" in Path(path).name)
+os.replace = wrap("replace", os.replace, lambda *a: moment == "swapping" and calls["replace"] == 2)
+shutil.rmtree = wrap("rmtree", shutil.rmtree, lambda *a: moment == "cleaning" and calls["replace"] == 2)
 sys.exit(main(sys.argv[3:]))
 """
 

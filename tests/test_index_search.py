@@ -11,11 +11,11 @@ import torch
 import torch.nn.functional as F
 
 import clip_pacl
-import clip_pacl.retrieval.index as index_module
+import clip_pacl.retrieval.backends as backends
 from clip_pacl_app.cli.main import main
 from clip_pacl.data.synthetic import generate_synthetic
 from clip_pacl.errors import CheckpointError, DataError, MissingDependencyError
-from clip_pacl.retrieval.index import ImageIndex, build_index, image_paths
+from clip_pacl.retrieval import ImageIndex, build_index, image_paths
 from clip_pacl.retrieval.search import load_index_model, search_image, search_text
 from clip_pacl.tokenizer import tokenize
 
@@ -82,13 +82,13 @@ def test_faiss_is_optional(monkeypatch):
     index = ImageIndex(F.normalize(torch.randn(20, 8, generator=g), dim=-1), [f"/img/{i}.png" for i in range(20)])
     queries = torch.randn(3, 8, generator=g)
     exact = index.search(queries, k=4, backend="torch")
-    monkeypatch.setattr(index_module, "FAISS_AUTO_THRESHOLD", 10)  # "large": auto picks faiss when installed
+    monkeypatch.setattr(backends, "FAISS_AUTO_THRESHOLD", 10)  # "large": auto picks faiss when installed
     with_faiss = index.search(queries, k=4)
-    assert index._faiss_index is not None
+    assert isinstance(index._faiss_flat, backends.FaissFlatSearch)  # the auto search built and kept it
     for a, b in zip(with_faiss, exact):
         assert [h.path for h in a] == [h.path for h in b]
         assert [h.score for h in a] == pytest.approx([h.score for h in b], abs=1e-6)
-    index._faiss_index = None
+    index._faiss_flat = None
     monkeypatch.setitem(sys.modules, "faiss", None)  # as if clip-pacl[faiss] were not installed
     assert index.search(queries, k=4) == exact  # auto falls back to exact torch search
     with pytest.raises(MissingDependencyError, match=r"clip-pacl\[faiss\]"):

@@ -16,8 +16,8 @@ import clip_pacl
 from clip_pacl_app.cli.main import main
 from clip_pacl.data.synthetic import generate_synthetic
 from clip_pacl.errors import DataError
+from clip_pacl.retrieval import ImageIndex
 from clip_pacl.retrieval.ann import ANN_NAME
-from clip_pacl.retrieval.index import ImageIndex
 from clip_pacl.retrieval.sharded import _read_part, rank_block, shard_dir
 from helpers import require
 
@@ -25,7 +25,7 @@ from helpers import require
 FAIL_SCRIPT = """
 import os, signal, sys
 import torch
-import clip_pacl.checkpoint, clip_pacl.checkpoint.io, clip_pacl.retrieval.index, clip_pacl.retrieval.sharded
+import clip_pacl.checkpoint, clip_pacl.checkpoint.io, clip_pacl.retrieval.build, clip_pacl.retrieval.sharded
 from clip_pacl_app.cli.main import main
 mode = sys.argv[1]
 # `clip-pacl index build` imports these when it runs (not at import: the CLI starts fast), so it gets the patched ones
@@ -39,8 +39,8 @@ if os.environ["RANK"] == "1":
             os.kill(os.getpid(), signal.SIGKILL)
         clip_pacl.retrieval.sharded.embed_files = embed
     elif mode == "listing":
-        real_paths = clip_pacl.retrieval.index.image_paths
-        clip_pacl.retrieval.index.image_paths = lambda *args, **kwargs: real_paths(*args, **kwargs)[:-1]
+        real_paths = clip_pacl.retrieval.build.image_paths
+        clip_pacl.retrieval.build.image_paths = lambda *args, **kwargs: real_paths(*args, **kwargs)[:-1]
     elif mode == "weights":
         real_load = clip_pacl.checkpoint.io.load_with_source
         def load(*args, **kwargs):

@@ -18,7 +18,7 @@ import clip_pacl
 from clip_pacl_app.cli.main import main
 from clip_pacl.errors import DataError
 from clip_pacl.preprocess import model_transform
-from clip_pacl.retrieval.index import ImageIndex
+from clip_pacl.retrieval import ImageIndex
 from clip_pacl.retrieval.search import search_text
 from clip_pacl.retrieval.sharded import index_from_parts
 from clip_pacl.retrieval.wds_images import embed_shards, read_sample_image, wds_shards

@@ -248,7 +248,7 @@ def test_shell_block_runs(block, shell):
 def test_layout_names_exist(demo, tmp_path):
     """`OUT/...` (a training run), `IDX/...` (an index) and `demo_out/...` named in README.md and docs/ exist in a real
     `clip-pacl demo --quick` output: its CLIP run, its index, itself. N or digits stand for any step number."""
-    from clip_pacl.retrieval.index import ImageIndex
+    from clip_pacl.retrieval import ImageIndex
     from test_docs_references import all_spans
 
     pytest.importorskip("faiss")

@@ -25,7 +25,7 @@ from PIL import Image  # noqa: E402
 import clip_pacl  # noqa: E402
 from clip_pacl_app.cli.main import build_parser, main  # noqa: E402
 from clip_pacl.data.synthetic import generate_synthetic  # noqa: E402
-from clip_pacl.retrieval.index import build_index, image_paths  # noqa: E402
+from clip_pacl.retrieval import build_index, image_paths  # noqa: E402
 from clip_pacl.retrieval.search import search_text  # noqa: E402
 from clip_pacl.segmentation.overlay import overlay_image  # noqa: E402
 from clip_pacl.segmentation.predict import segment  # noqa: E402

@@ -22,7 +22,7 @@ from PIL import Image  # noqa: E402
 import clip_pacl  # noqa: E402
 from browser import CHROMEDRIVER, CHROMIUM, Page, chromium, find_program  # noqa: E402
 from clip_pacl.data.synthetic import generate_synthetic  # noqa: E402
-from clip_pacl.retrieval.index import build_index, image_paths  # noqa: E402
+from clip_pacl.retrieval import build_index, image_paths  # noqa: E402
 from clip_pacl.retrieval.search import search_image, search_text  # noqa: E402
 from clip_pacl.segmentation.overlay import class_colors  # noqa: E402
 from clip_pacl_app.web import WebService, create_app  # noqa: E402

@@ -19,7 +19,7 @@ from PIL import Image  # noqa: E402
 
 import clip_pacl  # noqa: E402
 from clip_pacl.data.images import decode_cost  # noqa: E402
-from clip_pacl.retrieval.index import build_index, image_paths  # noqa: E402
+from clip_pacl.retrieval import build_index, image_paths  # noqa: E402
 from clip_pacl_app.web.limits import Limits  # noqa: E402
 from test_web_hostile import crafted  # noqa: E402
 from webserver import HEADERS, rss_bytes, serve_process  # noqa: E402

@@ -14,7 +14,7 @@ import clip_pacl  # noqa: E402
 from clip_pacl.data.synthetic import generate_synthetic  # noqa: E402
 from clip_pacl.errors import DataError  # noqa: E402
 from clip_pacl.models.pacl import PACL  # noqa: E402
-from clip_pacl.retrieval.index import build_index, image_paths  # noqa: E402
+from clip_pacl.retrieval import build_index, image_paths  # noqa: E402
 from clip_pacl.retrieval.search import search_encoder, search_text  # noqa: E402
 from clip_pacl.train.record import read_record, write_record  # noqa: E402
 from webserver import post, serve_process  # noqa: E402

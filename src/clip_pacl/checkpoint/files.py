@@ -3,19 +3,18 @@
 Loading a file never runs code from it: a `.safetensors` file is read only by safetensors; anything else
 is a torch pickle read with `torch.load(weights_only=True)`, or a TorchScript archive whose weights are
 read by `torchscript.read_state` without compiling or running the archive. Writes go to a temporary file
-in the same directory and are renamed into place, so a crash never leaves a half-written checkpoint.
+in the same directory and are renamed into place (`clip_pacl.atomic.atomic_write`, importable from here too),
+so a crash never leaves a half-written checkpoint.
 Other layers (PACL heads, backbone models, training) save and load through these functions.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import re
-import tempfile
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from clip_pacl.atomic import atomic_write
 from clip_pacl.formats import torchscript
 from clip_pacl.errors import CheckpointError
 from clip_pacl.limits import check_tensors
@@ -35,19 +35,6 @@ SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
     "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
 }
-
-
-def atomic_write(path: str | Path, write: Callable[[str], Any]) -> None:
-    """Call `write(tmp)` on a temporary file beside `path`, then rename it to `path` (an atomic replace)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def save_weights(state: dict[str, torch.Tensor], path: str | Path) -> None:

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
-from clip_pacl.checkpoint.files import atomic_write, save_json
+from clip_pacl.atomic import atomic_write
+from clip_pacl.checkpoint.files import save_json
 from clip_pacl.config import CLIPConfig
 from clip_pacl.tokenizer import EOT_ID, SOT_ID, SPLIT_PATTERN, bpe_vocab_and_merges
 from clip_pacl.transforms import OPENAI_MEAN, OPENAI_STD

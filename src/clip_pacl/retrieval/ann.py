@@ -1,6 +1,6 @@
 """Approximate nearest-neighbour search over an image index with faiss: build, save, load, query.
 
-An index directory (`retrieval/index.py`) may hold, beside its exact embeddings, a trained faiss index:
+An index directory (`retrieval/store.py`) may hold, beside its exact embeddings, a trained faiss index:
 
 ```
 IDX/ann.faiss   faiss.write_index of the approximate index; its row i is row i of embeddings.npy

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from clip_pacl.errors import DataError
-from clip_pacl.retrieval.index import ImageIndex, SearchHit
+from clip_pacl.retrieval.store import ImageIndex, SearchHit
 
 # Gather the matching rows' embeddings when they are under 1/GATHER_BELOW of the index; else score all rows.
 GATHER_BELOW = 16

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from clip_pacl.data.tables import read_records, require_columns, resolve_image, table_format
-from clip_pacl.retrieval.index import ImageIndex
+from clip_pacl.retrieval.store import ImageIndex
 
 
 def table_metadata(source: str | Path, image_key: str = "image") -> dict[str, dict[str, Any]] | None:

@@ -14,8 +14,9 @@ from clip_pacl.encode import encode_texts, model_device
 from clip_pacl.errors import DataError
 from clip_pacl.models.quantize import quantize as quantize_model
 from clip_pacl.preprocess import model_transform
+from clip_pacl.retrieval.build import check_model
 from clip_pacl.retrieval.filters import search_prefix
-from clip_pacl.retrieval.index import ImageIndex, SearchHit, check_model
+from clip_pacl.retrieval.store import ImageIndex, SearchHit
 
 
 def load_index_model(

@@ -28,11 +28,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from clip_pacl.checkpoint.files import atomic_write
+from clip_pacl.atomic import atomic_write
 from clip_pacl.console import log
 from clip_pacl.encode import encode_images
 from clip_pacl.errors import DataError
-from clip_pacl.retrieval.index import ImageIndex, file_stat, index_meta, weights_fingerprint
+from clip_pacl.retrieval.build import file_stat, index_meta, weights_fingerprint
+from clip_pacl.retrieval.store import ImageIndex
 
 if TYPE_CHECKING:
     from clip_pacl.train.distributed import DistInfo

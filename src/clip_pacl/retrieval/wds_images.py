@@ -29,7 +29,7 @@ from clip_pacl.data.wds import IMAGE_KEYS, TarSample, expand_shards, oversized_r
 from clip_pacl.encode import evaluating, model_device
 from clip_pacl.errors import DataError
 from clip_pacl.preprocess import model_transform
-from clip_pacl.retrieval.index import file_stat
+from clip_pacl.retrieval.build import file_stat
 from clip_pacl.retrieval.sharded import Part
 
 SEPARATOR = "#"

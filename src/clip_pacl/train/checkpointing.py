@@ -1,8 +1,10 @@
 """Run checkpoints: `OUT/checkpoints/step_00000100/` = model dir (clip_pacl.save) + train_state.pt + DONE.
 
-A checkpoint is written into a hidden temporary directory, `DONE` (a small JSON manifest) is written
-last, and only then is the directory renamed into place: a process killed at any moment leaves
-either a complete checkpoint or an ignored temporary directory, never a half-written one.
+A checkpoint is written into a hidden temporary directory `.tmp-step_N-PID`, `DONE` (a small JSON manifest)
+last, every file fsynced, and only then is the directory renamed into place (`clip_pacl.atomic.write_directory`;
+a checkpoint of the same step saved again is set aside as `.old-step_N-PID` until the new one is in place):
+a process killed at any moment leaves either a complete checkpoint or an ignored temporary directory, never
+a half-written one. `remove_stale_temporaries` clears what a killed save left when training starts again.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from clip_pacl.atomic import recover_directory, write_directory
 from clip_pacl.checkpoint import save as save_model
 from clip_pacl.checkpoint.rundir import (  # noqa: F401 - the run layout, re-used by training
     CHECKPOINTS,
@@ -30,6 +33,8 @@ from clip_pacl.checkpoint.rundir import (  # noqa: F401 - the run layout, re-use
     list_checkpoints,
 )
 from clip_pacl.errors import CheckpointError
+
+TEMP, ASIDE = ".tmp-", ".old-"  # the prefixes of a save's temporary directory and of the checkpoint it replaces
 
 
 def resolve_resume(resume: str, run_dir: str | Path) -> Path | None:
@@ -73,51 +78,31 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, trai
                     keep: int) -> Path:
     """Write checkpoint `step` atomically, then delete all but the newest `keep` complete ones."""
     root = checkpoint_root(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:08d}"
-    tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    save_model(model, tmp)
-    torch.save(train_state, tmp / TRAIN_STATE)
-    manifest = {"step": step, "time": time.time(), "files": sorted(p.name for p in tmp.iterdir())}
-    done_tmp = tmp / f".{DONE}.tmp"
-    done_tmp.write_text(json.dumps(manifest) + "\n")
-    _fsync_dir_files(tmp)
-    os.replace(done_tmp, tmp / DONE)
-    old = root / f".old-{final.name}-{os.getpid()}"
-    if final.exists():  # the same step saved again: set the complete one aside until the new one is in place
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+
+    def write(folder: Path) -> None:
+        save_model(model, folder)
+        torch.save(train_state, folder / TRAIN_STATE)
+        manifest = {"step": step, "time": time.time(), "files": sorted(p.name for p in folder.iterdir())}
+        (folder / DONE).write_text(json.dumps(manifest) + "\n")  # last: the manifest of what is there
+
+    write_directory(final, write, temp_prefix=f"{TEMP}{final.name}-", aside_name=f"{ASIDE}{final.name}-{os.getpid()}",
+                    complete=is_complete)
     for stale in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(stale, ignore_errors=True)
     return final
 
 
-def _fsync_dir_files(path: Path) -> None:
-    """Flush every file under `path` (models such as backbone checkpoints keep subdirectories)."""
-    for p in path.rglob("*"):
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-
-
 def remove_stale_temporaries(run_dir: str | Path) -> None:
-    """Clean up after a killed save: delete its temporary directory; a checkpoint it had moved aside to replace
-    (the same step saved again) goes back in place when the replacement never arrived."""
+    """Clean up after a killed save: delete its temporary directory; a checkpoint it had set aside to replace
+    (the same step saved again) goes back in place when the replacement never arrived (`recover_directory`)."""
     root = checkpoint_root(run_dir)
     if not root.is_dir():
         return
-    for p in root.iterdir():
-        if p.name.startswith(".old-"):
-            original = root / p.name[len(".old-"):].rsplit("-", 1)[0]
-            if not is_complete(original) and is_complete(p):
-                if original.exists():
-                    shutil.rmtree(original)
-                os.replace(p, original)
-                continue
-        if p.name.startswith((".tmp-", ".old-")):
+    for p in sorted(root.iterdir()):
+        if p.name.startswith(ASIDE):  # .old-step_N-PID
+            recover_directory(root / p.name[len(ASIDE):].rsplit("-", 1)[0], p, complete=is_complete)
+        elif p.name.startswith(TEMP):
             shutil.rmtree(p, ignore_errors=True)
 
 

@@ -37,7 +37,7 @@ DESCRIPTION = (
     "(with a fingerprint of the weights and preprocessing, which queries must match). Unreadable images are "
     "skipped and counted. The index is written beside IDX and renamed into place: an existing index is "
     "replaced whole or not at all. A table's other columns (caption, ...) are stored per image and come back "
-    "with search results. Launched by torchrun (`torchrun --nnodes N --nproc-per-node M -m clip_pacl.index "
+    "with search results. Launched by torchrun (`torchrun --nnodes N --nproc-per-node M -m clip_pacl_app index "
     "build ...`, same flags), each rank embeds a block of the images and rank 0 merges them into the same index, "
     "in input order; IDX must then be on a filesystem every node sees. With --faiss-index, IDX/ann.faiss adds "
     "approximate search for large collections (meta.json's \"ann\" records what was built; under torchrun rank 0 "
@@ -72,7 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from clip_pacl.retrieval.ann import check_request
-    from clip_pacl.retrieval.index import confine_paths, image_paths, images_root
+    from clip_pacl.retrieval.build import confine_paths, image_paths, images_root
     from clip_pacl.retrieval.metadata import attach_metadata, table_metadata
     from clip_pacl.retrieval.wds_images import wds_shards, wds_source
     from clip_pacl.train.distributed import env_dist_info
@@ -136,7 +136,7 @@ def _build(args: argparse.Namespace, model: torch.nn.Module, inputs: list, webda
     """(index or None on ranks other than 0, unreadable [(path, reason)], unreadable count per rank or None).
     `inputs`: image paths, or webdataset shards; `root`: the folder they resolve inside (`confine_paths`)."""
     from clip_pacl.checkpoint.io import effective_precision
-    from clip_pacl.retrieval.index import build_index, encoder_at
+    from clip_pacl.retrieval.build import build_index, encoder_at
     from clip_pacl.retrieval.sharded import build_index_sharded, embed_files, index_from_parts
     from clip_pacl.retrieval.wds_images import embed_shards
 

@@ -41,10 +41,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from clip_pacl.retrieval.ann import import_faiss, rebuild_request
-    from clip_pacl.retrieval.index import ImageIndex, build_index, encoder_at, image_paths, index_root
+    from clip_pacl.retrieval.build import build_index, encoder_at, image_paths, index_root
     from clip_pacl.retrieval.metadata import attach_metadata, table_metadata
     from clip_pacl.retrieval.search import load_index_model
     from clip_pacl.retrieval.sharded import index_from_parts
+    from clip_pacl.retrieval.store import ImageIndex
     from clip_pacl.retrieval.wds_images import embed_shards, wds_shards
 
     index = ImageIndex.load(args.index)

@@ -67,8 +67,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from clip_pacl.data import load_image
     from clip_pacl.retrieval.filters import check_prefix, prefix_rows
-    from clip_pacl.retrieval.index import ImageIndex
     from clip_pacl.retrieval.search import load_index_model, search_image, search_text
+    from clip_pacl.retrieval.store import ImageIndex
 
     if (args.query is None) == (args.image is None):
         raise ValueError("give either a text query or --image FILE (exactly one)")

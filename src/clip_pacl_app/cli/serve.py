@@ -78,8 +78,8 @@ def run(args: argparse.Namespace) -> int:
         raise MissingDependencyError("fastapi and uvicorn", "web", "clip-pacl serve") from None
     from clip_pacl.checkpoint.io import set_precision
     from clip_pacl.models.quantize import quantize as quantize_model
-    from clip_pacl.retrieval.index import ImageIndex
     from clip_pacl.retrieval.search import search_encoder
+    from clip_pacl.retrieval.store import ImageIndex
     from clip_pacl.train.record import read_record
     from clip_pacl_app.web.service import WebService
 
@@ -155,7 +155,7 @@ def _index_model_source(index, index_dir: Path) -> str:
 
 
 def _source(model: str) -> str:
-    from clip_pacl.retrieval.index import model_source_string
+    from clip_pacl.retrieval.build import model_source_string
 
     return model_source_string(model)
 

@@ -61,7 +61,7 @@ def matched_vs_mismatched(model: torch.nn.Module, rows) -> dict[str, Any]:
 def build_demo_index(model: torch.nn.Module, test_dir: Path, out: Path, progress: bool) -> str:
     """OUT/index: the held-out images embedded by the CLIP, as `clip-pacl index build --model OUT/clip` makes it,
     for `clip-pacl search` and `clip-pacl serve`."""
-    from clip_pacl.retrieval.index import build_index, image_paths
+    from clip_pacl.retrieval.build import build_index, image_paths
 
     images = test_dir / "images"
     index, _ = build_index(model, image_paths(images, "image"), model_source=str(out / "clip"), progress=progress,

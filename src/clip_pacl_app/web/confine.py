@@ -2,7 +2,7 @@
 
 An index is a list of paths, and whoever can write `paths.jsonl` (or put a symlink in the indexed folder) could
 otherwise make the server show any image the server's user can read. Every row is checked against the index's
-root (`retrieval.index.index_root`: the folder that was indexed, or a table's folder), lexically once at start,
+root (`retrieval.build.index_root`: the folder that was indexed, or a table's folder), lexically once at start,
 and again with symlinks resolved each time it is about to be served or listed. Rows outside are never
 thumbnailed nor listed, unless the index was built with `index build --allow-outside-root` (recorded in
 meta.json). A webdataset row (`SHARD#KEY`) is checked by its shard's path.
@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import os
 
-from clip_pacl.retrieval.index import ImageIndex, index_root
+from clip_pacl.retrieval.build import index_root
+from clip_pacl.retrieval.store import ImageIndex
 
 
 class Confinement:

@@ -32,8 +32,8 @@ from clip_pacl.encode import encode_texts, model_device
 from clip_pacl.errors import ClipPaclError, DataError
 from clip_pacl.preprocess import model_transform
 from clip_pacl.retrieval.filters import check_prefix
-from clip_pacl.retrieval.index import ImageIndex, SearchHit
 from clip_pacl.retrieval.search import search_by_features, search_text
+from clip_pacl.retrieval.store import ImageIndex, SearchHit
 from clip_pacl.retrieval.wds_images import read_sample_image
 from clip_pacl.segmentation.overlay import class_colors, overlay_image
 from clip_pacl.segmentation.predict import DEFAULT_TEMPLATES, METHODS, NO_CLASS, _check_method, default_method, segment
