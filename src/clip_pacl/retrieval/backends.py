@@ -27,6 +27,8 @@ FAISS_AUTO_THRESHOLD = 200_000
 
 
 class SearchBackend(Protocol):
+    """What `ImageIndex.search` asks a backend for: the top k rows of the index for each query."""
+
     def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(scores, rows), each (Q, k), best first, for normalised queries (Q, D); 1 <= k <= the index's size."""
         ...
