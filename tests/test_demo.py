@@ -17,9 +17,11 @@ from PIL import Image
 
 import clip_pacl
 from clip_pacl_app.cli.main import build_parser, main
+from clip_pacl import device
 from clip_pacl.data.synthetic import BACKGROUNDS, COLORS, SHAPES, SIZES, ShapeObject, caption_templates
 from clip_pacl_app.demo import SECTIONS, DemoConfig, format_summary, metric_rows, prepare_out_dir
 from clip_pacl_app.demo.pipeline import MARKER
+from clip_pacl.device import resolve_precision
 from clip_pacl.errors import ConfigError
 from clip_pacl.retrieval import ImageIndex
 from clip_pacl.retrieval.search import search_encoder
@@ -51,6 +53,23 @@ def test_quick_demo_runs_every_phase(demo):
     assert scores["n_images"] == 24 and 0 <= scores["mismatched"] <= 2.5 and 0 <= scores["matched"] <= 2.5
     assert (out / "pacl_overlay.png").read_bytes()[:8] == PNG
     assert json.loads((out / "summary.json").read_text())["segmentation"] == summary["segmentation"]
+    assert summary["config"]["precision"] == "auto" and summary["precision"] == resolve_precision("auto", "cpu")
+
+
+def test_auto_precision_runs_bf16_where_the_cpu_has_bf16_units(tmp_path, capsys, monkeypatch):
+    """With the flags of a CPU with AVX-512 BF16, the default demo trains and evaluates at bf16 and says so in its
+    printed summary, summary.json and both reports; bf16 runs (slowly) wherever PyTorch has CPU bf16 kernels."""
+    monkeypatch.setattr(device, "cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16"})
+    out = tmp_path / "out"
+    assert main(["demo", "--quick", "--out", str(out), "--no-progress", "--clip-steps", "2", "--pacl-steps", "1"]) == 0
+    assert capsys.readouterr().out.startswith("precision bf16, 2 CLIP + 1 PACL training steps\n")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["precision"] == "bf16" and summary["clip_train"]["steps"] == 2
+    for run in ("clip", "pacl"):
+        assert json.loads((out / run / "train_config.json").read_text())["precision"] == "bf16"
+    row = ("precision", "bf16", "auto: bfloat16 matrix units (AMX or AVX-512 BF16 on the CPU, or a bf16 GPU) found")
+    assert row in metric_rows(summary) and f"| {' | '.join(row)} |" in (out / "report.md").read_text()
+    assert "at bf16 precision" in (out / "report.html").read_text()
 
 
 def _rows_in_report(summary: dict) -> list[tuple[str, str, str]]:
@@ -109,6 +128,7 @@ def test_markdown_report_links_its_figures(demo):
 def test_printed_summary_has_table_report_and_commands(demo):
     out, summary = demo
     printed = format_summary(summary)
+    assert printed.startswith(f"precision {summary['precision']}, 4 CLIP + 4 PACL training steps\n")
     for name, value, _ in metric_rows(summary):
         assert re.search(rf"{re.escape(name)}\s+{re.escape(value)}", printed)
     assert f"report: {out / 'report.html'}" in printed

@@ -13,6 +13,8 @@ HELP = ("generate synthetic data, train a tiny CLIP and PACL on it, evaluate zer
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from clip_pacl.device import PRECISIONS
+
     p.add_argument("--out", default="demo_out",
                    help="run directory: report.html, report.md, figures/, data, checkpoints, index/, summary.json")
     p.add_argument("--overwrite", action="store_true",
@@ -25,6 +27,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="torch CPU threads (default: one per core; --quick: 1). On a busy machine fewer threads "
                         "finish sooner: threads that must meet after every op wait for each other")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="training and evaluation precision: auto (default) is bf16 where the CPU has AMX or AVX-512 "
+                        "BF16 (or on a bf16 GPU), else fp32; the summary and the report say which ran")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_device_flag(p)
     add_json_flag(p)
@@ -33,7 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from clip_pacl_app.demo import DemoConfig, format_summary, run_demo
 
-    kw = {"device": args.device, "seed": args.seed, "progress": not args.no_progress, "overwrite": args.overwrite}
+    kw = {"device": args.device, "seed": args.seed, "progress": not args.no_progress, "overwrite": args.overwrite,
+          "precision": args.precision}
     if args.threads is not None:
         kw["threads"] = args.threads
     overrides = {k: v for k, v in (("clip_steps", args.clip_steps), ("pacl_steps", args.pacl_steps)) if v is not None}

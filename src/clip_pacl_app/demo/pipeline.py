@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from clip_pacl.console import log
+from clip_pacl.device import resolve_device, resolve_precision
 from clip_pacl.errors import ConfigError, MissingDependencyError
 
 MARKER = ".clip-pacl-demo"  # written first into every demo directory: --overwrite deletes only such directories
@@ -62,6 +63,10 @@ class DemoConfig:
     # training step's ~80 (README, "Data loading"), and each validation would start a worker process of its own.
     # The printed commands leave --workers out, so a user's own JPEGs get the default (data.dataset.default_workers)
     workers: int = 0
+    # fp32, bf16 or auto: bf16 where the CPU has bfloat16 matrix units (AMX, AVX-512 BF16) or on a bf16 GPU
+    # (`device.resolve_precision`), else fp32; resolved once per run, so a machine always gets the same answer. Both
+    # trainings run under it (bf16: autocast) and the evaluations load the models at it.
+    precision: str = "auto"
     seed: int = 0
     progress: bool = True
     overwrite: bool = False
@@ -151,27 +156,29 @@ def _run_demo(cfg: DemoConfig) -> dict[str, Any]:
     out = Path(cfg.out)
     prepare_out_dir(out, cfg.overwrite)
     clock = PhaseClock()
-    summary: dict[str, Any] = {"config": asdict(cfg), "environment": _environment()}
+    precision = resolve_precision(cfg.precision, resolve_device(cfg.device))
+    log(f"precision: {precision}" + (f" ({cfg.precision})" if cfg.precision != precision else ""))
+    summary: dict[str, Any] = {"config": asdict(cfg), "precision": precision, "environment": _environment()}
     with clock.phase("data"):
         log(f"[1/5] generating the synthetic dataset in {out / 'data'}")
         train_dir, test_dir = _generate_data(cfg, out / "data")
     with clock.phase("clip_train"):
         log(f"[2/5] training a '{cfg.preset}' CLIP for {cfg.clip_steps} steps")
-        clip_config = clip_train_config(cfg, train_dir, test_dir, out)
+        clip_config = clip_train_config(cfg, train_dir, test_dir, out, precision)
         clip_run = train(clip_config)
         summary["clip_train"] = _run_summary(clip_run)
     with clock.phase("clip_eval"):
         log("[3/5] evaluating the CLIP on held-out images: zero-shot, retrieval, CLIPScore; indexing them")
-        clip = clip_pacl.load(clip_run.final_model, device=cfg.device)
+        clip = clip_pacl.load(clip_run.final_model, device=cfg.device, precision=precision)
         summary.update(evaluate_clip(clip, test_dir, out, cfg.progress))
     with clock.phase("pacl_train"):
         log(f"[4/5] training PACL embedders on the frozen CLIP for {cfg.pacl_steps} steps (captions only, no masks)")
-        pacl_config = pacl_train_config(cfg, train_dir, out)
+        pacl_config = pacl_train_config(cfg, train_dir, out, precision)
         pacl_run = train(pacl_config)
         summary["pacl_train"] = _run_summary(pacl_run)
     with clock.phase("segmentation"):
         log("[5/5] segmenting held-out images by class name (colours, then shapes): raw patches, MaskCLIP, PACL")
-        pacl = clip_pacl.load(pacl_run.final_model, device=cfg.device)
+        pacl = clip_pacl.load(pacl_run.final_model, device=cfg.device, precision=precision)
         summary.update(evaluate_segmentation_methods(clip, pacl, test_dir, out, cfg))
     summary["next_steps"] = next_steps(out, test_dir, clip_config, pacl_config)
     summary["phases"], summary["seconds"] = clock.phases, clock.total()
@@ -194,9 +201,9 @@ def _generate_data(cfg: DemoConfig, data: Path) -> tuple[Path, Path]:
     return train_dir, test_dir
 
 
-def clip_train_config(cfg: DemoConfig, train_dir: Path, test_dir: Path, out: Path):
+def clip_train_config(cfg: DemoConfig, train_dir: Path, test_dir: Path, out: Path, precision: str = "fp32"):
     """The CLIP run, from scratch: the preset with the demo's text context (written to OUT/clip_model.json),
-    validated on the held-out captions."""
+    validated on the held-out captions, at the resolved `precision`."""
     from clip_pacl.config import CLIPConfig
     from clip_pacl.train import TrainConfig
 
@@ -209,11 +216,12 @@ def clip_train_config(cfg: DemoConfig, train_dir: Path, test_dir: Path, out: Pat
         batch_size=cfg.batch_size, lr=cfg.clip_lr, seed=cfg.seed, device=cfg.device, workers=cfg.workers,
         image_size=cfg.image_size, val_data=str(test_dir / "captions.csv"),  # the default schedule
         val_every=max(1, cfg.clip_steps // cfg.validations), log_every=_log_every(cfg.clip_steps),
-        progress=cfg.progress)
+        precision=precision, progress=cfg.progress)
 
 
-def pacl_train_config(cfg: DemoConfig, train_dir: Path, out: Path):
-    """The PACL run: embedders on the frozen CLIP, from cached CLIP features (the CLIP never changes)."""
+def pacl_train_config(cfg: DemoConfig, train_dir: Path, out: Path, precision: str = "fp32"):
+    """The PACL run: embedders on the frozen CLIP, from cached CLIP features (the CLIP never changes), at the
+    resolved `precision`."""
     from clip_pacl.train import TrainConfig
 
     return TrainConfig(
@@ -222,7 +230,7 @@ def pacl_train_config(cfg: DemoConfig, train_dir: Path, out: Path):
         warmup=min(50, cfg.pacl_steps // 10), seed=cfg.seed, device=cfg.device, workers=cfg.workers,
         progress=cfg.progress,
         pacl={"patch_tokens": cfg.pacl_patch_tokens, "pool_temperature": cfg.pacl_pool_temperature},
-        log_every=_log_every(cfg.pacl_steps))
+        log_every=_log_every(cfg.pacl_steps), precision=precision)
 
 
 def _log_every(steps: int) -> int:

@@ -32,7 +32,8 @@ def metric_rows(s: dict[str, Any]) -> list[tuple[str, str, str]]:
     """(metric, value, what to compare it with) for every number the demo measured, in the report's order."""
     ct, pt, zs, ret, cs = s["clip_train"], s["pacl_train"], s["zeroshot"], s["retrieval"], s["clip_score"]
     cfg = s["config"]
-    rows = [("CLIP training loss (last logged)", _f(ct["final_loss"]),
+    rows = [("precision", s["precision"], precision_note(cfg["precision"], s["precision"])),
+            ("CLIP training loss (last logged)", _f(ct["final_loss"]),
              f"{ct['steps']} steps; a model that guesses: ln {cfg['batch_size']} = {math.log(cfg['batch_size']):.3f}")]
     for task, name in (("shapes", "shape"), ("colors", "colour")):
         z = zs[task]
@@ -76,6 +77,14 @@ def metric_rows(s: dict[str, Any]) -> list[tuple[str, str, str]]:
     return rows
 
 
+def precision_note(asked: str, ran: str) -> str:
+    """Why the demo ran at `ran`: asked for it, or what `auto` found on this machine."""
+    if asked != "auto":
+        return f"asked for with --precision {asked}"
+    units = "bfloat16 matrix units (AMX or AVX-512 BF16 on the CPU, or a bf16 GPU)"
+    return f"auto: {units} found" if ran == "bf16" else f"auto: no {units}, so fp32"
+
+
 def _f(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.3f}"
 
@@ -88,7 +97,8 @@ def format_table(rows: list[tuple[str, str, str]]) -> str:
 
 def format_summary(s: dict[str, Any]) -> str:
     """What `clip-pacl demo` prints: the metric table, where the report is, and the commands to go further."""
-    lines = [format_table(metric_rows(s)), ""]
+    lines = [f"precision {s['precision']}, {s['clip_train']['steps']} CLIP + {s['pacl_train']['steps']} PACL "
+             f"training steps", "", format_table(metric_rows(s)), ""]
     if "report" in s:
         lines += [f"report: {s['report']['html']}  (and {s['report']['md']}, figures in "
                   f"{Path(s['report']['md']).parent / 'figures'})", ""]
@@ -171,8 +181,9 @@ def _blocks(s: dict[str, Any], figures: Path) -> list[tuple[str, list[tuple[str,
         ("Training", [
             ("text", f"A '{s['config']['preset']}' CLIP trained from scratch for {ct['steps']} steps on "
                      f"{s['config']['n_train']} synthetic images with two captions each, then PACL's embedders on "
-                     f"the frozen CLIP for {pt['steps']} steps (captions only, no masks). Held-out text->image "
-                     f"R@1 is measured during CLIP training."),
+                     f"the frozen CLIP for {pt['steps']} steps (captions only, no masks), at {s['precision']} "
+                     f"precision ({precision_note(s['config']['precision'], s['precision'])}; the evaluations "
+                     f"ran at it too). Held-out text->image R@1 is measured during CLIP training."),
             ("image", (figures / "clip_loss.png", "CLIP: training loss and held-out text->image R@1")),
             ("image", (figures / "pacl_loss.png", "PACL: training loss"))]),
         ("Zero-shot classification", [
