@@ -125,4 +125,9 @@ def test_encode_benchmark_times_bf16_towers_against_fp32(tmp_path):
         assert r["bf16_per_s"] > 0 and r["bf16_vs_fp32"] > 0 and r["bf16_vs_open_clip"] > 0
         assert 0.99 <= r["bf16_cosine_min"] <= 1.0
         assert "cpu_flags" in r and "load_avg_1m" in r
+        assert min(r["ours_wall_s"], r["ours_cpu_s"], r["open_clip_wall_s"], r["open_clip_cpu_s"]) > 0
+    image = rows["image"]  # GFLOP per CPU second against the peak's own, as a shared machine stretches both less
+    assert image["peak_gflop_per_cpu_s"] > 0 and image["ours_gflop_per_cpu_s"] > 0
+    assert image["ours_pct_of_cpu_peak"] == pytest.approx(
+        100 * image["ours_gflop_per_cpu_s"] / image["peak_gflop_per_cpu_s"], rel=0.05, abs=0.2)
     assert "bf16:" in stdout
