@@ -16,8 +16,8 @@ import pytest
 from PIL import Image
 
 import clip_pacl
-from clip_pacl.cli.main import build_parser, main
 from clip_pacl import device
+from clip_pacl.cli.main import build_parser, main
 from clip_pacl.data.synthetic import BACKGROUNDS, COLORS, SHAPES, SIZES, ShapeObject, caption_templates
 from clip_pacl.demo import SECTIONS, DemoConfig, format_summary, metric_rows, prepare_out_dir
 from clip_pacl.demo.pipeline import MARKER
