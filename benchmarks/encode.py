@@ -11,7 +11,10 @@ float32 features.
 Image rows also give the achieved rate in GFLOP/s of the model's nominal work (the plain forward's multiply-adds as
 torch.utils.flop_counter counts them, attention included; our one-row last block does less and counts as speed) and
 its share of the machine's float32 matmul peak, measured at the start of the run (2048^3 products by torch.mm and
-by oneDNN, best of 7; the larger is the peak; int8 rows can pass 100%: int8 products are not float32 ones).
+by oneDNN, best of 7; the larger is the peak; int8 rows can pass 100%: int8 products are not float32 ones). On CPU
+the same per second of the process's CPU time (`*_gflop_per_cpu_s`, `*_pct_of_cpu_peak` against the peak's own
+`peak_gflop_per_cpu_s`): a shared machine's other jobs stretch wall time, and the peak measured in it, far more.
+Each record also holds the median wall and CPU seconds per call of both libraries (`*_wall_s`, `*_cpu_s`).
 --rss runs each library in a child process that builds only its own model and encodes the batch --repeats times,
 and records its peak resident memory (ru_maxrss; on CUDA the allocator's peak, torch.cuda.max_memory_allocated).
 
@@ -45,9 +48,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from clip_pacl.formats.convert_open_clip import from_open_clip
 from clip_pacl.checkpoint.io import set_precision
 from clip_pacl.config import CLIPConfig
+from clip_pacl.formats.convert_open_clip import from_open_clip
 from clip_pacl.models import CLIP
 from clip_pacl.models.quantize import quantize_int8
 from clip_pacl.tokenizer import tokenize
@@ -212,6 +215,8 @@ def measure(name: str, tower: str, batch: int, repeats: int, warmup: int, int8: 
         "open_clip_per_s": round(batch / wall["open_clip"], 2),
         "ratio": round(wall["open_clip"] / wall["clip_pacl"], 3),
         "cpu_ratio": round(cpu["open_clip"] / cpu["clip_pacl"], 3),
+        "ours_wall_s": round(wall["clip_pacl"], 4), "open_clip_wall_s": round(wall["open_clip"], 4),
+        "ours_cpu_s": round(cpu["clip_pacl"], 4), "open_clip_cpu_s": round(cpu["open_clip"], 4),
         "max_abs_diff": float((outputs["clip_pacl"] - outputs["open_clip"]).abs().max()),
     }
     if int8:
@@ -239,6 +244,10 @@ def measure(name: str, tower: str, batch: int, repeats: int, warmup: int, int8: 
                 rate = gflops * batch / wall[key]
                 record[f"{short}_gflop_s"] = round(rate, 1)
                 record[f"{short}_pct_of_{peak_label(peak)}_peak"] = round(100 * rate / peak["peak_gflop_s"], 1)
+                if "peak_gflop_per_cpu_s" in peak:
+                    record[f"{short}_gflop_per_cpu_s"] = round(gflops * batch / cpu[key], 1)
+                    record[f"{short}_pct_of_cpu_peak"] = round(100 * gflops * batch / cpu[key]
+                                                               / peak["peak_gflop_per_cpu_s"], 1)
         record.update(peak)
     else:
         record["max_tokens"] = int(inputs.argmax(-1).max()) + 1

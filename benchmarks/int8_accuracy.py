@@ -33,8 +33,8 @@ from clip_pacl.data import read_caption_rows, read_label_rows
 from clip_pacl.data.synthetic import generate_synthetic
 from clip_pacl.encode import encode_images, encode_texts
 from clip_pacl.retrieval.evaluate import evaluate_retrieval
-from clip_pacl.zeroshot.evaluate import evaluate_zeroshot
 from clip_pacl.train import TrainConfig, train
+from clip_pacl.zeroshot.evaluate import evaluate_zeroshot
 from clip_pacl.zeroshot.templates import resolve_templates
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -89,17 +89,20 @@ def peak_memory_mib(device: torch.device) -> float:
     return round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else peak_rss_mb()
 
 
-def _best_seconds(fn, device: torch.device, repeats: int, calls: int) -> float:
-    """The fastest of `repeats` timings of `calls` back-to-back calls, per call (one warm-up round first)."""
-    times = []
+def _best_seconds(fn, device: torch.device, repeats: int, calls: int) -> tuple[float, float]:
+    """The fastest of `repeats` timings of `calls` back-to-back calls, per call (one warm-up round first): wall
+    seconds, and this process's CPU seconds (all its threads; on a shared machine other jobs lengthen the first
+    more than the second)."""
+    walls, cpus = [], []
     for _ in range(repeats + 1):
         synchronize(device)
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         for _ in range(calls):
             fn()
         synchronize(device)
-        times.append((time.perf_counter() - start) / calls)
-    return min(times[1:])
+        walls.append((time.perf_counter() - start) / calls)
+        cpus.append((time.process_time() - start_cpu) / calls)
+    return min(walls[1:]), min(cpus[1:])
 
 
 def matmul_peak(device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32,
@@ -107,7 +110,9 @@ def matmul_peak(device: torch.device = torch.device("cpu"), dtype: torch.dtype =
     """The matmul rate this machine reaches in `dtype`, in GFLOP/s (the best of `repeats`: a ceiling, which other
     jobs on the machine can only lower), on size x size matrices (default 2048 on CPU, 8192 on a GPU, where
     ten products run back to back per timing). `torch.mm` (the BLAS PyTorch was built with) everywhere; on CPU in
-    float32 also oneDNN's kernel (`clip_pacl.models.layers.dense`). `peak_gflop_s` is the larger."""
+    float32 also oneDNN's kernel (`clip_pacl.models.layers.dense`). `peak_gflop_s` is the larger. On CPU also
+    `peak_gflop_per_cpu_s`: the best rate per second of this process's CPU time (per core, whatever the thread
+    count), the ceiling for a model's GFLOP per CPU second on a machine that other jobs share."""
     from clip_pacl.models.layers import dense
 
     size = size or (8192 if device.type == "cuda" else 2048)
@@ -116,12 +121,14 @@ def matmul_peak(device: torch.device = torch.device("cpu"), dtype: torch.dtype =
     fns = {"mm": lambda: torch.mm(a, b)}
     if device.type == "cpu" and dtype == torch.float32:
         fns["onednn"] = lambda: dense(a, b, None)
-    rates = {}
+    rates, per_cpu = {}, []
     with torch.inference_mode():
         for name, fn in fns.items():
-            seconds = _best_seconds(fn, device, repeats, 10 if device.type == "cuda" else 1)
+            seconds, cpu_seconds = _best_seconds(fn, device, repeats, 10 if device.type == "cuda" else 1)
             rates[f"peak_{name}_gflop_s"] = round(2 * size**3 / seconds / 1e9, 1)
-    return {**rates, "peak_gflop_s": max(rates.values()), "peak_dtype": str(dtype).removeprefix("torch."),
+            per_cpu.append(round(2 * size**3 / max(cpu_seconds, 1e-9) / 1e9, 1))
+    cpu_peak = {"peak_gflop_per_cpu_s": max(per_cpu)} if device.type == "cpu" else {}
+    return {**rates, "peak_gflop_s": max(rates.values()), **cpu_peak, "peak_dtype": str(dtype).removeprefix("torch."),
             "peak_size": size}
 
 

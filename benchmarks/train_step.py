@@ -49,9 +49,9 @@ from pathlib import Path
 import torch
 
 import clip_pacl
-from clip_pacl.formats.convert_open_clip import to_open_clip
 from clip_pacl.config import CLIPConfig
 from clip_pacl.data.synthetic import generate_synthetic
+from clip_pacl.formats.convert_open_clip import to_open_clip
 from clip_pacl.losses import get_objective
 from clip_pacl.tokenizer import tokenize
 from clip_pacl.train import TrainConfig, accumulate_gradients, train

@@ -29,15 +29,15 @@ import torch
 from torch.utils.data import DataLoader
 
 import clip_pacl
-from clip_pacl.formats.convert_open_clip import from_open_clip, to_open_clip
 from clip_pacl.config import CLIPConfig
 from clip_pacl.data import CaptionDataset, EpochSampler, read_caption_rows, read_label_rows
 from clip_pacl.data.synthetic import generate_synthetic
+from clip_pacl.formats.convert_open_clip import from_open_clip, to_open_clip
 from clip_pacl.retrieval.evaluate import evaluate_retrieval
-from clip_pacl.zeroshot.evaluate import evaluate_zeroshot
 from clip_pacl.tokenizer import get_tokenizer
 from clip_pacl.train import TrainConfig, train
 from clip_pacl.transforms import image_transform
+from clip_pacl.zeroshot.evaluate import evaluate_zeroshot
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import append_jsonl  # noqa: E402

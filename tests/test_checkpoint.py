@@ -10,8 +10,8 @@ from safetensors.torch import save_file
 
 import clip_pacl
 from clip_pacl.checkpoint import load_with_source, read_weights
-from clip_pacl.formats.convert_open_clip import infer_config, to_open_clip
 from clip_pacl.errors import CheckpointError, ClipPaclError, ConfigError
+from clip_pacl.formats.convert_open_clip import infer_config, to_open_clip
 from clip_pacl.models.pacl import PACL
 from helpers import randomize_
 

@@ -94,8 +94,8 @@ def test_cli_copies_of_library_constants_are_equal(name):
 
 
 def test_cli_objectives_are_the_registry():
-    from clip_pacl_app.cli import defaults
     from clip_pacl.losses import OBJECTIVES
+    from clip_pacl_app.cli import defaults
 
     assert tuple(sorted(OBJECTIVES)) == defaults.OBJECTIVES
 

@@ -4,9 +4,9 @@ import json
 
 from PIL import Image
 
-from clip_pacl_app.cli.main import main
 from clip_pacl.data.check import check_caption_data
 from clip_pacl.data.synthetic import generate_synthetic
+from clip_pacl_app.cli.main import main
 
 
 def test_report_counts_rows_images_and_problems(tmp_path):

@@ -16,16 +16,16 @@ import pytest
 from PIL import Image
 
 import clip_pacl
-from clip_pacl_app.cli.main import build_parser, main
 from clip_pacl import device
 from clip_pacl.data.synthetic import BACKGROUNDS, COLORS, SHAPES, SIZES, ShapeObject, caption_templates
-from clip_pacl_app.demo import SECTIONS, DemoConfig, format_summary, metric_rows, prepare_out_dir
-from clip_pacl_app.demo.pipeline import MARKER
 from clip_pacl.device import resolve_precision
 from clip_pacl.errors import ConfigError
 from clip_pacl.retrieval import ImageIndex
 from clip_pacl.retrieval.search import search_encoder
 from clip_pacl.tokenizer import tokenize
+from clip_pacl_app.cli.main import build_parser, main
+from clip_pacl_app.demo import SECTIONS, DemoConfig, format_summary, metric_rows, prepare_out_dir
+from clip_pacl_app.demo.pipeline import MARKER
 
 PNG = b"\x89PNG\r\n\x1a\n"
 ROOT = Path(__file__).resolve().parent.parent

@@ -187,8 +187,8 @@ def _assert_same_weights(a: Path, b: Path, atol: float = 2e-5) -> None:
 def runs(tmp_path_factory) -> Path:
     """The data, the initial weights every run starts from, and one process's run with batch 16 (2 x 8)."""
     import clip_pacl
-    from clip_pacl_app.cli.main import main
     from clip_pacl.data.synthetic import generate_synthetic
+    from clip_pacl_app.cli.main import main
 
     runs = tmp_path_factory.mktemp("runs")
     generate_synthetic(runs / "data", 32, seed=0, image_size=64)

@@ -8,13 +8,13 @@ import torch
 import torch.nn.functional as F
 
 import clip_pacl
-from clip_pacl_app.cli.main import main
 from clip_pacl.data import load_image, read_caption_rows
 from clip_pacl.data.synthetic import generate_synthetic
 from clip_pacl.errors import DataError
 from clip_pacl.retrieval.evaluate import evaluate_retrieval, group_captions, recall_at_k
 from clip_pacl.tokenizer import tokenize
 from clip_pacl.transforms import image_transform
+from clip_pacl_app.cli.main import main
 
 
 def brute_force_recall(image_features, text_features, text_to_image, ks):

@@ -11,16 +11,15 @@ from PIL import Image
 from torch import nn
 
 import clip_pacl
-from clip_pacl_app.cli.main import main
 from clip_pacl.data import load_image, read_label_rows
 from clip_pacl.data.imagefolder import read_class_folders
 from clip_pacl.data.synthetic import generate_synthetic
 from clip_pacl.errors import DataError
-from clip_pacl.zeroshot.evaluate import classification_metrics, evaluate_zeroshot, label_indices
 from clip_pacl.models.pacl import PACL
 from clip_pacl.tokenizer import get_tokenizer, tokenize
 from clip_pacl.transforms import image_transform
 from clip_pacl.zeroshot.classifier import build_classifier
+from clip_pacl.zeroshot.evaluate import classification_metrics, evaluate_zeroshot, label_indices
 from clip_pacl.zeroshot.templates import (
     IMAGENET_CLASSNAMES,
     OPENAI_IMAGENET_TEMPLATES,
@@ -29,6 +28,7 @@ from clip_pacl.zeroshot.templates import (
     resolve_class_names,
     resolve_templates,
 )
+from clip_pacl_app.cli.main import main
 from helpers import require
 
 

@@ -24,10 +24,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 import clip_pacl
-from clip_pacl.formats import convert_hf, convert_open_clip
 from clip_pacl.checkpoint.files import atomic_write, load_state_into, save_weights
 from clip_pacl.config import CLIPConfig
 from clip_pacl.errors import CheckpointError, ConfigError
+from clip_pacl.formats import convert_hf, convert_open_clip
 from clip_pacl.models.clip import CLIP
 from clip_pacl.models.pacl import PACL
 from clip_pacl.retrieval import ImageIndex

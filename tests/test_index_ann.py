@@ -13,11 +13,11 @@ from PIL import Image
 
 import clip_pacl
 import clip_pacl.retrieval.ann as ann_module
-from clip_pacl_app.cli.main import main
 from clip_pacl.errors import CheckpointError, DataError, MissingDependencyError
 from clip_pacl.retrieval import ImageIndex
 from clip_pacl.retrieval.ann import ANN_NAME
 from clip_pacl.retrieval.search import search_text
+from clip_pacl_app.cli.main import main
 from clip_pacl_app.web.service import WebService
 from helpers import require
 

@@ -15,10 +15,10 @@ import torch
 from PIL import Image
 
 import clip_pacl
-from clip_pacl_app.cli.main import main
 from clip_pacl.errors import CheckpointError, DataError
 from clip_pacl.retrieval.build import build_index, check_model, image_paths
 from clip_pacl.retrieval.store import ImageIndex
+from clip_pacl_app.cli.main import main
 
 # Runs `clip-pacl ARGS` with one step of ImageIndex.save (`clip_pacl.atomic.write_directory`) made to stop (it
 # writes `marker` and sleeps there), so that the test can SIGKILL the build at that exact moment: "writing" (only

@@ -12,12 +12,12 @@ import torch.nn.functional as F
 
 import clip_pacl
 import clip_pacl.retrieval.backends as backends
-from clip_pacl_app.cli.main import main
 from clip_pacl.data.synthetic import generate_synthetic
 from clip_pacl.errors import CheckpointError, DataError, MissingDependencyError
 from clip_pacl.retrieval import ImageIndex, build_index, image_paths
 from clip_pacl.retrieval.search import load_index_model, search_image, search_text
 from clip_pacl.tokenizer import tokenize
+from clip_pacl_app.cli.main import main
 
 
 @pytest.fixture(scope="module")

@@ -13,12 +13,12 @@ import pytest
 import torch
 
 import clip_pacl
-from clip_pacl_app.cli.main import main
 from clip_pacl.data.synthetic import generate_synthetic
 from clip_pacl.errors import DataError
 from clip_pacl.retrieval import ImageIndex
 from clip_pacl.retrieval.ann import ANN_NAME
 from clip_pacl.retrieval.sharded import _read_part, rank_block, shard_dir
+from clip_pacl_app.cli.main import main
 from helpers import require
 
 # Runs `clip-pacl index ARGS` under torchrun with rank 1 made to fail in one way (argv[1]).

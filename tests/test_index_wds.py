@@ -15,13 +15,13 @@ import torch
 from PIL import Image
 
 import clip_pacl
-from clip_pacl_app.cli.main import main
 from clip_pacl.errors import DataError
 from clip_pacl.preprocess import model_transform
 from clip_pacl.retrieval import ImageIndex
 from clip_pacl.retrieval.search import search_text
 from clip_pacl.retrieval.sharded import index_from_parts
 from clip_pacl.retrieval.wds_images import embed_shards, read_sample_image, wds_shards
+from clip_pacl_app.cli.main import main
 
 SIZES = (7, 4, 5)
 BROKEN = (1, 2)  # shard 1's sample 2 has a .jpg that is not an image

@@ -9,8 +9,8 @@ import torch
 import clip_pacl
 from clip_pacl.data import read_label_rows
 from clip_pacl.data.synthetic import generate_synthetic
-from clip_pacl.zeroshot.evaluate import evaluate_zeroshot
 from clip_pacl.train import TrainConfig, train
+from clip_pacl.zeroshot.evaluate import evaluate_zeroshot
 from clip_pacl.zeroshot.templates import resolve_templates
 
 # A very small ViT CLIP: the test is about the recipe (init, optimiser, schedule), not capacity.

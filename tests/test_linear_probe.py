@@ -12,14 +12,14 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 
 import clip_pacl
-from clip_pacl_app.cli.main import main
 from clip_pacl.data import load_image, read_label_rows
 from clip_pacl.data.imagefolder import read_class_folders, read_labelled
 from clip_pacl.data.synthetic import generate_synthetic
 from clip_pacl.errors import DataError
 from clip_pacl.eval.linear_probe import DEFAULT_CS, evaluate_linear_probe
-from clip_pacl.zeroshot.evaluate import evaluate_zeroshot
 from clip_pacl.transforms import image_transform
+from clip_pacl.zeroshot.evaluate import evaluate_zeroshot
+from clip_pacl_app.cli.main import main
 
 
 @pytest.fixture(scope="module")

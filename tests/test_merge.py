@@ -7,8 +7,8 @@ import torch
 
 import clip_pacl
 from clip_pacl.checkpoint.merge import merge_models, merge_weights
-from clip_pacl_app.cli.main import main
 from clip_pacl.errors import CheckpointError
+from clip_pacl_app.cli.main import main
 from helpers import randomize_
 
 pytestmark = pytest.mark.usefixtures("one_thread")

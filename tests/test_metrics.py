@@ -11,13 +11,13 @@ import torch.nn.functional as F
 from PIL import Image
 
 import clip_pacl
-from clip_pacl_app.cli.main import main
 from clip_pacl.data import load_image
 from clip_pacl.data.synthetic import generate_synthetic
 from clip_pacl.errors import DataError
 from clip_pacl.metrics import clip_s, clip_score, ref_clip_s
 from clip_pacl.tokenizer import tokenize
 from clip_pacl.transforms import image_transform
+from clip_pacl_app.cli.main import main
 from hf_clip_dir import write_hf_clip
 
 CAPTIONS = ["a red circle", "a blue square on grass", "two green stars", "a photo of a cat", "noise", "a yellow cross"]

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import clip_pacl
-from clip_pacl_app.cli.main import main
 from clip_pacl.tokenizer import tokenize
+from clip_pacl_app.cli.main import main
 from helpers import randomize_, require
 
 ort = require("onnxruntime")

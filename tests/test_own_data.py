@@ -12,13 +12,13 @@ from PIL import Image
 
 import clip_pacl
 import clip_pacl.data.dataset as dataset_module
-from clip_pacl_app.cli.main import main
 from clip_pacl.data import build_loader
 from clip_pacl.data.rows import CaptionRow
 from clip_pacl.data.synthetic import generate_synthetic
+from clip_pacl.train import TrainConfig
+from clip_pacl_app.cli.main import main
 from clip_pacl_app.demo.pipeline import DemoConfig, clip_train_config, pacl_train_config
 from clip_pacl_app.demo.report import next_steps
-from clip_pacl.train import TrainConfig
 
 FAST = ["--model", "tiny", "--no-progress", "--log-every", "5"]
 

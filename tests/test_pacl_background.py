@@ -14,13 +14,13 @@ from PIL import Image
 import clip_pacl
 from clip_pacl.checkpoint.io import save
 from clip_pacl.checkpoint.pacl import load_pacl
-from clip_pacl_app.cli.main import main
 from clip_pacl.data.synthetic import generate_synthetic
 from clip_pacl.errors import ConfigError
 from clip_pacl.models.pacl import PACL, PACLConfig
 from clip_pacl.segmentation.background import RULES, BackgroundRule, otsu_threshold, resolve_background
 from clip_pacl.segmentation.calibrate import calibrate_background, write_calibration
 from clip_pacl.segmentation.predict import NO_CLASS, labels_from_scores, segment
+from clip_pacl_app.cli.main import main
 
 CLASSES = ["background", "red", "blue"]
 

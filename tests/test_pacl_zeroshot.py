@@ -9,13 +9,13 @@ import pytest
 import torch
 
 import clip_pacl
-from clip_pacl_app.cli.main import main
 from clip_pacl.data import load_image, read_label_rows
 from clip_pacl.data.synthetic import generate_synthetic
 from clip_pacl.models.pacl import PACL, PACLConfig
 from clip_pacl.transforms import image_transform
 from clip_pacl.zeroshot.classifier import build_classifier
 from clip_pacl.zeroshot.templates import SIMPLE_IMAGENET_TEMPLATES
+from clip_pacl_app.cli.main import main
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import clip_pacl
 from helpers import require
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -125,4 +126,34 @@ def test_encode_benchmark_times_bf16_towers_against_fp32(tmp_path):
         assert r["bf16_per_s"] > 0 and r["bf16_vs_fp32"] > 0 and r["bf16_vs_open_clip"] > 0
         assert 0.99 <= r["bf16_cosine_min"] <= 1.0
         assert "cpu_flags" in r and "load_avg_1m" in r
+        assert min(r["ours_wall_s"], r["ours_cpu_s"], r["open_clip_wall_s"], r["open_clip_cpu_s"]) > 0
+    image = rows["image"]  # GFLOP per CPU second against the peak's own, as a shared machine stretches both less
+    assert image["peak_gflop_per_cpu_s"] > 0 and image["ours_gflop_per_cpu_s"] > 0
+    assert image["ours_pct_of_cpu_peak"] == pytest.approx(
+        100 * image["ours_gflop_per_cpu_s"] / image["peak_gflop_per_cpu_s"], rel=0.05, abs=0.2)
     assert "bf16:" in stdout
+
+
+def test_linear_kernels_benchmark_times_each_kernel_on_the_block_shapes(tmp_path):
+    """`linear_kernels.py`: every kernel on each of a block's four linear layers (and their sum) for both towers, the
+    outputs equal to `F.linear`'s within the fast path's tolerance; a ResNet has no image block."""
+    out = tmp_path / "kernels.jsonl"
+    stdout = _run("linear_kernels.py", "--model", "tiny", "--batch", "2", "--text-tokens", "5", "--repeats", "1",
+                  "--warmup", "0", "--out", out)
+    rows = _rows(out)
+    kernels = {r["kernel"] for r in rows}
+    assert {"mkl", "onednn", "onednn_packed"} <= kernels
+    config = clip_pacl.CLIPConfig.from_name("tiny")
+    expected_rows = {"image": 2 * (config.vision.grid_size**2 + 1), "text": 2 * 5}
+    assert {(r["tower"], r["rows"]) for r in rows} == set(expected_rows.items())
+    for tower in expected_rows:
+        for kernel in kernels:
+            layers = {r["layer"]: r for r in rows if r["tower"] == tower and r["kernel"] == kernel}
+            assert set(layers) == {"qkv", "out", "fc1", "fc2", "block"}
+            assert layers["block"]["cpu_ms"] == pytest.approx(sum(layers[k]["cpu_ms"] for k in
+                                                                  ("qkv", "out", "fc1", "fc2")), abs=0.01)
+    assert all(r["max_abs_diff_vs_mkl"] < 1e-5 and r["wall_ms"] > 0 and "cpu_flags" in r for r in rows)
+    assert all(r["cpu_vs_mkl"] == 1.0 for r in rows if r["kernel"] == "mkl") and "cpu vs mkl" in stdout
+    _run("linear_kernels.py", "--model", "tiny-rn", "--batch", "2", "--repeats", "1", "--warmup", "0", "--out",
+         tmp_path / "rn.jsonl")
+    assert {r["tower"] for r in _rows(tmp_path / "rn.jsonl")} == {"text"}

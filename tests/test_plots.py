@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from clip_pacl_app.cli.main import main
 from clip_pacl.data.synthetic import generate_synthetic
 from clip_pacl.eval.plots import confusion_matrix
+from clip_pacl_app.cli.main import main
 
 
 @pytest.fixture(scope="module")

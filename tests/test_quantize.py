@@ -10,14 +10,14 @@ import torch.nn.functional as F
 
 import clip_pacl
 import clip_pacl.models.quantize as quantize_module
-from clip_pacl.formats.writers import export
-from clip_pacl_app.cli.main import main
 from clip_pacl.data.synthetic import generate_synthetic
 from clip_pacl.errors import CheckpointError, ConfigError
+from clip_pacl.formats.writers import export
 from clip_pacl.models.pacl import PACL
 from clip_pacl.models.quantize import Int8Attention, Int8Linear, is_quantized, quantize_int8
 from clip_pacl.retrieval.build import weights_fingerprint
 from clip_pacl.retrieval.store import ImageIndex
+from clip_pacl_app.cli.main import main
 from helpers import randomize_, require
 from test_inference_paths import record_fast_calls, tokens_with_lengths
 

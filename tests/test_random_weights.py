@@ -9,8 +9,8 @@ import pytest
 import clip_pacl
 from clip_pacl.checkpoint import export_open_clip, hub
 from clip_pacl.checkpoint.io import RandomWeightsError, RandomWeightsWarning
-from clip_pacl_app.cli.main import main
 from clip_pacl.data.synthetic import generate_synthetic
+from clip_pacl_app.cli.main import main
 from test_hub import REVISION, cache_repo, directory_files, offline_cache  # noqa: F401 (a fixture)
 
 REFUSAL = ("error: 'tiny' is a preset name: its weights would be random; name its weights "

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import clip_pacl
-from clip_pacl_app.cli.main import main
 from clip_pacl.data.synthetic import generate_synthetic
 from clip_pacl.train import checkpointing
+from clip_pacl_app.cli.main import main
 
 STEPS = 8
 

@@ -9,9 +9,9 @@ import torch
 
 import clip_pacl
 from clip_pacl.checkpoint.rundir import resolve_run_dir
-from clip_pacl_app.cli.main import main
 from clip_pacl.data.synthetic import generate_synthetic
 from clip_pacl.errors import CheckpointError
+from clip_pacl_app.cli.main import main
 
 
 @pytest.fixture(scope="module")

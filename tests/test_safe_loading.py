@@ -26,10 +26,10 @@ import torch
 
 import clip_pacl
 from clip_pacl.checkpoint import load_with_source
-from clip_pacl.formats import torchscript
-from clip_pacl_app.cli.main import main as cli_main
 from clip_pacl.errors import CheckpointError
+from clip_pacl.formats import torchscript
 from clip_pacl.tokenizer import tokenize
+from clip_pacl_app.cli.main import main as cli_main
 from helpers import randomize_ as randomize_all_
 from helpers import require
 from test_hub import cache_repo

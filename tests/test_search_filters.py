@@ -11,13 +11,13 @@ import torch
 import torch.nn.functional as F
 
 import clip_pacl
-from clip_pacl_app.cli.main import main
 from clip_pacl.data.synthetic import generate_synthetic
 from clip_pacl.errors import CheckpointError, DataError
 from clip_pacl.retrieval import ImageIndex, build_index, image_paths
 from clip_pacl.retrieval.filters import prefix_rows, search_prefix, search_rows
 from clip_pacl.retrieval.metadata import attach_metadata, table_metadata
 from clip_pacl.retrieval.search import search_image, search_text
+from clip_pacl_app.cli.main import main
 
 
 @pytest.fixture(scope="module")

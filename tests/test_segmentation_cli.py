@@ -8,9 +8,9 @@ import torch
 from PIL import Image
 
 import clip_pacl
-from clip_pacl_app.cli.main import main
-from clip_pacl.segmentation.evaluate import evaluate_segmentation
 from clip_pacl.models.pacl import PACL, PACLConfig
+from clip_pacl.segmentation.evaluate import evaluate_segmentation
+from clip_pacl_app.cli.main import main
 
 
 @pytest.fixture(scope="module")

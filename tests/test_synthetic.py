@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clip_pacl_app.cli.main import main
 from clip_pacl.data import read_caption_rows, read_label_rows
 from clip_pacl.data.synthetic import COLORS, SHAPES, ShapeObject, caption_templates, generate_synthetic
 from clip_pacl.data.synthetic_kinds import COUNT_WORDS, KINDS, PATTERN_ADJECTIVES, PATTERNS, generate, plural
+from clip_pacl_app.cli.main import main
 
 
 @pytest.fixture(scope="module")

@@ -8,12 +8,12 @@ import torch
 from PIL import Image
 
 import clip_pacl
-from clip_pacl_app.cli.main import main
 from clip_pacl.data import read_caption_rows, read_label_rows
 from clip_pacl.data.synthetic import generate_synthetic
 from clip_pacl.retrieval.evaluate import evaluate_retrieval
-from clip_pacl.zeroshot.evaluate import evaluate_zeroshot
 from clip_pacl.train.schedule import default_warmup, onecycle_at
+from clip_pacl.zeroshot.evaluate import evaluate_zeroshot
+from clip_pacl_app.cli.main import main
 
 FAST = ["--model", "tiny", "--no-progress", "--log-every", "1"]
 
@@ -230,9 +230,9 @@ def test_webdataset_shards_train_and_all_bad_shards_fail_instead_of_looping(tmp_
 
 def test_augment_trains_on_random_crops_and_the_default_on_the_eval_transform(synthetic):
     """`--augment`: random resized crops (open_clip's scale); by default (or `--no-augment`) the eval preprocess."""
+    from clip_pacl.train.setup import build_datasets
     from clip_pacl_app.cli.main import build_parser
     from clip_pacl_app.cli.train import build_config
-    from clip_pacl.train.setup import build_datasets
 
     model = clip_pacl.load("tiny")
     base = ["train", "--data", str(synthetic), "--model", "tiny", "--out", "unused"]

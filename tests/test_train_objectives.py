@@ -9,13 +9,13 @@ import pytest
 import torch
 
 import clip_pacl
-from clip_pacl_app.cli.main import main
 from clip_pacl.data.synthetic import generate_synthetic
 from clip_pacl.errors import ConfigError
 from clip_pacl.models import CLIP
 from clip_pacl.models.pacl import PACL, PACLConfig
 from clip_pacl.train import TrainConfig
 from clip_pacl.train.config import train_defaults
+from clip_pacl_app.cli.main import main
 
 
 @pytest.fixture(scope="module")

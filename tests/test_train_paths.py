@@ -9,11 +9,11 @@ import pytest
 import torch
 
 import clip_pacl
-from clip_pacl_app.cli.main import main
 from clip_pacl.data import read_caption_rows
 from clip_pacl.data.synthetic import generate_synthetic
 from clip_pacl.retrieval.evaluate import evaluate_retrieval
 from clip_pacl.train import checkpointing, loop
+from clip_pacl_app.cli.main import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

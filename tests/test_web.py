@@ -23,15 +23,15 @@ uvicorn = require("uvicorn")
 from PIL import Image  # noqa: E402
 
 import clip_pacl  # noqa: E402
-from clip_pacl_app.cli.main import build_parser, main  # noqa: E402
 from clip_pacl.data.synthetic import generate_synthetic  # noqa: E402
 from clip_pacl.retrieval import build_index, image_paths  # noqa: E402
 from clip_pacl.retrieval.search import search_text  # noqa: E402
 from clip_pacl.segmentation.overlay import overlay_image  # noqa: E402
 from clip_pacl.segmentation.predict import segment  # noqa: E402
 from clip_pacl.transforms import image_transform  # noqa: E402
-from clip_pacl_app.web import WebService, create_app  # noqa: E402
 from clip_pacl.zeroshot.classifier import build_classifier, class_probabilities  # noqa: E402
+from clip_pacl_app.cli.main import build_parser, main  # noqa: E402
+from clip_pacl_app.web import WebService, create_app  # noqa: E402
 from webserver import post, raw_request, running, serve_process  # noqa: E402
 
 UPLOAD_CAP = 64 * 1024

@@ -19,11 +19,11 @@ pytest.importorskip("uvicorn")
 from PIL import Image  # noqa: E402
 
 import clip_pacl  # noqa: E402
-from clip_pacl_app.cli.main import main  # noqa: E402
 from clip_pacl.data.images import MAX_ASPECT_RATIO, SUPPORTED_FORMATS, decode_image_bytes, load_image  # noqa: E402
 from clip_pacl.errors import DataError  # noqa: E402
 from clip_pacl.retrieval import build_index  # noqa: E402
 from clip_pacl.segmentation import predict  # noqa: E402
+from clip_pacl_app.cli.main import main  # noqa: E402
 from clip_pacl_app.web import WebService, create_app  # noqa: E402
 from clip_pacl_app.web.app import MAX_QUERY_CHARS  # noqa: E402
 from clip_pacl_app.web.service import MAX_SEGMENT_SIDE, MAX_UPLOAD_PIXELS  # noqa: E402

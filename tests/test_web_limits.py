@@ -21,14 +21,14 @@ pytest.importorskip("uvicorn")
 from PIL import Image  # noqa: E402
 
 import clip_pacl  # noqa: E402
-from clip_pacl_app.cli.main import main  # noqa: E402
 from clip_pacl.data.images import decode_cost, decode_image_bytes, load_image  # noqa: E402
 from clip_pacl.data.synthetic import generate_synthetic  # noqa: E402
 from clip_pacl.errors import DataError  # noqa: E402
 from clip_pacl.retrieval import ImageIndex, build_index, image_paths  # noqa: E402
+from clip_pacl.zeroshot.classifier import build_classifier  # noqa: E402
+from clip_pacl_app.cli.main import main  # noqa: E402
 from clip_pacl_app.web import WebService, create_app  # noqa: E402
 from clip_pacl_app.web.limits import InferenceQueue, LimitExceeded, Limits  # noqa: E402
-from clip_pacl.zeroshot.classifier import build_classifier  # noqa: E402
 from webserver import post, running  # noqa: E402
 
 

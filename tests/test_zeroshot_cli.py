@@ -8,12 +8,12 @@ import torch
 import torch.nn.functional as F
 
 import clip_pacl
-from clip_pacl_app.cli.main import main
 from clip_pacl.data import load_image
 from clip_pacl.data.synthetic import generate_synthetic
 from clip_pacl.tokenizer import tokenize
 from clip_pacl.transforms import image_transform
 from clip_pacl.zeroshot.classifier import build_classifier, class_probabilities
+from clip_pacl_app.cli.main import main
 
 
 @pytest.fixture(scope="module")

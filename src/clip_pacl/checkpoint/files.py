@@ -24,8 +24,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from clip_pacl.atomic import atomic_write
-from clip_pacl.formats import torchscript
 from clip_pacl.errors import CheckpointError
+from clip_pacl.formats import torchscript
 from clip_pacl.limits import check_tensors
 
 SAFETENSORS_SUFFIX = ".safetensors"

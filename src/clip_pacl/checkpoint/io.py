@@ -21,7 +21,6 @@ import torch
 from torch import nn
 
 from clip_pacl.checkpoint import backbone, pacl
-from clip_pacl.formats import convert_hf, convert_open_clip, convert_openai
 from clip_pacl.checkpoint.files import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -36,6 +35,7 @@ from clip_pacl.checkpoint.rundir import resolve_run_dir
 from clip_pacl.config import CLIPConfig, available_presets
 from clip_pacl.device import resolve_precision
 from clip_pacl.errors import CheckpointError, ConfigError
+from clip_pacl.formats import convert_hf, convert_open_clip, convert_openai
 from clip_pacl.limits import check_model_size
 from clip_pacl.models.backbone import build_backbone
 from clip_pacl.models.clip import CLIP

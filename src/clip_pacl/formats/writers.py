@@ -12,11 +12,11 @@ import torch
 from torch import nn
 
 from clip_pacl.atomic import atomic_write
-from clip_pacl.formats import convert_hf, convert_open_clip
 from clip_pacl.checkpoint.files import save_json, save_weights
-from clip_pacl.formats.hf_processor import write_processor_files
 from clip_pacl.checkpoint.io import OPEN_CLIP_CONFIG_NAME, WEIGHT_SUFFIXES, save
 from clip_pacl.errors import CheckpointError
+from clip_pacl.formats import convert_hf, convert_open_clip
+from clip_pacl.formats.hf_processor import write_processor_files
 from clip_pacl.models.clip import CLIP
 from clip_pacl.models.quantize import check_not_quantized
 

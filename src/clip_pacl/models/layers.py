@@ -29,11 +29,14 @@ def fast_path_applies(tower: nn.Module) -> bool:
     return not torch.is_grad_enabled() and not tower.training and not torch.compiler.is_compiling()
 
 
-# oneDNN linear layers. `F.linear` on a float32 CPU tensor runs the BLAS sgemm PyTorch was built with (MKL), which
-# on AMD CPUs takes a generic code path; oneDNN's own JIT kernels (`torch.ops.mkldnn._linear_pointwise`, what
-# `torch.compile` uses for frozen CPU linears) run AVX-512 on any x86 CPU (README "Performance (CPU)" has the
-# measured rates), and add the bias and the exact GELU in the same pass. Same products and sums in another order
-# (1e-5). Not under tracing (ONNX export keeps standard ops), not for other dtypes or devices.
+# oneDNN linear layers. `F.linear` on a float32 CPU tensor runs the BLAS sgemm PyTorch was built with (MKL);
+# oneDNN's own JIT kernels (`torch.ops.mkldnn._linear_pointwise`, what `torch.compile` uses for frozen CPU linears)
+# pick their code by the CPU's instruction sets, not its vendor, and add the bias and the exact GELU in the same
+# pass. The rule, oneDNN wherever PyTorch has it, stands on measurements (`benchmarks/linear_kernels.py`; README
+# "Performance (CPU)": as fast as MKL or faster on every CPU kind timed, twice as fast on one). Weights prepacked
+# into oneDNN's blocked layout were measured too and are not used (a few percent, for a second copy of every weight).
+# Same products and sums in another order (1e-5). Not under tracing (ONNX export keeps standard ops), not for other
+# dtypes or devices.
 ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 

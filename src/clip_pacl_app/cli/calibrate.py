@@ -6,9 +6,9 @@ import argparse
 from pathlib import Path
 
 import clip_pacl
+from clip_pacl.errors import ConfigError
 from clip_pacl_app.cli.common import add_device_flag, add_json_flag, log, print_json, resolve_device
 from clip_pacl_app.cli.defaults import CALIBRATION_IMAGES
-from clip_pacl.errors import ConfigError
 
 COMMAND = "calibrate"
 HELP = "calibrate a PACL checkpoint's background threshold on its training captions (no masks needed)"

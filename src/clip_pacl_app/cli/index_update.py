@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from clip_pacl.errors import DataError
 from clip_pacl_app.cli.common import (
     add_device_flag,
     add_json_flag,
@@ -14,7 +15,6 @@ from clip_pacl_app.cli.common import (
     print_json,
     resolve_device,
 )
-from clip_pacl.errors import DataError
 
 COMMAND = "index update"
 HELP = "re-embed new and changed images of an index, drop deleted ones"

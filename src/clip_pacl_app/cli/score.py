@@ -6,6 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
+from clip_pacl.errors import DataError
 from clip_pacl_app.cli.common import (
     add_device_flag,
     add_json_flag,
@@ -16,7 +17,6 @@ from clip_pacl_app.cli.common import (
     resolve_device,
 )
 from clip_pacl_app.cli.defaults import DATA_FORMATS, W
-from clip_pacl.errors import DataError
 
 COMMAND = "score"
 HELP = "CLIPScore of image-caption pairs (RefCLIPScore with --references)"

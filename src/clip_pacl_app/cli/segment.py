@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from clip_pacl.segmentation.rules import RULE_HELP, RULES
 from clip_pacl_app.cli.common import (
     MODEL_HELP,
     add_device_flag,
@@ -17,7 +18,6 @@ from clip_pacl_app.cli.common import (
     resolve_device,
 )
 from clip_pacl_app.cli.defaults import DEFAULT_TEMPLATES, METHODS, NO_CLASS
-from clip_pacl.segmentation.rules import RULE_HELP, RULES
 
 COMMAND = "segment"
 HELP = "segment an image by class names (PACL, or the raw-patch / MaskCLIP baselines of a CLIP)"

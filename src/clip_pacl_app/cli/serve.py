@@ -6,6 +6,7 @@ import argparse
 import socket
 from pathlib import Path
 
+from clip_pacl.errors import DataError, MissingDependencyError
 from clip_pacl_app.cli.ann_flags import add_ann_flags, query_settings
 from clip_pacl_app.cli.common import (
     MODEL_HELP,
@@ -20,7 +21,6 @@ from clip_pacl_app.cli.common import (
     quantization,
     say_precision,
 )
-from clip_pacl.errors import DataError, MissingDependencyError
 from clip_pacl_app.web.limits import MB, Limits
 
 COMMAND = "serve"

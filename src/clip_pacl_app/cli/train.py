@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from clip_pacl_app.cli.common import add_json_flag, fold_pretrained, log, print_json
 from clip_pacl.errors import ConfigError
+from clip_pacl_app.cli.common import add_json_flag, fold_pretrained, log, print_json
 
 COMMAND = "train"
 HELP = "train a CLIP (or SigLIP / PACL) model on image-caption data"

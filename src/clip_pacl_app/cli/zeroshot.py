@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from clip_pacl.errors import DataError
 from clip_pacl_app.cli.common import (
     add_device_flag,
     add_int8_flag,
@@ -17,7 +18,6 @@ from clip_pacl_app.cli.common import (
     quantization,
 )
 from clip_pacl_app.cli.eval_zeroshot import add_template_flags
-from clip_pacl.errors import DataError
 
 COMMAND = "zeroshot"
 HELP = "classify images among class names, by prompts alone"

@@ -39,8 +39,8 @@ def evaluate_clip(clip: torch.nn.Module, test_dir: Path, out: Path, progress: bo
 def matched_vs_mismatched(model: torch.nn.Module, rows) -> dict[str, Any]:
     """Mean CLIPScore of each held-out image with its own caption and with the next image's caption, and how
     often its own scores higher: a model that learned nothing scores both alike."""
-    from clip_pacl.retrieval.evaluate import group_captions
     from clip_pacl.metrics import clip_score
+    from clip_pacl.retrieval.evaluate import group_captions
 
     images, captions, owner = group_captions(rows)
     first_caption = {}

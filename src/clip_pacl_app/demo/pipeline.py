@@ -147,9 +147,9 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
 
 def _run_demo(cfg: DemoConfig) -> dict[str, Any]:
     import clip_pacl
+    from clip_pacl.train import train
     from clip_pacl_app.demo.evaluate import evaluate_clip, evaluate_segmentation_methods
     from clip_pacl_app.demo.report import next_steps, write_report
-    from clip_pacl.train import train
 
     if importlib.util.find_spec("matplotlib") is None:  # before minutes of training, not after
         raise MissingDependencyError("matplotlib", "train", "the demo's report")

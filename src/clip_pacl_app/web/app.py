@@ -30,9 +30,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from clip_pacl.errors import ClipPaclError
 from clip_pacl.segmentation.predict import DEFAULT_TEMPLATES
+from clip_pacl.zeroshot.templates import OPENAI_IMAGENET_TEMPLATES
 from clip_pacl_app.web.limits import Busy, LimitExceeded
 from clip_pacl_app.web.service import NotFound, WebService, parse_image_id, parse_labels, parse_templates
-from clip_pacl.zeroshot.templates import OPENAI_IMAGENET_TEMPLATES
 
 DEFAULT_MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 MAX_QUERY_CHARS = 1000  # the tokenizer keeps 77 tokens anyway; longer queries are mistakes or abuse

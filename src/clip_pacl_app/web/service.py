@@ -37,10 +37,10 @@ from clip_pacl.retrieval.store import ImageIndex, SearchHit
 from clip_pacl.retrieval.wds_images import read_sample_image
 from clip_pacl.segmentation.overlay import class_colors, overlay_image
 from clip_pacl.segmentation.predict import DEFAULT_TEMPLATES, METHODS, NO_CLASS, _check_method, default_method, segment
-from clip_pacl_app.web.confine import Confinement
-from clip_pacl_app.web.limits import DecodeBudget, InferenceQueue, Limits
 from clip_pacl.zeroshot.classifier import class_probabilities
 from clip_pacl.zeroshot.templates import OPENAI_IMAGENET_TEMPLATES, TEMPLATE_SETS, check_template, format_prompt
+from clip_pacl_app.web.confine import Confinement
+from clip_pacl_app.web.limits import DecodeBudget, InferenceQueue, Limits
 
 MAX_LABELS = 100
 MAX_LABEL_CHARS = 100
