@@ -52,7 +52,7 @@ def main() -> None:
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="demo_time_") as tmp:
-        command = [sys.executable, "-m", "clip_pacl_app.cli.main", "demo", "--out", str(args.keep or Path(tmp) / "demo"),
+        command = [sys.executable, "-m", "clip_pacl_app", "demo", "--out", str(args.keep or Path(tmp) / "demo"),
                    "--no-progress", "--json", *(["--quick"] if args.quick else [])]
         start = time.perf_counter()
         proc = subprocess.run(command, env=env, capture_output=True, text=True)
