@@ -274,3 +274,13 @@ def test_the_loss_plot_legend_is_off_the_curves():
         assert len(legend.get_texts()) == (2 if v else 1)
         assert not legend.get_window_extent().overlaps(fig.axes[0].get_window_extent())
         plt.close(fig)
+
+
+def test_demo_help_states_the_step_counts_the_demo_runs(capsys):
+    """`--clip-steps` / `--pacl-steps` help says the defaults DemoConfig holds (it once said 1000 / 400 for 550 / 300)."""
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    quick = DemoConfig.quick("q")
+    assert f"CLIP training steps (default {DemoConfig.clip_steps}; --quick: {quick.clip_steps})" in text
+    assert f"PACL training steps (default {DemoConfig.pacl_steps}; --quick: {quick.pacl_steps})" in text

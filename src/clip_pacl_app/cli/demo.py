@@ -21,8 +21,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="replace --out when it already holds an earlier demo's output (nothing else is deleted)")
     p.add_argument("--quick", action="store_true",
                    help="a short smoke run with tiny sizes: every phase and the whole report, numbers meaningless")
-    p.add_argument("--clip-steps", type=int, default=None, help="CLIP training steps (default 1000; --quick: 4)")
-    p.add_argument("--pacl-steps", type=int, default=None, help="PACL training steps (default 400; --quick: 4)")
+    from clip_pacl_app.demo.pipeline import DemoConfig  # torch-free: --help stays fast
+
+    quick = DemoConfig.quick("q")
+    p.add_argument("--clip-steps", type=int, default=None,
+                   help=f"CLIP training steps (default {DemoConfig.clip_steps}; --quick: {quick.clip_steps})")
+    p.add_argument("--pacl-steps", type=int, default=None,
+                   help=f"PACL training steps (default {DemoConfig.pacl_steps}; --quick: {quick.pacl_steps})")
     p.add_argument("--seed", type=int, default=0, help="seed for data generation and training")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="torch CPU threads (default: one per core; --quick: 1). On a busy machine fewer threads "
