@@ -12,8 +12,48 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-# Tests are small: keep them deterministic and let the two CPU threads do the work.
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Tests are small: keep them deterministic and let the two CPU threads do the work. Under pytest-xdist (the README's
+# test command runs `-n auto`) each of the N worker processes gets its share of the cores, so that N workers do not
+# spin 2N threads on N cores.
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // WORKERS)))
+
+
+# Under pytest-xdist (`-n N`), one worker runs all of a module's tests, so that its module-scoped fixtures (a trained
+# model, a built index, a server and a browser) are made once, not once per worker. Modules sharing a session fixture
+# share a worker too: quick_demo is a real `clip-pacl demo --quick`.
+SHARED_SCOPES = {"tests/test_demo.py": "quick_demo", "tests/test_readme.py": "quick_demo"}
+# The modules that take longest (the demo and the README's commands, torchrun, benchmark scripts in processes, runs that
+# must learn) are handed out first, so that no worker is left running one of them alone at the end.
+SLOW_FIRST = ["tests/test_demo.py", "tests/test_readme.py", "tests/test_distributed.py", "tests/test_index_sharded.py",
+              "tests/test_perf_benchmarks.py", "tests/test_benchmark_scripts.py", "tests/test_pacl_learning.py",
+              "tests/test_train.py", "tests/test_train_steps.py", "tests/test_web_load.py"]
+
+
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: without it, never called
+def pytest_xdist_make_scheduler(config, log):
+    """`-n N`: module-scoped scheduling (`--dist loadfile`) with SHARED_SCOPES' modules in one scope, in the order
+    collected (SLOW_FIRST first), not xdist's most-tests-first. (`--dist loadgroup` with `xdist_group` marks would
+    group them, but pytest-xdist 3.8 cannot rename pytest 9's node ids, so its groups are never formed.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    if config.getvalue("dist") not in ("load", "loadfile"):  # `-n N` alone means load; another --dist is honoured
+        return None
+
+    class ModuleScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return SHARED_SCOPES.get(module, module)
+
+    config.option.loadscopereorder = False
+    return ModuleScheduling(config, log)
+
+
+def pytest_collection_modifyitems(items):
+    """In a pytest-xdist worker, SLOW_FIRST's modules come first (each module's tests keep their order)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        first = {module: i for i, module in enumerate(SLOW_FIRST)}
+        items.sort(key=lambda item: first.get(item.nodeid.split("::", 1)[0], len(first)))
 
 
 @pytest.fixture(autouse=True)

@@ -3,10 +3,12 @@
 import json
 import math
 import os
+import queue
 import re
 import socket
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import pytest
@@ -37,24 +39,19 @@ def _loss_and_grads(name, raw_img, raw_txt, **kw):
     return loss.detach(), grads
 
 
-def _worker(rank, port, name, local_loss, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        img, txt = _global_batch()
-        rows = slice(rank * B_LOCAL, (rank + 1) * B_LOCAL)
-        loss, grads = _loss_and_grads(name, img[rows], txt[rows], local_loss=local_loss)
-        # What DDP does to parameter gradients: average them over ranks. Feature gradients stay per rank.
-        shared = [g.clone() for g in grads[2:]]
-        for g in shared:
-            dist.all_reduce(g)
-            g /= WORLD
-        losses = [torch.zeros(()) for _ in range(WORLD)]
-        dist.all_gather(losses, loss)
-        out[rank] = {"loss": torch.stack(losses).mean(), "features": grads[:2], "shared": shared}
-    finally:
-        dist.destroy_process_group()
+def _worker(rank, name, local_loss):
+    """One rank's share of the global batch: its loss averaged over ranks and the gradients DDP would leave."""
+    img, txt = _global_batch()
+    rows = slice(rank * B_LOCAL, (rank + 1) * B_LOCAL)
+    loss, grads = _loss_and_grads(name, img[rows], txt[rows], local_loss=local_loss)
+    # What DDP does to parameter gradients: average them over ranks. Feature gradients stay per rank.
+    shared = [g.clone() for g in grads[2:]]
+    for g in shared:
+        dist.all_reduce(g)
+        g /= WORLD
+    losses = [torch.zeros(()) for _ in range(WORLD)]
+    dist.all_gather(losses, loss)
+    return {"loss": torch.stack(losses).mean(), "features": grads[:2], "shared": shared}
 
 
 def _free_port() -> int:
@@ -63,12 +60,79 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _rank_loop(rank, port, jobs, results):
+    """One rank of a gloo group that lives as long as the module's tests: it joins the group once, then runs each job
+    (fn, args) it is sent as fn(rank, *args), and answers (rank, result, None) or (rank, None, the traceback)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        while (job := jobs.get()) is not None:
+            fn, args = job
+            try:
+                results.put((rank, fn(rank, *args), None))
+            except Exception:
+                results.put((rank, None, traceback.format_exc()))
+    finally:
+        dist.destroy_process_group()
+
+
+class Ranks:
+    """WORLD spawned processes in one gloo group, started once for all the loss tests below rather than once per test
+    (each start imports torch in every rank). `run(fn, *args)` runs fn(rank, *args) on every rank at once and returns
+    {rank: result}. A rank that raised or did not answer (the other may then wait in a collective for ever) fails the
+    test and ends the group; the next test starts a new one."""
+
+    def __init__(self):
+        self.procs, self.jobs, self.results = [], [], None
+
+    def run(self, fn, *args, timeout: float = 100) -> dict:
+        if not self.procs:
+            ctx = mp.get_context("spawn")
+            port, self.jobs, self.results = _free_port(), [ctx.Queue() for _ in range(WORLD)], ctx.Queue()
+            self.procs = [ctx.Process(target=_rank_loop, args=(rank, port, self.jobs[rank], self.results), daemon=True)
+                          for rank in range(WORLD)]
+            for proc in self.procs:
+                proc.start()
+        for jobs in self.jobs:
+            jobs.put((fn, args))
+        out, errors = {}, []
+        try:
+            for _ in range(WORLD):
+                rank, result, error = self.results.get(timeout=timeout)
+                out[rank] = result
+                if error:
+                    errors.append(f"rank {rank}:\n{error}")
+        except queue.Empty:
+            errors.append(f"ranks {sorted(set(range(WORLD)) - set(out))} did not answer in {timeout} s")
+        if errors:
+            self.stop(wait=0)
+            pytest.fail("\n".join(errors))
+        return out
+
+    def stop(self, wait: float = 10) -> None:
+        for jobs in self.jobs:
+            jobs.put(None)
+        for proc in self.procs:
+            proc.join(wait)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        self.procs = []
+
+
+@pytest.fixture(scope="module")
+def ranks():
+    group = Ranks()
+    yield group
+    group.stop()
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("name", ["clip", "siglip"])
 @pytest.mark.parametrize("local_loss", [False, True])
-def test_two_process_loss_matches_single_process(name, local_loss):
-    out = mp.Manager().dict()
-    mp.spawn(_worker, args=(_free_port(), name, local_loss, out), nprocs=WORLD, join=True)
+def test_two_process_loss_matches_single_process(name, local_loss, ranks):
+    out = ranks.run(_worker, name, local_loss)
     img, txt = _global_batch()
     loss, grads = _loss_and_grads(name, img, txt)
     for rank in range(WORLD):
@@ -95,19 +159,13 @@ def _row_losses(name, img, txt):
     return (F.cross_entropy(logits, labels, reduction="none") + F.cross_entropy(logits.T, labels, reduction="none")) / 2
 
 
-def _uneven_worker(rank, port, name, local_loss, rows, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        img, txt = _uneven_batch(name, sum(rows))
-        mine = slice(sum(rows[:rank]), sum(rows[: rank + 1]))
-        loss, grads = _loss_and_grads(name, img[mine], txt[mine], local_loss=local_loss, capacity=max(rows) + 1)
-        losses = [torch.zeros(()) for _ in range(WORLD)]
-        dist.all_gather(losses, loss)
-        out[rank] = {"loss": torch.stack(losses).mean(), "features": grads[:2]}
-    finally:
-        dist.destroy_process_group()
+def _uneven_worker(rank, name, local_loss, rows):
+    img, txt = _uneven_batch(name, sum(rows))
+    mine = slice(sum(rows[:rank]), sum(rows[: rank + 1]))
+    loss, grads = _loss_and_grads(name, img[mine], txt[mine], local_loss=local_loss, capacity=max(rows) + 1)
+    losses = [torch.zeros(()) for _ in range(WORLD)]
+    dist.all_gather(losses, loss)
+    return {"loss": torch.stack(losses).mean(), "features": grads[:2]}
 
 
 def _uneven_batch(name, n):
@@ -119,13 +177,12 @@ def _uneven_batch(name, n):
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("name,local_loss", [("clip", False), ("siglip", False), ("pacl", False),
                                              ("clip", True), ("siglip", True)])
-def test_ranks_with_different_row_counts_gather_padded_rows_and_match_one_process(name, local_loss):
+def test_ranks_with_different_row_counts_gather_padded_rows_and_match_one_process(name, local_loss, ranks):
     """Rank 0 holds 4 rows, rank 1 holds 2 (it lost unreadable images); each pads to a capacity of 5, which no row
     count exchange tells it: the padding must not leak into the loss or the gradients. Global loss: equal to one
     process on the 6 rows. Local loss: each rank's loss is the mean over its own rows (DDP averages the ranks)."""
     rows = (4, 2)
-    out = mp.Manager().dict()
-    mp.spawn(_uneven_worker, args=(_free_port(), name, local_loss, rows, out), nprocs=WORLD, join=True)
+    out = ranks.run(_uneven_worker, name, local_loss, rows)
     img, txt = _uneven_batch(name, sum(rows))
     if not local_loss:
         want, grads = _loss_and_grads(name, img, txt)
