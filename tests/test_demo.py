@@ -277,7 +277,7 @@ def test_the_loss_plot_legend_is_off_the_curves():
 
 
 def test_demo_help_states_the_step_counts_the_demo_runs(capsys):
-    """`--clip-steps` / `--pacl-steps` help says the defaults DemoConfig holds (it once said 1000 / 400 for 550 / 300)."""
+    """`--clip-steps` / `--pacl-steps` help says the defaults DemoConfig holds."""
     with pytest.raises(SystemExit):
         main(["demo", "--help"])
     text = " ".join(capsys.readouterr().out.split())
