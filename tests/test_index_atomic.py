@@ -107,9 +107,14 @@ def test_a_killed_build_leaves_the_old_or_the_new_index(setup, tmp_path, capsys,
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
-def test_build_refuses_to_replace_a_folder_that_is_not_an_index(setup, tmp_path, capsys):
+def test_build_refuses_to_replace_a_folder_that_is_not_an_index(setup, tmp_path, capsys, monkeypatch):
     (tmp_path / "photos").mkdir()
     (tmp_path / "photos" / "holiday.jpg").write_bytes(b"precious")
+
+    def never(*args, **kwargs):
+        raise AssertionError("images were encoded before --out was checked")
+
+    monkeypatch.setattr("clip_pacl.retrieval.build.build_index", never)  # the refusal comes before any encoding
     assert main(_build(setup, setup["old"], tmp_path / "photos")) == 2
     assert "is not an image index" in capsys.readouterr().err
     assert (tmp_path / "photos" / "holiday.jpg").read_bytes() == b"precious"

@@ -89,14 +89,21 @@ class ImageIndex:
         choice) and record it in meta.json; `options`: nprobe, ef_search, rerank, train_size (`retrieval/ann.py`)."""
         self.ann, self.meta["ann"] = build_ann(self.embeddings, requested, **options)
 
-    def save(self, out_dir: str | Path) -> Path:
-        """Write the index directory atomically, replacing an index already there (module docstring)."""
+    @staticmethod
+    def check_target(out_dir: str | Path) -> Path:
+        """`out_dir` made absolute, if an index may be saved there: missing, empty or an index (which it replaces);
+        a DataError for a file or a folder holding anything else. `index build` asks before it encodes anything."""
         out = Path(out_dir).absolute()
         if out.exists() and not out.is_dir():
             raise DataError(f"{out} exists and is not a directory")
         contents = [p.name for p in out.iterdir()] if out.is_dir() else []
         if contents and (META_NAME not in contents or set(contents) - {*INDEX_FILES, ANN_NAME}):
             raise DataError(f"{out} exists and is not an image index (it holds other files); choose another --out")
+        return out
+
+    def save(self, out_dir: str | Path) -> Path:
+        """Write the index directory atomically, replacing an index already there (module docstring)."""
+        out = self.check_target(out_dir)
         return write_directory(out, self._write, temp_prefix=f".{out.name}.tmp-", aside_name=_aside(out).name)
 
     def _write(self, folder: Path) -> None:

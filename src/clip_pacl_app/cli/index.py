@@ -74,9 +74,11 @@ def run(args: argparse.Namespace) -> int:
     from clip_pacl.retrieval.ann import check_request
     from clip_pacl.retrieval.build import confine_paths, image_paths, images_root
     from clip_pacl.retrieval.metadata import attach_metadata, table_metadata
+    from clip_pacl.retrieval.store import ImageIndex
     from clip_pacl.retrieval.wds_images import wds_shards, wds_source
     from clip_pacl.train.distributed import env_dist_info
 
+    ImageIndex.check_target(args.out)  # a wrong --out fails now, not after minutes of embedding
     ann_options = build_options(args)
     if args.faiss_index is None and any(v is not None for v in ann_options.values()):
         raise ValueError("--nprobe, --ef-search, --rerank and --faiss-train-size need --faiss-index")
