@@ -52,8 +52,9 @@ def imported_modules(name: str, path: Path, modules: dict[str, Path]) -> set[str
     return targets
 
 
-def import_graph(root: Path = PACKAGE) -> dict[str, set[str]]:
-    modules = module_files(root)
+def import_graph(*roots: Path) -> dict[str, set[str]]:
+    """Module -> the modules it imports, over the packages at `roots` (default: the library and the applications)."""
+    modules = {name: path for root in roots or (PACKAGE, APP) for name, path in module_files(root).items()}
     return {name: imported_modules(name, path, modules) for name, path in modules.items()}
 
 
@@ -112,37 +113,28 @@ def layer_of(module: str) -> int | None:
     return RANK.get(parts[1], -1)
 
 
-def all_modules() -> dict[str, Path]:
-    return {**module_files(PACKAGE), **module_files(APP)}
-
-
-def full_graph() -> dict[str, set[str]]:
-    modules = all_modules()
-    return {name: imported_modules(name, path, modules) for name, path in modules.items()}
-
-
 def is_cli(module: str) -> bool:
     """The applications (`clip_pacl_app`: the CLI, the server, the demo) and `python -m` entry points."""
     return module.startswith("clip_pacl_app") or module.endswith("__main__")
 
 
 def test_no_import_cycles():
-    found = [sorted(c) for c in cycles(full_graph())]
+    found = [sorted(c) for c in cycles(import_graph())]
     assert not found, f"import cycles: {found}"
 
 
 def test_library_never_imports_the_applications():
-    bad = [(m, t) for m, targets in full_graph().items() if not is_cli(m) for t in targets if is_cli(t)]
+    bad = [(m, t) for m, targets in import_graph().items() if not is_cli(m) for t in targets if is_cli(t)]
     assert not bad, f"library modules importing the applications: {bad}"
 
 
 def test_every_module_has_a_layer():
-    unplaced = sorted(m for m in all_modules() if layer_of(m) == -1)
+    unplaced = sorted(m for m in import_graph() if layer_of(m) == -1)
     assert not unplaced, f"modules in no layer of LAYERS (place them, and in docs/architecture.md): {unplaced}"
 
 
 def test_imports_go_down_the_layers():
-    bad = [(m, t) for m, targets in full_graph().items() for t in targets
+    bad = [(m, t) for m, targets in import_graph().items() for t in targets
            if layer_of(m) is not None and layer_of(t) is not None and layer_of(t) > layer_of(m)]
     assert not bad, f"modules importing a higher layer: {bad}"
 

@@ -19,7 +19,6 @@ import sys
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from clip_pacl.errors import DataError
 from clip_pacl.retrieval.store import ImageIndex, SearchHit
@@ -59,12 +58,7 @@ def prefix_rows(index: ImageIndex, prefix: str) -> list[int]:
 def search_rows(index: ImageIndex, queries: torch.Tensor, k: int, rows: Sequence[int]) -> list[list[SearchHit]]:
     """The k best of `rows` for each query (Q, D) (normalised here), best first, exactly; [] per query when `rows`
     is empty."""
-    if k < 1:
-        raise ValueError(f"k must be at least 1, got {k}")
-    queries = F.normalize(queries.float().cpu(), dim=-1)  # (Q, D)
-    if queries.ndim != 2 or queries.shape[1] != index.embed_dim:
-        raise DataError(f"query features have shape {tuple(queries.shape)} but the index holds "
-                        f"{index.embed_dim}-d embeddings")
+    queries = index.check_queries(queries, k)  # (Q, D)
     if not rows:
         return [[] for _ in range(len(queries))]
     selected = torch.as_tensor(rows, dtype=torch.long)  # (M,)

@@ -162,12 +162,7 @@ class ImageIndex:
         backend: "auto" (the approximate index when the index has one, else exact), "torch" or "faiss" (exact),
         "ann" (the approximate index). nprobe, ef_search, rerank: its query settings (None: the saved ones).
         """
-        if k < 1:
-            raise ValueError(f"k must be at least 1, got {k}")
-        queries = F.normalize(queries.float().cpu(), dim=-1)  # (Q, D)
-        if queries.ndim != 2 or queries.shape[1] != self.embed_dim:
-            raise DataError(f"query features have shape {tuple(queries.shape)} but the index holds "
-                            f"{self.embed_dim}-d embeddings (was it built with another model?)")
+        queries = self.check_queries(queries, k)  # (Q, D)
         k = min(k, len(self))
         if k == 0:
             return [[] for _ in range(len(queries))]
@@ -175,6 +170,17 @@ class ImageIndex:
         scores, indices = ranker.search(queries, k)  # (Q, k) each
         return [[self.hit(i, float(s)) for s, i in zip(row_s.tolist(), row_i.tolist()) if i >= 0]
                 for row_s, row_i in zip(scores, indices)]
+
+    def check_queries(self, queries: torch.Tensor, k: int) -> torch.Tensor:
+        """The queries (Q, D) as float32 rows of unit length on the CPU, after checking k >= 1 and D against the
+        index (a ValueError / DataError): what every search of this index takes, filtered or not."""
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
+        queries = F.normalize(queries.float().cpu(), dim=-1)  # (Q, D)
+        if queries.ndim != 2 or queries.shape[1] != self.embed_dim:
+            raise DataError(f"query features have shape {tuple(queries.shape)} but the index holds "
+                            f"{self.embed_dim}-d embeddings (was it built with another model?)")
+        return queries
 
     def hit(self, row: int, score: float) -> SearchHit:
         """Row `row` as a search result: its path, `score` and its metadata (None when the index has none)."""

@@ -99,6 +99,14 @@ def load_model(args: argparse.Namespace, src: str | None = None, **kwargs: Any) 
     return load_model_with_source(args, src, **kwargs)[0]
 
 
+def add_quick_gelu_flag(parser: argparse.ArgumentParser) -> None:
+    """--no-quick-gelu (`args.quick_gelu`: False, or None when not given), for the commands that read weights as
+    they are (convert, info)."""
+    parser.add_argument("--no-quick-gelu", dest="quick_gelu", action="store_const", const=False, default=None,
+                        help="use GELU, not QuickGELU: bare state dicts otherwise mean QuickGELU (OpenAI's "
+                             "convention); this also overrides what a checkpoint's config records")
+
+
 def add_device_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
 

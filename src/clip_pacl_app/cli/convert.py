@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from clip_pacl_app.cli.common import add_json_flag, add_weights_flags, load_model_with_source, log, print_json
+from clip_pacl_app.cli.common import (
+    add_json_flag,
+    add_quick_gelu_flag,
+    add_weights_flags,
+    load_model_with_source,
+    log,
+    print_json,
+)
 
 COMMAND = "convert"
 HELP = "convert a checkpoint to Hugging Face, open_clip or clip-pacl format"
@@ -22,9 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--to", required=True, choices=("hf", "open_clip", "clip_pacl"), help="output format")
     parser.add_argument("--out", required=True, metavar="DST", help="output directory (or weights file for open_clip)")
     add_weights_flags(parser)
-    parser.add_argument("--no-quick-gelu", dest="quick_gelu", action="store_const", const=False, default=None,
-                        help="use GELU, not QuickGELU: bare state dicts otherwise mean QuickGELU (OpenAI's "
-                             "convention); this also overrides what a checkpoint's config records")
+    add_quick_gelu_flag(parser)
     add_json_flag(parser)
 
 

@@ -14,16 +14,15 @@ HELP = ("generate synthetic data, train a tiny CLIP and PACL on it, evaluate zer
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from clip_pacl.device import PRECISIONS
+    from clip_pacl_app.demo.pipeline import DemoConfig  # torch-free: --help stays fast
 
+    quick = DemoConfig.quick("q")
     p.add_argument("--out", default="demo_out",
                    help="run directory: report.html, report.md, figures/, data, checkpoints, index/, summary.json")
     p.add_argument("--overwrite", action="store_true",
                    help="replace --out when it already holds an earlier demo's output (nothing else is deleted)")
     p.add_argument("--quick", action="store_true",
                    help="a short smoke run with tiny sizes: every phase and the whole report, numbers meaningless")
-    from clip_pacl_app.demo.pipeline import DemoConfig  # torch-free: --help stays fast
-
-    quick = DemoConfig.quick("q")
     p.add_argument("--clip-steps", type=int, default=None,
                    help=f"CLIP training steps (default {DemoConfig.clip_steps}; --quick: {quick.clip_steps})")
     p.add_argument("--pacl-steps", type=int, default=None,

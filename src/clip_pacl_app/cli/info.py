@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from clip_pacl_app.cli.common import add_json_flag, add_weights_flags, cli_load_errors, fold_pretrained, print_json
+from clip_pacl_app.cli.common import (
+    add_json_flag,
+    add_quick_gelu_flag,
+    add_weights_flags,
+    cli_load_errors,
+    fold_pretrained,
+    print_json,
+)
 
 COMMAND = "info"
 HELP = "describe a model: architecture, parameter counts, checkpoint format and origin"
@@ -20,9 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("src", metavar="SRC", help="checkpoint path, hub repo id, or preset name (with its weights "
                                                    "named, ViT-B-32:openai, or --random-weights)")
     add_weights_flags(parser)
-    parser.add_argument("--no-quick-gelu", dest="quick_gelu", action="store_const", const=False, default=None,
-                        help="use GELU, not QuickGELU: bare state dicts otherwise mean QuickGELU (OpenAI's "
-                             "convention); this also overrides what a checkpoint's config records")
+    add_quick_gelu_flag(parser)
     add_json_flag(parser)
 
 
